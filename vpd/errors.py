@@ -1,0 +1,9 @@
+"""User-facing errors: the CLI prints these as one line and exits with code 2."""
+
+
+class VpdError(Exception):
+    """A problem with the user's input, flags or files (not a bug in vpd)."""
+
+
+class ConfigMismatch(VpdError):
+    """Resuming an output under a different config than the one that wrote it."""

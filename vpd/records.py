@@ -1,0 +1,118 @@
+"""Pydantic models of every JSONL record the pipeline reads or writes.
+
+This is the one place the schema lives (see DESIGN.md, "Records"). Every record
+has a stable string ``id``; unknown keys are kept (``extra="allow"``) so a
+stage never drops what an earlier stage or a user added.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["ok", "error", "timeout", "oom", "violation", "crash"]
+Syntax = Literal["viper", "visprog"]
+Task = Literal["answer", "rationale"]
+
+
+class Record(BaseModel):
+    """Base of all id-keyed records; extra keys survive a read/write round trip."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1)
+
+
+class Question(Record):
+    image: str = Field(min_length=1)
+    question: str = Field(min_length=1)
+    answers: list[str] = Field(default_factory=list)
+    dataset: str = ""
+    split: str = ""
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Sample(Record):
+    """One candidate program; ``id = "<qid>#<k>"``.
+
+    ``valid`` is False when the LLM output held no usable program; ``reason``
+    says why, so the funnel can count it rather than losing it.
+    """
+
+    qid: str
+    k: int = Field(ge=0)
+    program: str = ""
+    syntax: Syntax = "viper"
+    model: str = ""
+    temperature: float = 0.0
+    seed: int | None = None
+    prompt_id: str = ""
+    usage: Usage = Field(default_factory=Usage)
+    latency_s: float = 0.0
+    valid: bool = True
+    reason: str | None = None
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    result: str = ""
+    ms: float = 0.0
+
+
+class Execution(Record):
+    qid: str
+    status: Status
+    answer: str | None = None
+    error: str | None = None
+    trace: list[ToolCall] = Field(default_factory=list)
+    stdout: str = ""
+    wall_ms: float = 0.0
+
+
+class Verified(Record):
+    qid: str
+    answer: str | None = None
+    score: float = 0.0
+    kept: bool = False
+    reason: str = ""
+    program: str = ""
+    trace: list[ToolCall] = Field(default_factory=list)
+
+
+class Sft(Record):
+    """A chat-format training record (Hugging Face messages with an image slot)."""
+
+    image: str
+    task: Task
+    messages: list[dict[str, Any]] = Field(min_length=2)
+
+
+class Reject(BaseModel):
+    """A bad input line and why; written to ``<out>.rejects.jsonl``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    line: int
+    id: str | None = None
+    reason: str
+    raw: str
+
+
+def sample_id(qid: str, k: int) -> str:
+    return f"{qid}#{k}"
+
+
+def split_sample_id(sid: str) -> tuple[str, int]:
+    qid, _, k = sid.rpartition("#")
+    return qid, int(k)
