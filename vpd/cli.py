@@ -51,7 +51,10 @@ def merge(
     from vpd.store import merge as do_merge
 
     written, dup = do_merge(out, inputs, force=force)
-    console().print(f"merged {len(inputs)} files into {out}: {written} new records, {dup} duplicates skipped")
+    console().print(
+        f"merged {len(inputs)} files into {out}: {written} new records, "
+        f"{dup} duplicates skipped"
+    )
 
 
 # ----------------------------------------------------------------------------- entry point

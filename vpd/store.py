@@ -383,9 +383,7 @@ def read_meta(out: Path) -> dict[str, Any] | None:
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(set(old) | set(new))
-    parts = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
-    ]
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     return ", ".join(parts[:5]) + (" ..." if len(parts) > 5 else "")
 
 

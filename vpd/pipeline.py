@@ -1,0 +1,389 @@
+"""`vpd run RECIPE.yaml`: every stage from one recipe, resumably, with a report.
+
+A recipe holds each stage's options in one place; paths are derived from the run
+directory, so a recipe never names intermediate files. Each stage follows the
+resume contract itself; on top of that a finished stage leaves a marker
+(``<run>/stages/<stage>.json``: config fingerprint, summary, wall time), so a re-run
+skips finished stages at once and resumes the unfinished one. A marker whose
+config differs from the recipe is an error (as for any stage output) unless
+``--force``, which re-runs that stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from vpd.errors import ConfigMismatch, VpdError
+from vpd.progress import console
+
+STAGES = ("data", "sample", "execute", "verify", "rationalize", "tune", "eval")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file of a run, derived from its directory."""
+
+    root: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train(self) -> Path:
+        return self.data_dir / "train.jsonl"
+
+    @property
+    def test(self) -> Path:
+        return self.data_dir / "test.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def executions(self) -> Path:
+        return self.root / "executions.jsonl"
+
+    @property
+    def verified(self) -> Path:
+        return self.root / "verified.jsonl"
+
+    @property
+    def sft(self) -> Path:
+        return self.root / "sft.jsonl"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def base_model(self) -> Path:
+        return self.root / "base-model"
+
+    def preds(self, which: str) -> Path:
+        return self.root / "eval" / f"{which}.jsonl"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages"
+
+    def marker(self, stage: str) -> Path:
+        return self.stages / f"{stage}.json"
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML recipe and apply ``stage.key=value`` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.exists():
+        raise VpdError(f"recipe not found: {path}")
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise VpdError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(recipe, dict):
+        raise VpdError(f"recipe {path} must be a mapping of stage -> options")
+    unknown = set(recipe) - set(STAGES) - {"name", "run_dir", "description"}
+    if unknown:
+        raise VpdError(f"recipe {path}: unknown sections {sorted(unknown)}; known: {STAGES}")
+    for ov in overrides or []:
+        key, sep, value = ov.partition("=")
+        if not sep or "." not in key:
+            raise VpdError(f"--set expects stage.key=value, got {ov!r}")
+        stage, _, field = key.partition(".")
+        if stage not in STAGES:
+            raise VpdError(f"--set {ov}: unknown stage {stage!r}; known: {STAGES}")
+        recipe.setdefault(stage, {})
+        recipe[stage][field] = yaml.safe_load(value)
+    return recipe
+
+
+def _fingerprint(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _build(module: str, cls: str, fields: dict[str, Any], stage: str) -> BaseModel:
+    mod = importlib.import_module(module)
+    config_cls = getattr(mod, cls)
+    try:
+        return config_cls(**fields)
+    except ValidationError as e:
+        msgs = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise VpdError(f"recipe section {stage!r}: {msgs}") from None
+
+
+# ----------------------------------------------------------------------------- stage table
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    configs: Callable[[dict[str, Any], RunPaths], list[tuple[str, str, str, dict[str, Any]]]]
+    """-> list of (module, config class, run function, config fields); run in order."""
+
+
+def _opts(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
+    opts = recipe.get(stage) or {}
+    if not isinstance(opts, dict):
+        raise VpdError(f"recipe section {stage!r} must be a mapping")
+    return dict(opts)
+
+
+def _data(recipe: dict[str, Any], p: RunPaths) -> list[tuple[str, str, str, dict[str, Any]]]:
+    o = _opts(recipe, "data")
+    source = o.pop("source", "synth")
+    if source == "synth":
+        return [("vpd.data.synth", "SynthConfig", "run_synth", {"out": p.data_dir, **o})]
+    if source == "import":
+        # Imported sets bring their own train/test files; each is imported once.
+        train = o.pop("train", None)
+        test = o.pop("test", None)
+        if not train or not test:
+            raise VpdError("data.source=import needs data.train and data.test file paths")
+        return [
+            (
+                "vpd.data.importer",
+                "ImportConfig",
+                "run_import",
+                {"input": train, "out": p.train, "split": "train", **o},
+            ),
+            (
+                "vpd.data.importer",
+                "ImportConfig",
+                "run_import",
+                {"input": test, "out": p.test, "split": "test", **o},
+            ),
+        ]
+    raise VpdError(f"data.source must be synth or import, got {source!r}")
+
+
+def _sample(recipe, p):
+    o = _opts(recipe, "sample")
+    return [
+        ("vpd.sample", "SampleConfig", "run_sample", {"questions": p.train, "out": p.samples, **o})
+    ]
+
+
+def _execute(recipe, p):
+    o = _opts(recipe, "execute")
+    return [
+        (
+            "vpd.execute",
+            "ExecuteConfig",
+            "run_execute",
+            {"samples": p.samples, "questions": p.train, "out": p.executions, **o},
+        )
+    ]
+
+
+def _verify(recipe, p):
+    o = _opts(recipe, "verify")
+    return [
+        (
+            "vpd.verify",
+            "VerifyConfig",
+            "run_verify",
+            {
+                "executions": p.executions,
+                "samples": p.samples,
+                "questions": p.train,
+                "out": p.verified,
+                **o,
+            },
+        )
+    ]
+
+
+def _rationalize(recipe, p):
+    o = _opts(recipe, "rationalize")
+    return [
+        (
+            "vpd.rationalize",
+            "RationalizeConfig",
+            "run_rationalize",
+            {"verified": p.verified, "questions": p.train, "out": p.sft, **o},
+        )
+    ]
+
+
+def _tune(recipe, p):
+    o = _opts(recipe, "tune")
+    return [("vpd.tune", "TuneConfig", "run_tune", {"sft": p.sft, "out": p.model, **o})]
+
+
+def _eval(recipe, p):
+    o = _opts(recipe, "eval")
+    base = o.pop("base_model", None)
+    common = {"questions": p.test, "train_questions": p.train, **o}
+    jobs = []
+    if o.pop("untuned", True) is not False:
+        jobs.append(
+            (
+                "vpd.evaluate",
+                "EvalConfig",
+                "run_eval",
+                {"model": base or _untuned_model(recipe, p), "out": p.preds("untuned"), **common},
+            )
+        )
+    jobs.append(
+        (
+            "vpd.evaluate",
+            "EvalConfig",
+            "run_eval",
+            {"model": p.model / "final", "out": p.preds("tuned"), **common},
+        )
+    )
+    for job in jobs:
+        job[3].pop("untuned", None)
+    return jobs
+
+
+def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
+    init = (recipe.get("tune") or {}).get("init", "tiny")
+    if init == "tiny":
+        from vpd.tune.model import build_tiny_vlm
+
+        seed = (recipe.get("tune") or {}).get("seed", 0)
+        return str(build_tiny_vlm(p.base_model, seed=seed))
+    return str(init)
+
+
+SPECS = {
+    "data": StageSpec("data", _data),
+    "sample": StageSpec("sample", _sample),
+    "execute": StageSpec("execute", _execute),
+    "verify": StageSpec("verify", _verify),
+    "rationalize": StageSpec("rationalize", _rationalize),
+    "tune": StageSpec("tune", _tune),
+    "eval": StageSpec("eval", _eval),
+}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def stage_outputs(stage: str, p: RunPaths) -> list[Path]:
+    """The files/folders a stage writes (its side files share the name as a prefix)."""
+    return {
+        "data": [p.data_dir],
+        "sample": [p.samples],
+        "execute": [p.executions],
+        "verify": [p.verified],
+        "rationalize": [p.sft],
+        "tune": [p.model],
+        "eval": [p.root / "eval"],
+    }[stage]
+
+
+def _archive(stage: str, p: RunPaths, stamp: str) -> None:
+    """Move a stage's outputs aside (never delete): ``<run>/archive/<stamp>/``."""
+    dest = p.root / "archive" / stamp
+    for out in stage_outputs(stage, p):
+        if not out.parent.exists():
+            continue
+        for f in out.parent.iterdir():
+            if f == out or f.name.startswith(out.name + "."):
+                dest.mkdir(parents=True, exist_ok=True)
+                f.rename(dest / f.name)
+    p.marker(stage).unlink(missing_ok=True)
+
+
+def _run_jobs(stage: str, jobs: list[tuple[str, str, str, dict[str, Any]]]) -> list[Any]:
+    summaries = []
+    for module, cls, fn, fields in jobs:
+        cfg = _build(module, cls, fields, stage)
+        run_fn = getattr(importlib.import_module(module), fn)
+        summaries.append(run_fn(cfg))
+    return summaries
+
+
+def run_pipeline(
+    recipe_path: Path,
+    run_dir: Path | None = None,
+    *,
+    overrides: list[str] | None = None,
+    only: list[str] | None = None,
+    force: bool = False,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) every stage of a recipe; returns the per-stage markers.
+
+    ``force``: a stage whose options changed is re-run from scratch, and so is every
+    stage after it (they consumed its old output); old outputs go to ``<run>/archive``.
+    """
+    recipe = load_recipe(recipe_path, overrides)
+    root = Path(run_dir or recipe.get("run_dir") or f"runs/{Path(recipe_path).stem}")
+    paths = RunPaths(root)
+    paths.stages.mkdir(parents=True, exist_ok=True)
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    con = console()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stages = [s for s in STAGES if (not only or s in only) and s in recipe]
+    markers: dict[str, Any] = {}
+    rerun_rest = False
+    for stage in stages:
+        jobs = SPECS[stage].configs(recipe, paths)
+        cfg_fp = _fingerprint([(m, c, f, fields) for m, c, f, fields in jobs])
+        marker = paths.marker(stage)
+        if marker.exists():
+            old = json.loads(marker.read_text(encoding="utf-8"))
+            if old.get("fingerprint") == cfg_fp and not rerun_rest:
+                con.print(f"[green]✓[/green] {stage}: done (skipped)")
+                markers[stage] = old
+                continue
+            if not force and not rerun_rest:
+                raise VpdError(
+                    f"stage {stage} in {root} was run with other options; restore the "
+                    "recipe, use another --run-dir, or --force to re-run it and what follows "
+                    "(old outputs are kept under archive/)"
+                )
+        if rerun_rest or marker.exists():
+            _archive(stage, paths, stamp)
+            rerun_rest = True
+        con.rule(f"[bold]{stage}")
+        t0 = time.time()
+        try:
+            summaries = _run_jobs(stage, jobs)
+        except ConfigMismatch:
+            if not force:
+                raise
+            # A half-done stage under old options: set it aside and start it over.
+            _archive(stage, paths, stamp)
+            rerun_rest = True
+            summaries = _run_jobs(stage, jobs)
+        wall = time.time() - t0
+        rec = {
+            "stage": stage,
+            "fingerprint": cfg_fp,
+            "wall_s": round(wall, 2),
+            "finished": time.time(),
+            "summary": summaries[0] if len(summaries) == 1 else summaries,
+        }
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, marker)
+        markers[stage] = rec
+        con.print(f"[green]✓[/green] {stage}: finished in {wall:.1f}s")
+    if report:
+        from vpd.report import write_report
+
+        out = write_report(root)
+        con.print(f"report: {out['md']}")
+    return markers
