@@ -32,6 +32,75 @@ def _fail(msg: str) -> None:
     raise VpdError(msg)
 
 
+# ----------------------------------------------------------------------------- run / status
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: recipe's)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a recipe option: stage.key=value (repeatable)."
+    ),
+    only: list[str] = typer.Option([], "--only", help="Run only these stages (repeatable)."),
+    force: bool = typer.Option(
+        False, help="Re-run stages whose options changed, and all after them."
+    ),
+) -> None:
+    """Run the whole pipeline from one recipe; re-run the same command to resume.
+
+    Example:
+
+      vpd run recipes/demo-cpu.yaml --run-dir runs/demo
+
+      vpd run recipes/demo-cpu.yaml --set sample.k=3 --set tune.max_steps=50 --force
+    """
+    from vpd.pipeline import STAGES, run_pipeline
+
+    bad = [s for s in only if s not in STAGES]
+    if bad:
+        _fail(f"--only: unknown stage(s) {bad}; stages are {list(STAGES)}")
+    run_pipeline(recipe, run_dir, overrides=set_, only=only or None, force=force)
+
+
+@app.command()
+def status(
+    run_dir: Path = typer.Argument(..., help="A run directory made by `vpd run`."),
+    report: bool = typer.Option(False, "--report", help="Also (re)write report.md/json."),
+) -> None:
+    """Show each stage's progress in a run directory.
+
+    Example:
+
+      vpd status runs/demo-cpu
+    """
+    from rich.table import Table
+
+    from vpd.pipeline import RunPaths
+    from vpd.progress import console
+    from vpd.report import progress_counts, stage_table, write_report
+
+    if not run_dir.is_dir():
+        _fail(f"run directory not found: {run_dir}")
+    if not (run_dir / "recipe.yaml").exists():
+        _fail(f"{run_dir} is not a vpd run directory (no recipe.yaml); start one with `vpd run`")
+    p = RunPaths(run_dir)
+    counts = progress_counts(p)
+    table = Table(title=f"vpd run: {run_dir}")
+    for col in ("stage", "state", "progress", "wall (s)"):
+        table.add_column(col)
+    colors = {"done": "green", "partial": "yellow", "not started": "dim"}
+    for row in stage_table(p):
+        st = row["state"]
+        table.add_row(
+            row["stage"], f"[{colors[st]}]{st}[/]", counts[row["stage"]], str(row.get("wall_s", ""))
+        )
+    console().print(table)
+    if report:
+        out = write_report(run_dir)
+        console().print(f"report: {out['md']}")
+
+
 # ----------------------------------------------------------------------------- merge
 
 
