@@ -1,0 +1,143 @@
+"""Answer normalization and metrics against hand-computed cases of the VQA evaluation rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from vpd.errors import VpdError
+from vpd.records import Question
+from vpd.verify import (
+    count_match,
+    exact_match,
+    mc_match,
+    normalize_answer,
+    resolve_metric,
+    score_answer,
+    to_number,
+    vqa_accuracy,
+    yesno_match,
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "norm"),
+    [
+        ("The Dog", "dog"),  # lower-case, article dropped
+        ("a cat", "cat"),
+        ("an apple", "apple"),
+        ("Two", "2"),  # number words -> digits
+        ("none", "0"),
+        ("ten", "10"),
+        ("eleven", "eleven"),  # the official map stops at ten
+        ("dont", "don't"),  # contractions map
+        ("isnt", "isn't"),
+        ("yes.", "yes"),  # trailing period stripped
+        ("3.5", "3.5"),  # period in a decimal kept
+        ("1,000", "1000"),  # digit,digit: punctuation dropped, not spaced
+        ("red-white", "red white"),  # punctuation inside a word -> space
+        ("red - white", "red white"),  # punctuation beside a space -> removed
+        ("hello, world", "hello world"),
+        ("what?!", "what"),
+        ("  line\nbreak\t", "line break"),
+        ("(left)", "left"),
+        ("it's", "it's"),  # apostrophes are not punctuation in VQA
+        (None, ""),
+    ],
+)
+def test_normalize_answer(raw: str | None, norm: str) -> None:
+    assert normalize_answer(raw) == norm
+
+
+def test_vqa_accuracy_ten_answers_leave_one_out() -> None:
+    # 3 of 10 say "2": each of the 3 subsets missing a "2" has 2 matches (2/3), the 7
+    # others have 3 (1.0): (3 * 2/3 + 7) / 10 = 0.9.
+    answers = ["2"] * 3 + ["3"] * 7
+    assert vqa_accuracy("two", answers) == pytest.approx(0.9)
+    # 1 of 10: 9 subsets hold it (1/3 each), 1 does not: 9/30 = 0.3
+    assert vqa_accuracy("2", ["2"] + ["3"] * 9) == pytest.approx(0.3)
+    # 2 of 10: 2 subsets with 1 match (1/3), 8 with 2 (2/3): (2/3 + 16/3) / 10 = 0.6
+    assert vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)
+    # 4+ of 10: every subset has >= 3 matches
+    assert vqa_accuracy("3", ["2"] * 6 + ["3"] * 4) == pytest.approx(1.0)
+    assert vqa_accuracy("dog", ["cat"] * 10) == 0.0
+
+
+def test_vqa_accuracy_normalizes_both_sides() -> None:
+    answers = ["The Dog"] * 2 + ["dog."] + ["cat"] * 7
+    assert vqa_accuracy("a dog", answers) == pytest.approx(0.9)
+
+
+def test_vqa_accuracy_fewer_answers() -> None:
+    assert vqa_accuracy("dog", ["dog"]) == 1.0  # single answer: exact match
+    assert vqa_accuracy("dog", ["cat"]) == 0.0
+    # n=2, need min(3, 1)=1 match among the other one: subsets {cat}: 0, {dog}: 1 -> 0.5
+    assert vqa_accuracy("dog", ["dog", "cat"]) == pytest.approx(0.5)
+    # n=3, need 2: [dog, dog, cat]: leave dog -> 1/2, leave dog -> 1/2, leave cat -> 2/2
+    assert vqa_accuracy("dog", ["dog", "dog", "cat"]) == pytest.approx(2 / 3)
+    assert vqa_accuracy("dog", []) == 0.0
+    assert vqa_accuracy("", ["", ""]) == 0.0
+
+
+def test_exact_match() -> None:
+    assert exact_match("The red ball.", ["red ball"]) == 1.0
+    assert exact_match("red", ["red ball"]) == 0.0
+    assert exact_match("", [""]) == 0.0
+
+
+def test_count_match_and_number_parsing() -> None:
+    assert count_match("3", ["three"]) == 1.0
+    assert count_match("3.0", ["3"]) == 1.0
+    assert count_match("Three.", ["3"]) == 1.0
+    assert count_match("twenty-one", ["21"]) == 1.0
+    assert count_match("1,000", ["1000"]) == 1.0
+    assert count_match("4", ["three"]) == 0.0
+    assert count_match("many", ["3"]) == 0.0
+    assert to_number("fifteen") == 15.0
+    assert to_number("3 dogs") is None
+
+
+def test_yesno_match() -> None:
+    assert yesno_match("True", ["yes"]) == 1.0
+    assert yesno_match("n", ["no"]) == 1.0
+    assert yesno_match("Yes.", ["yes"]) == 1.0
+    assert yesno_match("false", ["yes"]) == 0.0
+    assert yesno_match("maybe", ["yes"]) == 0.0
+
+
+def test_mc_match() -> None:
+    choices = ["red", "blue", "green", "a yellow"]
+    assert mc_match("Blue", choices, "blue") == 1.0
+    assert mc_match("red", choices, "blue") == 0.0
+    assert mc_match("purple", choices, "purple") == 0.0  # not one of the choices
+    assert mc_match("B", choices, "blue") == 1.0  # option letter
+    assert mc_match("(b)", choices, "blue") == 1.0
+    assert mc_match("yellow", choices, "a yellow") == 1.0
+
+
+def _q(**kw: object) -> Question:
+    base = {"id": "q", "image": "x.png", "question": "?", "answers": ["2"]}
+    base.update(kw)
+    return Question.model_validate(base)
+
+
+def test_resolve_metric_auto() -> None:
+    assert resolve_metric(_q(dataset="vqav2")) == "vqa"
+    assert resolve_metric(_q(dataset="gqa")) == "exact"
+    assert resolve_metric(_q(dataset="synth", meta={"qtype": "count"})) == "count"
+    assert resolve_metric(_q(dataset="synth", meta={"qtype": "exists"}, answers=["no"])) == "yesno"
+    assert resolve_metric(_q(dataset="synth", meta={"qtype": "attribute"}, answers=["red"])) == (
+        "exact"
+    )
+    assert resolve_metric(_q(dataset="aokvqa", meta={"choices": ["a", "b"]})) == "mc"
+    assert resolve_metric(_q(dataset="synth"), "count") == "count"
+    with pytest.raises(VpdError):
+        resolve_metric(_q(), "bleu")
+
+
+def test_score_answer_dispatch() -> None:
+    assert score_answer("three", _q(meta={"qtype": "count"}, answers=["3"])) == 1.0
+    assert score_answer(None, _q()) == 0.0
+    q = _q(dataset="aokvqa", answers=[], meta={"choices": ["cat", "dog"], "correct_choice_idx": 1})
+    assert score_answer("dog", q) == 1.0
+    assert score_answer("cat", q) == 0.0
+    assert score_answer("2", _q(dataset="vqav2", answers=["2"] + ["3"] * 9)) == pytest.approx(0.3)
