@@ -1,0 +1,460 @@
+"""Import a question set from JSONL, JSON, CSV/TSV or a Hugging Face dataset on disk.
+
+Sources (picked from the path; ``fmt`` overrides):
+
+- ``*.jsonl`` (one object a line), ``*.json`` (an array of objects, or JSONL);
+- ``*.csv`` / ``*.tsv`` (header row; an answers cell holding a JSON list is parsed);
+- a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``
+  (``datasets.load_from_disk``), or any other local folder / ``.parquet`` / ``.arrow``
+  file that ``datasets.load_dataset`` reads (never a hub download: only local paths).
+
+Field mapping: ``image_field``, ``question_field``, ``answers_field``, ``id_field`` (dots
+reach into nested dicts, e.g. ``answers.text``). Answers may be a string, a number, a list
+of strings, or VQA-style ``[{"answer": ...}, ...]``. An image may be a path (resolved
+against ``image_root``, default the input file's folder), a PIL image (HF ``Image``
+feature), raw bytes, or ``{"bytes", "path"}``; in-memory images are saved as PNG into
+``<out folder>/<out stem>_images/``. Output ``image`` paths are relative to the output's
+folder. Other JSON-able columns are kept under ``meta``.
+
+Ids: taken from ``id_field`` when present, else generated stably from the content:
+``<dataset>-<blake2b(image reference, question)[:12]>`` so a re-run, or a re-ordered
+input, gives the same ids. Bad rows go to ``<out>.rejects.jsonl`` with the reason
+(malformed JSON, missing field, empty question, missing image file, unreadable image,
+duplicate id) and the run goes on. The output follows the resume contract (meta
+fingerprint, done ids skipped, append + flush).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from vpd.errors import VpdError
+from vpd.progress import progress_bar
+from vpd.records import Question
+
+Format = Literal["auto", "jsonl", "json", "csv", "tsv", "hf"]
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_HF_FILE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+class ImportConfig(BaseModel):
+    """Options of `vpd data import` (also the ``data:`` section with ``source: import``)."""
+
+    input: Path
+    out: Path
+    fmt: Format = "auto"
+    image_field: str = "image"
+    question_field: str = "question"
+    answers_field: str = "answers"
+    id_field: str = "id"
+    split: str | None = Field(None, description="split written into records (default: source's)")
+    hf_split: str | None = Field(None, description="split of a DatasetDict to read")
+    dataset: str | None = Field(None, description="dataset name (default: input file stem)")
+    image_root: Path | None = None
+    force: bool = False
+    progress: bool = True
+
+    def fingerprint(self) -> dict[str, Any]:
+        d = self.model_dump(exclude={"out", "force", "progress"}, mode="json")
+        d["input"] = str(Path(self.input).resolve())
+        if self.image_root is not None:
+            d["image_root"] = str(Path(self.image_root).resolve())
+        return {"importer": "vpd.data.importer/1", **d}
+
+
+# ----------------------------------------------------------------------------- row sources
+
+
+class Row:
+    """One input row: its data, 1-based line/row number and raw text for rejects."""
+
+    __slots__ = ("data", "line", "raw", "error", "hf_split")
+
+    def __init__(
+        self,
+        line: int,
+        data: dict[str, Any] | None,
+        raw: str,
+        error: str | None = None,
+        hf_split: str | None = None,
+    ) -> None:
+        self.line, self.data, self.raw, self.error, self.hf_split = line, data, raw, error, hf_split
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        return "json"
+    if suffix in (".csv", ".tsv"):
+        return suffix[1:]
+    if suffix in _HF_FILE_SUFFIXES:
+        return "hf"
+    raise VpdError(
+        f"cannot tell the format of {path} (expected .jsonl, .json, .csv, .tsv, .parquet, "
+        ".arrow or a dataset folder); pass --format"
+    )
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            raw = line.rstrip("\n")
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                yield Row(i, None, raw, f"malformed JSON: {e.msg} at column {e.colno}")
+                continue
+            if not isinstance(obj, dict):
+                yield Row(i, None, raw, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield Row(i, obj, raw)
+
+
+def _json_rows(path: Path) -> Iterator[Row]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("["):
+        yield from _jsonl_rows(path)  # many ".json" files are really JSONL
+        return
+    try:
+        items = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as e:
+        raise VpdError(f"{path}: malformed JSON: {e.msg} at line {e.lineno}") from None
+    for i, obj in enumerate(items, 1):
+        raw = json.dumps(obj, ensure_ascii=False, default=str)
+        if not isinstance(obj, dict):
+            yield Row(i, None, raw, f"expected a JSON object, got {type(obj).__name__}")
+        else:
+            yield Row(i, obj, raw)
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
+    csv.field_size_limit(min(sys.maxsize, (1 << 31) - 1))
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if not reader.fieldnames:
+            return
+        for row in reader:
+            raw = json.dumps(row, ensure_ascii=False)
+            if None in row:  # more cells than header columns
+                yield Row(reader.line_num, None, raw, "row has more cells than the header")
+                continue
+            data = {k: v for k, v in row.items() if v is not None}
+            yield Row(reader.line_num, data, raw)
+
+
+def _load_hf(path: Path, hf_split: str | None, split: str | None) -> tuple[Any, str | None]:
+    """Load a local HF dataset; returns (Dataset, name of the split read)."""
+    import datasets
+
+    try:
+        if path.is_dir() and any((path / m).exists() for m in _HF_MARKERS):
+            ds = datasets.load_from_disk(str(path))
+        elif path.is_file():
+            ds = datasets.load_dataset(
+                _HF_FILE_SUFFIXES.get(path.suffix.lower(), "parquet"), data_files=str(path)
+            )
+        else:
+            ds = datasets.load_dataset(str(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise VpdError(f"cannot load a dataset from {path}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        want = hf_split or (split if split in ds else None)
+        if want is None:
+            if len(names) != 1:
+                raise VpdError(f"{path} has splits {names}; choose one with --hf-split")
+            want = names[0]
+        if want not in ds:
+            raise VpdError(f"{path}: no split {want!r}; it has {names}")
+        return ds[want], want
+    if hf_split:
+        raise VpdError(f"{path} is a single dataset, not a DatasetDict; drop --hf-split")
+    return ds, None
+
+
+def _hf_rows(ds: Any, split_name: str | None) -> Iterator[Row]:
+    for i, row in enumerate(ds, 1):
+        yield Row(i, row, _raw_of(row), hf_split=split_name)
+
+
+def _raw_of(row: dict[str, Any]) -> str:
+    """Row text for a reject record, with images/bytes summarized."""
+
+    def small(v: Any) -> Any:
+        if isinstance(v, bytes | bytearray):
+            return f"<{len(v)} bytes>"
+        if hasattr(v, "size") and hasattr(v, "mode"):
+            return f"<image {v.size[0]}x{v.size[1]}>"
+        if isinstance(v, dict):
+            return {k: small(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [small(x) for x in v]
+        return v
+
+    return json.dumps(small(row), ensure_ascii=False, default=str)
+
+
+# ----------------------------------------------------------------------------- fields
+
+
+_MISSING = object()
+
+
+def get_field(data: dict[str, Any], name: str) -> Any:
+    """``data[name]``, or a dotted path into nested dicts; ``_MISSING`` when absent."""
+    if name in data:
+        return data[name]
+    cur: Any = data
+    for part in name.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return _MISSING
+        cur = cur[part]
+    return cur
+
+
+def normalize_answers(value: Any) -> list[str]:
+    """str | number | list[str] | [{"answer": ...}] | {"text": [...]} -> list[str].
+
+    Raises ``ValueError`` with a reason for anything else.
+    """
+    if isinstance(value, str):
+        s = value.strip()
+        if s.startswith("[") and s.endswith("]"):  # a JSON list in a CSV cell
+            try:
+                return normalize_answers(json.loads(s))
+            except (json.JSONDecodeError, ValueError):
+                pass
+        return [s] if s else []
+    if isinstance(value, bool):
+        return ["yes" if value else "no"]
+    if isinstance(value, int | float):
+        return [str(int(value)) if float(value).is_integer() else str(value)]
+    if isinstance(value, dict):
+        for key in ("answer", "text", "answers"):
+            if key in value:
+                return normalize_answers(value[key])
+        raise ValueError(f"answers dict without an 'answer' or 'text' key: {list(value)}")
+    if isinstance(value, list | tuple):
+        out: list[str] = []
+        for item in value:
+            out.extend(normalize_answers(item))
+        return out
+    raise ValueError(f"answers must be a string, number or list, got {type(value).__name__}")
+
+
+def _stable_id(dataset: str, image_ref: str, question: str) -> str:
+    h = hashlib.blake2b(f"{image_ref}\0{question}".encode(), digest_size=6).hexdigest()
+    return f"{dataset}-{h}"
+
+
+def _safe_name(rid: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", rid)[:80]
+    # The hash keeps two ids that sanitize alike (a/b vs a_b) from sharing a file.
+    return f"{base}-{hashlib.blake2b(rid.encode(), digest_size=4).hexdigest()}.png"
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------- import
+
+
+class _Importer:
+    def __init__(self, cfg: ImportConfig) -> None:
+        self.cfg = cfg
+        self.input = Path(cfg.input)
+        self.out = Path(cfg.out)
+        self.out_dir = self.out.parent.resolve()
+        self.image_root = Path(cfg.image_root) if cfg.image_root else self.input.parent
+        if self.input.is_dir() and cfg.image_root is None:
+            self.image_root = self.input
+        self.dataset = cfg.dataset or self.input.stem
+        self.img_dir = self.out_dir / f"{self.out.stem}_images"
+        self.images_saved = 0
+
+    def image(self, value: Any, rid: str) -> str:
+        """Output-relative image path for a row's image value; ``ValueError`` = reject."""
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return self._save(value["bytes"], rid)
+            value = value.get("path")
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"empty image field {self.cfg.image_field!r}")
+        if isinstance(value, bytes | bytearray):
+            return self._save(bytes(value), rid)
+        if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image
+            return self._save(value, rid)
+        if not isinstance(value, str):
+            raise ValueError(f"image must be a path, image or bytes, got {type(value).__name__}")
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            p = self.image_root / p
+        if not p.is_file():
+            raise ValueError(f"missing image file: {p}")
+        return os.path.relpath(p.resolve(), self.out_dir)
+
+    def _save(self, img: Any, rid: str) -> str:
+        from PIL import Image, UnidentifiedImageError
+
+        dest = self.img_dir / _safe_name(rid)
+        if not dest.exists():  # a resumed run keeps what it already saved
+            if isinstance(img, bytes):
+                try:
+                    img = Image.open(io.BytesIO(img))
+                    img.load()
+                except (UnidentifiedImageError, OSError) as e:
+                    raise ValueError(f"unreadable image bytes: {e}") from None
+            if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "I;16"):
+                img = img.convert("RGB")
+            self.img_dir.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".tmp")
+            img.save(tmp, format="PNG")
+            os.replace(tmp, dest)
+            self.images_saved += 1
+        return os.path.relpath(dest, self.out_dir)
+
+    def rows(self) -> tuple[Iterator[Row], int | None]:
+        fmt = self.cfg.fmt if self.cfg.fmt != "auto" else detect_format(self.input)
+        if fmt == "hf":
+            ds, name = _load_hf(self.input, self.cfg.hf_split, self.cfg.split)
+            return _hf_rows(ds, name), len(ds)
+        if self.input.is_dir():
+            raise VpdError(f"{self.input} is a folder; --format {fmt} needs a file")
+        total = _count_lines(self.input)
+        if fmt == "jsonl":
+            return _jsonl_rows(self.input), total
+        if fmt == "json":
+            return _json_rows(self.input), None
+        return _csv_rows(self.input, "\t" if fmt == "tsv" else ","), max(total - 1, 0)
+
+    def prepare(self, row: Row) -> tuple[str, Any, dict[str, Any]]:
+        """(id, raw image value, other Question fields) of a row; ``ValueError`` = reject.
+
+        The image is resolved later, so duplicate and already-done rows cost no image I/O.
+        """
+        cfg, data = self.cfg, row.data or {}
+        q = get_field(data, cfg.question_field)
+        if q is _MISSING:
+            raise ValueError(f"missing field {cfg.question_field!r}")
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"empty question in field {cfg.question_field!r}")
+        img = get_field(data, cfg.image_field)
+        if img is _MISSING:
+            raise ValueError(f"missing field {cfg.image_field!r}")
+        ans = get_field(data, cfg.answers_field)
+        if ans is _MISSING:
+            raise ValueError(f"missing field {cfg.answers_field!r}")
+        answers = normalize_answers(ans)
+        if not answers:
+            raise ValueError(f"no answers in field {cfg.answers_field!r}")
+        rid = get_field(data, cfg.id_field)
+        if rid is _MISSING or rid is None or (isinstance(rid, str) and not rid.strip()):
+            ref = img if isinstance(img, str) else row.raw
+            rid = _stable_id(self.dataset, ref, q.strip())
+        rid = str(rid).strip()
+        used = {cfg.question_field, cfg.image_field, cfg.answers_field, cfg.id_field}
+        used |= {"meta", "dataset", "split"}
+        meta = {k: v for k, v in data.items() if k not in used and _jsonable(v)}
+        if isinstance(data.get("meta"), dict) and _jsonable(data["meta"]):
+            meta = {**data["meta"], **meta}
+        split = cfg.split or (data.get("split") if isinstance(data.get("split"), str) else None)
+        fields = {
+            "question": q.strip(),
+            "answers": answers,
+            "dataset": str(data.get("dataset") or self.dataset),
+            "split": split or row.hf_split or "",
+            "meta": {**meta, "source_line": row.line},
+        }
+        return rid, img, fields
+
+
+def _count_lines(path: Path) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            n += block.count(b"\n")
+    return n
+
+
+def run_import(cfg: ImportConfig) -> dict[str, Any]:
+    """Import ``cfg.input`` into ``cfg.out`` (question JSONL), resumably."""
+    from vpd.store import StageOutput
+
+    t0 = time.time()
+    src = Path(cfg.input)
+    if not src.exists():
+        raise VpdError(f"input not found: {src}")
+    if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
+        raise VpdError(f"--image-root is not a directory: {cfg.image_root}")
+    imp = _Importer(cfg)
+    rows, total = imp.rows()
+    seen: set[str] = set()
+    counts = {"read": 0, "written": 0, "already_done": 0, "rejected": 0}
+    with (
+        StageOutput(cfg.out, cfg.fingerprint(), force=cfg.force) as so,
+        progress_bar("import", total, "row", enabled=cfg.progress) as bar,
+    ):
+
+        def reject(row: Row, reason: str, rid: str | None = None) -> None:
+            so.rejects.write(row.line, reason, row.raw, rid)
+            counts["rejected"] += 1
+
+        for row in rows:
+            counts["read"] += 1
+            bar.advance()
+            if row.error is not None:
+                reject(row, row.error)
+                continue
+            try:
+                rid, img, fields = imp.prepare(row)
+            except ValueError as e:
+                raw_id = get_field(row.data or {}, cfg.id_field)
+                reject(row, str(e), str(raw_id) if isinstance(raw_id, str | int) else None)
+                continue
+            if rid in seen:
+                reject(row, f"duplicate id {rid!r}", rid)
+                continue
+            seen.add(rid)
+            if so.done(rid):
+                counts["already_done"] += 1
+                continue
+            try:
+                image = imp.image(img, rid)
+            except ValueError as e:
+                reject(row, str(e), rid)
+                continue
+            so.write(Question(id=rid, image=image, **fields))
+            counts["written"] += 1
+    wall = time.time() - t0
+    return {
+        "out": str(cfg.out),
+        **counts,
+        "images_saved": imp.images_saved,
+        "rejects": str(so.rejects.path) if counts["rejected"] else None,
+        "wall_s": round(wall, 3),
+        "rows_per_s": round(counts["read"] / max(wall, 1e-9), 1),
+    }
