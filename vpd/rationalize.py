@@ -1,0 +1,557 @@
+"""`vpd rationalize`: kept program + execution trace -> chain-of-thought SFT records.
+
+As in VPD (Hu et al., CVPR 2024, Sec. 3.2), a rationale describes the program's
+steps grounded in what the vision tools returned (boxes as normalized
+``[left, lower, right, upper]``, y from the image bottom) and ends with
+"So the answer is X." Two modes:
+
+- ``template``: deterministic, no LLM; walks the trace with one phrasing per op.
+- ``llm``: an LLM rewrites program + trace into fluent text (prompt in
+  ``prompts/rationale/<version>/``); a rationale whose last sentence does not state
+  the verified answer is retried, then replaced by the template one (counted).
+
+Each kept question yields two ``Sft`` records, as in VPD's training mix: task
+``answer`` (``<qid>/answer``: short answer) and task ``rationale``
+(``<qid>/rationale``; with ``per_question > 1``: ``<qid>/rationale/<k>``, k the
+sample index). ``Sft.image`` is relative to the OUTPUT file's folder (absolute when
+no relative path exists, e.g. another drive), so the tuner resolves it against
+``Path(sft_file).parent``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vpd.errors import VpdError
+from vpd.records import Question, Sft, ToolCall, Verified, split_sample_id
+from vpd.verify import (
+    _LabelledRejects,
+    load_at,
+    normalize_answer,
+    resolve_metric,
+    scan_jsonl,
+    to_number,
+    to_yesno,
+)
+
+ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+RATIONALE_SUFFIX = "Explain the rationale to answer the question."
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts" / "rationale"
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def canonical_answer(answer: Any, question: Question) -> str:
+    """The answer as the VLM should say it: yes/no for booleans, "3" not "3.0"."""
+    text = str(answer).strip()
+    metric = resolve_metric(question)
+    if metric == "yesno":
+        return to_yesno(text) or text
+    if metric in ("count", "vqa", "exact"):
+        num = to_number(text) if re.fullmatch(r"-?\d+(\.\d+)?", text) else None
+        if num is not None and num.is_integer():
+            return str(int(num))
+    return text
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _is_box(x: Any) -> bool:
+    return (
+        isinstance(x, list | tuple)
+        and len(x) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in x)
+    )
+
+
+def fmt_box(box: Any) -> str:
+    """``[0.12, 0.30, 0.25, 0.43]``: normalized [left, lower, right, upper], 2 decimals."""
+    if isinstance(box, dict):
+        keys = ("left", "lower", "right", "upper")
+        if all(k in box for k in keys):
+            box = [box[k] for k in keys]
+        elif "box" in box:
+            box = box["box"]
+    if _is_box(box):
+        return "[" + ", ".join(_num(float(v)) for v in box) + "]"
+    return str(box)
+
+
+def fmt_value(v: Any) -> str:
+    """A tool result in words: booleans as yes/no, boxes as coordinates, floats rounded."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return _num(v)
+    if v is None:
+        return "nothing"
+    if _is_box(v) or (isinstance(v, dict) and ("box" in v or "left" in v)):
+        return fmt_box(v)
+    if isinstance(v, list):
+        return _join([fmt_value(x) for x in v]) if v else "nothing"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {fmt_value(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _join(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _parse_result(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text
+
+
+def _arg(args: dict[str, Any], *names: str) -> Any:
+    for n in names:
+        if n in args and args[n] is not None:
+            return args[n]
+    return None
+
+
+def _region(args: dict[str, Any]) -> str:
+    """ " in the region [..]" unless the call was on the whole image."""
+    patch = args.get("patch")
+    if not _is_box(patch) or [round(float(v), 2) for v in patch] == [0, 0, 1, 1]:
+        return ""
+    return f" in the region {fmt_box(patch)}"
+
+
+def describe_call(call: ToolCall) -> str:
+    """One sentence for one traced tool call, grounded in its result."""
+    a = call.args
+    res = _parse_result(call.result)
+    where = _region(a)
+    name = _arg(a, "name", "object_name", "object", "obj")
+    op = call.name
+    if op == "find":
+        boxes = res if isinstance(res, list) else []
+        if not boxes:
+            return f"I look for {name}{where} and find none."
+        n = len(boxes)
+        what = "one" if n == 1 else str(n)
+        return f"I look for {name}{where} and find {what} at {_join([fmt_box(b) for b in boxes])}."
+    if op == "exists":
+        return f"I check whether there is {name}{where}: {fmt_value(res)}."
+    if op == "verify_property":
+        prop = _arg(a, "prop", "property", "attribute", "value")
+        return f"I check whether the {name}{where} is {prop}: {fmt_value(res)}."
+    if op == "simple_query":
+        q = _arg(a, "question", "query", "text")
+        return f'I ask "{q}"{where}, and the answer is "{fmt_value(res)}".'
+    if op == "best_text_match":
+        opts = _arg(a, "options", "option_list", "choices") or []
+        target = where.replace(" in the region", " for the region") or " for the image"
+        return f"Among {_join([str(o) for o in opts])}, the best match{target} is {fmt_value(res)}."
+    if op == "compute_depth":
+        return f"I estimate the depth{where or ' of the image'}: {fmt_value(res)}."
+    if op == "crop":
+        return f"I zoom into the region {fmt_box(res) if res not in (None, '') else where}."
+    if op == "overlaps_with":
+        other = [a.get(k) for k in ("left", "lower", "right", "upper")]
+        other_s = fmt_box(other) if _is_box(other) else "the other region"
+        return f"I check whether the region{where or ' (whole image)'} overlaps {other_s}: " + (
+            f"{fmt_value(res)}."
+        )
+    if op == "llm_query":
+        q = _arg(a, "question", "query", "text")
+        return f'From general knowledge, "{q}": {fmt_value(res)}.'
+    if op in ("best_image_match", "distance"):
+        return f"I compute {op.replace('_', ' ')}{where}: {fmt_value(res)}."
+    shown = {k: v for k, v in a.items() if k != "patch"}
+    arg_s = ", ".join(f"{k}={fmt_value(v)}" for k, v in shown.items())
+    return f"I call {op}({arg_s}){where} and get {fmt_value(res)}."
+
+
+def template_rationale(trace: list[ToolCall], answer: str, max_steps: int = 40) -> str:
+    """Deterministic rationale: one grounded sentence per distinct tool call, then the answer.
+
+    Repeated identical calls (a program re-asking a cached question) are told once;
+    beyond ``max_steps`` sentences the rest is summarized as a count.
+    """
+    seen: set[tuple[str, str, str]] = set()
+    sentences: list[str] = []
+    for call in trace:
+        key = (call.name, json.dumps(call.args, sort_keys=True, default=str), call.result)
+        if key in seen:
+            continue
+        seen.add(key)
+        sentences.append(describe_call(call))
+    if len(sentences) > max_steps:
+        extra = len(sentences) - max_steps
+        sentences = sentences[:max_steps] + [f"I take {extra} more similar steps."]
+    sentences.append(f"So the answer is {answer}.")
+    return " ".join(sentences)
+
+
+# ----------------------------------------------------------------------------- LLM mode
+
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+
+
+def last_sentence(text: str) -> str:
+    parts = [p for p in _SENTENCE_SPLIT.split(text.strip()) if p.strip()]
+    return parts[-1] if parts else ""
+
+
+def states_answer(text: str, answer: str) -> bool:
+    """Does the rationale's last sentence state ``answer`` (after VQA normalization)?"""
+    want = normalize_answer(answer)
+    if not want:
+        return False
+    return f" {want} " in f" {normalize_answer(last_sentence(text))} "
+
+
+def finish_rationale(text: str, answer: str) -> str:
+    """Make an accepted LLM rationale end in the fixed "So the answer is X." form."""
+    text = text.strip()
+    if re.search(r"answer is", last_sentence(text), re.IGNORECASE):
+        return text
+    return f"{text} So the answer is {answer}."
+
+
+def trace_text(trace: list[ToolCall]) -> str:
+    lines = []
+    for i, c in enumerate(trace, 1):
+        args = ", ".join(f"{k}={json.dumps(v)}" for k, v in c.args.items())
+        lines.append(f"{i}. {c.name}({args}) -> {c.result}")
+    return "\n".join(lines) or "(no tool calls)"
+
+
+def load_prompt(version: str) -> tuple[str, str]:
+    """``(system, user template)`` from ``prompts/rationale/<version>/``."""
+    folder = PROMPTS_DIR / version
+    try:
+        system = (folder / "system.txt").read_text(encoding="utf-8").strip()
+        user = (folder / "user.txt").read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise VpdError(
+            f"rationale prompt {version!r} not found (need {folder}/system.txt and user.txt)"
+        ) from None
+    return system, user
+
+
+def build_messages(
+    system: str, user: str, question: str, program: str, trace: list[ToolCall], answer: str
+) -> list[dict[str, Any]]:
+    body = (
+        user.replace("{question}", question)
+        .replace("{program}", program.strip())
+        .replace("{trace}", trace_text(trace))
+        .replace("{answer}", answer)
+    )
+    return [{"role": "system", "content": system}, {"role": "user", "content": body}]
+
+
+# ----------------------------------------------------------------------------- SFT records
+
+
+def sft_image(question: Question, questions_file: Path, out: Path) -> str:
+    """The question's image path as the SFT file sees it (relative to its folder)."""
+    img = Path(question.image)
+    if not img.is_absolute():
+        img = Path(questions_file).resolve().parent / img
+    try:
+        return os.path.relpath(img, Path(out).resolve().parent)
+    except ValueError:  # e.g. different drives on Windows
+        return str(img)
+
+
+def answer_record(qid: str, image: str, question: str, answer: str, **extra: Any) -> Sft:
+    return Sft(
+        id=f"{qid}/answer",
+        qid=qid,
+        image=image,
+        task="answer",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": f"{question}\n{ANSWER_SUFFIX}"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+        **extra,
+    )
+
+
+def rationale_record(rid: str, image: str, question: str, rationale: str, **extra: Any) -> Sft:
+    return Sft(
+        id=rid,
+        image=image,
+        task="rationale",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": f"{question}\n{RATIONALE_SUFFIX}"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": rationale}]},
+        ],
+        **extra,
+    )
+
+
+def labelled_answer(question: Question) -> str | None:
+    """The human label to train on: the most common answer (ties: the first given)."""
+    if not question.answers:
+        return None
+    counts: dict[str, int] = {}
+    for a in question.answers:
+        counts[a.strip()] = counts.get(a.strip(), 0) + 1
+    return max(counts, key=lambda a: counts[a]) or None
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+class RationalizeConfig(BaseModel):
+    """Every option of `vpd rationalize` (also the `rationalize:` section of a recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verified: Path
+    questions: Path
+    out: Path
+    mode: Literal["template", "llm"] = "template"
+    per_question: int = Field(default=1, ge=1)
+    add_labelled: bool = False
+    llm: dict[str, Any] = Field(default_factory=dict)
+    prompt_version: str = "v1"
+    temperature: float = Field(default=0.0, ge=0.0)
+    retry_temperature: float = Field(default=0.7, ge=0.0)
+    retries: int = Field(default=1, ge=0)
+    max_tokens: int = Field(default=384, ge=16)
+    max_steps: int = Field(default=40, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    shard: str | None = None
+    force: bool = False
+    progress: bool = True
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp: dict[str, Any] = {
+            "stage": "rationalize",
+            "mode": self.mode,
+            "per_question": self.per_question,
+            "add_labelled": self.add_labelled,
+            "max_steps": self.max_steps,
+        }
+        if self.mode == "llm":
+            fp.update(
+                llm=self.llm,
+                prompt_version=self.prompt_version,
+                temperature=self.temperature,
+                retries=self.retries,
+                max_tokens=self.max_tokens,
+            )
+        return fp
+
+
+class LLMRationalizer:
+    """Rewrites program + trace into fluent rationales in batches, with answer checks."""
+
+    def __init__(self, llm: Any, cfg: RationalizeConfig) -> None:
+        self.llm, self.cfg = llm, cfg
+        self.system, self.user = load_prompt(cfg.prompt_version)
+        self.calls = self.retried = self.fallbacks = 0
+
+    def rationalize(self, jobs: list[tuple[str, Verified, str]]) -> list[tuple[str, str]]:
+        """``jobs``: (question text, kept record, canonical answer) -> (rationale, mode)."""
+        from vpd.llm.base import GenParams
+
+        msgs = [
+            build_messages(self.system, self.user, q, v.program, v.trace, ans) for q, v, ans in jobs
+        ]
+        out: list[str | None] = [None] * len(jobs)
+        todo = list(range(len(jobs)))
+        for attempt in range(self.cfg.retries + 1):
+            if not todo:
+                break
+            params = GenParams(
+                n=1,
+                temperature=self.cfg.temperature if attempt == 0 else self.cfg.retry_temperature,
+                max_tokens=self.cfg.max_tokens,
+                seed=attempt,
+            )
+            if attempt:
+                self.retried += len(todo)
+            results = self.llm.generate([msgs[i] for i in todo], params)
+            self.calls += len(todo)
+            failed = []
+            for i, comps in zip(todo, results, strict=True):
+                text = comps[0].text.strip() if comps else ""
+                if text and states_answer(text, jobs[i][2]):
+                    out[i] = finish_rationale(text, jobs[i][2])
+                else:
+                    failed.append(i)
+            todo = failed
+        done: list[tuple[str, str]] = []
+        for i, (_, v, ans) in enumerate(jobs):
+            text = out[i]
+            if text is None:
+                # The LLM never stated the verified answer: the template cannot be wrong.
+                self.fallbacks += 1
+                done.append((template_rationale(v.trace, ans, self.cfg.max_steps), "fallback"))
+            else:
+                done.append((text, "llm"))
+        return done
+
+
+def _make_llm(spec: dict[str, Any]) -> Any:
+    from vpd.llm import LLMConfig, make_llm
+
+    return make_llm(LLMConfig.model_validate(spec))
+
+
+def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
+    """Write answer + rationale SFT records per kept question (resumable); returns a summary.
+
+    ``llm`` (tests, or a caller holding one): an object implementing ``vpd.llm.base.LLM``
+    used in llm mode instead of building one from ``cfg.llm``.
+    """
+    from vpd.progress import progress_bar
+    from vpd.store import StageOutput, parse_shard, read_records
+
+    t0 = time.time()
+    shard = parse_shard(cfg.shard)
+    if cfg.out.resolve() in {cfg.verified.resolve(), cfg.questions.resolve()}:
+        raise VpdError(f"--out {cfg.out} is also an input")
+    counts = {"answer": 0, "rationale": 0, "labelled": 0, "no_label": 0}
+    questions_total = with_kept = skipped = 0
+    rat: LLMRationalizer | None = None
+    with StageOutput(cfg.out, cfg.fingerprint(), shard=shard, force=cfg.force) as so:
+        questions: dict[str, Question] = {}
+        for q in read_records(cfg.questions, Question, _LabelledRejects(so.rejects, "questions")):
+            if so.owns(q.id):
+                questions[q.id] = q
+        questions_total = len(questions)
+        kept: dict[str, list[tuple[int, int]]] = {}
+        for v, off in scan_jsonl(cfg.verified, Verified, so.rejects, "verified"):
+            if not v.kept or not so.owns(v.qid):
+                continue
+            if v.qid not in questions:
+                so.rejects.write(0, f"verified: unknown question id {v.qid!r}", v.id, v.id)
+                continue
+            kept.setdefault(v.qid, []).append((split_sample_id(v.id)[1], off))
+        with_kept = len(kept)
+
+        def planned(qid: str) -> list[str]:
+            if qid in kept:
+                n = min(cfg.per_question, len(kept[qid]))
+                if cfg.per_question == 1:
+                    return [f"{qid}/answer", f"{qid}/rationale"]
+                ks = [k for k, _ in sorted(kept[qid])[:n]]
+                return [f"{qid}/answer"] + [f"{qid}/rationale/{k}" for k in ks]
+            if cfg.add_labelled and labelled_answer(questions[qid]) is not None:
+                return [f"{qid}/answer"]
+            return []
+
+        todo = []
+        for qid in questions:
+            ids = planned(qid)
+            if ids and all(so.done(i) for i in ids):
+                skipped += 1
+            elif ids:
+                todo.append(qid)
+            elif cfg.add_labelled:
+                counts["no_label"] += 1
+        if cfg.mode == "llm" and any(qid in kept for qid in todo):
+            rat = LLMRationalizer(llm if llm is not None else _make_llm(cfg.llm), cfg)
+        with (
+            open(cfg.verified, "rb") as fv,
+            progress_bar("rationalize", len(todo), unit="q", enabled=cfg.progress) as bar,
+        ):
+            for start in range(0, len(todo), cfg.batch_size):
+                chunk = todo[start : start + cfg.batch_size]
+                records: dict[str, list[Sft]] = {qid: [] for qid in chunk}
+                jobs: list[tuple[str, str, Verified, str]] = []  # (qid, rid, record, answer)
+                for qid in chunk:
+                    q = questions[qid]
+                    image = sft_image(q, cfg.questions, cfg.out)
+                    if qid not in kept:
+                        label = labelled_answer(q)
+                        if label is None:  # planned() schedules only labelled ones
+                            continue
+                        records[qid].append(
+                            answer_record(qid, image, q.question, label, source="label")
+                        )
+                        continue
+                    chosen = sorted(kept[qid])[: cfg.per_question]
+                    vs = [load_at(fv, off, Verified) for _, off in chosen]
+                    ans = canonical_answer(vs[0].answer, q)
+                    records[qid].append(
+                        answer_record(
+                            qid, image, q.question, ans, source="program", sample=vs[0].id
+                        )
+                    )
+                    for (k, _), v in zip(chosen, vs, strict=True):
+                        rid = (
+                            f"{qid}/rationale" if cfg.per_question == 1 else f"{qid}/rationale/{k}"
+                        )
+                        jobs.append((qid, rid, v, canonical_answer(v.answer, q)))
+                if rat is not None:
+                    texts = rat.rationalize([(questions[j[0]].question, j[2], j[3]) for j in jobs])
+                else:
+                    texts = [
+                        (template_rationale(v.trace, a, cfg.max_steps), "template")
+                        for _, _, v, a in jobs
+                    ]
+                for (qid, rid, v, _), (text, how) in zip(jobs, texts, strict=True):
+                    q = questions[qid]
+                    image = sft_image(q, cfg.questions, cfg.out)
+                    records[qid].append(
+                        rationale_record(
+                            rid, image, q.question, text, qid=qid, sample=v.id, rationale_mode=how
+                        )
+                    )
+                for qid in chunk:  # one question's records land together
+                    for rec in records[qid]:
+                        if not so.done(rec.id):
+                            so.write(rec)
+                            counts[rec.task] += 1
+                            counts["labelled"] += getattr(rec, "source", "") == "label"
+                    bar.advance()
+                so.sync()
+        rejects = so.rejects.count
+    wall = time.time() - t0
+    written = counts["answer"] + counts["rationale"]
+    summary: dict[str, Any] = {
+        "out": str(cfg.out),
+        "questions": questions_total,
+        "questions_with_kept": with_kept,
+        "questions_done_before": skipped,
+        "written": written,
+        "answer_records": counts["answer"],
+        "rationale_records": counts["rationale"],
+        "labelled_answer_records": counts["labelled"],
+        "rejects": rejects,
+        "wall_s": round(wall, 3),
+        "records_per_s": round(written / wall, 1) if wall > 0 else None,
+    }
+    if cfg.add_labelled:
+        summary["questions_without_label"] = counts["no_label"]
+    if cfg.mode == "llm":
+        summary.update(
+            llm_requests=rat.calls if rat else 0,
+            llm_retries=rat.retried if rat else 0,
+            llm_fallback_to_template=rat.fallbacks if rat else 0,
+        )
+    return summary
