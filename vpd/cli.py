@@ -246,7 +246,7 @@ def main() -> None:
     try:
         app()
     except VpdError as e:
-        console().print(f"[red]error:[/red] {e}", highlight=False)
+        console().print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console().print("[yellow]interrupted[/yellow]: run the same command again to resume")
