@@ -415,10 +415,16 @@ class LLMRationalizer:
         return done
 
 
-def _make_llm(spec: dict[str, Any]) -> Any:
+def make_llm_from_spec(spec: dict[str, Any]) -> Any:
+    """An LLM from a ``vpd.llm.LLMConfig``-shaped dict (the ``llm:`` section of a config)."""
+    from pydantic import ValidationError
+
     from vpd.llm import LLMConfig, make_llm
 
-    return make_llm(LLMConfig.model_validate(spec))
+    try:
+        return make_llm(LLMConfig.model_validate(spec))
+    except ValidationError as e:
+        raise VpdError(f"LLM options: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
 
 
 def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
@@ -474,7 +480,7 @@ def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
             elif cfg.add_labelled:
                 counts["no_label"] += 1
         if cfg.mode == "llm" and any(qid in kept for qid in todo):
-            rat = LLMRationalizer(llm if llm is not None else _make_llm(cfg.llm), cfg)
+            rat = LLMRationalizer(llm if llm is not None else make_llm_from_spec(cfg.llm), cfg)
         with (
             open(cfg.verified, "rb") as fv,
             progress_bar("rationalize", len(todo), unit="q", enabled=cfg.progress) as bar,
