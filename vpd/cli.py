@@ -211,6 +211,146 @@ def data_import(
     console().print(msg)
 
 
+# ----------------------------------------------------------------------------- verify / rationalize
+
+
+def _llm_spec(
+    backend: str | None, model: str | None, base_url: list[str], api_key: str | None
+) -> dict:
+    """LLM flags -> a vpd.llm.LLMConfig-shaped dict (unset flags keep LLMConfig defaults)."""
+    spec: dict = {"backend": backend, "model": model, "base_urls": base_url or None}
+    spec["api_key"] = api_key
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+@app.command()
+def verify(
+    executions: Path = typer.Argument(..., help="Executions JSONL from `vpd execute`."),
+    samples: Path = typer.Option(..., "--samples", help="Samples JSONL (the programs)."),
+    questions: Path = typer.Option(..., "--questions", help="Questions JSONL (gold answers)."),
+    out: Path = typer.Option(..., "--out", help="Verified JSONL (one record per sample)."),
+    policy: str = typer.Option("all", help="Per question: first|shortest|all|majority."),
+    threshold: float = typer.Option(
+        None, min=0.0, max=1.0, help="Keep if score >= this (default 1.0; VQA metric 0.3)."
+    ),
+    metric: str = typer.Option("auto", help="auto|vqa|exact|count|yesno|mc."),
+    allow_missing: bool = typer.Option(
+        False, help="Verify questions whose programs are not all executed yet."
+    ),
+    judge: bool = typer.Option(False, help="Ask an LLM about open answers the metric rejects."),
+    backend: str = typer.Option(None, help="Judge LLM backend: local|openai|vllm."),
+    model: str = typer.Option(None, help="Judge LLM model name or path."),
+    base_url: list[str] = typer.Option([], "--base-url", help="OpenAI-compatible server URL."),
+    api_key: str = typer.Option(None, "--api-key", help="API key (default: env/EMPTY)."),
+    shard: str = typer.Option(None, help="Process shard i/n of the questions."),
+    force: bool = typer.Option(False, help="Start --out over if it holds another config."),
+    progress: bool = typer.Option(True, help="Show a progress bar and the funnel table."),
+) -> None:
+    """Score every executed program against the gold answers and keep the correct ones.
+
+    Writes one record per sample (kept or not, with the reason) and OUT.funnel.json.
+
+    Example:
+
+      vpd verify exec.jsonl --samples samples.jsonl --questions train.jsonl --out verified.jsonl
+
+      vpd verify exec.jsonl --samples s.jsonl --questions q.jsonl --out v.jsonl
+        --metric vqa --threshold 0.6 --policy majority --judge --backend openai
+        --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
+    """
+    from vpd.progress import console
+    from vpd.verify import METRICS, VerifyConfig, run_verify
+
+    if policy not in ("first", "shortest", "all", "majority"):
+        _fail(f"--policy must be first, shortest, all or majority, got {policy!r}")
+    if metric not in ("auto", *METRICS):
+        _fail(f"--metric must be auto or one of {', '.join(METRICS)}, got {metric!r}")
+    cfg = VerifyConfig(
+        executions=executions,
+        samples=samples,
+        questions=questions,
+        out=out,
+        policy=policy,  # type: ignore[arg-type]
+        threshold=threshold,
+        metric=metric,  # type: ignore[arg-type]
+        allow_missing=allow_missing,
+        judge=judge,
+        llm=_llm_spec(backend, model, base_url, api_key) if judge else {},
+        shard=shard,
+        force=force,
+        progress=progress,
+    )
+    s = run_verify(cfg)
+    f = s["funnel"]
+    console().print(
+        f"verify -> {out}: {s['written']} written; kept {f['kept']}/{f['samples']} programs, "
+        f"{f['questions_with_kept']}/{f['questions']} questions with a kept program"
+        + (f"; {s['rejects']} rejected input lines" if s["rejects"] else "")
+    )
+
+
+@app.command()
+def rationalize(
+    verified: Path = typer.Argument(..., help="Verified JSONL from `vpd verify`."),
+    questions: Path = typer.Option(..., "--questions", help="Questions JSONL."),
+    out: Path = typer.Option(..., "--out", help="SFT JSONL (chat records)."),
+    mode: str = typer.Option("template", help="template (no LLM) | llm."),
+    per_question: int = typer.Option(1, min=1, help="Rationales per question (kept programs)."),
+    add_labelled: bool = typer.Option(
+        False, help="Add the human answer for questions with no kept program."
+    ),
+    backend: str = typer.Option(None, help="LLM backend (mode llm): local|openai|vllm."),
+    model: str = typer.Option(None, help="LLM model name or path (mode llm)."),
+    base_url: list[str] = typer.Option([], "--base-url", help="OpenAI-compatible server URL."),
+    api_key: str = typer.Option(None, "--api-key", help="API key (default: env/EMPTY)."),
+    prompt_version: str = typer.Option("v1", help="prompts/rationale/<version>/."),
+    retries: int = typer.Option(1, min=0, help="LLM retries before the template fallback."),
+    shard: str = typer.Option(None, help="Process shard i/n of the questions."),
+    force: bool = typer.Option(False, help="Start --out over if it holds another config."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Turn kept programs and their traces into answer + rationale training records.
+
+    Per kept question: QID/answer (short answer) and QID/rationale (steps grounded in
+    the tool results, ending "So the answer is X."). Image paths are written relative
+    to the folder of --out.
+
+    Example:
+
+      vpd rationalize verified.jsonl --questions train.jsonl --out sft.jsonl --add-labelled
+
+      vpd rationalize verified.jsonl --questions train.jsonl --out sft.jsonl --mode llm
+        --backend openai --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
+    """
+    from vpd.progress import console
+    from vpd.rationalize import RationalizeConfig, run_rationalize
+
+    if mode not in ("template", "llm"):
+        _fail(f"--mode must be template or llm, got {mode!r}")
+    cfg = RationalizeConfig(
+        verified=verified,
+        questions=questions,
+        out=out,
+        mode=mode,  # type: ignore[arg-type]
+        per_question=per_question,
+        add_labelled=add_labelled,
+        llm=_llm_spec(backend, model, base_url, api_key) if mode == "llm" else {},
+        prompt_version=prompt_version,
+        retries=retries,
+        shard=shard,
+        force=force,
+        progress=progress,
+    )
+    s = run_rationalize(cfg)
+    msg = (
+        f"rationalize -> {out}: {s['answer_records']} answer + {s['rationale_records']} "
+        f"rationale records ({s['labelled_answer_records']} from labels)"
+    )
+    if mode == "llm":
+        msg += f"; {s['llm_fallback_to_template']} template fallbacks"
+    console().print(msg)
+
+
 # ----------------------------------------------------------------------------- merge
 
 

@@ -55,7 +55,9 @@ def canonical_answer(answer: Any, question: Question) -> str:
     if metric == "yesno":
         return to_yesno(text) or text
     if metric in ("count", "vqa", "exact"):
-        num = to_number(text) if re.fullmatch(r"-?\d+(\.\d+)?", text) else None
+        # Count answers may be words ("three"); elsewhere only numerals are rewritten.
+        numeric = metric == "count" or re.fullmatch(r"-?\d+(\.\d+)?", text)
+        num = to_number(text) if numeric else None
         if num is not None and num.is_integer():
             return str(int(num))
     return text
