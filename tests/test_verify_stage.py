@@ -134,7 +134,7 @@ def test_funnel_counts_table_and_file(tmp_path: Path) -> None:
     assert fun["correct"] == 3  # q1#1, q1#2, q2#2
     assert fun["kept"] == 2
     assert fun["questions_with_kept"] == 2
-    assert fun["status"]["timeout"] == 1 and fun["status"]["not executed"] == 1
+    assert fun["status"]["timeout"] == 1 and fun["status"]["invalid"] == 1
 
 
 def test_threshold_flag_lowers_the_bar(tmp_path: Path) -> None:
@@ -246,3 +246,43 @@ def test_judge_rescues_open_answers_only(tmp_path: Path) -> None:
     # count/yesno answers are never sent to the judge
     assert [p for _, _, p in judge.asked] == ["crimson"]
     assert s["funnel"]["judged_correct"] == 1
+
+
+def test_kill_9_then_rerun_completes_without_duplicates(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    n_q, k = 4000, 3
+    qs, ss, es = [], [], []
+    for i in range(n_q):
+        qs.append({"id": f"q{i}", "image": "x.png", "question": "How many?", "answers": ["2"],
+                   "meta": {"qtype": "count"}})  # fmt: skip
+        for j in range(k):
+            sid = f"q{i}#{j}"
+            ss.append({"id": sid, "qid": f"q{i}", "k": j, "program": "return 2"})
+            es.append({"id": sid, "qid": f"q{i}", "status": "ok", "answer": str(2 + j % 2)})
+    args = [
+        sys.executable, "-m", "vpd.cli", "verify", str(_write(tmp_path / "e.jsonl", es)),
+        "--samples", str(_write(tmp_path / "s.jsonl", ss)),
+        "--questions", str(_write(tmp_path / "q.jsonl", qs)),
+        "--out", str(tmp_path / "v.jsonl"), "--no-progress", "--policy", "first",
+    ]  # fmt: skip
+    out = tmp_path / "v.jsonl"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.stat().st_size > 20_000:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    killed_at = len(out.read_text().splitlines()) if out.exists() else 0
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ids = [r["id"] for r in _read(out)]
+    assert len(ids) == len(set(ids)) == n_q * k
+    assert killed_at < n_q * k or proc.returncode == 0  # the kill landed mid-run (usually)
+    kept = [r for r in _read(out) if r["kept"]]
+    assert len(kept) == n_q and all(r["id"].endswith("#0") for r in kept)

@@ -583,7 +583,7 @@ def compute_funnel(out: Path, questions: int | None = None) -> dict[str, Any]:
                 samples += 1
                 qids.add(r.get("qid"))
                 valid += bool(r.get("valid", True))
-                st = r.get("status") or "not executed"
+                st = r.get("status") or ("invalid" if not r.get("valid", True) else "not executed")
                 status[st] += 1
                 ran_ok += st == "ok"
                 correct += bool(r.get("correct"))
