@@ -139,6 +139,8 @@ def describe_call(call: ToolCall) -> str:
     res = _parse_result(call.result)
     where = _region(a)
     name = _arg(a, "name", "object_name", "object", "obj")
+    if name is None:  # an arg name we do not know: the first text argument is the object
+        name = next((v for k, v in a.items() if k != "patch" and isinstance(v, str)), "it")
     op = call.name
     if op == "find":
         boxes = res if isinstance(res, list) else []
@@ -445,6 +447,7 @@ def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
     counts = {"answer": 0, "rationale": 0, "labelled": 0, "no_label": 0}
     questions_total = with_kept = skipped = 0
     rat: LLMRationalizer | None = None
+    owned_llm = None  # an LLM this run built (closed at the end), not a caller's
     with StageOutput(cfg.out, cfg.fingerprint(), shard=shard, force=cfg.force) as so:
         questions: dict[str, Question] = {}
         for q in read_records(cfg.questions, Question, _LabelledRejects(so.rejects, "questions")):
@@ -452,11 +455,11 @@ def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
                 questions[q.id] = q
         questions_total = len(questions)
         kept: dict[str, list[tuple[int, int]]] = {}
-        for v, off in scan_jsonl(cfg.verified, Verified, so.rejects, "verified"):
+        for v, off, line in scan_jsonl(cfg.verified, Verified, so.rejects, "verified"):
             if not v.kept or not so.owns(v.qid):
                 continue
             if v.qid not in questions:
-                so.rejects.write(0, f"verified: unknown question id {v.qid!r}", v.id, v.id)
+                so.rejects.write(line, f"verified: unknown question id {v.qid!r}", v.id, v.id)
                 continue
             kept.setdefault(v.qid, []).append((split_sample_id(v.id)[1], off))
         with_kept = len(kept)
@@ -482,7 +485,8 @@ def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
             elif cfg.add_labelled:
                 counts["no_label"] += 1
         if cfg.mode == "llm" and any(qid in kept for qid in todo):
-            rat = LLMRationalizer(llm if llm is not None else make_llm_from_spec(cfg.llm), cfg)
+            owned_llm = make_llm_from_spec(cfg.llm) if llm is None else None
+            rat = LLMRationalizer(llm if llm is not None else owned_llm, cfg)
         with (
             open(cfg.verified, "rb") as fv,
             progress_bar("rationalize", len(todo), unit="q", enabled=cfg.progress) as bar,
@@ -539,6 +543,8 @@ def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
                     bar.advance()
                 so.sync()
         rejects = so.rejects.count
+    if owned_llm is not None:
+        owned_llm.close()
     wall = time.time() - t0
     written = counts["answer"] + counts["rationale"]
     summary: dict[str, Any] = {

@@ -344,8 +344,10 @@ class _LabelledRejects:
         self.rejects.write(line, f"{self.label}: {reason}", raw, rid)
 
 
-def scan_jsonl(path: Path, model: type[Any], rejects: Any, label: str) -> Iterator[tuple[Any, int]]:
-    """Stream ``(validated record, byte offset)`` of a JSONL file; bad lines are rejected.
+def scan_jsonl(
+    path: Path, model: type[Any], rejects: Any, label: str
+) -> Iterator[tuple[Any, int, int]]:
+    """Stream ``(record, byte offset, line number)`` of a JSONL file; bad lines are rejected.
 
     Offsets let a stage index a big input in a few bytes per record and load each
     record again (``load_at``) only when its question is processed. A last line with
@@ -388,7 +390,7 @@ def scan_jsonl(path: Path, model: type[Any], rejects: Any, label: str) -> Iterat
                 rejects.write(lineno, f"{label}: duplicate id {rec.id!r}", raw, rec.id)
                 continue
             seen.add(rec.id)
-            yield rec, start
+            yield rec, start, lineno
 
 
 def load_at(f: Any, offset: int, model: type[Any]) -> Any:
@@ -653,15 +655,15 @@ def run_verify(cfg: VerifyConfig, judge: Any = None) -> dict[str, Any]:
             if so.owns(q.id):
                 questions[q.id] = q
         by_q: dict[str, list[tuple[int, str, int]]] = {}
-        for s, off in scan_jsonl(cfg.samples, Sample, so.rejects, "samples"):
+        for s, off, line in scan_jsonl(cfg.samples, Sample, so.rejects, "samples"):
             if not so.owns(s.qid):
                 continue
             if s.qid not in questions:
-                so.rejects.write(0, f"samples: unknown question id {s.qid!r}", s.id, s.id)
+                so.rejects.write(line, f"samples: unknown question id {s.qid!r}", s.id, s.id)
                 continue
             by_q.setdefault(s.qid, []).append((s.k, s.id, off))
         exec_off: dict[str, int] = {}
-        for e, off in scan_jsonl(cfg.executions, Execution, so.rejects, "executions"):
+        for e, off, _ in scan_jsonl(cfg.executions, Execution, so.rejects, "executions"):
             if so.owns(e.qid):
                 exec_off[e.id] = off
         todo = [
@@ -671,10 +673,11 @@ def run_verify(cfg: VerifyConfig, judge: Any = None) -> dict[str, Any]:
         ]
         todo_set = set(todo)
         skipped = sum(1 for qid in by_q if qid not in todo_set)
+        owned_judge = None  # a judge (and LLM) this run built, closed at the end
         if cfg.judge and judge is None and todo:
             from vpd.judge import make_judge
 
-            judge = make_judge(cfg.llm, Path(str(cfg.out) + ".judge.jsonl"))
+            judge = owned_judge = make_judge(cfg.llm, Path(str(cfg.out) + ".judge.jsonl"))
         judge_calls = 0
         with (
             open(cfg.samples, "rb") as fs,
@@ -715,6 +718,8 @@ def run_verify(cfg: VerifyConfig, judge: Any = None) -> dict[str, Any]:
                     bar.advance()
                 so.sync()
         rejects = so.rejects.count
+    if owned_judge is not None:
+        owned_judge.llm.close()
     if pending:
         from vpd.progress import console
 
