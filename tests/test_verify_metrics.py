@@ -130,6 +130,10 @@ def test_resolve_metric_auto() -> None:
     )
     assert resolve_metric(_q(dataset="aokvqa", meta={"choices": ["a", "b"]})) == "mc"
     assert resolve_metric(_q(dataset="synth"), "count") == "count"
+    assert resolve_metric(_q(dataset="synth", meta={"qtype": "multihop"}, answers=["3"])) == (
+        "count"
+    )
+    assert resolve_metric(_q(dataset="okvqa", answers=["yes"] * 6 + ["no"] * 4)) == "vqa"
     with pytest.raises(VpdError):
         resolve_metric(_q(), "bleu")
 

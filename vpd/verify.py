@@ -285,8 +285,8 @@ def resolve_metric(question: Question, metric: str = "auto") -> str:
     """The metric a question is scored with.
 
     auto: multiple-choice ``meta.choices`` -> mc; dataset vqav2/vqa -> vqa; gqa -> exact;
-    ``meta.qtype`` count -> count, exists/yes-no -> yesno; gold answers all yes/no ->
-    yesno; 3+ human answers (VQA-style annotation) -> vqa; else exact.
+    ``meta.qtype`` count -> count, exists/yes-no -> yesno; 3+ human answers (VQA-style
+    annotation) -> vqa; gold answers all yes/no -> yesno; all numbers -> count; else exact.
     """
     if metric != "auto":
         if metric not in METRICS:
@@ -304,10 +304,12 @@ def resolve_metric(question: Question, metric: str = "auto") -> str:
         return "count"
     if qtype in _YESNO_QTYPES:
         return "yesno"
+    if len(question.answers) >= 3:
+        return "vqa"  # several annotators, who may disagree
     if question.answers and all(to_yesno(a) is not None for a in question.answers):
         return "yesno"
-    if len(question.answers) >= 3:
-        return "vqa"
+    if question.answers and all(to_number(a) is not None for a in question.answers):
+        return "count"  # numeric gold: "3" == "three" == "3.0"
     return "exact"
 
 
