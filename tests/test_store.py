@@ -371,3 +371,13 @@ def test_any_id_round_trips_through_writer_and_id_scan(tmp_path_factory, ids: li
     assert list(iter_ids(p)) == ids
     done = read_done_ids(p)
     assert all(rid in done for rid in ids)
+
+
+def test_done_ids_drops_repeated_hashes() -> None:
+    import numpy as np
+
+    keys = ["a", "b", "a", "c", "b", "a"]
+    done = DoneIds(np.array([stable_hash(k) for k in keys], dtype=np.uint64))
+    assert len(done) == 3 and all(k in done for k in "abc") and "d" not in done
+    assert len(DoneIds(np.array([stable_hash("x")], dtype=np.uint64))) == 1
+    assert len(DoneIds(np.empty(0, np.uint64))) == 0 and "x" not in DoneIds()
