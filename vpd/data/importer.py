@@ -7,6 +7,8 @@ Sources (picked from the path; ``fmt`` overrides):
 - a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``
   (``datasets.load_from_disk``), or any other local folder / ``.parquet`` / ``.arrow``
   file that ``datasets.load_dataset`` reads (never a hub download: only local paths).
+  From a ``DatasetDict`` the split read is ``hf_split``, else ``split`` when the dict has
+  one of that name, else its only split.
 
 Field mapping: ``image_field``, ``question_field``, ``answers_field``, ``id_field`` (dots
 reach into nested dicts, e.g. ``answers.text``). Answers may be a string, a number, a list
@@ -340,7 +342,13 @@ class _Importer:
     def rows(self) -> tuple[Iterator[Row], int | None]:
         fmt = self.cfg.fmt if self.cfg.fmt != "auto" else detect_format(self.input)
         if fmt == "hf":
+            import datasets
+
             ds, name = _load_hf(self.input, self.cfg.hf_split, self.cfg.split)
+            feat = ds.features.get(self.cfg.image_field)
+            if isinstance(feat, datasets.Image) and feat.decode:
+                # Raw bytes: rows that are rejected or already done cost no image decode.
+                ds = ds.cast_column(self.cfg.image_field, datasets.Image(decode=False))
             return _hf_rows(ds, name), len(ds)
         if self.input.is_dir():
             raise VpdError(f"{self.input} is a folder; --format {fmt} needs a file")
