@@ -328,3 +328,14 @@ def test_cli_user_error_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "directory" in lines[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_scene_json_renders_back_to_the_same_pixels(seed: int) -> None:
+    # Others (tool backends, tests) may redraw a scene from meta["scene"] alone.
+    scene, img = synth.scene_and_image(random.Random(seed))
+    again = json.loads(json.dumps(scene))
+    img2 = synth.render_scene(again)
+    assert again == scene
+    assert np.array_equal(np.asarray(img), np.asarray(img2))

@@ -221,8 +221,8 @@ def render_scene(scene: dict[str, Any]) -> Image.Image:
     draw, ldraw = ImageDraw.Draw(img), ImageDraw.Draw(labels)
     for i, o in enumerate(scene["objects"], 1):
         cx, cy, r = o.get("_cx"), o.get("_cy"), o["r"]
-        if cx is None:  # a scene read back from JSON: centre from its box
-            cx, cy = round(o["x"]), round(h - o["y"])
+        if cx is None:  # a scene read back from JSON: undo the half-pixel of the box centre
+            cx, cy = round(o["x"] - 0.5), round(h - o["y"] - 0.5)
         fill = COLORS[o["color"]]
         for d, f in ((draw, fill), (ldraw, i)):
             if o["shape"] == "circle":
