@@ -423,8 +423,10 @@ def make_llm_from_spec(spec: dict[str, Any]) -> Any:
     """An LLM from a ``vpd.llm.LLMConfig``-shaped dict (the ``llm:`` section of a config)."""
     from pydantic import ValidationError
 
-    from vpd.llm import LLMConfig, make_llm
-
+    try:
+        from vpd.llm import LLMConfig, make_llm
+    except ImportError as e:
+        raise VpdError(f"LLM backends are not available in this install: {e}") from None
     try:
         return make_llm(LLMConfig.model_validate(spec))
     except ValidationError as e:
