@@ -1,0 +1,515 @@
+"""Parent side of the sandbox: a zygote, one forked child per program, and an event loop.
+
+:class:`SandboxPool` starts the zygote (:mod:`vpd.execute.worker`) as a fresh
+interpreter with a scrubbed environment, asks it to fork a child for each program and
+talks to that child directly over its own socket pair. The loop multiplexes every
+running child: it answers their tool calls in batches through the tool server (loaded
+once, here in the parent), records the trace, enforces the wall-clock timeout by having
+the zygote kill the child's process group, and turns each child's fate into a status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pwd
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from vpd.errors import VpdError
+from vpd.execute import wire
+from vpd.execute.static import check_program
+from vpd.execute.worker import CONFIG_ENV
+from vpd.records import ToolCall
+from vpd.tools.protocol import ToolRequest, ToolResponse
+
+DEFAULT_NAMESPACE = "vpd.tools.api:build_namespace"
+
+
+class _ZygoteGone(Exception):
+    """The zygote's control socket is closed."""
+
+
+class ToolHandler(Protocol):
+    """What the pool needs from the tool server (vpd.tools.server.ToolServer fits)."""
+
+    def call_batch(self, reqs: list[ToolRequest]) -> list[ToolResponse]: ...
+
+    def summarize(self, req: ToolRequest, result: Any) -> ToolCall: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-program limits (see vpd.execute docstring for what each layer stops)."""
+
+    timeout_s: float = 10.0
+    memory_mb: int = 512
+    max_tool_calls: int = 200
+    max_stdout: int = 16 * 1024
+    recursion: int = 200
+
+    def worker_view(self) -> dict[str, Any]:
+        return {
+            # RLIMIT_CPU backs the wall clock up: a CPU-bound loop dies even if the
+            # parent is slow to notice it.
+            "cpu_s": max(1, math.ceil(self.timeout_s) + 1),
+            "memory_mb": self.memory_mb,
+            "max_calls": self.max_tool_calls,
+            "max_stdout": self.max_stdout,
+            "recursion": self.recursion,
+        }
+
+
+@dataclass
+class Job:
+    id: str
+    program: str
+    image: str  # absolute path; chosen by the executor, never by the program
+    syntax: str = "viper"
+
+
+@dataclass
+class JobResult:
+    id: str
+    status: str
+    answer: str | None = None
+    error: str | None = None
+    trace: list[ToolCall] = field(default_factory=list)
+    stdout: str = ""
+    wall_ms: float = 0.0
+
+
+@dataclass
+class _Running:
+    job: Job
+    sock: socket.socket
+    start: float
+    deadline: float
+    reader: wire.FrameReader = field(default_factory=wire.FrameReader)
+    pid: int | None = None
+    trace: list[ToolCall] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+    eof_at: float | None = None  # channel closed without a result: waiting for exit status
+    killed: str | None = None  # why we killed it (timeout / protocol)
+    exit: dict[str, Any] | None = None
+
+
+class SandboxPool:
+    """Run untrusted programs, ``workers`` at a time, each in its own locked-down process.
+
+    >>> with SandboxPool(Limits(timeout_s=5), workers=2) as pool:
+    ...     for res in pool.run(jobs, tool_server):
+    ...         print(res.id, res.status, res.answer)
+    """
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        workers: int | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        extra_paths: Iterable[str] = (),
+    ) -> None:
+        self.limits = limits or Limits()
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.namespace = namespace
+        self.extra_paths = list(extra_paths)
+        self.layers: dict[str, Any] = {}
+        self.stats = {"forks": 0, "zygote_starts": 0}
+        self._ctrl: socket.socket | None = None
+        self._proc: subprocess.Popen | None = None
+        self._root: str | None = None
+        self._errlog: Any = None
+
+    # ------------------------------------------------------------------ zygote lifecycle
+
+    def start(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._stop_zygote()
+        if self._root is None:
+            self._root = tempfile.mkdtemp(prefix="vpd-sandbox-root-")
+            os.chmod(self._root, 0o555)  # empty and read-only: the children's whole world
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cfg: dict[str, Any] = {
+            "ctrl_fd": child.fileno(),
+            "namespace": self.namespace,
+            "limits": self.limits.worker_view(),
+            "root": self._root,
+        }
+        if os.geteuid() == 0:
+            try:
+                nobody = pwd.getpwnam("nobody")
+                cfg["uid"], cfg["gid"] = nobody.pw_uid, nobody.pw_gid
+            except KeyError:
+                cfg["uid"], cfg["gid"] = 65534, 65534
+        import vpd
+
+        pkg_root = str(Path(vpd.__file__).resolve().parent.parent)
+        # A scrubbed environment: no secrets or proxies reach the programs' processes.
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": os.pathsep.join([pkg_root, *self.extra_paths]),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "LANG": "C.UTF-8",
+            CONFIG_ENV: json.dumps(cfg),
+        }
+        self._errlog = tempfile.TemporaryFile()  # zygote stderr, shown if it fails to start
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from vpd.execute.worker import zygote_main; zygote_main()"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._errlog,
+            pass_fds=[child.fileno()],
+            cwd=self._root,
+            close_fds=True,
+        )
+        child.close()
+        self._ctrl = parent
+        parent.settimeout(120)
+        try:
+            data = parent.recv(65536)
+        except (TimeoutError, OSError):
+            data = b""
+        if not data:
+            self._proc.kill()
+            self._proc.wait()
+            self._errlog.seek(0)
+            tail = self._errlog.read().decode("utf-8", "replace").strip().splitlines()[-3:]
+            raise VpdError(f"sandbox zygote failed to start: {' | '.join(tail) or 'no output'}")
+        msg = json.loads(data.decode())
+        parent.setblocking(False)
+        self.layers = msg.get("layers", {})
+        self.stats["zygote_starts"] += 1
+
+    def _stop_zygote(self) -> None:
+        if self._ctrl is not None:
+            try:
+                self._ctrl.setblocking(True)
+                self._ctrl.send(b'{"t":"quit"}')
+            except OSError:
+                pass
+            self._ctrl.close()
+            self._ctrl = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._errlog is not None:
+            self._errlog.close()
+            self._errlog = None
+
+    def close(self) -> None:
+        self._stop_zygote()
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
+
+    def __enter__(self) -> SandboxPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, jobs: Iterable[Job], tools: ToolHandler) -> Iterator[JobResult]:
+        """Yield one result per job (in completion order); never raises for a bad program."""
+        self.start()
+        pending = iter(jobs)
+        running: dict[int, _Running] = {}  # by socket fd
+        by_pid: dict[int, _Running] = {}
+        done: deque[JobResult] = deque()
+        sel = selectors.DefaultSelector()
+        assert self._ctrl is not None
+        sel.register(self._ctrl, selectors.EVENT_READ, None)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(running) < self.workers:
+                    job = next(pending, None)
+                    if job is None:
+                        exhausted = True
+                        break
+                    try:
+                        r = self._launch(job, sel, done)
+                    except _ZygoteGone:
+                        self._zygote_died(running, sel, done)
+                        r = self._launch(job, sel, done)
+                    if r is not None:
+                        running[r.sock.fileno()] = r
+                while done:
+                    yield done.popleft()
+                if exhausted and not running:
+                    return
+                now = time.monotonic()
+                wake = min((r.eof_at + 2.0 if r.eof_at else r.deadline) for r in running.values())
+                calls: list[tuple[_Running, ToolRequest]] = []
+                for key, _ in sel.select(timeout=max(0.0, wake - now)):
+                    if key.data is None:
+                        if not self._read_ctrl(by_pid, running):
+                            self._zygote_died(running, sel, done)
+                            break
+                        continue
+                    r = key.data
+                    self._read_child(r, calls, sel)
+                if calls:
+                    self._serve(calls, tools)
+                now = time.monotonic()
+                for fd, r in list(running.items()):
+                    res = self._settle(r, now)
+                    if res is not None:
+                        del running[fd]
+                        if r.pid is not None:
+                            by_pid.pop(r.pid, None)
+                        self._release(r, sel)
+                        done.append(res)
+                for r in running.values():
+                    if r.pid is not None:
+                        by_pid[r.pid] = r
+        finally:
+            for r in running.values():
+                self._kill(r)
+                self._release(r, sel)
+            sel.close()
+
+    def _launch(self, job: Job, sel: selectors.BaseSelector, done: deque) -> _Running | None:
+        t0 = time.monotonic()
+        if job.syntax != "visprog":
+            res = check_program(job.program)
+            if not res.ok:
+                done.append(JobResult(job.id, "violation", error=res.reason))
+                return None
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            assert self._ctrl is not None
+            self._ctrl.setblocking(True)
+            socket.send_fds(
+                self._ctrl, [json.dumps({"t": "fork", "job": job.id}).encode()], [b.fileno()]
+            )
+            self._ctrl.setblocking(False)
+        except OSError:
+            a.close()
+            b.close()
+            raise _ZygoteGone from None
+        b.close()
+        self.stats["forks"] += 1
+        # The job waits in the socket buffer until the child has locked itself down.
+        a.setblocking(True)
+        wire.write_all(
+            a.fileno(), wire.encode({"t": "job", "program": job.program, "syntax": job.syntax})
+        )
+        a.setblocking(False)
+        r = _Running(job=job, sock=a, start=t0, deadline=t0 + self.limits.timeout_s)
+        sel.register(a, selectors.EVENT_READ, r)
+        return r
+
+    def _read_ctrl(self, by_pid: dict[int, _Running], running: dict[int, _Running]) -> bool:
+        assert self._ctrl is not None
+        while True:
+            try:
+                data = self._ctrl.recv(65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            msg = json.loads(data.decode())
+            if msg.get("t") == "forked":
+                for r in running.values():
+                    if r.job.id == msg["job"] and r.pid is None:
+                        r.pid = int(msg["pid"])
+                        by_pid[r.pid] = r
+                        if r.killed:  # timed out before we learnt its pid
+                            self._kill(r)
+                        break
+            elif msg.get("t") == "exit":
+                r = by_pid.get(int(msg["pid"]))
+                if r is not None:
+                    r.exit = msg
+
+    def _read_child(
+        self, r: _Running, calls: list[tuple[_Running, ToolRequest]], sel: selectors.BaseSelector
+    ) -> None:
+        try:
+            data = r.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if r.eof_at is None:
+                r.eof_at = time.monotonic()
+            sel.unregister(r.sock)
+            return
+        try:
+            msgs = r.reader.feed(data)
+        except wire.WireError as e:
+            self._protocol_error(r, str(e), sel)
+            return
+        for msg in msgs:
+            t = msg.get("t")
+            if t == "call" and r.result is None:
+                op, box, args = msg.get("op"), msg.get("box"), msg.get("args")
+                ok_box = box is None or (
+                    isinstance(box, list)
+                    and len(box) == 4
+                    and all(isinstance(v, (int, float)) for v in box)
+                )
+                if not isinstance(op, str) or not isinstance(args, dict) or not ok_box:
+                    self._protocol_error(r, "malformed tool call", sel)
+                    return
+                box_t = tuple(int(v) for v in box) if box is not None else None
+                calls.append((r, ToolRequest(op=op, image=r.job.image, box=box_t, args=args)))
+            elif t == "done" and r.result is None:
+                r.result = msg
+            else:
+                self._protocol_error(r, f"unexpected message {t!r}", sel)
+                return
+
+    def _protocol_error(self, r: _Running, why: str, sel: selectors.BaseSelector) -> None:
+        r.killed = r.killed or f"protocol error: {why}"
+        self._kill(r)
+        if r.eof_at is None:
+            r.eof_at = time.monotonic()
+            try:
+                sel.unregister(r.sock)
+            except (KeyError, ValueError):
+                pass
+
+    def _serve(self, calls: list[tuple[_Running, ToolRequest]], tools: ToolHandler) -> None:
+        t0 = time.perf_counter()
+        reqs = [req for _, req in calls]
+        try:
+            resps = tools.call_batch(reqs)
+        except Exception as e:  # a tool server bug must not stop the run
+            resps = [ToolResponse(ok=False, error=f"tool server error: {e}") for _ in reqs]
+        ms = (time.perf_counter() - t0) * 1000 / max(1, len(reqs))
+        for (r, req), resp in zip(calls, resps, strict=True):
+            # Tool time is the server's, not the program's: it does not count to the timeout.
+            r.deadline += ms / 1000
+            try:
+                tc = tools.summarize(req, resp.result if resp.ok else None)
+            except Exception:
+                tc = ToolCall(name=req.op, args=req.args, result=str(resp.result)[:200])
+            if not resp.ok:
+                tc.result = f"error: {resp.error}"
+            tc.ms = round(ms, 3)
+            r.trace.append(tc)
+            reply = {"t": "result", "ok": resp.ok, "result": resp.result, "error": resp.error}
+            try:
+                frame = wire.encode(reply)
+            except (TypeError, ValueError, wire.WireError):
+                frame = wire.encode({"t": "result", "ok": False, "error": "unencodable result"})
+            try:
+                r.sock.setblocking(True)
+                r.sock.settimeout(5)
+                r.sock.sendall(frame)
+            except OSError:
+                pass  # the child died; its EOF settles it
+            finally:
+                r.sock.setblocking(False)
+
+    def _settle(self, r: _Running, now: float) -> JobResult | None:
+        wall = (now - r.start) * 1000
+        base = JobResult(r.job.id, "crash", trace=r.trace, wall_ms=round(wall, 3))
+        if r.result is not None:
+            m = r.result
+            status = m.get("status")
+            if status not in ("ok", "error", "oom", "violation", "crash", "timeout"):
+                status, m = "crash", {"error": f"worker reported bad status {status!r}"}
+            base.status = status
+            base.answer = m.get("answer") if isinstance(m.get("answer"), str) else None
+            base.error = m.get("error") if isinstance(m.get("error"), str) else None
+            out = m.get("stdout")
+            base.stdout = out[: self.limits.max_stdout] if isinstance(out, str) else ""
+            return base
+        if r.killed == "timeout":
+            if r.eof_at is not None or now > r.deadline + 2.0:
+                base.status = "timeout"
+                base.error = f"timed out after {self.limits.timeout_s:g} s"
+                return base
+            return None
+        if r.killed:
+            if r.eof_at is not None:
+                base.error = r.killed
+                return base
+            return None
+        if r.eof_at is not None:
+            if r.exit is None and now < r.eof_at + 2.0:
+                return None  # wait for the zygote to report how it died
+            base.status, base.error = _classify_death(r.exit)
+            return base
+        if now >= r.deadline:
+            r.killed = "timeout"
+            self._kill(r)
+        return None
+
+    def _kill(self, r: _Running) -> None:
+        if r.pid is None or self._ctrl is None:
+            return
+        try:
+            self._ctrl.setblocking(True)
+            self._ctrl.send(json.dumps({"t": "kill", "pid": r.pid}).encode())
+            self._ctrl.setblocking(False)
+        except OSError:
+            pass
+
+    def _release(self, r: _Running, sel: selectors.BaseSelector) -> None:
+        try:
+            sel.unregister(r.sock)
+        except (KeyError, ValueError):
+            pass
+        r.sock.close()
+
+    def _zygote_died(
+        self, running: dict[int, _Running], sel: selectors.BaseSelector, done: deque
+    ) -> None:
+        """Children die with the zygote (PDEATHSIG): fail them and start a new zygote."""
+        for r in running.values():
+            self._release(r, sel)
+            done.append(JobResult(r.job.id, "crash", error="sandbox zygote died", trace=r.trace))
+        running.clear()
+        sel.unregister(self._ctrl)
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        self._stop_zygote()
+        self.start()
+        sel.register(self._ctrl, selectors.EVENT_READ, None)
+
+
+def _classify_death(exit: dict[str, Any] | None) -> tuple[str, str]:
+    if exit is None:
+        return "crash", "worker died without a result"
+    sig = int(exit.get("signal") or 0)
+    if sig == signal.SIGXCPU:
+        return "timeout", "CPU time limit exceeded"
+    if sig == signal.SIGXFSZ:
+        return "violation", "tried to write a file"
+    if sig:
+        try:
+            name: object = signal.Signals(sig).name
+        except ValueError:
+            name = sig
+        return "crash", f"worker killed by signal {name}"
+    return "crash", f"worker exited with code {exit.get('code')} without a result"
