@@ -351,6 +351,65 @@ def rationalize(
     console().print(msg)
 
 
+# ----------------------------------------------------------------------------- execute
+
+
+@app.command()
+def execute(
+    samples: Path = typer.Argument(..., help="Samples JSONL from `vpd sample`."),
+    questions: Path = typer.Option(..., "--questions", help="Questions JSONL (the images)."),
+    out: Path = typer.Option(..., "--out", help="Executions JSONL (one record per sample)."),
+    timeout: float = typer.Option(10.0, min=0.01, help="Seconds per program (tool time excluded)."),
+    workers: int = typer.Option(None, min=1, help="Programs run at once (default: CPU cores)."),
+    backend: str = typer.Option("synthetic", help="Tool backend: synthetic | hf."),
+    memory_mb: int = typer.Option(512, "--memory-mb", min=16, help="Memory per program, MB."),
+    max_tool_calls: int = typer.Option(200, "--max-tool-calls", min=1, help="Per program."),
+    shard: str = typer.Option(None, help="Process shard i/n of the questions."),
+    force: bool = typer.Option(False, help="Start --out over if it holds another config."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Run every sampled program in the sandbox against the vision tools.
+
+    Each program runs in its own locked-down process (no files, no network, memory/CPU
+    limits, a wall-clock timeout); statuses: ok, error, timeout, oom, violation, crash.
+    Re-running the same command resumes.
+
+    Example:
+
+      vpd execute samples.jsonl --questions data/synth/train.jsonl --out exec.jsonl
+
+      vpd execute samples.jsonl --questions q.jsonl --out exec.0.jsonl --shard 0/4
+        --workers 16 --timeout 30 --backend hf
+    """
+    from vpd.execute import ExecuteConfig, run_execute
+    from vpd.progress import console
+
+    cfg = ExecuteConfig(
+        samples=samples,
+        questions=questions,
+        out=out,
+        backend=backend,
+        timeout=timeout,
+        workers=workers,
+        memory_mb=memory_mb,
+        max_tool_calls=max_tool_calls,
+        shard=shard,
+        force=force,
+        progress=progress,
+    )
+    s = run_execute(cfg)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items())) or "nothing new"
+    msg = (
+        f"execute -> {out}: {s['written']} written ({counts}), {s['already_done']} already "
+        f"done, {s['programs_per_s']} programs/s"
+    )
+    if "cache_hit_rate" in s:
+        msg += f", tool cache hit rate {s['cache_hit_rate']:.0%}"
+    if s["rejected"]:
+        msg += f"; {s['rejected']} rejected input lines (see {out}.rejects.jsonl)"
+    console().print(msg)
+
+
 # ----------------------------------------------------------------------------- merge
 
 

@@ -1,0 +1,215 @@
+"""`vpd execute`: run every sampled program in the sandbox and write executions JSONL."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vpd.errors import VpdError
+from vpd.execute.pool import DEFAULT_NAMESPACE, Job, JobResult, Limits, SandboxPool, ToolHandler
+from vpd.progress import progress_bar
+from vpd.records import Execution, Question, Sample
+from vpd.store import StageOutput, parse_shard, read_records
+
+
+class ExecuteConfig(BaseModel):
+    """Every option of the execute stage (the CLI and recipes build this)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: Path
+    questions: Path
+    out: Path
+    backend: str = "synthetic"
+    timeout: float = Field(10.0, gt=0, le=3600, description="Seconds per program (tools excluded).")
+    workers: int | None = Field(
+        None, ge=1, le=1024, description="Programs at once (default: cores)."
+    )
+    memory_mb: int = Field(512, ge=16, le=1 << 20, description="Memory a program may allocate.")
+    max_tool_calls: int = Field(200, ge=1, description="Tool calls per program.")
+    max_stdout: int = Field(16 * 1024, ge=0, description="Bytes of print output kept per program.")
+    namespace: str = Field(DEFAULT_NAMESPACE, description="module:function building the API.")
+    shard: str | None = None
+    force: bool = False
+    progress: bool = True
+
+    def limits(self) -> Limits:
+        return Limits(
+            timeout_s=self.timeout,
+            memory_mb=self.memory_mb,
+            max_tool_calls=self.max_tool_calls,
+            max_stdout=self.max_stdout,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that change results (workers and progress do not)."""
+        return {
+            "stage": "execute",
+            "backend": self.backend,
+            "timeout": self.timeout,
+            "memory_mb": self.memory_mb,
+            "max_tool_calls": self.max_tool_calls,
+            "max_stdout": self.max_stdout,
+            "namespace": self.namespace,
+        }
+
+
+def _question_images(path: Path) -> dict[str, str]:
+    """qid -> absolute image path (relative paths resolve against the questions' folder)."""
+    base = Path(path).resolve().parent
+    out = {}
+    for q in read_records(path, Question):
+        p = Path(q.image)
+        out[q.id] = str(p if p.is_absolute() else (base / p).resolve())
+    if not out:
+        raise VpdError(f"no valid questions in {path}")
+    return out
+
+
+def _count_todo(path: Path, so: StageOutput) -> int:
+    """Cheap first pass for the progress bar total: owned, not yet done samples."""
+    import json
+
+    n = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                obj = json.loads(line)
+                sid, qid = obj["id"], obj["qid"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+            if isinstance(sid, str) and isinstance(qid, str) and so.owns(qid) and not so.done(sid):
+                n += 1
+    return n
+
+
+def make_tool_server(backend: str) -> ToolHandler:
+    """The tool server for ``backend``, loaded once in this (the parent) process."""
+    try:
+        from vpd.tools.server import ToolServer
+    except ImportError as e:
+        raise VpdError(f"the tool server is not available: {e}") from None
+    try:
+        from vpd.tools.backends import get_backend
+    except ImportError as e:
+        raise VpdError(f"tool backends are not available: {e}") from None
+    return ToolServer(get_backend(backend))
+
+
+def _cache_stats(tools: Any) -> dict[str, Any]:
+    stats = getattr(tools, "cache_stats", None)
+    stats = stats() if callable(stats) else stats
+    if not isinstance(stats, dict):
+        return {}
+    hits, misses = stats.get("hits", 0), stats.get("misses", 0)
+    total = hits + misses
+    return {
+        "cache_hits": hits,
+        "cache_misses": misses,
+        "cache_hit_rate": hits / total if total else 0.0,
+    }
+
+
+def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[str, Any]:
+    """Run the stage; ``tools`` overrides the backend's tool server (embedding, tests)."""
+    t0 = time.perf_counter()
+    shard = parse_shard(cfg.shard)
+    if not Path(cfg.samples).exists():
+        raise VpdError(f"samples file not found: {cfg.samples}")
+    images = _question_images(cfg.questions)
+    status: Counter[str] = Counter()
+    inflight: dict[str, tuple[str, int]] = {}
+    image_ok: dict[str, bool] = {}
+
+    with StageOutput(cfg.out, cfg.fingerprint(), shard=shard, force=cfg.force) as so:
+        already = so.already
+        todo = _count_todo(cfg.samples, so)
+
+        def unknown_qid(s: Sample) -> str | None:
+            if s.qid not in images:
+                return f"question {s.qid!r} not found in {cfg.questions}"
+            return None
+
+        def write(rec: Execution) -> None:
+            so.write(rec)
+            status[rec.status] += 1
+            bar.advance()
+
+        def jobs() -> Iterator[Job]:
+            for s in read_records(cfg.samples, Sample, rejects=so.rejects, check=unknown_qid):
+                if not so.owns(s.qid) or so.done(s.id) or s.id in inflight:
+                    continue
+                image = images[s.qid]
+                if not s.valid:
+                    why = f"invalid sample: {s.reason or 'no program'}"
+                    write(Execution(id=s.id, qid=s.qid, status="error", error=why, k=s.k))
+                    continue
+                if image not in image_ok:
+                    image_ok[image] = Path(image).is_file()
+                if not image_ok[image]:
+                    err = f"image not found: {image}"
+                    write(Execution(id=s.id, qid=s.qid, status="error", error=err, k=s.k))
+                    continue
+                inflight[s.id] = (s.qid, s.k)
+                yield Job(id=s.id, program=s.program, image=image, syntax=s.syntax)
+
+        def record(res: JobResult) -> Execution:
+            qid, k = inflight.pop(res.id)
+            return Execution(
+                id=res.id,
+                qid=qid,
+                status=res.status,  # type: ignore[arg-type]
+                answer=res.answer,
+                error=res.error,
+                trace=res.trace,
+                stdout=res.stdout,
+                wall_ms=res.wall_ms,
+                k=k,
+            )
+
+        if todo == 0:  # finished already: re-read inputs (rejects file) but start nothing
+            for _ in read_records(cfg.samples, Sample, rejects=so.rejects, check=unknown_qid):
+                pass
+            return _summary(so.written, already, so.rejects.count, status, 0, t0, {}, None)
+        with (
+            progress_bar("execute", total=todo, unit="programs", enabled=cfg.progress) as bar,
+            SandboxPool(cfg.limits(), workers=cfg.workers, namespace=cfg.namespace) as pool,
+        ):
+            tools = tools if tools is not None else make_tool_server(cfg.backend)
+            for res in pool.run(jobs(), tools):
+                write(record(res))
+            layers = pool.layers
+            forks = pool.stats["forks"]
+        written = so.written
+        rejected = so.rejects.count
+    return _summary(written, already, rejected, status, forks, t0, layers, tools)
+
+
+def _summary(
+    written: int,
+    already: int,
+    rejected: int,
+    status: Counter[str],
+    forks: int,
+    t0: float,
+    layers: dict[str, Any],
+    tools: Any,
+) -> dict[str, Any]:
+    wall = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "written": written,
+        "already_done": already,
+        "rejected": rejected,
+        "statuses": dict(status),
+        "programs_run": forks,
+        "wall_s": round(wall, 3),
+        "programs_per_s": round(written / wall, 2) if wall > 0 else 0.0,
+        "sandbox_layers": layers,
+    }
+    summary.update(_cache_stats(tools))
+    return summary
