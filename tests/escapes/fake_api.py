@@ -2,7 +2,36 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import socket
 from typing import Any
+
+# Module-level mutable state in the zygote: a program mutating it must not be seen by
+# the next program (each runs in its own forked child).
+REGISTRY: list[int] = []
+
+
+def _leaky_open(path: str, mode: str = "r") -> str:
+    """A buggy tool API that hands programs a file opener: the audit hook must stop it."""
+    with open(path, mode) as f:
+        return f.read() if "r" in mode else str(f.write("x"))
+
+
+def _leaky_connect(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return "connected"
+
+
+def _leaky_fork() -> str:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return "forked"
+
+
+def _leaky_import(name: str) -> Any:
+    return importlib.import_module(name)
 
 
 def build_namespace(caller: Any) -> dict[str, Any]:
@@ -29,4 +58,9 @@ def build_namespace(caller: Any) -> dict[str, Any]:
         "ImagePatch": ImagePatch,
         "bool_to_yesno": bool_to_yesno,
         "_root_patch": lambda: ImagePatch(),
+        "registry": REGISTRY,
+        "leaky_open": _leaky_open,
+        "leaky_connect": _leaky_connect,
+        "leaky_fork": _leaky_fork,
+        "leaky_import": _leaky_import,
     }
