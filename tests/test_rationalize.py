@@ -68,6 +68,12 @@ def test_find_phrasings() -> None:
     assert describe_call(none) == "I look for dog and find none."
     assert describe_call(one) == "I look for dog and find one at [0.00, 0.00, 1.00, 1.00]."
     assert template_rationale([], "yes") == "So the answer is yes."
+    cut = ToolCall(name="find", args={"name": "dot"}, result='[[0,0,0.1,0.1],"+7 more"]')
+    assert (
+        describe_call(cut) == "I look for dot and find one at [0.00, 0.00, 0.10, 0.10] and +7 more."
+    )
+    odd = ToolCall(name="find", args={"name": "dot"}, result="backend error")
+    assert describe_call(odd) == "I look for dot: backend error."
 
 
 def test_template_caps_long_traces() -> None:

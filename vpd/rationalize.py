@@ -143,12 +143,16 @@ def describe_call(call: ToolCall) -> str:
         name = next((v for k, v in a.items() if k != "patch" and isinstance(v, str)), "it")
     op = call.name
     if op == "find":
-        boxes = res if isinstance(res, list) else []
-        if not boxes:
+        if not isinstance(res, list):  # an error or a summary we do not know: say it as is
+            return f"I look for {name}{where}: {fmt_value(res)}."
+        boxes = [b for b in res if _is_box(b) or isinstance(b, dict)]
+        rest = [x for x in res if not (_is_box(x) or isinstance(x, dict))]  # e.g. "+5 more"
+        if not boxes and not rest:
             return f"I look for {name}{where} and find none."
         n = len(boxes)
         what = "one" if n == 1 else str(n)
-        return f"I look for {name}{where} and find {what} at {_join([fmt_box(b) for b in boxes])}."
+        at = _join([fmt_box(b) for b in boxes] + [str(x) for x in rest])
+        return f"I look for {name}{where} and find {what} at {at}."
     if op == "exists":
         return f"I check whether there is {name}{where}: {fmt_value(res)}."
     if op == "verify_property":
@@ -167,7 +171,9 @@ def describe_call(call: ToolCall) -> str:
         return f"I zoom into the region {fmt_box(res) if res not in (None, '') else where}."
     if op == "overlaps_with":
         other = [a.get(k) for k in ("left", "lower", "right", "upper")]
-        other_s = fmt_box(other) if _is_box(other) else "the other region"
+        # Only normalized coordinates are shown; pixel args would mix two scales.
+        normalized = _is_box(other) and all(0 <= float(v) <= 1 for v in other)
+        other_s = fmt_box(other) if normalized else "the other region"
         return f"I check whether the region{where or ' (whole image)'} overlaps {other_s}: " + (
             f"{fmt_value(res)}."
         )
