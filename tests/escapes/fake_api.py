@@ -30,6 +30,16 @@ def _leaky_fork() -> str:
     return "forked"
 
 
+def _abort() -> None:
+    """Simulates an interpreter crash inside the worker."""
+    os.abort()
+
+
+def _garbage() -> None:
+    """Simulates a compromised worker writing junk to the parent's channel."""
+    os.write(3, b"\xff\xff\xff\x7fjunk")
+
+
 def _leaky_import(name: str) -> Any:
     return importlib.import_module(name)
 
@@ -63,4 +73,6 @@ def build_namespace(caller: Any) -> dict[str, Any]:
         "leaky_connect": _leaky_connect,
         "leaky_fork": _leaky_fork,
         "leaky_import": _leaky_import,
+        "crash_now": _abort,
+        "send_garbage": _garbage,
     }
