@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from vpd.errors import VpdError
 from vpd.execute import wire
 from vpd.execute.static import check_program
-from vpd.execute.worker import CONFIG_ENV
+from vpd.execute.worker import ANSWER_MAX, CONFIG_ENV, ERROR_MAX
 from vpd.records import ToolCall
 from vpd.tools.protocol import ToolRequest, ToolResponse
 
@@ -379,6 +379,10 @@ class SandboxPool:
                 if not isinstance(op, str) or not isinstance(args, dict) or not ok_box:
                     self._protocol_error(r, "malformed tool call", sel)
                     return
+                if len(r.trace) + sum(1 for c in calls if c[0] is r) >= self.limits.max_tool_calls:
+                    # The child enforces the budget too; a child that does not is compromised.
+                    self._protocol_error(r, "tool calls beyond the budget", sel)
+                    return
                 box_t = tuple(int(v) for v in box) if box is not None else None
                 calls.append((r, ToolRequest(op=op, image=r.job.image, box=box_t, args=args)))
             elif t == "done" and r.result is None:
@@ -439,8 +443,9 @@ class SandboxPool:
             if status not in ("ok", "error", "oom", "violation", "crash", "timeout"):
                 status, m = "crash", {"error": f"worker reported bad status {status!r}"}
             base.status = status
-            base.answer = m.get("answer") if isinstance(m.get("answer"), str) else None
-            base.error = m.get("error") if isinstance(m.get("error"), str) else None
+            answer, error = m.get("answer"), m.get("error")
+            base.answer = answer[:ANSWER_MAX] if isinstance(answer, str) else None
+            base.error = error[: ERROR_MAX + 100] if isinstance(error, str) else None
             out = m.get("stdout")
             base.stdout = out[: self.limits.max_stdout] if isinstance(out, str) else ""
             return base
