@@ -1,0 +1,56 @@
+"""`vpd execute` on the command line: flags, one-line errors, help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = str(Path(__file__).resolve().parent.parent)
+
+
+def _vpd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vpd.cli", *args], cwd=REPO, capture_output=True, text=True
+    )
+
+
+def test_help_has_example() -> None:
+    r = _vpd("execute", "--help")
+    assert r.returncode == 0
+    assert "Example:" in r.stdout and "--timeout" in r.stdout and "--shard" in r.stdout
+
+
+def test_missing_samples_is_one_line_error(tmp_path: Path) -> None:
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"id": "q0", "image": "a.png", "question": "?"}) + "\n")
+    r = _vpd(
+        "execute",
+        str(tmp_path / "nope.jsonl"),
+        "--questions",
+        str(q),
+        "--out",
+        str(tmp_path / "e.jsonl"),
+    )
+    assert r.returncode == 2
+    assert "samples file not found" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_shard_is_one_line_error(tmp_path: Path) -> None:
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"id": "q0", "image": "a.png", "question": "?"}) + "\n")
+    s = tmp_path / "s.jsonl"
+    s.write_text(json.dumps({"id": "q0#0", "qid": "q0", "k": 0, "program": "x"}) + "\n")
+    r = _vpd(
+        "execute",
+        str(s),
+        "--questions",
+        str(q),
+        "--out",
+        str(tmp_path / "e.jsonl"),
+        "--shard",
+        "3/2",
+    )
+    assert r.returncode == 2 and "--shard" in r.stderr and "Traceback" not in r.stderr
