@@ -84,9 +84,7 @@ _SAFE_BUILTIN_NAMES = (
 
 def _safe_math() -> types.SimpleNamespace:
     """The math functions as plain attributes: no module object (and its loader) exposed."""
-    return types.SimpleNamespace(
-        **{k: getattr(math, k) for k in dir(math) if not k.startswith("_")}
-    )
+    return _flatten_module(math)
 
 
 class _Budget(Exception):
@@ -256,7 +254,9 @@ def _run_job(job: dict[str, Any], ns_factory: Callable, cfg: dict[str, Any]) -> 
             if not res.ok:
                 return {"status": "violation", "error": res.reason}
             code = compile(res.tree, "<program>", "exec", dont_inherit=True)
-            g: dict[str, Any] = {k: v for k, v in api.items() if not k.startswith("_")}
+            g: dict[str, Any] = {
+                k: _flatten_module(v) for k, v in api.items() if not k.startswith("_")
+            }
             g["__builtins__"] = build_builtins(state)
             g["__name__"] = "program"
             g["math"] = g.get("math") or _safe_math()
@@ -289,6 +289,20 @@ def _run_job(job: dict[str, Any], ns_factory: Callable, cfg: dict[str, Any]) -> 
         out = {"status": "error", "error": state.budget}
     out["stdout"] = "".join(state.out)
     return out
+
+
+def _flatten_module(v: Any) -> Any:
+    """A module in the API becomes its public non-module attributes: no walking from
+    ``np`` to ``np.ctypeslib.ctypes`` or a module's loader."""
+    if not isinstance(v, types.ModuleType):
+        return v
+    return types.SimpleNamespace(
+        **{
+            k: a
+            for k, a in vars(v).items()
+            if not k.startswith("_") and not isinstance(a, types.ModuleType)
+        }
+    )
 
 
 def _root_patch(api: dict[str, Any]) -> Any:
