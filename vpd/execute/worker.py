@@ -247,7 +247,9 @@ def _run_job(job: dict[str, Any], ns_factory: Callable, cfg: dict[str, Any]) -> 
         api = ns_factory(caller)
         patch_type = api.get("ImagePatch") if isinstance(api.get("ImagePatch"), type) else None
         if syntax == "visprog":
-            run = _visprog_runner(api)
+            if not callable(api.get("_run_visprog")):
+                return {"status": "error", "error": "this tool API cannot run VisProg programs"}
+            run = api["_run_visprog"]
             entry_args: tuple = (program,)
         else:
             res = check_program(program)  # again, in the sandbox: defense in depth
@@ -311,13 +313,6 @@ def _root_patch(api: dict[str, Any]) -> Any:
     if callable(make):
         return make()
     return api["ImagePatch"]()
-
-
-def _visprog_runner(api: dict[str, Any]) -> Callable[[str], Any]:
-    run = api.get("_run_visprog")
-    if not callable(run):
-        raise RuntimeError("the tool API has no VisProg interpreter")
-    return run
 
 
 def child_main(fd: int, cfg: dict[str, Any], ns_factory: Callable, libc: Any, devnull: int) -> None:
