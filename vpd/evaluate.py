@@ -1,0 +1,617 @@
+"""`vpd eval`: direct-answer evaluation of a VLM on a question set.
+
+The model sees each question exactly as VPD trains it to (``vpd rationalize``'s "answer"
+task): the model's own chat template over ``[image, "<question>\\n<ANSWER_SUFFIX>"]``.
+Answers come from batched greedy decoding (left padding), are cleaned (first line, no
+"So the answer is", no trailing punctuation) and scored with ``vpd.verify.score_answer``.
+
+Outputs (resume contract: ``StageOutput``, shard by question id, meta = model + prompt +
+generation parameters; the batch size and device are not in it since they do not change
+greedy answers):
+
+- ``--out PREDS``: one record per question: ``id, qid, prediction, score, qtype, metric,
+  raw`` (+ ``rationale, rationale_answer, rationale_score`` with ``--rationale``);
+- ``PREDS.report.json``: accuracy overall and per question type, counts, wall time,
+  examples/s, and a majority-answer baseline from ``--train-questions`` so a user sees
+  the model against the trivial "always say the most common answer" predictor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vpd.errors import VpdError
+from vpd.rationalize import ANSWER_SUFFIX, RATIONALE_SUFFIX
+from vpd.records import Question, Record
+from vpd.verify import METRICS, normalize_answer, resolve_metric, score_answer
+
+ALL_TYPES = "all"  # the type of questions whose meta names none
+
+# ----------------------------------------------------------------------------- config
+
+
+class EvalConfig(BaseModel):
+    """Every option of `vpd eval` (also the `eval:` section of a recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="HF-format VLM folder (or hub id).")
+    questions: Path
+    out: Path
+    batch_size: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=16, ge=1)
+    rationale: bool = False
+    rationale_max_new_tokens: int = Field(default=256, ge=1)
+    train_questions: Path | None = None
+    metric: str = "auto"
+    limit: int | None = Field(default=None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    shard: str | None = None
+    force: bool = False
+    progress: bool = True
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _path_to_str(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v != "auto" and v not in METRICS:
+            raise ValueError(f"metric must be auto or one of {', '.join(METRICS)}, got {v!r}")
+        return v
+
+    def fingerprint(self, model_digest: str, dtype: str) -> dict[str, Any]:
+        """Options that change the predictions (not batch size, device, limit, progress)."""
+        fp: dict[str, Any] = {
+            "stage": "eval",
+            "model": self.model,
+            "model_digest": model_digest,
+            "dtype": dtype,
+            "prompt": ANSWER_SUFFIX,
+            "decoding": "greedy",
+            "max_new_tokens": self.max_new_tokens,
+            "metric": self.metric,
+        }
+        if self.rationale:
+            fp.update(
+                rationale_prompt=RATIONALE_SUFFIX,
+                rationale_max_new_tokens=self.rationale_max_new_tokens,
+            )
+        return fp
+
+
+# ----------------------------------------------------------------------------- answers
+
+_ANSWER_LEAD = re.compile(
+    r"^\s*(?:so\s*,?\s*)?(?:the\s+)?(?:final\s+)?(?:short\s+)?answer\s*(?:is|:)\s*:?\s*",
+    re.IGNORECASE,
+)
+_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)
+_EDGE_PUNCT = " \t\"'`*.,;:!?"
+
+
+def clean_answer(text: str) -> str:
+    """A short answer from raw generated text: first non-empty line, no lead-in, no edge
+    punctuation ("So the answer is 3." -> "3"; "Yes, there is." -> "Yes, there is")."""
+    line = next((ln for ln in text.strip().splitlines() if ln.strip()), "")
+    line = _ANSWER_LEAD.sub("", line, count=1)
+    return line.strip(_EDGE_PUNCT)
+
+
+def answer_from_rationale(text: str) -> str | None:
+    """The answer a rationale states in its "So the answer is X." ending, if any."""
+    hits = list(_ANSWER_IS.finditer(text))
+    if not hits:
+        return None
+    tail = hits[-1].group(1).strip()
+    # The answer ends at the line's end or at a sentence end (a period not inside a number).
+    tail = tail.splitlines()[0] if tail else ""
+    tail = re.split(r"(?<!\d)\.(?!\d)|\.\s", tail, maxsplit=1)[0]
+    ans = tail.strip(_EDGE_PUNCT)
+    return ans or None
+
+
+def qtype_of(q: Question) -> str:
+    """The question type used for the per-type breakdown."""
+    t = q.meta.get("qtype") or q.meta.get("type")
+    return str(t) if t not in (None, "") else ALL_TYPES
+
+
+# ----------------------------------------------------------------------------- baseline
+
+
+def majority_answers(train: list[Question]) -> tuple[dict[str, str], str | None]:
+    """Most common (normalized) answer per question type in ``train``, and overall.
+
+    Each question votes with its own most common answer, so a 10-annotator VQA question
+    counts once, like a 1-answer one. Ties go to the answer seen first.
+    """
+    per_type: dict[str, Counter[str]] = {}
+    overall: Counter[str] = Counter()
+    for q in train:
+        if not q.answers:
+            continue
+        votes = Counter(normalize_answer(a) for a in q.answers)
+        ans = votes.most_common(1)[0][0]
+        if not ans:
+            continue
+        per_type.setdefault(qtype_of(q), Counter())[ans] += 1
+        overall[ans] += 1
+    best = {t: c.most_common(1)[0][0] for t, c in per_type.items()}
+    return best, (overall.most_common(1)[0][0] if overall else None)
+
+
+def majority_baseline(
+    train: list[Question], questions: list[Question], metric: str = "auto"
+) -> dict[str, Any]:
+    """Score "always answer the train set's most common answer for this type" on ``questions``.
+
+    A type absent from train falls back to the overall most common answer.
+    """
+    best, fallback = majority_answers(train)
+    per: dict[str, list[float]] = {}
+    for q in questions:
+        guess = best.get(qtype_of(q), fallback)
+        per.setdefault(qtype_of(q), []).append(
+            score_answer(guess, q, metric) if guess is not None else 0.0
+        )
+    scores = [s for v in per.values() for s in v]
+    return {
+        "accuracy": _mean(scores),
+        "n": len(scores),
+        "train_questions": len(train),
+        "per_type": {
+            t: {"accuracy": _mean(v), "n": len(v), "answer": best.get(t, fallback)}
+            for t, v in sorted(per.items())
+        },
+    }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 6) if xs else None
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise VpdError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    if device == "cuda":
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"  # CPU half precision is slow and less accurate
+
+
+def _is_hub_id(model: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model))
+
+
+def model_digest(model: str) -> str:
+    """A cheap fingerprint of a local model's files, so a model re-trained into the same
+    folder does not resume predictions of the old one (config + head/tail of each
+    weight file: reading whole multi-GB weights would cost more than the check is worth)."""
+    path = Path(model)
+    if not path.is_dir():
+        return model  # a hub id: the name (and its revision cache) is the identity
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix not in (".json", ".safetensors", ".bin") or not f.is_file():
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+            if size > 1 << 17:
+                fh.seek(size - (1 << 16))
+                h.update(fh.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+def load_model(model: str, dtype: str, device: str) -> tuple[Any, Any]:
+    """Load (model, processor) with one-line errors for paths that hold no usable VLM."""
+    path = Path(model)
+    if not path.exists() and not _is_hub_id(model):
+        raise VpdError(f"model not found: {model} (expected a folder saved in Hugging Face format)")
+    if path.exists() and not path.is_dir():
+        raise VpdError(f"model must be a folder in Hugging Face format, got a file: {model}")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise VpdError(
+            f"{model} holds no config.json: not a Hugging Face model folder "
+            "(for a `vpd tune` run, point at its final/ or checkpoint-N/ folder)"
+        )
+    try:
+        return _load_vlm(model, dtype, device)
+    except VpdError:
+        raise
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "AutoModelForImageTextToText" in str(e):
+            mtype = _model_type(path)
+            raise VpdError(
+                f"{model} is not a vision-language model ({mtype or 'unknown type'}): "
+                "AutoModelForImageTextToText cannot load it; `vpd eval` needs an image+text "
+                "model (LLaVA, Qwen2-VL, PaliGemma, Idefics3/SmolVLM, or `vpd tune` output)"
+            ) from None
+        raise VpdError(f"cannot load model {model}: {_first_line(e)}") from None
+    except OSError as e:
+        raise VpdError(f"cannot load model {model}: {_first_line(e)}") from None
+
+
+def _load_vlm(model: str, dtype: str, device: str) -> tuple[Any, Any]:
+    # Stand-in until vpd.tune.model.load_vlm lands (then only the import changes).
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    m = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype))
+    return m.to(device).eval(), AutoProcessor.from_pretrained(model)
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class Generator:
+    """Batched greedy generation with a VLM's own chat template and left padding."""
+
+    def __init__(self, model: Any, processor: Any) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        # Left padding keeps every prompt's last token at the end, where generation starts.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if getattr(processor, "chat_template", None) is None:
+            raise VpdError(
+                "the model's processor has no chat template, so the VPD prompt cannot be built; "
+                "save one with the model (processor.chat_template) or tune it with `vpd tune`"
+            )
+
+    def prompt(self, question: str, suffix: str) -> str:
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": f"{question}\n{suffix}"}],
+            }
+        ]
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+
+    def generate(self, images: list[Any], prompts: list[str], max_new_tokens: int) -> list[str]:
+        import torch
+
+        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _image_path(q: Question, questions_file: Path) -> Path:
+    img = Path(q.image)
+    return img if img.is_absolute() else Path(questions_file).parent / img
+
+
+def _open_image(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _load_batch(batch: list[Question], questions_file: Path) -> list[tuple[Question, Any, str]]:
+    """(question, image or None, error) per question; decoding happens off the main thread."""
+    out = []
+    for q in batch:
+        try:
+            out.append((q, _open_image(_image_path(q, questions_file)), ""))
+        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
+            out.append((q, None, f"image could not be decoded: {_first_line(e)}"))
+    return out
+
+
+def _batches(items: list[Question], size: int) -> Iterator[list[Question]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _read_questions(path: Path, rejects: Any, check: Any = None) -> list[Question]:
+    from vpd.store import read_records
+
+    return list(read_records(path, Question, rejects, check=check))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report_path(out: Path) -> Path:
+    return Path(str(out) + ".report.json")
+
+
+def build_report(
+    preds: list[dict[str, Any]], baseline: dict[str, Any] | None, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Accuracy overall and per type from prediction records (all of them, resumed ones too)."""
+    per: dict[str, list[float]] = {}
+    rat: list[float] = []
+    for p in preds:
+        per.setdefault(p.get("qtype") or ALL_TYPES, []).append(float(p.get("score") or 0.0))
+        if "rationale_score" in p:
+            rat.append(float(p["rationale_score"] or 0.0))
+    scores = [s for v in per.values() for s in v]
+    rep: dict[str, Any] = {
+        "accuracy": _mean(scores),
+        "n": len(scores),
+        "correct": round(sum(scores), 6),
+        "per_type": {
+            t: {"accuracy": _mean(v), "n": len(v), "correct": round(sum(v), 6)}
+            for t, v in sorted(per.items())
+        },
+    }
+    if rat:
+        rep["rationale_accuracy"] = _mean(rat)
+    if baseline is not None:
+        rep["majority_baseline"] = baseline
+    rep.update(extra)
+    return rep
+
+
+def _print_table(rep: dict[str, Any], title: str) -> None:
+    from rich.table import Table
+
+    from vpd.progress import console
+
+    base = rep.get("majority_baseline") or {}
+    table = Table(title=title)
+    table.add_column("question type")
+    table.add_column("n", justify="right")
+    table.add_column("model", justify="right")
+    if base:
+        table.add_column("majority baseline", justify="right")
+
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{100 * float(x):.1f}%"
+
+    for t, r in rep["per_type"].items():
+        row = [t, str(r["n"]), pct(r["accuracy"])]
+        if base:
+            row.append(pct((base.get("per_type") or {}).get(t, {}).get("accuracy")))
+        table.add_row(*row)
+    row = ["[bold]all[/]", str(rep["n"]), f"[bold]{pct(rep['accuracy'])}[/]"]
+    if base:
+        row.append(pct(base.get("accuracy")))
+    table.add_row(*row, end_section=True)
+    console().print(table)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Predict, score and report (resumable); returns the report (also written as JSON)."""
+    from vpd.progress import progress_bar
+    from vpd.store import StageOutput, parse_shard
+
+    t0 = time.time()
+    shard = parse_shard(cfg.shard)
+    for name, p in (("--questions", cfg.questions), ("--train-questions", cfg.train_questions)):
+        if p is not None and p.exists() and cfg.out.resolve() == p.resolve():
+            raise VpdError(f"--out {cfg.out} is also the {name} file")
+    if cfg.train_questions is not None and not cfg.train_questions.exists():
+        raise VpdError(f"--train-questions file not found: {cfg.train_questions}")
+    if not cfg.questions.exists():
+        raise VpdError(f"--questions file not found: {cfg.questions}")
+    device = _resolve_device(cfg.device)
+    dtype = _resolve_dtype(cfg.dtype, device)
+    if not Path(cfg.model).exists() and not _is_hub_id(cfg.model):
+        # Fail before writing anything beside --out.
+        raise VpdError(f"model not found: {cfg.model} (expected a Hugging Face model folder)")
+    digest = model_digest(cfg.model)
+
+    with StageOutput(cfg.out, cfg.fingerprint(digest, dtype), shard=shard, force=cfg.force) as so:
+
+        def check(q: Question) -> str | None:
+            if not so.owns(q.id) or so.done(q.id):
+                return None  # only work still to do needs a readable image
+            img = _image_path(q, cfg.questions)
+            if not img.is_file():
+                return f"image not found: {img}"
+            return None
+
+        with open(cfg.questions, encoding="utf-8", errors="replace") as f:
+            lines = sum(1 for ln in f if ln.strip())
+        questions = [q for q in _read_questions(cfg.questions, so.rejects, check) if so.owns(q.id)]
+        if cfg.limit is not None:
+            questions = questions[: cfg.limit]
+        if not questions:
+            if lines == 0:
+                raise VpdError(f"--questions {cfg.questions} holds no questions (empty file)")
+            if so.rejects.count:
+                raise VpdError(
+                    f"no usable question in {cfg.questions}: all {so.rejects.count} lines were "
+                    f"rejected (reasons in {so.rejects.path})"
+                )
+            if shard is None:
+                raise VpdError(f"--questions {cfg.questions} holds no questions")
+        todo = [q for q in questions if not so.done(q.id)]
+        already = len(questions) - len(todo)
+
+        gen_s = 0.0
+        decode_errors = 0
+        if todo:
+            model, processor = load_model(cfg.model, dtype, device)
+            gen = Generator(model, processor)
+            with (
+                ThreadPoolExecutor(max_workers=1) as pool,
+                progress_bar("eval", len(todo), unit="q", enabled=cfg.progress) as bar,
+            ):
+                batches = list(_batches(todo, cfg.batch_size))
+                # Decode the next batch's images while the model works on this one.
+                pending = pool.submit(_load_batch, batches[0], cfg.questions)
+                for i in range(len(batches)):
+                    loaded = pending.result()
+                    if i + 1 < len(batches):
+                        pending = pool.submit(_load_batch, batches[i + 1], cfg.questions)
+                    ok = [(q, im) for q, im, err in loaded if im is not None]
+                    for q, _, err in loaded:
+                        if err:
+                            so.rejects.write(0, err, q.model_dump_json(), q.id)
+                            decode_errors += 1
+                    t_gen = time.perf_counter()
+                    if ok:
+                        for rec in _predict(gen, ok, cfg):
+                            so.write(rec)
+                    gen_s += time.perf_counter() - t_gen
+                    so.sync()
+                    bar.advance(len(loaded))
+            del model, gen
+
+        # The report covers every prediction of this eval set, resumed ones included.
+        wanted = {q.id: q for q in questions}
+        preds = [p for p in _read_preds(cfg.out) if p["id"] in wanted]
+        baseline = None
+        if cfg.train_questions is not None:
+            from vpd.store import RejectWriter
+
+            # Bad train lines only weaken the baseline: counted, not written anywhere.
+            train_rejects = RejectWriter(Path(str(cfg.out) + ".train-rejects.jsonl"))
+            with train_rejects:
+                train = _read_questions(cfg.train_questions, train_rejects)
+            baseline = majority_baseline(train, questions, cfg.metric)
+            baseline["train_rejected"] = train_rejects.count
+        new = len(todo) - decode_errors
+        wall = time.time() - t0
+        rep = build_report(
+            preds,
+            baseline,
+            {
+                "model": cfg.model,
+                "questions_file": str(cfg.questions),
+                "predictions_file": str(cfg.out),
+                "questions": len(questions),
+                "predicted": len(preds),
+                "missing": len(questions) - len(preds),
+                "new": new,
+                "already_done": already,
+                "rejected": so.rejects.count,
+                "device": device,
+                "dtype": dtype,
+                "batch_size": cfg.batch_size,
+                "shard": str(shard) if shard else None,
+                "wall_s": round(wall, 3),
+                "generate_s": round(gen_s, 3),
+                "examples_per_s": round(new / gen_s, 3) if gen_s > 0 else None,
+            },
+        )
+    tmp = report_path(cfg.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(rep, indent=2, sort_keys=False), encoding="utf-8")
+    tmp.replace(report_path(cfg.out))
+    if cfg.progress:
+        _print_table(rep, f"vpd eval: {cfg.model}")
+    return rep
+
+
+def _predict(gen: Generator, batch: list[tuple[Question, Any]], cfg: EvalConfig) -> list[Record]:
+    images = [im for _, im in batch]
+    qs = [q for q, _ in batch]
+    raw = gen.generate(
+        images, [gen.prompt(q.question, ANSWER_SUFFIX) for q in qs], cfg.max_new_tokens
+    )
+    rats: list[str] | None = None
+    if cfg.rationale:
+        rats = gen.generate(
+            images,
+            [gen.prompt(q.question, RATIONALE_SUFFIX) for q in qs],
+            cfg.rationale_max_new_tokens,
+        )
+    out = []
+    for i, q in enumerate(qs):
+        pred = clean_answer(raw[i])
+        extra: dict[str, Any] = {}
+        if rats is not None:
+            rat = rats[i].strip()
+            rans = answer_from_rationale(rat)
+            extra = {
+                "rationale": rat,
+                "rationale_answer": rans,
+                "rationale_score": score_answer(rans, q, cfg.metric) if rans else 0.0,
+            }
+        out.append(
+            Record(
+                id=q.id,
+                qid=q.id,
+                prediction=pred,
+                score=score_answer(pred, q, cfg.metric),
+                qtype=qtype_of(q),
+                metric=resolve_metric(q, cfg.metric),
+                raw=raw[i],
+                **extra,
+            )
+        )
+    return out
+
+
+def _read_preds(path: Path) -> list[dict[str, Any]]:
+    """Complete prediction lines of ``path`` (a torn tail from a kill is skipped)."""
+    out = []
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+                out.append(rec)
+    return out
