@@ -410,6 +410,92 @@ def execute(
     console().print(msg)
 
 
+# ----------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="VLM folder in Hugging Face format (tune's final/)."),
+    questions: Path = typer.Option(..., "--questions", help="Questions JSONL to evaluate on."),
+    out: Path = typer.Option(..., "--out", help="Predictions JSONL; report in OUT.report.json."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Questions per generate call."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Answer tokens."),
+    rationale: bool = typer.Option(False, help="Also generate and store rationales."),
+    rationale_max_new_tokens: int = typer.Option(
+        256, "--rationale-max-new-tokens", min=1, help="Rationale tokens (with --rationale)."
+    ),
+    train_questions: Path = typer.Option(
+        None, "--train-questions", help="Train questions for the majority-answer baseline."
+    ),
+    metric: str = typer.Option("auto", help="auto|vqa|exact|count|yesno|mc."),
+    limit: int = typer.Option(None, min=1, help="Evaluate only the first N questions."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16 (auto: bf16 on GPU)."),
+    shard: str = typer.Option(None, help="Process shard i/n of the questions."),
+    force: bool = typer.Option(False, help="Start --out over if it holds another config."),
+    progress: bool = typer.Option(True, help="Show a progress bar and the accuracy table."),
+) -> None:
+    """Evaluate a VLM's direct answers (greedy, VPD answer prompt) on a question set.
+
+    Writes one prediction per question (prediction, score, qtype) and OUT.report.json
+    (accuracy overall and per question type, examples/s, majority baseline). Re-running
+    the same command resumes.
+
+    Example:
+
+      vpd eval runs/demo/model/final --questions data/synth/test.jsonl --out preds.jsonl
+        --train-questions data/synth/train.jsonl
+
+      vpd eval llava-1.5-7b-hf/ --questions vqa_val.jsonl --out p.0.jsonl --shard 0/8
+        --device cuda --batch-size 32 --rationale
+    """
+    from vpd.evaluate import EvalConfig, run_eval
+    from vpd.progress import console
+
+    choices = {
+        "device": ("auto", "cpu", "cuda"),
+        "dtype": ("auto", "float32", "bfloat16", "float16"),
+    }
+    for flag, value in (("device", device), ("dtype", dtype)):
+        if value not in choices[flag]:
+            _fail(f"--{flag} must be one of {', '.join(choices[flag])}, got {value!r}")
+    from vpd.verify import METRICS
+
+    if metric not in ("auto", *METRICS):
+        _fail(f"--metric must be auto or one of {', '.join(METRICS)}, got {metric!r}")
+    cfg = EvalConfig(
+        model=model,
+        questions=questions,
+        out=out,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        rationale=rationale,
+        rationale_max_new_tokens=rationale_max_new_tokens,
+        train_questions=train_questions,
+        metric=metric,
+        limit=limit,
+        device=device,  # type: ignore[arg-type]
+        dtype=dtype,  # type: ignore[arg-type]
+        shard=shard,
+        force=force,
+        progress=progress,
+    )
+    r = run_eval(cfg)
+    acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+    msg = (
+        f"eval -> {out}: accuracy {acc} on {r['predicted']}/{r['questions']} questions "
+        f"({r['new']} new, {r['already_done']} already done"
+        + (f", {r['examples_per_s']} examples/s" if r["examples_per_s"] else "")
+        + ")"
+    )
+    base = r.get("majority_baseline")
+    if base and base.get("accuracy") is not None:
+        msg += f"; majority baseline {100 * base['accuracy']:.1f}%"
+    if r["rejected"]:
+        msg += f"; {r['rejected']} rejected (see {out}.rejects.jsonl)"
+    console().print(msg)
+
+
 # ----------------------------------------------------------------------------- merge
 
 

@@ -425,10 +425,11 @@ def _print_table(rep: dict[str, Any], title: str) -> None:
         if base:
             row.append(pct((base.get("per_type") or {}).get(t, {}).get("accuracy")))
         table.add_row(*row)
+    table.add_section()
     row = ["[bold]all[/]", str(rep["n"]), f"[bold]{pct(rep['accuracy'])}[/]"]
     if base:
         row.append(pct(base.get("accuracy")))
-    table.add_row(*row, end_section=True)
+    table.add_row(*row)
     console().print(table)
 
 
