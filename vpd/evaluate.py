@@ -99,7 +99,7 @@ _ANSWER_LEAD = re.compile(
     r"^\s*(?:so\s*,?\s*)?(?:the\s+)?(?:final\s+)?(?:short\s+)?answer\s*(?:is|:)\s*:?\s*",
     re.IGNORECASE,
 )
-_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)
+_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*", re.IGNORECASE)
 _EDGE_PUNCT = " \t\"'`*.,;:!?"
 
 
@@ -116,7 +116,7 @@ def answer_from_rationale(text: str) -> str | None:
     hits = list(_ANSWER_IS.finditer(text))
     if not hits:
         return None
-    tail = hits[-1].group(1).strip()
+    tail = text[hits[-1].end() :].strip()
     # The answer ends at the line's end or at a sentence end (a period not inside a number).
     tail = tail.splitlines()[0] if tail else ""
     tail = re.split(r"(?<!\d)\.(?!\d)|\.\s", tail, maxsplit=1)[0]
