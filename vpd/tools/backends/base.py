@@ -1,0 +1,181 @@
+"""The vision-tool backend interface the ToolServer drives.
+
+A backend answers tool ops on a region of a decoded image. Every method takes an
+:class:`ImageData` (decoded once per image by the server and shared by all programs that
+ask about it) and a ``box`` in ViperGPT pixel coordinates (``left, lower, right, upper``,
+y from the image bottom; ``None`` = the whole image). Results are plain JSON-able values.
+
+Batch variants (``detect_batch`` ...) default to loops over the single-item methods; a
+model backend (the ``hf`` backend: detectors, VQA, CLIP, depth models loaded once)
+overrides them to run one forward pass per batch. The server groups requests by op so
+those batches actually form.
+
+A backend signals a problem the program should see (bad argument, missing LLM) by raising
+:class:`ToolError`; its message becomes the exception text in the program.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vpd.llm.base import LLM, GenParams
+from vpd.tools.protocol import Box
+
+
+class ToolError(Exception):
+    """A tool op failed in a way the program should see (its message is shown as is)."""
+
+
+@dataclass
+class ImageData:
+    """One decoded image plus a per-image memo for backends (e.g. a segmentation)."""
+
+    path: str
+    pil: Image.Image  # RGB
+    rgb: np.ndarray  # H x W x 3 uint8, top row first
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @classmethod
+    def load(cls, path: str | Path) -> ImageData:
+        try:
+            with Image.open(path) as im:
+                pil = im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ToolError(f"cannot read image {path}: {e}") from None
+        return cls(str(path), pil, np.asarray(pil))
+
+    @classmethod
+    def from_array(cls, rgb: np.ndarray, path: str = "<array>") -> ImageData:
+        rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
+        return cls(path, Image.fromarray(rgb), rgb)
+
+    def clip(self, box: Box | None) -> Box:
+        """``box`` clipped to the image (``None`` -> the whole image); never inverted."""
+        if box is None:
+            return (0, 0, self.width, self.height)
+        left, lower, right, upper = (int(v) for v in box)
+        left = min(max(left, 0), self.width)
+        right = min(max(right, left), self.width)
+        lower = min(max(lower, 0), self.height)
+        upper = min(max(upper, lower), self.height)
+        return (left, lower, right, upper)
+
+    def rows_cols(self, box: Box | None) -> tuple[slice, slice]:
+        """Array slices (rows top-down, columns) of a ViperGPT box."""
+        left, lower, right, upper = self.clip(box)
+        return slice(self.height - upper, self.height - lower), slice(left, right)
+
+    def crop_array(self, box: Box | None) -> np.ndarray:
+        rows, cols = self.rows_cols(box)
+        return self.rgb[rows, cols]
+
+
+class Backend:
+    """Base class of tool backends. Subclasses implement the single-item methods.
+
+    ``llm`` (any :class:`vpd.llm.base.LLM`) serves ``llm_query``; without one the op
+    fails with a clear message instead of inventing an answer.
+    """
+
+    name = "base"
+
+    def __init__(self, llm: LLM | None = None) -> None:
+        self.llm = llm
+
+    # ---------------------------------------------------------------- single items
+    def detect(self, image: ImageData, box: Box | None, name: str) -> list[Box]:
+        """Boxes (absolute pixels, inside ``box``) of every ``name`` in the region."""
+        raise NotImplementedError
+
+    def verify_property(self, image: ImageData, box: Box | None, name: str, prop: str) -> bool:
+        """Whether the ``name`` in the region has property ``prop`` (e.g. 'red', 'large')."""
+        raise NotImplementedError
+
+    def best_text_match(self, image: ImageData, box: Box | None, options: list[str]) -> str:
+        """The option that best describes the region (a zero-shot classifier)."""
+        raise NotImplementedError
+
+    def match_score(self, image: ImageData, box: Box | None, text: str) -> float:
+        """How well ``text`` describes the region (higher is better; CLIP-like)."""
+        raise NotImplementedError
+
+    def answer(self, image: ImageData, box: Box | None, question: str) -> str:
+        """A short answer to a basic question about the region (VQA)."""
+        raise NotImplementedError
+
+    def depth(self, image: ImageData, box: Box | None) -> float:
+        """Median depth of the region (smaller = closer to the camera)."""
+        raise NotImplementedError
+
+    def llm_query(self, question: str, long_answer: bool = True) -> str:
+        """Answer a text-only question with the configured LLM."""
+        if self.llm is None:
+            raise ToolError("llm_query needs an LLM (--llm ...)")
+        system = (
+            "Answer the question with general knowledge."
+            if long_answer
+            else "Answer the question in one to three words, no explanation."
+        )
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question},
+        ]
+        params = GenParams(n=1, temperature=0.0, max_tokens=256 if long_answer else 16)
+        out = self.llm.generate([messages], params)
+        return out[0][0].text.strip() if out and out[0] else ""
+
+    # ---------------------------------------------------------------- batches
+    # Each item is the argument tuple of the single-item method, without ``self``.
+    def detect_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
+        return _loop(self.detect, items)
+
+    def verify_property_batch(
+        self, items: list[tuple[ImageData, Box | None, str, str]]
+    ) -> list[Any]:
+        return _loop(self.verify_property, items)
+
+    def best_text_match_batch(
+        self, items: list[tuple[ImageData, Box | None, list[str]]]
+    ) -> list[Any]:
+        return _loop(self.best_text_match, items)
+
+    def match_score_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
+        return _loop(self.match_score, items)
+
+    def answer_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
+        return _loop(self.answer, items)
+
+    def depth_batch(self, items: list[tuple[ImageData, Box | None]]) -> list[Any]:
+        return _loop(self.depth, items)
+
+    def llm_query_batch(self, items: list[tuple[str, bool]]) -> list[Any]:
+        return _loop(self.llm_query, items)
+
+    def close(self) -> None:
+        """Free models / LLM clients the backend owns."""
+        if self.llm is not None:
+            self.llm.close()
+
+
+def _loop(fn: Any, items: list[tuple]) -> list[Any]:
+    """Per-item results; an exception is returned in place so one bad item fails alone."""
+    out: list[Any] = []
+    for it in items:
+        try:
+            out.append(fn(*it))
+        except Exception as e:  # noqa: BLE001 - the server turns it into that item's error
+            out.append(e)
+    return out
