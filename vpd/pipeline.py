@@ -27,6 +27,9 @@ from pydantic import BaseModel, ValidationError
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.progress import console
 
+# Fields the pipeline fills from the run directory; a recipe never sets them.
+_DERIVED = {"out", "questions", "samples", "executions", "verified", "sft", "train_questions"}
+
 STAGES = ("data", "sample", "execute", "verify", "rationalize", "tune", "eval")
 
 
@@ -120,6 +123,11 @@ def _fingerprint(obj: Any) -> str:
 def _build(module: str, cls: str, fields: dict[str, Any], stage: str) -> BaseModel:
     mod = importlib.import_module(module)
     config_cls = getattr(mod, cls)
+    # Typos must not pass silently, whether or not the stage's model forbids extras.
+    unknown = sorted(set(fields) - set(config_cls.model_fields))
+    if unknown:
+        known = ", ".join(k for k in config_cls.model_fields if k not in _DERIVED)
+        raise VpdError(f"recipe section {stage!r}: unknown option(s) {unknown}; known: {known}")
     try:
         return config_cls(**fields)
     except ValidationError as e:

@@ -1,0 +1,107 @@
+"""`vpd run` / `vpd status`: recipe handling, stage markers, skip/resume, --force, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from vpd.cli import app
+from vpd.errors import VpdError
+from vpd.pipeline import RunPaths, load_recipe, run_pipeline
+
+
+def _recipe(tmp_path: Path, body: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_load_recipe_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    r = _recipe(tmp_path, {"data": {"n": 10}, "sample": {"k": 5}})
+    rec = load_recipe(r, ["sample.k=3", "sample.temperature=0.7", "data.seed=4", "eval.limit=9"])
+    assert rec["sample"] == {"k": 3, "temperature": 0.7}
+    assert rec["data"] == {"n": 10, "seed": 4}
+    assert rec["eval"] == {"limit": 9}
+
+
+@pytest.mark.parametrize(
+    ("body", "overrides", "message"),
+    [
+        ({"bogus": {}}, [], "unknown sections"),
+        ({"data": {}}, ["k=3"], "stage.key=value"),
+        ({"data": {}}, ["nostage.k=3"], "unknown stage"),
+        ([1, 2], [], "mapping"),
+    ],
+)
+def test_bad_recipes_are_clear_errors(tmp_path: Path, body, overrides, message) -> None:
+    r = _recipe(tmp_path, body)
+    with pytest.raises(VpdError, match=message):
+        load_recipe(r, overrides)
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(VpdError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(VpdError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_unknown_stage_option_names_the_section(tmp_path: Path) -> None:
+    r = _recipe(tmp_path, {"data": {"n": 10, "colour_depth": 3}})
+    with pytest.raises(VpdError, match="recipe section 'data'"):
+        run_pipeline(r, tmp_path / "run", report=False)
+
+
+def test_data_stage_marker_skip_and_force(tmp_path: Path) -> None:
+    r = _recipe(tmp_path, {"data": {"n": 20, "seed": 1, "progress": False}})
+    run = tmp_path / "run"
+    p = RunPaths(run)
+    markers = run_pipeline(r, run, report=False)
+    assert p.marker("data").exists()
+    assert markers["data"]["summary"]
+    lines = p.train.read_text().splitlines() + p.test.read_text().splitlines()
+    assert len(lines) == 20
+
+    # Finished stage: skipped without touching its outputs.
+    mtime = p.train.stat().st_mtime_ns
+    run_pipeline(r, run, report=False)
+    assert p.train.stat().st_mtime_ns == mtime
+
+    # Changed options: an error naming --force, then --force archives and re-runs.
+    r2 = _recipe(tmp_path, {"data": {"n": 25, "seed": 1, "progress": False}})
+    with pytest.raises(VpdError, match="--force"):
+        run_pipeline(r2, run, report=False)
+    run_pipeline(r2, run, report=False, force=True)
+    lines = p.train.read_text().splitlines() + p.test.read_text().splitlines()
+    assert len(lines) == 25
+    archived = list((run / "archive").glob("*/data/train.jsonl"))
+    assert len(archived) == 1
+    assert len(archived[0].read_text().splitlines()) < 25
+
+
+def test_status_and_report_on_partial_run(tmp_path: Path) -> None:
+    r = _recipe(tmp_path, {"data": {"n": 10, "progress": False}})
+    run = tmp_path / "run"
+    run_pipeline(r, run)  # writes the report too
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["funnel"]["questions_train"] + rep["funnel"]["questions_test"] == 10
+    states = {s["stage"]: s["state"] for s in rep["stages"]}
+    assert states["data"] == "done" and states["sample"] == "not started"
+    assert (run / "report.md").read_text().startswith("# VPD run report")
+    assert (run / "funnel.png").exists()
+
+    res = CliRunner().invoke(app, ["status", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "data" in res.output and "done" in res.output
+
+
+def test_status_rejects_non_run_dirs(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert res.exit_code != 0
+    assert isinstance(res.exception, VpdError)
