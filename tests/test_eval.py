@@ -46,7 +46,9 @@ TEMPLATE = (
 )
 
 
-def build_tiny_llava(out: Path, always_yes: bool = False, seed: int = 0) -> Path:
+def build_tiny_llava(
+    out: Path, always_yes: bool = False, seed: int = 0, chat_template: bool = True
+) -> Path:
     """Save a tiny random LLaVA (CLIP tower + Llama LM) and its processor to ``out``."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -79,7 +81,7 @@ def build_tiny_llava(out: Path, always_yes: bool = False, seed: int = 0) -> Path
         patch_size=8,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # the CLS token the "default" strategy drops
-        chat_template=TEMPLATE,
+        chat_template=TEMPLATE if chat_template else None,
     )
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
@@ -299,6 +301,39 @@ def test_batched_and_unbatched_greedy_agree(tiny_vlm: Path, synth_dir: Path, tmp
     assert [p["raw"] for p in p1] == [p["raw"] for p in p5]
     # The questions differ in length, so batch 5 really padded (left) and still agreed.
     assert len({len(q.question) for q in _questions(synth_dir / "test.jsonl")}) > 1
+
+
+def test_out_of_memory_splits_the_batch(
+    tiny_vlm: Path, synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch too big for the GPU is halved and retried: same answers, nothing lost."""
+    import torch
+
+    from vpd.evaluate import Generator
+
+    real = Generator._generate
+    sizes: list[int] = []
+
+    def small_gpu(self, images, prompts, n):  # a fake GPU that fits 2 prompts at a time
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return real(self, images, prompts, n)
+
+    ref = run_eval(_cfg(tiny_vlm, synth_dir, tmp_path / "ref.jsonl", batch_size=1))
+    monkeypatch.setattr(Generator, "_generate", small_gpu)
+    rep = run_eval(_cfg(tiny_vlm, synth_dir, tmp_path / "oom.jsonl", batch_size=8))
+    assert rep["oom_splits"] >= 1 and rep["new"] == ref["new"]
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) <= 2  # later batches stay small
+    assert [p["raw"] for p in _lines(tmp_path / "oom.jsonl")] == [
+        p["raw"] for p in _lines(tmp_path / "ref.jsonl")
+    ]
+
+
+def test_model_without_chat_template_gets_a_plain_prompt(synth_dir: Path, tmp_path: Path) -> None:
+    model = build_tiny_llava(tmp_path / "plain-llava", chat_template=False)
+    rep = run_eval(_cfg(model, synth_dir, tmp_path / "p.jsonl", limit=2))
+    assert rep["prompt_format"] == "plain" and rep["new"] == 2
 
 
 def test_resume_fills_only_missing(tiny_vlm: Path, synth_dir: Path, tmp_path: Path):

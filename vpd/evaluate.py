@@ -286,7 +286,11 @@ def _first_line(e: BaseException) -> str:
 
 
 class Generator:
-    """Batched greedy generation with a VLM's own chat template and left padding."""
+    """Batched greedy generation with a VLM's own chat template and left padding.
+
+    A batch that runs out of GPU memory is split in halves (and later batches are kept
+    at the size that fitted), so a too-large ``--batch-size`` slows a run, never kills it.
+    """
 
     def __init__(self, model: Any, processor: Any) -> None:
         self.model = model
@@ -296,24 +300,62 @@ class Generator:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if getattr(processor, "chat_template", None) is None:
+        self.chat = getattr(processor, "chat_template", None) is not None
+        self.image_token = getattr(processor, "image_token", None)
+        if not self.chat and not self.image_token:
             raise VpdError(
-                "the model's processor has no chat template, so the VPD prompt cannot be built; "
-                "save one with the model (processor.chat_template) or tune it with `vpd tune`"
+                "the model's processor has no chat template and no image token, so the VPD "
+                "prompt cannot be built; save a chat template with the model "
+                "(processor.chat_template) or tune it with `vpd tune`"
             )
+        self.max_batch: int | None = None  # learned from out-of-memory splits
+        self.oom_splits = 0
+
+    @property
+    def prompt_format(self) -> str:
+        return "chat_template" if self.chat else "plain"
 
     def prompt(self, question: str, suffix: str) -> str:
+        text = f"{question}\n{suffix}"
+        if not self.chat:
+            # Base checkpoints without a template (e.g. PaliGemma): image token + text.
+            return f"{self.image_token}\n{text}\n"
         messages = [
-            {
-                "role": "user",
-                "content": [{"type": "image"}, {"type": "text", "text": f"{question}\n{suffix}"}],
-            }
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
         ]
         return self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
 
     def generate(self, images: list[Any], prompts: list[str], max_new_tokens: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < len(prompts):
+            # Re-read each time: an out-of-memory split inside shrinks it for the rest.
+            step = self.max_batch or len(prompts)
+            i = len(out)
+            out += self._generate_or_split(
+                images[i : i + step], prompts[i : i + step], max_new_tokens
+            )
+        return out
+
+    def _generate_or_split(self, images: list[Any], prompts: list[str], n: int) -> list[str]:
+        import torch
+
+        try:
+            return self._generate(images, prompts, n)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(prompts) == 1:
+                raise VpdError(
+                    "out of GPU memory on a single question; try --dtype bfloat16, fewer "
+                    "--max-new-tokens, or a GPU with more memory"
+                ) from None
+            self.max_batch = len(prompts) // 2
+            self.oom_splits += 1
+            return self.generate(images, prompts, n)
+
+    def _generate(self, images: list[Any], prompts: list[str], max_new_tokens: int) -> list[str]:
         import torch
 
         inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
@@ -487,6 +529,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
         gen_s = 0.0
         decode_errors = 0
+        gen_info: dict[str, Any] = {}
         if todo:
             model, processor = load_model(cfg.model, dtype, device)
             gen = Generator(model, processor)
@@ -513,6 +556,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                     gen_s += time.perf_counter() - t_gen
                     so.sync()
                     bar.advance(len(loaded))
+            gen_info = {"prompt_format": gen.prompt_format, "oom_splits": gen.oom_splits}
             del model, gen
 
         # The report covers every prediction of this eval set, resumed ones included.
@@ -550,6 +594,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 "wall_s": round(wall, 3),
                 "generate_s": round(gen_s, 3),
                 "examples_per_s": round(new / gen_s, 3) if gen_s > 0 else None,
+                **gen_info,
             },
         )
     tmp = report_path(cfg.out).with_suffix(".tmp")
