@@ -24,8 +24,9 @@ Pipeline, once per image (memoized in :class:`ImageData.memo`):
      the image's shorter side, else ``small`` (synthetic scenes: small ~ 0.11, large ~ 0.22).
      "big"/"huge" are read as large, "tiny"/"little" as small.
 
-An object belongs to a region when at least half of its pixels lie inside it (or it covers
-at least half of the region); its box is then clipped to the region. Depth is estimated
+An object belongs to a region when the centre of its box lies inside it (the same rule as
+left/right/above/below), or when it covers at least half of the region (a zoom-in); what is
+reported (box, colour, shape, size) is then what is visible inside the region. Depth is estimated
 from apparent size (bigger = closer): ``1 - extent`` of the region's largest object, 1.0
 for an empty region. Limitation: touching objects of different colours merge into one.
 """
@@ -169,8 +170,8 @@ def _score(o: Obj, desc: Desc) -> int:
 # ----------------------------------------------------------------------------- pixels
 
 
-def _segment(image: ImageData) -> tuple[np.ndarray, int]:
-    """(label image, number of labels incl. background 0), memoized per image."""
+def _segment(image: ImageData) -> tuple[np.ndarray, int, np.ndarray]:
+    """(label image, number of labels incl. background 0, cv2 component stats), memoized."""
     memo = image.memo.get("synthetic.labels")
     if memo is not None:
         return memo
@@ -184,8 +185,8 @@ def _segment(image: ImageData) -> tuple[np.ndarray, int]:
     small = np.nonzero(stats[:, cv2.CC_STAT_AREA] < min_area)[0]
     if len(small):
         labels[np.isin(labels, small)] = 0
-    image.memo["synthetic.labels"] = (labels, n)
-    return labels, n
+    image.memo["synthetic.labels"] = (labels, n, stats)
+    return labels, n, stats
 
 
 def color_name(rgb: np.ndarray | tuple[int, int, int]) -> str:
@@ -271,18 +272,22 @@ def objects_in(image: ImageData, box: Box | None) -> list[Obj]:
     key = ("synthetic.objects", region)
     if key in image.memo:
         return image.memo[key]
-    labels, n = _segment(image)
+    labels, n, stats = _segment(image)
     rows, cols = image.rows_cols(region)
     sub = labels[rows, cols]
     out: list[Obj] = []
     if sub.size:
         inside = np.bincount(sub.ravel(), minlength=n)
-        total = np.bincount(labels.ravel(), minlength=n)
         for lab in np.nonzero(inside)[0]:
             if lab == 0:
                 continue
-            if inside[lab] * 2 < total[lab] and inside[lab] * 2 < sub.size:
-                continue  # mostly outside the region
+            # In the region when the centre of its whole box is (the same centre rule as
+            # left/right/above/below), or when it fills half of the region (a zoom-in).
+            x, y, bw, bh = (int(v) for v in stats[lab, :4])
+            cx, cy = x + bw / 2, image.height - (y + bh / 2)
+            centred = region[0] <= cx < region[2] and region[1] <= cy < region[3]
+            if not centred and inside[lab] * 2 < sub.size:
+                continue
             mask = (sub == lab).astype(np.uint8)
             r, c = np.nonzero(mask)
             t, b, lft, rgt = r.min(), r.max() + 1, c.min(), c.max() + 1
