@@ -431,6 +431,9 @@ def eval_(
     limit: int = typer.Option(None, min=1, help="Evaluate only the first N questions."),
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16 (auto: bf16 on GPU)."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow model code from the model folder/hub."
+    ),
     shard: str = typer.Option(None, help="Process shard i/n of the questions."),
     force: bool = typer.Option(False, help="Start --out over if it holds another config."),
     progress: bool = typer.Option(True, help="Show a progress bar and the accuracy table."),
@@ -476,6 +479,7 @@ def eval_(
         limit=limit,
         device=device,  # type: ignore[arg-type]
         dtype=dtype,  # type: ignore[arg-type]
+        trust_remote_code=trust_remote_code,
         shard=shard,
         force=force,
         progress=progress,

@@ -56,6 +56,7 @@ class EvalConfig(BaseModel):
     metric: str = "auto"
     limit: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     shard: str | None = None
     force: bool = False
@@ -232,25 +233,20 @@ def model_digest(model: str) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(model: str, dtype: str, device: str) -> tuple[Any, Any]:
+def load_model(
+    model: str, dtype: str, device: str, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """Load (model, processor) with one-line errors for paths that hold no usable VLM."""
-    path = Path(model)
-    if not path.exists() and not _is_hub_id(model):
-        raise VpdError(f"model not found: {model} (expected a folder saved in Hugging Face format)")
-    if path.exists() and not path.is_dir():
-        raise VpdError(f"model must be a folder in Hugging Face format, got a file: {model}")
-    if path.is_dir() and not (path / "config.json").exists():
-        raise VpdError(
-            f"{model} holds no config.json: not a Hugging Face model folder "
-            "(for a `vpd tune` run, point at its final/ or checkpoint-N/ folder)"
-        )
+    from vpd.tune.model import load_vlm
+
+    src = resolve_model(model)
     try:
-        return _load_vlm(model, dtype, device)
+        return load_vlm(src, dtype, device, trust_remote_code=trust_remote_code)
     except VpdError:
         raise
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "AutoModelForImageTextToText" in str(e):
-            mtype = _model_type(path)
+            mtype = _model_type(Path(src))
             raise VpdError(
                 f"{model} is not a vision-language model ({mtype or 'unknown type'}): "
                 "AutoModelForImageTextToText cannot load it; `vpd eval` needs an image+text "
@@ -261,13 +257,27 @@ def load_model(model: str, dtype: str, device: str) -> tuple[Any, Any]:
         raise VpdError(f"cannot load model {model}: {_first_line(e)}") from None
 
 
-def _load_vlm(model: str, dtype: str, device: str) -> tuple[Any, Any]:
-    # Stand-in until vpd.tune.model.load_vlm lands (then only the import changes).
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def resolve_model(model: str) -> str:
+    """The folder (or hub id) to load; a `vpd tune` output folder means its final/ model.
 
-    m = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype))
-    return m.to(device).eval(), AutoProcessor.from_pretrained(model)
+    Raises a one-line error for paths that cannot hold a model, before any output exists.
+    """
+    from vpd.tune.model import resolve_model_dir
+
+    path = Path(model)
+    if not path.exists():
+        if _is_hub_id(model):
+            return model
+        raise VpdError(f"model not found: {model} (expected a folder saved in Hugging Face format)")
+    if not path.is_dir():
+        raise VpdError(f"model must be a folder in Hugging Face format, got a file: {model}")
+    src = Path(resolve_model_dir(path))
+    if not (src / "config.json").exists() and not (src / "adapter_config.json").exists():
+        raise VpdError(
+            f"{model} holds no config.json: not a Hugging Face model folder "
+            "(for a `vpd tune` run, point at its final/ or checkpoint-N/ folder)"
+        )
+    return str(src)
 
 
 def _model_type(path: Path) -> str | None:
@@ -494,10 +504,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         raise VpdError(f"--questions file not found: {cfg.questions}")
     device = _resolve_device(cfg.device)
     dtype = _resolve_dtype(cfg.dtype, device)
-    if not Path(cfg.model).exists() and not _is_hub_id(cfg.model):
-        # Fail before writing anything beside --out.
-        raise VpdError(f"model not found: {cfg.model} (expected a Hugging Face model folder)")
-    digest = model_digest(cfg.model)
+    src = resolve_model(cfg.model)  # fails before anything is written beside --out
+    digest = model_digest(src)
 
     with StageOutput(cfg.out, cfg.fingerprint(digest, dtype), shard=shard, force=cfg.force) as so:
 
@@ -531,7 +539,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         decode_errors = 0
         gen_info: dict[str, Any] = {}
         if todo:
-            model, processor = load_model(cfg.model, dtype, device)
+            model, processor = load_model(src, dtype, device, cfg.trust_remote_code)
             gen = Generator(model, processor)
             with (
                 ThreadPoolExecutor(max_workers=1) as pool,
