@@ -494,3 +494,23 @@ def test_cli_bad_flags(tmp_path: Path, synth_dir: Path, tiny_vlm: Path) -> None:
 def test_cli_help_has_example() -> None:
     r = _vpd("eval", "--help")
     assert r.returncode == 0 and "Example:" in r.stdout and "--train-questions" in r.stdout
+
+
+@pytest.mark.slow
+def test_eval_the_pipelines_tiny_vlm(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The default VLM (SmolLM2 + SigLIP, `vpd tune --init tiny`), given as a tune output
+    folder: its final/ is found, its ChatML template used, batching changes nothing."""
+    from vpd.tune.model import build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("tiny-vlm-run")
+    build_tiny_vlm(root / "model" / "final", seed=0)
+    one = run_eval(_cfg(root / "model", synth_dir, root / "b1.jsonl", limit=6, max_new_tokens=6))
+    three = run_eval(
+        _cfg(root / "model", synth_dir, root / "b3.jsonl", limit=6, max_new_tokens=6, batch_size=3)
+    )
+    assert one["prompt_format"] == three["prompt_format"] == "chat_template"
+    assert one["new"] == three["new"] == 6
+    p1, p3 = _lines(root / "b1.jsonl"), _lines(root / "b3.jsonl")
+    assert [p["raw"] for p in p1] == [p["raw"] for p in p3]
+    assert all(p["raw"].strip() for p in p1)  # a real LM says something
+    assert "<|im_end|>" not in " ".join(p["raw"] for p in p1)
