@@ -589,6 +589,8 @@ def make_image_handle(caller: ToolCaller) -> ImagePatch:
 
 def build_namespace(caller: ToolCaller) -> dict[str, Any]:
     """The names a program may use, bound to ``caller`` (plus private executor hooks)."""
+    # Imported here, not in the hook: the sandbox forbids imports once the program runs.
+    from vpd.tools.visprog import run_visprog
 
     def llm_query(question: str, long_answer: bool = True) -> str:
         """Answers a text question using a large language model (no image)."""
@@ -599,8 +601,6 @@ def build_namespace(caller: ToolCaller) -> dict[str, Any]:
         return make_image_handle(caller)
 
     def run_visprog_program(text: str) -> Any:
-        from vpd.tools.visprog import run_visprog
-
         return run_visprog(text, root)
 
     return {

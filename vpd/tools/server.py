@@ -179,7 +179,10 @@ class ToolServer:
                     msg = str(res) if isinstance(res, ToolError) else f"{type(res).__name__}: {res}"
                     out[i] = ToolResponse(False, error=msg)
                 else:
-                    out[i] = ToolResponse(True, res)
+                    try:
+                        out[i] = ToolResponse(True, _plain(res))
+                    except ToolError as e:
+                        out[i] = ToolResponse(False, error=str(e))
         return [r if r is not None else ToolResponse(False, error="no answer") for r in out]
 
     def _dispatch(self, op: str, items: list[tuple[ImageData, Box | None, dict]]) -> list[Any]:
@@ -264,6 +267,20 @@ def _validate(req: ToolRequest) -> None:
     extra = set(req.args) - set(spec)
     if extra:
         raise ToolError(f"{req.op}() got unexpected argument(s): {', '.join(sorted(extra))}")
+
+
+def _plain(v: Any) -> Any:
+    """A backend result as plain JSON data (numpy scalars/tuples converted): it crosses
+    the wire to the sandboxed program."""
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if hasattr(v, "item"):  # numpy scalar
+        return _plain(v.item())
+    raise ToolError(f"the tool backend returned a non-JSON value ({type(v).__name__})")
 
 
 def _check_box(box: Any) -> Box | None:

@@ -23,12 +23,13 @@ methods, so tool calls are traced exactly like a ViperGPT program's.
 
 from __future__ import annotations
 
-import ast
 import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from vpd.tools.api import ImagePatch
 
 MAX_STEPS = 200
 MAX_LINE = 2000
@@ -65,6 +66,43 @@ class _Var:
     name: str
 
 
+# ----------------------------------------------------------------------------- tokens
+# A hand-written scanner and parser, not ``ast``: the interpreter runs inside the sandbox,
+# whose audit hook refuses ``compile`` (which ``ast.parse`` is) once the program runs.
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+      (?P<num>\d+(?:\.\d*)?|\.\d+)
+    | (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
+    | (?P<name>[A-Za-z_]\w*)
+    | (?P<op>//|==|!=|<=|>=|[-+*/%<>()=,])
+    )""",
+    re.VERBOSE,
+)
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", "'": "'", '"': '"'}
+
+
+def _tokenize(src: str, line: int) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    pos = 0
+    src = src.rstrip()
+    while pos < len(src):
+        m = _TOKEN.match(src, pos)
+        if m is None or m.end() == pos:
+            raise VisProgError(f"line {line}: unexpected text {src[pos : pos + 20].strip()!r}")
+        pos = m.end()
+        kind = m.lastgroup or ""
+        text = m.group(kind)
+        if kind == "num":
+            out.append(("num", float(text) if "." in text else int(text)))
+        elif kind == "str":
+            body = re.sub(r"\\(.)", lambda e: _ESCAPES.get(e.group(1), e.group(0)), text[1:-1])
+            out.append(("str", body))
+        else:
+            out.append((kind, text))
+    return out
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -91,41 +129,49 @@ def parse_visprog(text: str) -> list[Step]:
 
 
 def _parse_line(line: str, n: int, defined: set[str]) -> Step:
-    try:
-        tree = ast.parse(line, mode="exec")
-    except SyntaxError as e:
-        raise VisProgError(f"line {n}: not a step VAR=MODULE(arg=value,...): {e.msg}") from None
-    node = tree.body[0] if len(tree.body) == 1 else None
-    if (
-        not isinstance(node, ast.Assign)
-        or len(node.targets) != 1
-        or not isinstance(node.targets[0], ast.Name)
-        or not isinstance(node.value, ast.Call)
-        or not isinstance(node.value.func, ast.Name)
-    ):
+    toks = _tokenize(line, n)
+    shape_ok = (
+        len(toks) >= 5
+        and toks[0][0] == "name"
+        and toks[1] == ("op", "=")
+        and toks[2][0] == "name"
+        and toks[3] == ("op", "(")
+        and toks[-1] == ("op", ")")
+    )
+    if not shape_ok:
         raise VisProgError(f"line {n}: not a step VAR=MODULE(arg=value,...)")
-    out, call = node.targets[0].id, node.value
-    module = call.func.id  # type: ignore[union-attr]
+    out, module = toks[0][1], toks[2][1]
     spec = MODULES.get(module)
     if spec is None:
         raise VisProgError(f"line {n}: unknown module {module!r} (known: {', '.join(MODULES)})")
-    if call.args:
-        raise VisProgError(f"line {n}: {module} takes keyword arguments only (arg=value)")
     args: dict[str, Any] = {}
-    for kw in call.keywords:
-        if kw.arg is None or kw.arg not in spec:
-            raise VisProgError(f"line {n}: {module} has no argument {kw.arg!r}")
-        v = kw.value
-        if spec[kw.arg] == "var":
-            if not isinstance(v, ast.Name):
-                raise VisProgError(f"line {n}: {module}({kw.arg}=...) must be a variable")
-            if v.id not in defined:
-                raise VisProgError(f"line {n}: variable {v.id} is used before it is defined")
-            args[kw.arg] = _Var(v.id)
+    body = toks[4:-1]
+    i = 0
+    while i < len(body):
+        if body[i][0] != "name" or i + 1 >= len(body) or body[i + 1] != ("op", "="):
+            raise VisProgError(f"line {n}: {module} takes arguments as arg=value")
+        if i + 2 >= len(body):
+            raise VisProgError(f"line {n}: {module}({body[i][1]}=) has no value")
+        name, (kind, value) = body[i][1], body[i + 2]
+        if name not in spec:
+            raise VisProgError(f"line {n}: {module} has no argument {name!r}")
+        if name in args:
+            raise VisProgError(f"line {n}: {module}({name}=...) given twice")
+        if spec[name] == "var":
+            if kind != "name":
+                raise VisProgError(f"line {n}: {module}({name}=...) must be a variable")
+            if value not in defined:
+                raise VisProgError(f"line {n}: variable {value} is used before it is defined")
+            args[name] = _Var(value)
         else:
-            if not isinstance(v, ast.Constant) or not isinstance(v.value, str):
-                raise VisProgError(f"line {n}: {module}({kw.arg}=...) must be a quoted string")
-            args[kw.arg] = v.value
+            if kind != "str":
+                raise VisProgError(f"line {n}: {module}({name}=...) must be a quoted string")
+            args[name] = value
+        i += 3
+        if i < len(body):
+            if body[i] != ("op", ","):
+                raise VisProgError(f"line {n}: expected ',' between {module} arguments")
+            i += 1
     missing = [a for a in spec if a not in args]
     if missing:
         raise VisProgError(f"line {n}: {module} needs argument(s) {', '.join(missing)}")
@@ -133,7 +179,7 @@ def _parse_line(line: str, n: int, defined: set[str]) -> Step:
         for name in re.findall(r"\{(\w+)\}", args["expr"]):
             if name not in defined:
                 raise VisProgError(f"line {n}: variable {name} is used before it is defined")
-        _check_expr(_substitute(args["expr"], lambda name: 0), n)
+        safe_eval(_substitute(args["expr"], lambda name: 0), n)  # syntax check
     return Step(n, out, module, args)
 
 
@@ -148,24 +194,24 @@ def check_visprog(text: str) -> str | None:
 
 # ----------------------------------------------------------------------------- EVAL
 
-_BIN = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
+MAX_EXPR = 500
+_ARITH = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": operator.truediv,
+    "//": operator.floordiv,
+    "%": operator.mod,
 }
 _CMP = {
-    ast.Eq: operator.eq,
-    ast.NotEq: operator.ne,
-    ast.Lt: operator.lt,
-    ast.LtE: operator.le,
-    ast.Gt: operator.gt,
-    ast.GtE: operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
 }
-_UNARY = {ast.Not: operator.not_, ast.USub: operator.neg, ast.UAdd: operator.pos}
-MAX_EXPR = 500
+_CONST = {"True": True, "False": False, "None": None, "true": True, "false": False}
 
 
 def _literal(value: Any) -> str:
@@ -186,75 +232,129 @@ def _substitute(expr: str, value_of: Callable[[str], Any]) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: _literal(value_of(m.group(1))), expr)
 
 
-def _check_expr(src: str, line: int) -> ast.expr:
-    if len(src) > MAX_EXPR:
-        raise VisProgError(f"line {line}: EVAL expression too long")
-    src = re.sub(r"\bxor\b", "!=", src)  # VisProg writes 'xor' for boolean exclusive or
-    try:
-        tree = ast.parse(src.strip(), mode="eval").body
-    except SyntaxError as e:
-        raise VisProgError(f"line {line}: bad EVAL expression: {e.msg}") from None
-    for node in ast.walk(tree):
-        ok = (
-            isinstance(
-                node,
-                (
-                    ast.Constant,
-                    ast.BinOp,
-                    ast.UnaryOp,
-                    ast.BoolOp,
-                    ast.Compare,
-                    ast.IfExp,
-                    ast.And,
-                    ast.Or,
-                    ast.Load,
-                ),
-            )
-            or type(node) in _BIN
-            or type(node) in _CMP
-            or type(node) in _UNARY
-        )
-        if not ok:
-            raise VisProgError(
-                f"line {line}: EVAL allows only literals, arithmetic, comparisons, and/or/not "
-                f"and 'x if c else y' (found {type(node).__name__})"
-            )
-    return tree
+class _Expr:
+    """Recursive-descent evaluator of Python-like expressions over literals only:
+    ``x if c else y``, or/xor/and/not, comparisons (chained), + - * / // %, unary -/+,
+    parentheses. No names, calls, attributes or subscripts exist in this grammar."""
+
+    def __init__(self, src: str, line: int) -> None:
+        if len(src) > MAX_EXPR:
+            raise VisProgError(f"line {line}: EVAL expression too long")
+        self.toks = _tokenize(src, line)
+        self.i = 0
+        self.line = line
+        self.depth = 0
+
+    def error(self, why: str) -> VisProgError:
+        return VisProgError(f"line {self.line}: bad EVAL expression: {why}")
+
+    def peek(self) -> tuple[str, Any] | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self, *values: str) -> str | None:
+        t = self.peek()
+        if t is not None and t[0] in ("op", "name") and t[1] in values:
+            self.i += 1
+            return t[1]
+        return None
+
+    def run(self) -> Any:
+        v = self.ifexp()
+        if self.peek() is not None:
+            raise self.error(f"unexpected {self.peek()[1]!r}")  # type: ignore[index]
+        return v
+
+    def ifexp(self) -> Any:
+        self.depth += 1
+        if self.depth > 50:
+            raise self.error("nested too deeply")
+        body = self.orexp()
+        if self.take("if"):
+            test = self.orexp()
+            if not self.take("else"):
+                raise self.error("'if' without 'else'")
+            other = self.ifexp()
+            body = body if test else other
+        self.depth -= 1
+        return body
+
+    def orexp(self) -> Any:
+        v = self.andexp()
+        while op := self.take("or", "xor"):
+            w = self.andexp()
+            v = (v or w) if op == "or" else bool(v) != bool(w)
+        return v
+
+    def andexp(self) -> Any:
+        v = self.notexp()
+        while self.take("and"):
+            w = self.notexp()
+            v = v and w
+        return v
+
+    def notexp(self) -> Any:
+        if self.take("not"):
+            return not self.notexp()
+        return self.comparison()
+
+    def comparison(self) -> Any:
+        left = self.arith()
+        result: Any = None
+        while op := self.take(*_CMP):
+            right = self.arith()
+            ok = self.apply(_CMP[op], left, right)
+            result = ok if result is None else (result and ok)
+            left = right
+        return left if result is None else result
+
+    def arith(self) -> Any:
+        v = self.term()
+        while op := self.take("+", "-"):
+            v = self.apply(_ARITH[op], v, self.term())
+        return v
+
+    def term(self) -> Any:
+        v = self.unary()
+        while op := self.take("*", "/", "//", "%"):
+            w = self.unary()
+            if op == "*" and (isinstance(v, str) or isinstance(w, str)):
+                raise self.error("strings cannot be repeated")
+            v = self.apply(_ARITH[op], v, w)
+        return v
+
+    def unary(self) -> Any:
+        if op := self.take("-", "+"):
+            v = self.unary()
+            return self.apply(operator.neg if op == "-" else operator.pos, v)
+        return self.atom()
+
+    def atom(self) -> Any:
+        t = self.peek()
+        if t is None:
+            raise self.error("unexpected end")
+        self.i += 1
+        kind, value = t
+        if kind in ("num", "str"):
+            return value
+        if kind == "name" and value in _CONST:
+            return _CONST[value]
+        if t == ("op", "("):
+            v = self.ifexp()
+            if not self.take(")"):
+                raise self.error("missing ')'")
+            return v
+        raise self.error(f"{value!r} is not allowed (only literals and operators)")
+
+    def apply(self, fn: Callable, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (TypeError, ArithmeticError) as e:
+            raise VisProgError(f"line {self.line}: EVAL failed: {e}") from None
 
 
 def safe_eval(expr: str, line: int = 0) -> Any:
-    """Evaluate an EVAL expression (already substituted) without names, calls, attributes."""
-    return _eval(_check_expr(expr, line), line)
-
-
-def _eval(node: ast.expr, line: int) -> Any:
-    try:
-        if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, ast.BinOp):
-            left, right = _eval(node.left, line), _eval(node.right, line)
-            if isinstance(node.op, ast.Mult) and (isinstance(left, str) or isinstance(right, str)):
-                raise VisProgError(f"line {line}: EVAL cannot repeat strings")
-            return _BIN[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp):
-            return _UNARY[type(node.op)](_eval(node.operand, line))
-        if isinstance(node, ast.BoolOp):
-            vals = (_eval(v, line) for v in node.values)
-            return all(vals) if isinstance(node.op, ast.And) else any(vals)
-        if isinstance(node, ast.Compare):
-            left = _eval(node.left, line)
-            for op, comp in zip(node.ops, node.comparators, strict=True):
-                right = _eval(comp, line)
-                if not _CMP[type(op)](left, right):
-                    return False
-                left = right
-            return True
-        if isinstance(node, ast.IfExp):
-            test = _eval(node.test, line)
-            return _eval(node.body, line) if test else _eval(node.orelse, line)
-    except (TypeError, ZeroDivisionError, ArithmeticError) as e:
-        raise VisProgError(f"line {line}: EVAL failed: {e}") from None
-    raise VisProgError(f"line {line}: EVAL cannot evaluate {type(node).__name__}")
+    """Evaluate an EVAL expression (already substituted): literals and operators only."""
+    return _Expr(expr, line).run()
 
 
 # ----------------------------------------------------------------------------- interpreter
@@ -282,16 +382,12 @@ def run_visprog(text: str, namespace_or_image_patch_factory: Any) -> Any:
 
 
 def _patch(v: Any, step: Step, arg: str) -> Any:
-    from vpd.tools.api import ImagePatch
-
     if not isinstance(v, ImagePatch):
         raise VisProgError(f"line {step.line}: {step.module}({arg}=...) must be an image")
     return v
 
 
 def _boxes(v: Any, step: Step) -> list[Any]:
-    from vpd.tools.api import ImagePatch
-
     if not isinstance(v, list) or not all(isinstance(b, ImagePatch) for b in v):
         raise VisProgError(f"line {step.line}: {step.module}(box=...) must be the output of LOC")
     return v
@@ -302,6 +398,8 @@ def _run_step(step: Step, a: dict[str, Any], state: dict[str, Any]) -> Any:
     if m == "LOC":
         img = _patch(a["image"], step, "image")
         half = a["object"].strip().upper()
+        if half not in ("TOP", "BOTTOM", "LEFT", "RIGHT"):
+            return img.find(a["object"])
         w, h = img.width, img.height
         halves = {
             "TOP": (0, h // 2, w, h),
@@ -309,9 +407,7 @@ def _run_step(step: Step, a: dict[str, Any], state: dict[str, Any]) -> Any:
             "LEFT": (0, 0, w // 2, h),
             "RIGHT": (w // 2, 0, w, h),
         }
-        if half in halves:
-            return [img.crop(*halves[half])]
-        return img.find(a["object"])
+        return [img.crop(*halves[half])]
     if m == "COUNT":
         return len(_boxes(a["box"], step))
     if m.startswith("CROP"):

@@ -249,7 +249,7 @@ def _describe(image: ImageData, mask: np.ndarray, top: int, left: int) -> Obj:
     t, b = top + int(rows.min()), top + int(rows.max())
     lft, rgt = left + int(cols.min()), left + int(cols.max())
     h = image.height
-    box = (lft, h - b - 1, rgt + 1, h - t)
+    box = (int(lft), int(h - b - 1), int(rgt + 1), int(h - t))
     crop = image.rgb[top : top + mask.shape[0], left : left + mask.shape[1]]
     inner = cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=1)
     if int(inner.sum()) < 5:
