@@ -23,6 +23,7 @@ methods, so tool calls are traced exactly like a ViperGPT program's.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Callable
@@ -416,8 +417,10 @@ def _run_step(step: Step, a: dict[str, Any], state: dict[str, Any]) -> Any:
         if not boxes:
             return img  # VisProg: nothing to crop around -> the whole image
         b = boxes[0]
-        # Coordinates relative to img, as crop() expects.
+        # Coordinates relative to img, as crop() expects. The side crops hold what lies
+        # strictly on that side of the box centre, so the box's own object is left out.
         x, y = b.horizontal_center - img.left, b.vertical_center - img.lower
+        x0, y0 = math.floor(x), math.floor(y)
         w, h = img.width, img.height
         region = {
             "CROP": (
@@ -426,10 +429,10 @@ def _run_step(step: Step, a: dict[str, Any], state: dict[str, Any]) -> Any:
                 b.right - img.left,
                 b.upper - img.lower,
             ),
-            "CROP_LEFTOF": (0, 0, x, h),
-            "CROP_RIGHTOF": (x, 0, w, h),
-            "CROP_ABOVE": (0, y, w, h),
-            "CROP_BELOW": (0, 0, w, y),
+            "CROP_LEFTOF": (0, 0, x0, h),
+            "CROP_RIGHTOF": (x0 + 1, 0, w, h),
+            "CROP_ABOVE": (0, y0 + 1, w, h),
+            "CROP_BELOW": (0, 0, w, y0),
         }[m]
         return img.crop(*region)
     if m == "VQA":

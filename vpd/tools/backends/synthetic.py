@@ -381,7 +381,14 @@ class _Answerer:
         self.objs = objs
 
     def answer(self, question: str) -> str:
-        q = " ".join(question.lower().replace("?", " ").replace(",", " ").split())
+        q = " ".join(question.lower().replace("?", " ").replace(",", " ").split()).strip(" .")
+        if ". " in q:
+            # "There is one shape left of the X. What color is it?": the object is named
+            # in the first sentence, the question about "it" in the last.
+            ctx, _, q = q.rpartition(". ")
+            if not any(w in _WORDS or w in _GENERIC for w in _tokens(q)):
+                named = re.sub(r"^.*?\bthere\s+(?:is|are)\s+(?:one|an?)?\s*", "", ctx)
+                q = f"{q} the {named}"
         m = _ATTR_Q.search(q)
         if m:
             key = {"color": "color", "colour": "color", "shape": "shape"}.get(
