@@ -40,7 +40,7 @@ EXPECTED_MENTIONS = [
     "[0.12, 0.30, 0.25, 0.43]",
     "[0.60, 0.05, 0.70, 0.15]",
     "find 2",
-    "star in the region [0.50, 0.00, 1.00, 1.00]: no",
+    "a star in the region [0.50, 0.00, 1.00, 1.00]: no",
     "is large: yes",
     '"blue"',
     "best match for the image is triangle",
@@ -57,7 +57,7 @@ def test_template_mentions_every_tool_result_and_ends_with_answer() -> None:
     for needle in EXPECTED_MENTIONS:
         assert needle in text, needle
     assert text.endswith("So the answer is 2.")
-    assert text.count("I look for red circle") == 1
+    assert text.count("I look for a red circle") == 1
     # Repeated identical (cached) calls are told once.
     assert template_rationale(trace + trace[:1], "2") == text
 
@@ -65,15 +65,16 @@ def test_template_mentions_every_tool_result_and_ends_with_answer() -> None:
 def test_find_phrasings() -> None:
     none = ToolCall(name="find", args={"name": "dog", "patch": FULL}, result="[]")
     one = ToolCall(name="find", args={"object_name": "dog", "patch": FULL}, result="[[0,0,1,1]]")
-    assert describe_call(none) == "I look for dog and find none."
-    assert describe_call(one) == "I look for dog and find one at [0.00, 0.00, 1.00, 1.00]."
+    assert describe_call(none) == "I look for a dog and find none."
+    assert describe_call(one) == "I look for a dog and find one at [0.00, 0.00, 1.00, 1.00]."
     assert template_rationale([], "yes") == "So the answer is yes."
     cut = ToolCall(name="find", args={"name": "dot"}, result='[[0,0,0.1,0.1],"+7 more"]')
     assert (
-        describe_call(cut) == "I look for dot and find one at [0.00, 0.00, 0.10, 0.10] and +7 more."
+        describe_call(cut)
+        == "I look for a dot and find one at [0.00, 0.00, 0.10, 0.10] and +7 more."
     )
     odd = ToolCall(name="find", args={"name": "dot"}, result="backend error")
-    assert describe_call(odd) == "I look for dot: backend error."
+    assert describe_call(odd) == "I look for a dot: backend error."
 
 
 def test_template_caps_long_traces() -> None:
@@ -241,7 +242,7 @@ def test_llm_mode_checks_answer_retries_and_falls_back(tmp_path: Path) -> None:
     # q2: answer is "no"; both tries said "yes" -> template fallback, counted.
     assert r2["rationale_mode"] == "fallback"
     assert _text(r2["messages"][1]).endswith("So the answer is no.")
-    assert "star in the region [0.50, 0.00, 1.00, 1.00]: no" in _text(r2["messages"][1])
+    assert "a star in the region [0.50, 0.00, 1.00, 1.00]: no" in _text(r2["messages"][1])
     assert s["llm_fallback_to_template"] == 1 and s["llm_retries"] == 1
     assert llm.calls == [(2, 0.0), (1, 0.7)]  # one batch, then only the failure retried
 

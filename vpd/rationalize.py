@@ -125,6 +125,17 @@ def _arg(args: dict[str, Any], *names: str) -> Any:
     return None
 
 
+def _a(name: Any) -> str:
+    """ "star" -> "a star", "apple" -> "an apple"; plurals and determined phrases kept."""
+    text = str(name).strip()
+    first = text.split(" ", 1)[0].lower()
+    if not text or first in ("a", "an", "the", "any", "some", "this", "that") or first.isdigit():
+        return text
+    if text.endswith("s") and not text.endswith("ss"):
+        return text  # plural: "red circles"
+    return ("an " if text[0].lower() in "aeiou" else "a ") + text
+
+
 def _region(args: dict[str, Any]) -> str:
     """ " in the region [..]" unless the call was on the whole image."""
     patch = args.get("patch")
@@ -144,17 +155,17 @@ def describe_call(call: ToolCall) -> str:
     op = call.name
     if op == "find":
         if not isinstance(res, list):  # an error or a summary we do not know: say it as is
-            return f"I look for {name}{where}: {fmt_value(res)}."
+            return f"I look for {_a(name)}{where}: {fmt_value(res)}."
         boxes = [b for b in res if _is_box(b) or isinstance(b, dict)]
         rest = [x for x in res if not (_is_box(x) or isinstance(x, dict))]  # e.g. "+5 more"
         if not boxes and not rest:
-            return f"I look for {name}{where} and find none."
+            return f"I look for {_a(name)}{where} and find none."
         n = len(boxes)
         what = "one" if n == 1 else str(n)
         at = _join([fmt_box(b) for b in boxes] + [str(x) for x in rest])
-        return f"I look for {name}{where} and find {what} at {at}."
+        return f"I look for {_a(name)}{where} and find {what} at {at}."
     if op == "exists":
-        return f"I check whether there is {name}{where}: {fmt_value(res)}."
+        return f"I check whether there is {_a(name)}{where}: {fmt_value(res)}."
     if op == "verify_property":
         prop = _arg(a, "prop", "property", "attribute", "value")
         return f"I check whether the {name}{where} is {prop}: {fmt_value(res)}."
@@ -187,6 +198,10 @@ def describe_call(call: ToolCall) -> str:
     return f"I call {op}({arg_s}){where} and get {fmt_value(res)}."
 
 
+# Bookkeeping calls (image size) that say nothing about the image's content.
+_UNTOLD_OPS = frozenset({"size"})
+
+
 def template_rationale(trace: list[ToolCall], answer: str, max_steps: int = 40) -> str:
     """Deterministic rationale: one grounded sentence per distinct tool call, then the answer.
 
@@ -196,6 +211,8 @@ def template_rationale(trace: list[ToolCall], answer: str, max_steps: int = 40) 
     seen: set[tuple[str, str, str]] = set()
     sentences: list[str] = []
     for call in trace:
+        if call.name in _UNTOLD_OPS:
+            continue
         key = (call.name, json.dumps(call.args, sort_keys=True, default=str), call.result)
         if key in seen:
             continue
