@@ -202,6 +202,7 @@ def test_majority_baseline_arithmetic() -> None:
         _q("e4", "color", ["red"]),  # 1
         _q("e5", "exists", ["yes"]),  # 0
         _q("e6", "shape", ["2"]),  # unseen type -> overall answer "2": 1
+        _q("e7", "count", []),  # unlabelled: not scored
     ]
     b = majority_baseline(train, test)
     assert b["n"] == 6 and b["train_questions"] == 8
@@ -392,6 +393,28 @@ def test_missing_and_broken_images_are_rejected(tiny_vlm: Path, synth_dir: Path,
     assert rep["rejected"] == 3 and len(rejects) == 3
     assert "image not found" in reasons and "could not be decoded" in reasons
     assert "malformed JSON" in reasons
+
+
+def test_unlabelled_questions_are_predicted_not_scored(
+    yes_vlm: Path, synth_dir: Path, tmp_path: Path
+) -> None:
+    qs = [json.loads(ln) for ln in (synth_dir / "test.jsonl").read_text().splitlines()][:4]
+    for q in qs:
+        q["image"] = str(synth_dir / q["image"])  # absolute: the file lives elsewhere
+    for q in qs[:2]:
+        q["answers"] = []
+    qfile = tmp_path / "unlabelled.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    out = tmp_path / "u.jsonl"
+    rep = run_eval(
+        EvalConfig(model=str(yes_vlm), questions=qfile, out=out, max_new_tokens=1, progress=False)
+    )
+    preds = _lines(out)
+    assert [p["score"] for p in preds[:2]] == [None, None]
+    assert all(p["prediction"] == "yes" for p in preds)
+    assert rep["predicted"] == 4 and rep["unscored"] == 2 and rep["n"] == 2
+    want = [score_answer("yes", Question.model_validate(q)) for q in qs[2:]]
+    assert rep["accuracy"] == pytest.approx(sum(want) / 2, abs=1e-6)
 
 
 def test_all_rejected_or_empty_is_an_error(tiny_vlm: Path, tmp_path: Path):

@@ -125,6 +125,11 @@ def answer_from_rationale(text: str) -> str | None:
     return ans or None
 
 
+def has_gold(q: Question) -> bool:
+    """Whether a question can be scored (an unlabelled test set still gets predictions)."""
+    return bool(q.answers) or isinstance(q.meta.get("correct_choice_idx"), int)
+
+
 def qtype_of(q: Question) -> str:
     """The question type used for the per-type breakdown."""
     t = q.meta.get("qtype") or q.meta.get("type")
@@ -165,6 +170,8 @@ def majority_baseline(
     best, fallback = majority_answers(train)
     per: dict[str, list[float]] = {}
     for q in questions:
+        if not has_gold(q):
+            continue
         guess = best.get(qtype_of(q), fallback)
         per.setdefault(qtype_of(q), []).append(
             score_answer(guess, q, metric) if guess is not None else 0.0
@@ -434,15 +441,20 @@ def build_report(
     """Accuracy overall and per type from prediction records (all of them, resumed ones too)."""
     per: dict[str, list[float]] = {}
     rat: list[float] = []
+    unscored = 0
     for p in preds:
-        per.setdefault(p.get("qtype") or ALL_TYPES, []).append(float(p.get("score") or 0.0))
-        if "rationale_score" in p:
-            rat.append(float(p["rationale_score"] or 0.0))
+        if p.get("score") is None:  # no gold answer: a prediction, but no accuracy
+            unscored += 1
+            continue
+        per.setdefault(p.get("qtype") or ALL_TYPES, []).append(float(p["score"]))
+        if p.get("rationale_score") is not None:
+            rat.append(float(p["rationale_score"]))
     scores = [s for v in per.values() for s in v]
     rep: dict[str, Any] = {
         "accuracy": _mean(scores),
         "n": len(scores),
         "correct": round(sum(scores), 6),
+        "unscored": unscored,
         "per_type": {
             t: {"accuracy": _mean(v), "n": len(v), "correct": round(sum(v), 6)}
             for t, v in sorted(per.items())
@@ -629,6 +641,7 @@ def _predict(gen: Generator, batch: list[tuple[Question, Any]], cfg: EvalConfig)
     out = []
     for i, q in enumerate(qs):
         pred = clean_answer(raw[i])
+        gold = has_gold(q)
         extra: dict[str, Any] = {}
         if rats is not None:
             rat = rats[i].strip()
@@ -636,14 +649,16 @@ def _predict(gen: Generator, batch: list[tuple[Question, Any]], cfg: EvalConfig)
             extra = {
                 "rationale": rat,
                 "rationale_answer": rans,
-                "rationale_score": score_answer(rans, q, cfg.metric) if rans else 0.0,
+                "rationale_score": (score_answer(rans, q, cfg.metric) if rans else 0.0)
+                if gold
+                else None,
             }
         out.append(
             Record(
                 id=q.id,
                 qid=q.id,
                 prediction=pred,
-                score=score_answer(pred, q, cfg.metric),
+                score=score_answer(pred, q, cfg.metric) if gold else None,
                 qtype=qtype_of(q),
                 metric=resolve_metric(q, cfg.metric),
                 raw=raw[i],
