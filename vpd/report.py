@@ -47,12 +47,11 @@ def funnel(p: RunPaths) -> dict[str, Any]:
         samples += 1
         valid += bool(s.get("valid", True))
     status: Counter[str] = Counter(e.get("status", "?") for e in _jsonl(p.executions))
-    vmeta = _read_json(Path(str(p.verified) + ".meta.json")) or {}
-    threshold = float((vmeta.get("config") or {}).get("threshold") or 1.0)
     correct = kept = 0
     kept_q: set[str] = set()
     for v in _jsonl(p.verified):
-        correct += float(v.get("score") or 0) >= threshold
+        # The verifier marks `correct` with its own metric and threshold.
+        correct += bool(v.get("correct"))
         if v.get("kept"):
             kept += 1
             kept_q.add(v.get("qid"))
