@@ -586,7 +586,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.train_questions is not None:
             from vpd.store import RejectWriter
 
-            # Bad train lines only weaken the baseline: counted, not written anywhere.
+            # Bad train lines only weaken the baseline; why each was dropped goes beside --out.
             train_rejects = RejectWriter(Path(str(cfg.out) + ".train-rejects.jsonl"))
             with train_rejects:
                 train = _read_questions(cfg.train_questions, train_rejects)
