@@ -16,10 +16,10 @@ Pipeline, once per image (memoized in :class:`ImageData.memo`):
      with the background, do not count), named by HSV: low saturation -> white / gray /
      black by value; otherwise by hue: red < 15 deg <= orange < 45 <= yellow < 75 <= green
      < 170 <= blue < 260 <= purple < 330 <= red;
-   - shape: concave (solidity < 0.8) -> star; filling >= 87% of its minimum enclosing
-     circle -> circle (or ellipse when elongated); else by the vertex count of
-     ``approxPolyDP`` on the convex hull: 3 triangle, 4 square / rectangle (aspect ratio
-     1.2), 5 pentagon, 6 hexagon;
+   - shape: concave (solidity < 0.8) -> star; then by how well the pixels fill the
+     tightest enclosing triangle (-> triangle), circle (-> circle) and rectangle (->
+     square, or rectangle above aspect ratio 1.2); an elongated round outline -> ellipse;
+     else the vertex count of ``approxPolyDP`` on the convex hull (5 pentagon, 6 hexagon);
    - size: ``large`` when the longer side of its box is at least ``LARGE_EXTENT`` (1/6) of
      the image's shorter side, else ``small`` (synthetic scenes: small ~ 0.11, large ~ 0.22).
      "big"/"huge" are read as large, "tiny"/"little" as small.
@@ -49,9 +49,12 @@ FG_THRESHOLD = 24  # max |channel - background| above which a pixel is foregroun
 MIN_AREA_FRAC = 0.0002  # components smaller than this fraction of the image are noise
 MIN_AREA_PX = 12
 LARGE_EXTENT = 1 / 6  # box side / image side at or above which an object is "large"
-SOLIDITY_STAR = 0.8
-CIRCLE_FILL = 0.87
+SOLIDITY_STAR = 0.8  # pixels / convex hull below which an outline is a star
+TRIANGLE_FILL = 0.69  # pixels / min enclosing triangle (triangles >= 0.71, others <= 0.66)
+CIRCLE_FILL = 0.88  # pixels / min enclosing circle (circles >= 0.86, hexagons <= 0.88)
+RECT_FILL = 0.84  # pixels / min-area rectangle (squares >= 0.84, others <= 0.83)
 SQUARE_ASPECT = 1.2
+ELLIPSE_ASPECT = 1.3
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "white", "gray", "black")
 SHAPES = ("circle", "square", "rectangle", "triangle", "star", "pentagon", "hexagon", "ellipse")
@@ -207,40 +210,57 @@ def color_name(rgb: np.ndarray | tuple[int, int, int]) -> str:
 
 
 def shape_name(mask: np.ndarray) -> str:
-    """Shape of one binary mask (uint8, object = nonzero)."""
+    """Shape of one binary mask (uint8, object = nonzero).
+
+    Fills compare the PIXEL count with fitted outlines grown by half a pixel (the contour
+    runs through boundary pixel centres), so small objects are measured without bias.
+    """
     m = cv2.copyMakeBorder(mask, 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=0)
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return "shape"
     c = max(contours, key=cv2.contourArea)
-    area = cv2.contourArea(c)
-    if area < 4:
+    pix = float(np.count_nonzero(m))
+    if pix < 9:
         return "circle"  # a dot
     hull = cv2.convexHull(c)
-    solidity = area / max(cv2.contourArea(hull), 1e-9)
+    solidity = pix / _grown(cv2.contourArea(hull), cv2.arcLength(hull, True))
     (_, _), radius = cv2.minEnclosingCircle(c)
-    fill = area / max(math.pi * radius * radius, 1e-9)
+    circle_fill = pix / (math.pi * (radius + 0.5) ** 2)
     (_, _), (rw, rh), _ = cv2.minAreaRect(c)
-    aspect = max(rw, rh) / max(min(rw, rh), 1e-9)
+    rect_fill = pix / ((rw + 1) * (rh + 1))
+    aspect = (max(rw, rh) + 1) / (min(rw, rh) + 1)
+    tri_area, tri = cv2.minEnclosingTriangle(c.astype(np.float32))
+    tri = tri.reshape(3, 2)
+    tri_perimeter = sum(float(np.linalg.norm(tri[k] - tri[(k + 1) % 3])) for k in range(3))
+    tri_fill = pix / _grown(tri_area, tri_perimeter)
     if solidity < SOLIDITY_STAR:
         return "star"
-    if fill >= CIRCLE_FILL:
-        return "circle"
-    approx = cv2.approxPolyDP(hull, 0.04 * cv2.arcLength(hull, True), True)
-    n = len(approx)
-    if n == 3:
+    if tri_fill >= TRIANGLE_FILL:
         return "triangle"
-    if n == 4:
+    if circle_fill >= CIRCLE_FILL:
+        return "circle"
+    if rect_fill >= RECT_FILL:
         return "square" if aspect <= SQUARE_ASPECT else "rectangle"
-    if n == 5:
-        return "pentagon"
+    if aspect > ELLIPSE_ASPECT and 0.74 <= rect_fill < RECT_FILL and solidity > 0.95:
+        return "ellipse"
+    n = len(cv2.approxPolyDP(hull, 0.04 * cv2.arcLength(hull, True), True))
+    if (circle_fill >= 0.86 and n != 6) or circle_fill >= 0.87:
+        return "circle"  # a small round blob: its outline is too coarse for corners
     if n == 6:
         return "hexagon"
-    # Smooth convex outline that does not fill its enclosing circle: elongated round shape.
-    ellipse_fill = area / max(math.pi * rw * rh / 4, 1e-9)
-    if ellipse_fill > 0.9:
-        return "ellipse" if aspect > SQUARE_ASPECT else "circle"
+    if n == 5:
+        return "pentagon"
+    if n == 4:
+        return "square" if aspect <= SQUARE_ASPECT else "rectangle"
+    if n == 3:
+        return "triangle"
     return "hexagon" if n > 6 else "shape"
+
+
+def _grown(area: float, perimeter: float) -> float:
+    """Area of a convex outline grown by half a pixel all round (Steiner formula)."""
+    return max(area + 0.5 * perimeter + math.pi / 4, 1e-9)
 
 
 def _describe(image: ImageData, mask: np.ndarray, top: int, left: int) -> Obj:
