@@ -384,8 +384,9 @@ def _options(options: Any) -> list[str]:
 
 _ATTR_Q = re.compile(
     r"^(?:what|which)\s+(?:is\s+the\s+)?(colou?r|shape|size)\b(?:\s+of)?"
-    r"|^(?:how\s+(?:big|large)|is\s+.*\b(?:small\s+or\s+large|large\s+or\s+small))"
+    r"|^how\s+(?:big|large)\b"
 )
+_SIZE_Q = re.compile(r"^(?:is|are)\s+(.*?)\s*\b(?:small|big|large)\s+or\s+(?:small|big|large)\b")
 _COUNT_Q = re.compile(r"^(?:how\s+many|what\s+is\s+the\s+number\s+of|count)\b")
 _EXISTS_Q = re.compile(
     r"^(?:is\s+there|are\s+there|does\s+the\s+image\s+(?:contain|have|show)|do\s+you\s+see|"
@@ -409,6 +410,10 @@ class _Answerer:
             if not any(w in _WORDS or w in _GENERIC for w in _tokens(q)):
                 named = re.sub(r"^.*?\bthere\s+(?:is|are)\s+(?:one|an?)?\s*", "", ctx)
                 q = f"{q} the {named}"
+        m = _SIZE_Q.search(q)
+        if m:
+            o = self._target(m.group(1))
+            return o.size if o else "nothing"
         m = _ATTR_Q.search(q)
         if m:
             key = {"color": "color", "colour": "color", "shape": "shape"}.get(
