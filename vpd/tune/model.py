@@ -25,7 +25,7 @@ from vpd.errors import VpdError
 
 IMAGE_TOKEN = "<image>"
 # Bump when the tiny model's recipe changes so stale caches are not reused.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 # ChatML (SmolLM2's own format) with an image slot: content may be a string or a list of
 # {"type": "image"} / {"type": "text"} parts, as in vpd.records.Sft messages.
@@ -180,17 +180,27 @@ def build_tiny_vlm(
     """
     gguf = smollm2_gguf()
     key = _tiny_key(seed, lm_layers, gguf)
-    out = Path(out_dir) if out_dir is not None else cache_root() / f"tiny-vlm-{key}"
-    if _complete(out, key):
-        return out
+    cached = cache_root() / f"tiny-vlm-{key}"
+    if not _complete(cached, key):
+        _atomic_fill(cached, key, lambda tmp: _build_tiny_into(tmp, gguf, seed, lm_layers))
+    if out_dir is None:
+        return cached
+    out = Path(out_dir)
+    if not _complete(out, key):
+        _atomic_fill(out, key, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
+    return out
+
+
+def _atomic_fill(out: Path, key: str, fill: Any) -> None:
+    """Run ``fill(tmp)`` and rename ``tmp`` to ``out``; a concurrent winner is kept."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _build_tiny_into(tmp, gguf, seed, lm_layers)
-        (tmp / "vpd_tiny.json").write_text(json.dumps({"key": key, "seed": seed}))
+        fill(tmp)
+        (tmp / "vpd_tiny.json").write_text(json.dumps({"key": key}))
         if out.exists():
             if _complete(out, key):  # another process won the race
-                return out
+                return
             shutil.rmtree(out)
         try:
             os.replace(tmp, out)
@@ -200,7 +210,6 @@ def build_tiny_vlm(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _build_tiny_into(folder: Path, gguf: Path, seed: int, lm_layers: int | None) -> None:
@@ -211,13 +220,9 @@ def _build_tiny_into(folder: Path, gguf: Path, seed: int, lm_layers: int | None)
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
+        SiglipImageProcessor,
         SiglipVisionConfig,
     )
-
-    try:
-        from transformers import SiglipImageProcessor
-    except ImportError:  # pragma: no cover - very old transformers
-        from transformers import SiglipImageProcessor  # type: ignore[no-redef]
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -237,9 +242,12 @@ def _build_tiny_into(folder: Path, gguf: Path, seed: int, lm_layers: int | None)
     lm.resize_token_embeddings(len(tok))
 
     vision = SiglipVisionConfig(**TINY_VISION)
+    # Weights are dequantized: drop the GGUF marker, or Trainer refuses to train the model.
+    text_config = lm.config.to_dict()
+    text_config.pop("quantization_config", None)
     config = LlavaConfig(
         vision_config=vision,
-        text_config=lm.config,
+        text_config=text_config,
         image_token_id=image_token_id,
         projector_hidden_act="gelu",
         # SigLIP has no CLS token: keep every patch; the tower is shallow, so its last layer.

@@ -1,0 +1,206 @@
+"""``TuneConfig``: every option of ``vpd tune``, and recipe (YAML) loading with overrides.
+
+Precedence: model defaults < recipe YAML (``tune:`` section or top level) < ``--set k=v``
+< explicit CLI flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vpd.errors import VpdError
+
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
+PARTS = ("vision", "projector", "lm")
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+class TuneConfig(BaseModel):
+    """Options of one fine-tuning run (paths, data, optimisation, LoRA, DeepSpeed, I/O)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sft: Path
+    out: Path
+    init: str = "tiny"  # "tiny" (embedded default) or a HF VLM folder / hub id
+    chat_template: Path | None = None  # Jinja file for processors that ship none
+    trust_remote_code: bool = False
+    # data
+    max_length: int = Field(512, ge=16)
+    truncation: Literal["drop", "truncate"] = "drop"
+    task_weights: dict[str, float] = Field(default_factory=dict)
+    # optimisation
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)  # per device
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"  # auto: bf16 on GPU
+    gradient_checkpointing: bool = False
+    # what trains
+    lora: bool = True
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+    # None: auto (tiny: nothing frozen since its vision tower starts random; else vision)
+    freeze: list[str] | None = None
+    # scale-out
+    deepspeed: str = "none"  # none | zero2 | zero3 | zero3_offload | PATH to a JSON config
+    # checkpoints / outputs
+    save_steps: int = Field(200, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int = Field(1, ge=1)
+    merge: bool = True  # LoRA: save a standalone merged model in OUT/final
+    resume: bool = True  # continue from OUT's last checkpoint when there is one
+    num_workers: int = Field(0, ge=0)
+    force: bool = False
+    progress: bool = True
+
+    @field_validator("freeze")
+    @classmethod
+    def _parts(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        bad = [p for p in v if p not in PARTS]
+        if bad:
+            raise ValueError(f"unknown part(s) {bad}; choose from {', '.join(PARTS)}")
+        return sorted(set(v))
+
+    @field_validator("task_weights", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> Any:
+        from vpd.tune.data import parse_task_weights
+
+        return parse_task_weights(v)
+
+    @field_validator("freeze", "lora_targets", mode="before")
+    @classmethod
+    def _csv(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    def frozen_parts(self) -> list[str]:
+        if self.freeze is not None:
+            return self.freeze
+        return [] if self.init == "tiny" else ["vision"]
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """Options that change the trained weights (not I/O, progress or resume switches)."""
+        skip = {"out", "resume", "force", "progress", "num_workers", "save_total_limit"}
+        d = self.model_dump(mode="json")
+        d = {k: v for k, v in d.items() if k not in skip}
+        d["freeze"] = self.frozen_parts()
+        d["sft"] = _file_identity(self.sft)
+        d["deepspeed"] = _deepspeed_identity(self.deepspeed)
+        if self.chat_template is not None:
+            d["chat_template"] = _file_identity(self.chat_template)
+        return d
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    """Name + size + a hash of the head and tail: cheap, and changes when the data does."""
+    p = Path(path)
+    if not p.exists():
+        return {"path": str(p)}
+    h = hashlib.sha256()
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 1 << 20:
+            f.seek(max(size - (1 << 20), 1 << 20))
+            h.update(f.read())
+    return {"name": p.name, "size": size, "sha256": h.hexdigest()[:16]}
+
+
+def _deepspeed_identity(spec: str) -> str:
+    # The ZeRO stage does not change the maths (modulo reduction order), so only say
+    # whether DeepSpeed is on: a run may resume under another launcher/stage.
+    return "none" if spec == "none" else "deepspeed"
+
+
+def deepspeed_config_path(spec: str) -> Path | None:
+    """``none`` -> None; a preset name -> recipes/ds_<name>.json; else the given JSON path."""
+    if spec in ("", "none", None):
+        return None
+    if spec in DEEPSPEED_PRESETS:
+        path = RECIPES_DIR / f"ds_{spec}.json"
+    else:
+        path = Path(spec)
+    if not path.is_file():
+        raise VpdError(
+            f"--deepspeed {spec}: config not found at {path} "
+            f"(use none, {', '.join(DEEPSPEED_PRESETS)} or a JSON file)"
+        )
+    return path
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_tune_config(
+    recipe: Path | None = None,
+    sets: list[str] | None = None,
+    **flags: Any,
+) -> TuneConfig:
+    """Merge recipe YAML, ``--set key=value`` pairs and explicit flags (None = not given)."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        recipe = Path(recipe)
+        if not recipe.is_file():
+            raise VpdError(f"recipe not found: {recipe}")
+        try:
+            data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise VpdError(f"recipe {recipe} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise VpdError(f"recipe {recipe} must be a mapping of option -> value")
+        if isinstance(data.get("tune"), dict):  # a whole-pipeline recipe: take its tune part
+            data = data["tune"]
+        values.update(data)
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("tune.")
+        if not sep or not key:
+            raise VpdError(f"--set expects key=value, got {item!r}")
+        values[key.replace("-", "_")] = _parse_value(value)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return TuneConfig(**values)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "config"
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}")
+        raise VpdError("invalid tune options: " + "; ".join(parts)) from None
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, indent=2, default=str)

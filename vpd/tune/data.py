@@ -1,0 +1,382 @@
+"""SFT records -> model inputs, through the model's own processor and chat template.
+
+Every example is rendered with ``processor.apply_chat_template`` and encoded with
+``processor(text=..., images=...)``, so image-token expansion (LLaVA's fixed grid,
+Qwen2-VL's dynamic patches, Idefics3's tiles, PaliGemma's prefix) is the family's own.
+Labels cover only the assistant turn(s): the span of turn i is found by rendering the
+conversation up to turn i with ``add_generation_prompt=True`` (its token length is where
+the answer starts) and up to turn i inclusive (where it ends). Everything else (system,
+user text, image tokens, padding) is -100.
+
+Too-long examples (``max_length`` tokens): ``truncation="drop"`` (default) leaves them out;
+``"truncate"`` cuts the answer's tail when the whole prompt (with every image token) still
+fits and some answer remains, else drops. Both are counted, and drops go to the rejects file.
+
+Task mixing: ``task_weights={"answer": 1, "rationale": 0.5}`` repeats/sub-samples each task's
+examples to ``round(weight * count)``, deterministically by ``seed``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vpd.errors import VpdError
+from vpd.records import Sft
+from vpd.store import RejectWriter, read_records
+
+IGNORE_INDEX = -100
+# Sequence-shaped keys padded along the token axis; everything else is image-side.
+_SEQ_PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX}
+_SEQ_KEYS_ZERO = ("token_type_ids", "mm_token_type_ids")
+
+
+def parse_task_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
+    """``"answer=1,rationale=0.5"`` -> ``{"answer": 1.0, "rationale": 0.5}``."""
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    else:
+        items = []
+        for part in str(spec).split(","):
+            if not part.strip():
+                continue
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise VpdError(f"--task-weights: expected task=weight, got {part.strip()!r}")
+            items.append((name.strip(), value.strip()))
+    out: dict[str, float] = {}
+    for name, value in items:
+        if name not in ("answer", "rationale"):
+            raise VpdError(f"--task-weights: unknown task {name!r} (use answer, rationale)")
+        try:
+            w = float(value)
+        except (TypeError, ValueError):
+            raise VpdError(f"--task-weights: weight for {name} must be a number") from None
+        if w < 0:
+            raise VpdError(f"--task-weights: weight for {name} must be >= 0")
+        out[name] = w
+    return out
+
+
+def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Plain-string content -> ``[{"type": "text", "text": ...}]`` (what VLM templates expect)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = []
+            for p in content:
+                if isinstance(p, str):
+                    parts.append({"type": "text", "text": p})
+                elif isinstance(p, dict) and p.get("type") == "image":
+                    parts.append({"type": "image"})  # the pixels travel separately
+                else:
+                    parts.append(p)
+            content = parts
+        out.append({"role": m.get("role"), "content": content})
+    return out
+
+
+def _n_images(messages: list[dict[str, Any]]) -> int:
+    return sum(
+        1
+        for m in messages
+        for p in (m["content"] if isinstance(m["content"], list) else [])
+        if isinstance(p, dict) and p.get("type") == "image"
+    )
+
+
+def _check_messages(rec: Sft) -> str | None:
+    roles = [m.get("role") for m in rec.messages if isinstance(m, dict)]
+    if len(roles) != len(rec.messages):
+        return "messages must be objects with role and content"
+    if "assistant" not in roles:
+        return "no assistant turn to learn from"
+    if roles[0] == "assistant":
+        return "conversation starts with the assistant"
+    for m in rec.messages:
+        c = m.get("content")
+        if not isinstance(c, str | list):
+            return f"{m.get('role')} content must be a string or a list of parts"
+        if m.get("role") == "assistant" and not (
+            c.strip()
+            if isinstance(c, str)
+            else any(isinstance(p, dict) and p.get("text") for p in c)
+        ):
+            return "empty assistant turn"
+    return None
+
+
+@dataclass
+class Example:
+    id: str
+    task: str
+    image: Path
+    messages: list[dict[str, Any]]
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    rejected: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+    per_task: dict[str, int] = field(default_factory=dict)
+    examples: int = 0  # after mixing (repeats included)
+    max_tokens: int = 0
+    mean_tokens: float = 0.0
+
+
+def read_sft(path: Path, rejects: RejectWriter | None = None) -> list[Example]:
+    """Validated SFT examples; bad lines (schema, missing image, no answer) go to rejects."""
+    path = Path(path)
+    base = path.parent
+
+    def image_path(rec: Sft) -> Path:
+        p = Path(rec.image)
+        return p if p.is_absolute() else base / p
+
+    def check(rec: Sft) -> str | None:
+        why = _check_messages(rec)
+        if why:
+            return why
+        if not image_path(rec).is_file():
+            return f"image not found: {rec.image}"
+        return None
+
+    return [
+        Example(rec.id, rec.task, image_path(rec), normalize_messages(rec.messages))
+        for rec in read_records(path, Sft, rejects=rejects, check=check)
+    ]
+
+
+def mix_tasks(examples: list[Example], weights: dict[str, float], seed: int) -> list[Example]:
+    """Repeat/sub-sample each task to ``round(w * n)`` examples; unlisted tasks keep weight 1."""
+    if not weights:
+        return list(examples)
+    rng = random.Random(seed)
+    by_task: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_task.setdefault(ex.task, []).append(ex)
+    out: list[Example] = []
+    for task in sorted(by_task):
+        group = by_task[task]
+        n = round(weights.get(task, 1.0) * len(group))
+        whole, rest = divmod(n, len(group))
+        out.extend(group * whole)
+        out.extend(rng.sample(group, rest))
+    return out
+
+
+class ChatEncoder:
+    """Encodes one example with the processor; returns tensors without a batch axis."""
+
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int = 512,
+        truncation: str = "drop",
+        model_type: str = "",
+    ) -> None:
+        if truncation not in ("drop", "truncate"):
+            raise VpdError("truncation must be 'drop' or 'truncate'")
+        if getattr(processor, "chat_template", None) is None:
+            raise VpdError(
+                "the model's processor has no chat template; give one with --chat-template FILE "
+                "(a Jinja template with an image slot)"
+            )
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_length = max_length
+        self.truncation = truncation
+        # PaliGemma attends bidirectionally over token_type_ids == 0 ("prefix"); the answer
+        # must be marked 1 or training would let it see itself.
+        self.mark_suffix = model_type == "paligemma"
+
+    def _render(self, messages: list[dict[str, Any]], gen: bool) -> str:
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=gen, tokenize=False
+        )
+
+    def _encode(self, text: str, images: list[Any]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = [images]
+        # Templates already hold BOS etc.; letting the tokenizer add them again would
+        # double them, and shift our prefix arithmetic.
+        try:
+            return self.processor(**kwargs, add_special_tokens=False)
+        except TypeError:
+            return self.processor(**kwargs)
+
+    def encode(self, ex: Example) -> tuple[dict[str, Any] | None, str]:
+        """Return ``(features, status)``; status is ``ok``, ``truncated`` or ``too_long``."""
+        from PIL import Image
+
+        with Image.open(ex.image) as im:
+            image = im.convert("RGB")
+        messages = ex.messages
+        full_text = self._render(messages, gen=False)
+        n_img = _n_images(messages)
+        feats = self._encode(full_text, [image] * n_img)
+        ids = feats["input_ids"][0]
+        labels = ids.new_full(ids.shape, IGNORE_INDEX)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = self._prefix_len(messages[:i], ids, image, gen=True)
+            end = self._prefix_len(messages[: i + 1], ids, image, gen=False)
+            labels[start:end] = ids[start:end]
+        labelled = (labels != IGNORE_INDEX).nonzero()
+        if len(labelled) == 0:
+            raise VpdError(f"{ex.id}: the chat template rendered no assistant tokens")
+        status = "ok"
+        if len(ids) > self.max_length:
+            first_label = int(labelled[0])
+            if self.truncation == "drop" or first_label >= self.max_length:
+                return None, "too_long"
+            status = "truncated"
+        out = {k: v[0] for k, v in feats.items() if k in _SEQ_PAD or k in _SEQ_KEYS_ZERO}
+        out["labels"] = labels
+        if status == "truncated":
+            out = {k: v[: self.max_length] for k, v in out.items()}
+        for k, v in feats.items():
+            if k not in out:
+                out[k] = v  # image side keeps its own leading axis (cat in the collator)
+        if self.mark_suffix and "token_type_ids" in out:
+            out["token_type_ids"] = (out["labels"] != IGNORE_INDEX).long()
+        return out, status
+
+    def _prefix_len(
+        self, messages: list[dict[str, Any]], full_ids: Any, image: Any, gen: bool
+    ) -> int:
+        text = self._render(messages, gen=gen)
+        ids = self._encode(text, [image] * _n_images(messages))["input_ids"][0]
+        n = min(len(ids), len(full_ids))
+        # Normally a strict prefix; if a tokenizer merged across the boundary, use the
+        # longest common prefix so we never label prompt tokens.
+        same = (ids[:n] == full_ids[:n]).long()
+        return n if bool(same.all()) else int(same.cumprod(0).sum())
+
+
+class SftDataset:
+    """Map-style dataset of pre-screened examples, encoded lazily (images read per item)."""
+
+    def __init__(self, examples: list[Example], encoder: ChatEncoder) -> None:
+        self.examples = examples
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        feats, _ = self.encoder.encode(self.examples[i])
+        if feats is None:  # screened out in prepare(); only reachable if files changed
+            raise VpdError(f"example {self.examples[i].id} no longer fits max_length")
+        return feats
+
+
+def prepare(
+    path: Path,
+    processor: Any,
+    *,
+    max_length: int = 512,
+    truncation: str = "drop",
+    task_weights: dict[str, float] | None = None,
+    seed: int = 0,
+    model_type: str = "",
+    rejects: RejectWriter | None = None,
+    progress: bool = True,
+) -> tuple[SftDataset, DataStats]:
+    """Read, validate, length-screen and mix the SFT file; return the dataset and counts."""
+    from vpd.progress import progress_bar
+
+    stats = DataStats()
+    encoder = ChatEncoder(processor, max_length, truncation, model_type)
+    examples = read_sft(path, rejects)
+    stats.rejected = rejects.count if rejects is not None else 0
+    stats.records = len(examples)
+    kept: list[Example] = []
+    lengths: list[int] = []
+    # One encoding pass so drops are known (and counted) before training starts.
+    with progress_bar("tune: screening examples", len(examples), "ex", progress) as bar:
+        for ex in examples:
+            try:
+                feats, status = encoder.encode(ex)
+            except (OSError, ValueError) as e:  # unreadable image, processor refusal
+                if rejects is not None:
+                    rejects.write(0, f"cannot encode: {e}".splitlines()[0], ex.id, ex.id)
+                stats.rejected += 1
+                bar.advance()
+                continue
+            if feats is None:
+                stats.dropped_too_long += 1
+                if rejects is not None:
+                    rejects.write(0, f"longer than max_length={max_length} tokens", ex.id, ex.id)
+            else:
+                stats.truncated += status == "truncated"
+                lengths.append(len(feats["input_ids"]))
+                kept.append(ex)
+            bar.advance()
+    if not kept:
+        raise VpdError(
+            f"no usable training examples in {path} ({stats.records} read, "
+            f"{stats.rejected} rejected, {stats.dropped_too_long} longer than max_length="
+            f"{max_length})"
+        )
+    mixed = mix_tasks(kept, task_weights or {}, seed)
+    if not mixed:
+        raise VpdError("task weights left no examples (all weights 0?)")
+    for ex in mixed:
+        stats.per_task[ex.task] = stats.per_task.get(ex.task, 0) + 1
+    stats.examples = len(mixed)
+    stats.max_tokens = max(lengths)
+    stats.mean_tokens = round(sum(lengths) / len(lengths), 1)
+    return SftDataset(mixed, encoder), stats
+
+
+class Collator:
+    """Right-pads token axes (labels with -100) and stacks/zero-pads image tensors."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {}
+        longest = max(len(b["input_ids"]) for b in batch)
+        for key in batch[0]:
+            values = [b[key] for b in batch]
+            if key in _SEQ_PAD or key in _SEQ_KEYS_ZERO:
+                pad = _SEQ_PAD.get(key, 0)
+                pad = self.pad_token_id if pad is None else pad
+                t = torch.full((len(batch), longest), pad, dtype=values[0].dtype)
+                for i, v in enumerate(values):
+                    t[i, : len(v)] = v
+                out[key] = t
+            else:
+                out[key] = _cat_padded(values)
+        return out
+
+
+def _cat_padded(values: list[Any]) -> Any:
+    """Concatenate along axis 0, zero-padding other axes (e.g. Idefics3's tile count)."""
+    import torch
+
+    shapes = [tuple(v.shape[1:]) for v in values]
+    if len(set(shapes)) == 1:
+        return torch.cat(values, dim=0)
+    target = [max(s[d] for s in shapes) for d in range(len(shapes[0]))]
+    padded = []
+    for v in values:
+        t = v.new_zeros((v.shape[0], *target))
+        t[(slice(None), *(slice(0, n) for n in v.shape[1:]))] = v
+        padded.append(t)
+    return torch.cat(padded, dim=0)

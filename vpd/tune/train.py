@@ -1,0 +1,575 @@
+"""``run_tune``: HF Trainer (+ DeepSpeed ZeRO-2/3/offload) fine-tuning of a VLM on SFT records.
+
+Launch:
+- one process: ``vpd tune ...`` (with ``--deepspeed`` the distributed env vars are set here
+  when absent, so DeepSpeed runs without a launcher, on GPU or CPU/gloo);
+- several processes / nodes: ``torchrun --nproc_per_node N -m vpd.cli tune ...`` or
+  ``deepspeed --num_gpus N -m vpd.cli tune ...`` (``--hostfile hosts`` for several nodes);
+  every rank runs the same command; rank 0 writes logs, plots and the final model.
+
+Output folder (``--out``): ``checkpoint-N/`` (Trainer checkpoints, newest ``save_total_limit``
+kept), ``final/`` (standalone model + processor; LoRA merged), ``adapter/`` (LoRA runs),
+``loss.jsonl`` + ``loss.png``, ``vpd_tune.json`` (config fingerprint), ``summary.json``
+(written last: its presence with the same fingerprint means "done"), ``sft.rejects.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from vpd.errors import ConfigMismatch, VpdError
+from vpd.tune.config import TuneConfig, deepspeed_config_path, dump_json
+
+VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger", "mm_projector")
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_dist_env() -> None:
+    """Single-process DeepSpeed needs the variables a launcher would set; fill the gaps."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_deepspeed(spec: str, out: Path) -> str | None:
+    """Path of the DeepSpeed JSON to use; on CPU an offload optimizer falls back to torch AdamW
+    when DeepSpeed's CPU Adam op cannot be built (no compiler), written beside the run."""
+    path = deepspeed_config_path(spec)
+    if path is None:
+        return None
+    try:
+        conf = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise VpdError(f"--deepspeed {path}: not valid JSON ({e})") from None
+    if "optimizer" in conf and not _cpu_adam_ok():
+        conf.pop("optimizer")
+        conf["zero_force_ds_cpu_optimizer"] = False
+        fallback = out / "ds_config.fallback.json"
+        if _rank() == 0:
+            fallback.write_text(json.dumps(conf, indent=2), encoding="utf-8")
+            from vpd.progress import console
+
+            console().print(
+                "[yellow]DeepSpeed CPU Adam could not be built; using torch AdamW instead "
+                f"(config: {fallback})"
+            )
+        else:
+            _wait_for(fallback)
+        return str(fallback)
+    return str(path)
+
+
+def _cpu_adam_ok() -> bool:
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load(verbose=False)
+        return True
+    except Exception:  # noqa: BLE001 - any build/import failure means "use the fallback"
+        return False
+
+
+def _wait_for(path: Path, timeout: float = 600.0) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if time.time() - t0 > timeout:
+            raise VpdError(f"rank {_rank()}: timed out waiting for {path} from rank 0")
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- run state
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(parts[:5]) + (" ..." if len(parts) > 5 else "")
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """Newest complete ``checkpoint-N`` (Trainer writes trainer_state.json last)."""
+    best: tuple[int, Path] | None = None
+    for p in out.glob("checkpoint-*"):
+        try:
+            step = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if (p / "trainer_state.json").exists() and (best is None or step > best[0]):
+            best = (step, p)
+    return best[1] if best else None
+
+
+def _prepare_out(cfg: TuneConfig, fp: dict[str, Any]) -> dict[str, Any] | None:
+    """Apply the resume contract; return the finished run's summary if there is nothing to do."""
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise VpdError(f"--out must be a folder, got a file: {out}")
+    meta_file = out / "vpd_tune.json"
+    old = _read_json(meta_file)
+    has_state = last_checkpoint(out) is not None or (out / "final").exists()
+    if old is not None and old.get("config") != fp and has_state:
+        if not cfg.force:
+            raise ConfigMismatch(
+                f"{out} holds a run with other options ({_diff(old.get('config') or {}, fp)}); "
+                "rerun with the same options to resume, use another --out, or --force to "
+                "start over (the old folder is kept as .bak)"
+            )
+        if _rank() == 0:
+            out.rename(out.with_name(f"{out.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak"))
+        old = None
+    summary = _read_json(out / "summary.json")
+    if summary is not None and summary.get("config") == fp and (out / "final").exists():
+        return summary
+    if not cfg.resume and has_state and old is not None:
+        if not cfg.force:
+            raise VpdError(
+                f"{out} already holds checkpoints; drop --no-resume to continue them, "
+                "or add --force to start over"
+            )
+        if _rank() == 0:
+            out.rename(out.with_name(f"{out.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak"))
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = meta_file.with_suffix(".tmp")
+        tmp.write_text(dump_json({"config": fp}), encoding="utf-8")
+        os.replace(tmp, meta_file)
+    else:
+        t0 = time.time()
+        while (_read_json(meta_file) or {}).get("config") != fp:
+            if time.time() - t0 > 120:
+                raise VpdError(f"rank {_rank()}: rank 0 did not prepare {out}")
+            time.sleep(0.2)
+    return None
+
+
+# ----------------------------------------------------------------------------- model parts
+
+
+def _top_modules(model: Any, names: tuple[str, ...], exclude: str | None = None) -> list[str]:
+    """Outermost modules whose own name is one of ``names`` (e.g. ``model.vision_tower``)."""
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if last not in names or (exclude and name.startswith(exclude + ".")):
+            continue
+        if not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
+
+
+def find_parts(model: Any) -> dict[str, list[str]]:
+    """Module names of the vision tower, the projector and the language model (+ head)."""
+    decoder = model.get_decoder()
+    lm = [n for n, m in model.named_modules() if m is decoder][:1]
+    for head in ("lm_head",):
+        if any(n == head for n, _ in model.named_modules()):
+            lm.append(head)
+    vision = _top_modules(model, VISION_NAMES)
+    projector = _top_modules(model, PROJECTOR_NAMES)
+    if not lm:
+        raise VpdError(f"cannot find the language model inside {type(model).__name__}")
+    return {"vision": vision, "projector": projector, "lm": lm}
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def setup_trainable(model: Any, cfg: TuneConfig) -> tuple[Any, dict[str, Any]]:
+    """Freeze/LoRA-wrap the model per ``cfg``; return it and a description for the summary."""
+    import torch
+
+    parts = find_parts(model)
+    frozen = set(cfg.frozen_parts())
+    trainable = [p for p in ("vision", "projector", "lm") if p not in frozen and parts[p]]
+    if not trainable:
+        raise VpdError("--freeze leaves nothing to train")
+    use_lora = cfg.lora and "lm" in trainable
+    if use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [
+            name
+            for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear)
+            and name.rsplit(".", 1)[-1] in cfg.lora_targets
+            and _under(name, parts["lm"][:1])
+        ]
+        if not targets:
+            raise VpdError(
+                f"no LoRA target layers ({', '.join(cfg.lora_targets)}) in the language model"
+            )
+        # Vision/projector train fully next to the adapters (the tiny model's start random).
+        save: list[str] = []
+        for part in ("vision", "projector"):
+            if part in trainable:
+                save += [n for n in parts[part] if not _under(n, save)]
+        lcfg = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            modules_to_save=save or None,
+            task_type=None,
+        )
+        model = get_peft_model(model, lcfg)
+    else:
+        keep = [n for p in trainable for n in parts[p]]
+        for name, param in model.named_parameters():
+            param.requires_grad = _under(name.rsplit(".", 1)[0], keep) or _under(name, keep)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    return model, {
+        "method": "lora" if use_lora else "full",
+        "trained_parts": trainable,
+        "trainable_params": n_train,
+        "total_params": n_all,
+    }
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+def _callbacks(cfg: TuneConfig, resume_step: int) -> list[Any]:
+    from transformers import TrainerCallback
+
+    loss_file = cfg.out / "loss.jsonl"
+
+    class LossLog(TrainerCallback):
+        """Appends every logged loss to loss.jsonl; on resume, cuts steps past the checkpoint
+        so the file is one continuous curve."""
+
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            if not state.is_world_process_zero or not loss_file.exists():
+                return
+            keep = [
+                line
+                for line in loss_file.read_text(encoding="utf-8").splitlines()
+                if line.strip() and _json_step(line) is not None and _json_step(line) <= resume_step
+            ]
+            loss_file.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            rec.update({k: logs[k] for k in ("loss", "learning_rate", "grad_norm") if k in logs})
+            with open(loss_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    class RichProgress(TrainerCallback):
+        """A rich bar (steps, loss, rate, ETA) on rank 0, instead of Trainer's tqdm."""
+
+        def __init__(self) -> None:
+            self._ctx = None
+            self._bar = None
+
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            if not (state.is_world_process_zero and cfg.progress):
+                return
+            from vpd.progress import progress_bar
+
+            self._ctx = progress_bar("tune", state.max_steps, "step", True)
+            self._bar = self._ctx.__enter__()
+            if state.global_step:
+                self._bar.advance(state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if self._bar is not None:
+                self._bar.advance()
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if self._bar is not None and logs and "loss" in logs:
+                self._bar.describe(f"tune loss {logs['loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kw):  # noqa: ANN001
+            if self._ctx is not None:
+                self._ctx.__exit__(None, None, None)
+                self._ctx = self._bar = None
+
+    return [LossLog(), RichProgress()]
+
+
+def _json_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def plot_loss(loss_file: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in loss_file.read_text(encoding="utf-8").splitlines() if x.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _init_path(cfg: TuneConfig) -> str:
+    if cfg.init == "tiny":
+        from vpd.tune.model import build_tiny_vlm
+
+        return str(build_tiny_vlm(seed=cfg.seed))
+    from vpd.tune.model import resolve_model_dir
+
+    path = resolve_model_dir(cfg.init)
+    p = Path(path)
+    if p.exists() and not (p / "config.json").exists():
+        raise VpdError(f"--init {cfg.init}: no config.json there (not a Hugging Face model)")
+    if not p.exists() and (path.startswith((".", "/")) or path.count("/") != 1):
+        raise VpdError(f"--init {cfg.init}: no such folder")
+    return path
+
+
+def _load_processor(path: str, cfg: TuneConfig) -> Any:
+    from vpd.tune.model import load_processor
+
+    processor = load_processor(path, cfg.trust_remote_code)
+    if cfg.chat_template is not None:
+        if not cfg.chat_template.is_file():
+            raise VpdError(f"--chat-template {cfg.chat_template}: file not found")
+        processor.chat_template = cfg.chat_template.read_text(encoding="utf-8")
+    tok = getattr(processor, "tokenizer", processor)
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return processor
+
+
+def run_tune(cfg: TuneConfig) -> dict[str, Any]:
+    """Fine-tune ``cfg.init`` on ``cfg.sft`` into ``cfg.out`` (resumable); return a summary."""
+    t0 = time.time()
+    if not Path(cfg.sft).is_file():
+        raise VpdError(f"SFT file not found: {cfg.sft}")
+    if cfg.deepspeed != "none":
+        deepspeed_config_path(cfg.deepspeed)  # fail fast on a bad name/path
+        ensure_dist_env()
+    fp = cfg.fingerprint_fields()
+    done = _prepare_out(cfg, fp)
+    if done is not None:
+        return {**{k: v for k, v in done.items() if k != "config"}, "skipped": True}
+
+    import torch
+    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments
+
+    from vpd.store import RejectWriter
+    from vpd.tune import data as tdata
+
+    out = cfg.out
+    cuda = _cuda()
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    ds_path = resolve_deepspeed(cfg.deepspeed, out)
+    init_path = _init_path(cfg)
+    processor = _load_processor(init_path, cfg)
+
+    # TrainingArguments before the model: under ZeRO-3 it arms zero.Init so from_pretrained
+    # loads weights already partitioned across ranks.
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,  # < 1: a fraction of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        deepspeed=ds_path,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.num_workers,
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        ddp_find_unused_parameters=False,
+    )
+    with RejectWriter(out / "sft.rejects.jsonl") if _rank() == 0 else _Null() as rejects:
+        dataset, stats = tdata.prepare(
+            Path(cfg.sft),
+            processor,
+            max_length=cfg.max_length,
+            truncation=cfg.truncation,
+            task_weights=cfg.task_weights,
+            seed=cfg.seed,
+            model_type=_model_type(init_path),
+            rejects=rejects if _rank() == 0 else None,
+            progress=cfg.progress and _rank() == 0,
+        )
+    # Weights load in fp32; bf16/fp16 come from autocast (or DeepSpeed), the usual recipe.
+    model = AutoModelForImageTextToText.from_pretrained(
+        init_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model, trainable = setup_trainable(model, cfg)
+
+    ckpt = last_checkpoint(out) if cfg.resume else None
+    resume_step = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=tdata.Collator(processor_pad_id(processor)),
+        callbacks=_callbacks(cfg, resume_step),
+    )
+    _drop_tqdm_printer(trainer)
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    train_s = time.time() - t0
+
+    final = out / "final"
+    if trainable["method"] == "lora":
+        trainer.save_model(str(out / "adapter"))  # gathers ZeRO-3 shards on rank 0
+    else:
+        trainer.save_model(str(final))
+    trainer.accelerator.wait_for_everyone()
+    summary: dict[str, Any] = {}
+    if trainer.is_world_process_zero():
+        if trainable["method"] == "lora":
+            if cfg.merge:
+                _merge_lora(init_path, out / "adapter", final, cfg)
+            else:
+                shutil.copytree(out / "adapter", final, dirs_exist_ok=True)
+        processor.save_pretrained(str(final))
+        if (out / "loss.jsonl").exists():
+            plot_loss(out / "loss.jsonl", out / "loss.png")
+        steps = trainer.state.global_step
+        examples_seen = (steps - resume_step) * cfg.batch_size * cfg.grad_accum * args.world_size
+        run_s = max(time.time() - t0, 1e-9)
+        summary = {
+            "out": str(out),
+            "final": str(final),
+            "init": cfg.init if cfg.init != "tiny" else f"tiny ({init_path})",
+            **trainable,
+            "deepspeed": cfg.deepspeed,
+            "world_size": args.world_size,
+            "records": stats.records,
+            "rejected": stats.rejected,
+            "dropped_too_long": stats.dropped_too_long,
+            "truncated": stats.truncated,
+            "examples": stats.examples,
+            "per_task": stats.per_task,
+            "mean_tokens": stats.mean_tokens,
+            "max_tokens": stats.max_tokens,
+            "steps": steps,
+            "resumed_from_step": resume_step,
+            "train_loss": round(float(result.training_loss), 4),
+            "final_loss": _last_loss(out / "loss.jsonl"),
+            "train_s": round(train_s, 1),
+            "wall_s": round(run_s, 1),
+            "examples_per_s": round(examples_seen / max(train_s, 1e-9), 2),
+            "skipped": False,
+        }
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(dump_json({**summary, "config": fp}), encoding="utf-8")
+        os.replace(tmp, out / "summary.json")
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def processor_pad_id(processor: Any) -> int:
+    tok = getattr(processor, "tokenizer", processor)
+    return int(tok.pad_token_id)
+
+
+def _model_type(path: str) -> str:
+    cfg = _read_json(Path(path) / "config.json") or {}
+    return str(cfg.get("model_type", ""))
+
+
+def _last_loss(loss_file: Path) -> float | None:
+    if not loss_file.exists():
+        return None
+    lines = [x for x in loss_file.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return round(float(json.loads(lines[-1])["loss"]), 4) if lines else None
+
+
+def _drop_tqdm_printer(trainer: Any) -> None:
+    # With tqdm disabled Trainer prints each log dict to stdout; our bar and loss.jsonl
+    # carry the same numbers, and stdout stays clean for the JSON summary.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+def _merge_lora(init_path: str, adapter: Path, final: Path, cfg: TuneConfig) -> None:
+    """Reload the base in fp32, apply the saved adapter, merge, save a standalone model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(
+        init_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(str(final))
