@@ -180,7 +180,7 @@ def _parse_line(line: str, n: int, defined: set[str]) -> Step:
         for name in re.findall(r"\{(\w+)\}", args["expr"]):
             if name not in defined:
                 raise VisProgError(f"line {n}: variable {name} is used before it is defined")
-        safe_eval(_substitute(args["expr"], lambda name: 0), n)  # syntax check
+        _Expr(_substitute(args["expr"], lambda name: 0), n).parse()  # syntax only
     return Step(n, out, module, args)
 
 
@@ -233,10 +233,15 @@ def _substitute(expr: str, value_of: Callable[[str], Any]) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: _literal(value_of(m.group(1))), expr)
 
 
+Thunk = Callable[[], Any]
+
+
 class _Expr:
-    """Recursive-descent evaluator of Python-like expressions over literals only:
+    """Recursive-descent parser of Python-like expressions over literals only:
     ``x if c else y``, or/xor/and/not, comparisons (chained), + - * / // %, unary -/+,
-    parentheses. No names, calls, attributes or subscripts exist in this grammar."""
+    parentheses. No names, calls, attributes or subscripts exist in this grammar. It
+    builds thunks, so and/or/if evaluate lazily as in Python and parsing alone is a
+    syntax check."""
 
     def __init__(self, src: str, line: int) -> None:
         if len(src) > MAX_EXPR:
@@ -259,13 +264,14 @@ class _Expr:
             return t[1]
         return None
 
-    def run(self) -> Any:
+    def parse(self) -> Thunk:
         v = self.ifexp()
-        if self.peek() is not None:
-            raise self.error(f"unexpected {self.peek()[1]!r}")  # type: ignore[index]
+        t = self.peek()
+        if t is not None:
+            raise self.error(f"unexpected {t[1]!r}")
         return v
 
-    def ifexp(self) -> Any:
+    def ifexp(self) -> Thunk:
         self.depth += 1
         if self.depth > 50:
             raise self.error("nested too deeply")
@@ -275,70 +281,89 @@ class _Expr:
             if not self.take("else"):
                 raise self.error("'if' without 'else'")
             other = self.ifexp()
-            body = body if test else other
+            body = _if(test, body, other)
         self.depth -= 1
         return body
 
-    def orexp(self) -> Any:
+    def orexp(self) -> Thunk:
         v = self.andexp()
         while op := self.take("or", "xor"):
-            w = self.andexp()
-            v = (v or w) if op == "or" else bool(v) != bool(w)
+            v = _or(v, self.andexp()) if op == "or" else _xor(v, self.andexp())
         return v
 
-    def andexp(self) -> Any:
+    def andexp(self) -> Thunk:
         v = self.notexp()
         while self.take("and"):
-            w = self.notexp()
-            v = v and w
+            v = _and(v, self.notexp())
         return v
 
-    def notexp(self) -> Any:
+    def notexp(self) -> Thunk:
         if self.take("not"):
-            return not self.notexp()
+            inner = self.notexp()
+            return lambda: not inner()
         return self.comparison()
 
-    def comparison(self) -> Any:
-        left = self.arith()
-        result: Any = None
+    def comparison(self) -> Thunk:
+        terms = [self.arith()]
+        ops: list[str] = []
         while op := self.take(*_CMP):
-            right = self.arith()
-            ok = self.apply(_CMP[op], left, right)
-            result = ok if result is None else (result and ok)
-            left = right
-        return left if result is None else result
+            ops.append(op)
+            terms.append(self.arith())
+        if not ops:
+            return terms[0]
+        return self.chain(terms, ops)
 
-    def arith(self) -> Any:
+    def chain(self, terms: list[Thunk], ops: list[str]) -> Thunk:
+        def run() -> bool:
+            left = terms[0]()
+            for op, t in zip(ops, terms[1:], strict=True):
+                right = t()
+                if not self.apply(_CMP[op], left, right):
+                    return False
+                left = right
+            return True
+
+        return run
+
+    def arith(self) -> Thunk:
         v = self.term()
         while op := self.take("+", "-"):
-            v = self.apply(_ARITH[op], v, self.term())
+            v = self.binary(op, v, self.term())
         return v
 
-    def term(self) -> Any:
+    def term(self) -> Thunk:
         v = self.unary()
         while op := self.take("*", "/", "//", "%"):
-            w = self.unary()
-            if op == "*" and (isinstance(v, str) or isinstance(w, str)):
-                raise self.error("strings cannot be repeated")
-            v = self.apply(_ARITH[op], v, w)
+            v = self.binary(op, v, self.unary())
         return v
 
-    def unary(self) -> Any:
+    def binary(self, op: str, a: Thunk, b: Thunk) -> Thunk:
+        def run() -> Any:
+            x, y = a(), b()
+            if op == "*" and (isinstance(x, str) or isinstance(y, str)):
+                raise VisProgError(f"line {self.line}: EVAL cannot repeat strings")
+            return self.apply(_ARITH[op], x, y)
+
+        return run
+
+    def unary(self) -> Thunk:
         if op := self.take("-", "+"):
-            v = self.unary()
-            return self.apply(operator.neg if op == "-" else operator.pos, v)
+            inner = self.unary()
+            fn = operator.neg if op == "-" else operator.pos
+            return lambda: self.apply(fn, inner())
         return self.atom()
 
-    def atom(self) -> Any:
+    def atom(self) -> Thunk:
         t = self.peek()
         if t is None:
             raise self.error("unexpected end")
         self.i += 1
         kind, value = t
         if kind in ("num", "str"):
-            return value
+            return lambda: value
         if kind == "name" and value in _CONST:
-            return _CONST[value]
+            const = _CONST[value]
+            return lambda: const
         if t == ("op", "("):
             v = self.ifexp()
             if not self.take(")"):
@@ -353,9 +378,25 @@ class _Expr:
             raise VisProgError(f"line {self.line}: EVAL failed: {e}") from None
 
 
+def _if(test: Thunk, body: Thunk, other: Thunk) -> Thunk:
+    return lambda: body() if test() else other()
+
+
+def _or(a: Thunk, b: Thunk) -> Thunk:
+    return lambda: a() or b()
+
+
+def _and(a: Thunk, b: Thunk) -> Thunk:
+    return lambda: a() and b()
+
+
+def _xor(a: Thunk, b: Thunk) -> Thunk:
+    return lambda: bool(a()) != bool(b())
+
+
 def safe_eval(expr: str, line: int = 0) -> Any:
     """Evaluate an EVAL expression (already substituted): literals and operators only."""
-    return _Expr(expr, line).run()
+    return _Expr(expr, line).parse()()
 
 
 # ----------------------------------------------------------------------------- interpreter
