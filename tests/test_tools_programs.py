@@ -99,3 +99,40 @@ def test_visprog_programs_per_template(questions: tuple[Path, list[dict]]) -> No
     assert {k.split("_")[0] for k in stats} >= {"count", "exists", "attribute", "multihop"}
     for key, (c, n) in _by_prefix(stats).items():
         assert c / n >= 0.95, f"{key}: {c}/{n}"
+
+
+def test_template_programs_in_the_sandbox(tmp_path: Path) -> None:
+    """The same programs through `vpd execute` (sandboxed workers, real tool server):
+    answers, statuses and normalized traces match the in-process run."""
+    from vpd.execute import ExecuteConfig, run_execute
+
+    generate(tmp_path, n=40, seed=3, test_frac=0.0)
+    qfile = tmp_path / "train.jsonl"
+    recs = [json.loads(line) for line in qfile.read_text().splitlines()]
+    samples = tmp_path / "samples.jsonl"
+    expected: dict[str, str] = {}
+    with samples.open("w") as f:
+        for rec in recs:
+            for k, (syntax, prog) in enumerate(
+                [("viper", viper_program(rec)), ("visprog", visprog_program(rec))]
+            ):
+                if prog is None:
+                    continue
+                sid = f"{rec['id']}#{k}"
+                expected[sid] = rec["answers"][0]
+                row = {"id": sid, "qid": rec["id"], "k": k, "program": prog, "syntax": syntax}
+                f.write(json.dumps(row) + "\n")
+    out = tmp_path / "exec.jsonl"
+    summary = run_execute(
+        ExecuteConfig(samples=samples, questions=qfile, out=out, workers=2, progress=False)
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(expected)
+    bad = [r for r in rows if r["status"] != "ok" or r["answer"] != expected[r["id"]]]
+    assert not bad, bad[:3]
+    for r in rows:
+        assert r["trace"], r["id"]
+        for call in r["trace"]:
+            patch = call["args"]["patch"]
+            assert all(0 <= v <= 1 for v in patch), call
+    assert summary.get("cache_hits", 0) > 0  # viper and visprog programs share tool calls
