@@ -8,7 +8,7 @@ predictions agree (they should: left padding + attention mask).
 The model is `vpd.tune.model.build_tiny_vlm` (the pipeline's default VLM) when it is
 importable, else the tests' tiny LLaVA; `--model PATH` benches any HF-format VLM.
 
-    .venv/bin/python bench/bench_eval.py --n 48 --batch-size 8
+    .venv/bin/python bench/bench_eval.py --n 24 --batch-size 8
     .venv/bin/python bench/bench_eval.py --model /models/llava-1.5-7b-hf --device cuda --n 256
 """
 
@@ -40,11 +40,12 @@ def _tiny_model(out: Path) -> tuple[Path, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=48, help="questions to evaluate")
+    ap.add_argument("--n", type=int, default=24, help="questions to evaluate")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--model", type=Path, default=None, help="HF-format VLM (default: tiny)")
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs per setting")
     a = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,30 +61,42 @@ def main() -> None:
             f"eval bench: model={what} n={a.n} batch={a.batch_size} "
             f"max_new_tokens={a.max_new_tokens} device={a.device} cores={os.cpu_count()}"
         )
-        runs = {}
-        for bs in (1, a.batch_size):
-            out = root / f"preds-b{bs}.jsonl"
+
+        # The machine may be shared: warm up once, then alternate the two settings and keep
+        # each one's best run, so a burst of someone else's load does not decide the ratio.
+        def once(bs: int, tag: str, limit: int) -> tuple[dict, list[str]]:
+            out = root / f"preds-b{bs}-{tag}.jsonl"
             cfg = EvalConfig(
                 model=str(model),
                 questions=qfile,
                 out=out,
                 batch_size=bs,
                 max_new_tokens=a.max_new_tokens,
-                limit=a.n,
+                limit=limit,
                 device=a.device,
                 progress=False,
             )
             rep = run_eval(cfg)
-            preds = [json.loads(ln)["raw"] for ln in out.read_text().splitlines()]
-            runs[bs] = (rep, preds)
-            print(
-                f"  batch {bs:>3}: {rep['new']} questions, generate {rep['generate_s']:.2f}s, "
-                f"{rep['examples_per_s']:.2f} examples/s"
-            )
+            return rep, [json.loads(ln)["raw"] for ln in out.read_text().splitlines()]
+
+        once(a.batch_size, "warmup", a.batch_size)
+        runs: dict[int, tuple[dict, list[str]]] = {}
+        for rep_i in range(a.repeats):
+            for bs in (1, a.batch_size):
+                rep, preds = once(bs, str(rep_i), a.n)
+                print(
+                    f"  batch {bs:>3} (run {rep_i + 1}): {rep['new']} questions, "
+                    f"generate {rep['generate_s']:.2f}s, {rep['examples_per_s']:.2f} examples/s"
+                )
+                if bs not in runs or rep["examples_per_s"] > runs[bs][0]["examples_per_s"]:
+                    runs[bs] = (rep, preds)
         (r1, p1), (rb, pb) = runs[1], runs[a.batch_size]
         ratio = rb["examples_per_s"] / r1["examples_per_s"]
         same = sum(x == y for x, y in zip(p1, pb, strict=True))
-        print(f"  ratio batch {a.batch_size} / batch 1: {ratio:.2f}x")
+        print(
+            f"  best: batch 1 {r1['examples_per_s']:.2f}/s, batch {a.batch_size} "
+            f"{rb['examples_per_s']:.2f}/s; ratio batch {a.batch_size} / batch 1: {ratio:.2f}x"
+        )
         print(f"  greedy predictions identical: {same}/{len(p1)}")
 
 
