@@ -36,6 +36,7 @@ from vpd.records import ToolCall
 from vpd.tools.protocol import ToolRequest, ToolResponse
 
 DEFAULT_NAMESPACE = "vpd.tools.api:build_namespace"
+_MAX_COORD = 1 << 31  # pixel coordinates beyond this are no image's
 
 
 class _ZygoteGone(Exception):
@@ -59,6 +60,15 @@ class Limits:
     max_tool_calls: int = 200
     max_stdout: int = 16 * 1024
     recursion: int = 200
+    # Tool time is excluded from timeout_s (the server may be batching for others), so
+    # a program's tool calls get their own budget: expensive calls on purpose (huge
+    # strings, thousands of options) cannot stall the shared server for long.
+    tool_time_s: float = 60.0
+    # Per call, checked in the parent before the server sees it: args bigger than this
+    # (JSON bytes), or holding a list longer than max_tool_list, are refused as the
+    # program's error. They bound the parent's cost and the shared cache's memory.
+    max_tool_arg_bytes: int = 64 * 1024
+    max_tool_list: int = 256
 
     def worker_view(self) -> dict[str, Any]:
         return {
@@ -100,6 +110,7 @@ class _Running:
     reader: wire.FrameReader = field(default_factory=wire.FrameReader)
     pid: int | None = None
     trace: list[ToolCall] = field(default_factory=list)
+    tool_s: float = 0.0  # tool server time spent on this program's calls
     result: dict[str, Any] | None = None
     eof_at: float | None = None  # channel closed without a result: waiting for exit status
     killed: str | None = None  # why we killed it (timeout / protocol)
@@ -263,7 +274,7 @@ class SandboxPool:
                     return
                 now = time.monotonic()
                 wake = min((r.eof_at + 2.0 if r.eof_at else r.deadline) for r in running.values())
-                calls: list[tuple[_Running, ToolRequest]] = []
+                calls: list[tuple[_Running, ToolRequest, str | None]] = []
                 for key, _ in sel.select(timeout=max(0.0, wake - now)):
                     if key.data is None:
                         if not self._read_ctrl(by_pid, running):
@@ -349,7 +360,10 @@ class SandboxPool:
                     r.exit = msg
 
     def _read_child(
-        self, r: _Running, calls: list[tuple[_Running, ToolRequest]], sel: selectors.BaseSelector
+        self,
+        r: _Running,
+        calls: list[tuple[_Running, ToolRequest, str | None]],
+        sel: selectors.BaseSelector,
     ) -> None:
         try:
             data = r.sock.recv(1 << 20)
@@ -371,10 +385,18 @@ class SandboxPool:
             t = msg.get("t")
             if t == "call" and r.result is None:
                 op, box, args = msg.get("op"), msg.get("box"), msg.get("args")
+                # The client API only sends boxes the server gave it: anything else (NaN,
+                # inf, absurd magnitudes) means the child was not running the API.
                 ok_box = box is None or (
                     isinstance(box, list)
                     and len(box) == 4
-                    and all(isinstance(v, (int, float)) for v in box)
+                    and all(
+                        isinstance(v, (int, float))
+                        and not isinstance(v, bool)
+                        and math.isfinite(v)
+                        and abs(v) < _MAX_COORD
+                        for v in box
+                    )
                 )
                 if not isinstance(op, str) or not isinstance(args, dict) or not ok_box:
                     self._protocol_error(r, "malformed tool call", sel)
@@ -384,7 +406,8 @@ class SandboxPool:
                     self._protocol_error(r, "tool calls beyond the budget", sel)
                     return
                 box_t = tuple(int(v) for v in box) if box is not None else None
-                calls.append((r, ToolRequest(op=op, image=r.job.image, box=box_t, args=args)))
+                req = ToolRequest(op=op, image=r.job.image, box=box_t, args=args)
+                calls.append((r, req, self._refuse(args)))
             elif t == "done" and r.result is None:
                 r.result = msg
             else:
@@ -401,25 +424,55 @@ class SandboxPool:
             except (KeyError, ValueError):
                 pass
 
-    def _serve(self, calls: list[tuple[_Running, ToolRequest]], tools: ToolHandler) -> None:
-        t0 = time.perf_counter()
-        reqs = [req for _, req in calls]
+    def _refuse(self, args: dict[str, Any]) -> str | None:
+        """Why the parent refuses a call's args before the server sees them (None: fine)."""
         try:
-            resps = tools.call_batch(reqs)
+            size = len(json.dumps(args, ensure_ascii=False, separators=(",", ":")))
+        except (TypeError, ValueError, RecursionError):
+            return "tool arguments must be plain JSON values"
+        if size > self.limits.max_tool_arg_bytes:
+            return f"tool arguments of {size} bytes exceed {self.limits.max_tool_arg_bytes}"
+        for k, v in args.items():
+            if isinstance(v, list) and len(v) > self.limits.max_tool_list:
+                n = self.limits.max_tool_list
+                return f"tool argument {k!r} has {len(v)} items, more than {n}"
+        return None
+
+    def _serve(
+        self, calls: list[tuple[_Running, ToolRequest, str | None]], tools: ToolHandler
+    ) -> None:
+        t0 = time.perf_counter()
+        reqs = [req for _, req, why in calls if why is None]
+        try:
+            resps = iter(tools.call_batch(reqs) if reqs else [])
         except Exception as e:  # a tool server bug must not stop the run
-            resps = [ToolResponse(ok=False, error=f"tool server error: {e}") for _ in reqs]
+            resps = iter([ToolResponse(ok=False, error=f"tool server error: {e}") for _ in reqs])
         ms = (time.perf_counter() - t0) * 1000 / max(1, len(reqs))
-        for (r, req), resp in zip(calls, resps, strict=True):
-            # Tool time is the server's, not the program's: it does not count to the timeout.
-            r.deadline += ms / 1000
-            try:
-                tc = tools.summarize(req, resp.result if resp.ok else None)
-            except Exception:
-                tc = ToolCall(name=req.op, args=req.args, result=str(resp.result)[:200])
+        for r, req, why in calls:
+            if why is not None:
+                resp = ToolResponse(ok=False, error=why)
+                # Refused args may be huge: keep only the patch in the trace.
+                tc = ToolCall(name=req.op, args={}, result="")
+                call_ms = 0.0
+            else:
+                resp = next(resps, None) or ToolResponse(ok=False, error="no answer")
+                call_ms = ms
+                # Tool time is the server's, not the program's: it does not count to the
+                # timeout, but to the program's own tool-time budget.
+                r.deadline += ms / 1000
+                r.tool_s += ms / 1000
+                try:
+                    tc = tools.summarize(req, resp.result if resp.ok else None)
+                except Exception:
+                    tc = ToolCall(name=req.op, args={}, result=str(resp.result)[:200])
             if not resp.ok:
-                tc.result = f"error: {resp.error}"
-            tc.ms = round(ms, 3)
+                tc.result = f"error: {str(resp.error)[:ERROR_MAX]}"
+            tc.ms = round(call_ms, 3)
             r.trace.append(tc)
+            if r.tool_s > self.limits.tool_time_s and not r.killed:
+                r.killed = "tool time"
+                self._kill(r)
+                continue
             reply = {"t": "result", "ok": resp.ok, "result": resp.result, "error": resp.error}
             try:
                 frame = wire.encode(reply)
@@ -449,10 +502,14 @@ class SandboxPool:
             out = m.get("stdout")
             base.stdout = out[: self.limits.max_stdout] if isinstance(out, str) else ""
             return base
-        if r.killed == "timeout":
+        if r.killed in ("timeout", "tool time"):
             if r.eof_at is not None or now > r.deadline + 2.0:
                 base.status = "timeout"
-                base.error = f"timed out after {self.limits.timeout_s:g} s"
+                base.error = (
+                    f"timed out after {self.limits.timeout_s:g} s"
+                    if r.killed == "timeout"
+                    else f"tool calls took over {self.limits.tool_time_s:g} s"
+                )
                 return base
             return None
         if r.killed:

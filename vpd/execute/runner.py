@@ -33,6 +33,9 @@ class ExecuteConfig(BaseModel):
     memory_mb: int = Field(512, ge=16, le=1 << 20, description="Memory a program may allocate.")
     max_tool_calls: int = Field(200, ge=1, description="Tool calls per program.")
     max_stdout: int = Field(16 * 1024, ge=0, description="Bytes of print output kept per program.")
+    tool_time: float = Field(
+        60.0, gt=0, description="Seconds of tool-server time one program may use."
+    )
     namespace: str = Field(DEFAULT_NAMESPACE, description="module:function building the API.")
     shard: str | None = None
     force: bool = False
@@ -44,6 +47,7 @@ class ExecuteConfig(BaseModel):
             memory_mb=self.memory_mb,
             max_tool_calls=self.max_tool_calls,
             max_stdout=self.max_stdout,
+            tool_time_s=self.tool_time,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -55,6 +59,7 @@ class ExecuteConfig(BaseModel):
             "memory_mb": self.memory_mb,
             "max_tool_calls": self.max_tool_calls,
             "max_stdout": self.max_stdout,
+            "tool_time": self.tool_time,
             "namespace": self.namespace,
         }
 

@@ -60,7 +60,9 @@ def recv(fd: int) -> dict[str, Any]:
 def _decode(body: bytes) -> dict[str, Any]:
     try:
         msg = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    # ValueError: integers beyond int_max_str_digits; RecursionError: absurdly deep
+    # nesting. A hostile peer can send either; both are just bad frames.
+    except (ValueError, RecursionError) as e:
         raise WireError(f"bad frame: {e}") from None
     if not isinstance(msg, dict):
         raise WireError("frame is not a JSON object")

@@ -138,7 +138,9 @@ def _make_caller(fd: int, state: _State) -> Callable[[str, Any, dict[str, Any]],
             raise _Budget(state.budget)
         try:
             frame = wire.encode({"t": "call", "op": op, "box": box, "args": args})
-        except (TypeError, ValueError, wire.WireError):
+        except wire.WireError:
+            raise ValueError(f"arguments of tool {op!r} are too large") from None
+        except (TypeError, ValueError, RecursionError):
             raise TypeError(f"arguments of tool {op!r} must be plain values") from None
         wire.write_all(fd, frame)
         reply = wire.recv(fd)
