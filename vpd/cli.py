@@ -500,6 +500,88 @@ def eval_(
     console().print(msg)
 
 
+# ----------------------------------------------------------------------------- tune
+
+
+@app.command()
+def tune(
+    sft: Path = typer.Argument(..., help="SFT JSONL (vpd rationalize output)."),
+    out: Path = typer.Option(..., "--out", help="Output folder; the model lands in OUT/final."),
+    init: str = typer.Option(None, help="tiny (embedded default) or a HF VLM folder/hub id."),
+    recipe: Path = typer.Option(None, help="YAML of tune options (recipes/tune-*.yaml)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a recipe option: key=value."),
+    epochs: float = typer.Option(None, help="Training epochs."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    lr: float = typer.Option(None, help="Peak learning rate."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Examples per device per step."),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
+    lora: bool = typer.Option(None, "--lora/--full", help="LoRA adapters on the LM, or full."),
+    lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank."),
+    freeze: str = typer.Option(None, help="Comma list of vision,projector,lm to keep frozen."),
+    deepspeed: str = typer.Option(None, help="none|zero2|zero3|zero3_offload|PATH.json."),
+    max_length: int = typer.Option(None, "--max-length", help="Max tokens per example."),
+    truncation: str = typer.Option(None, help="drop|truncate examples over --max-length."),
+    task_weights: str = typer.Option(None, "--task-weights", help="e.g. answer=1,rationale=1."),
+    save_steps: int = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
+    seed: int = typer.Option(None, help="Seed (data order, LoRA init, tiny model)."),
+    dtype: str = typer.Option(None, help="auto|float32|bfloat16|float16 (auto: bf16 on GPU)."),
+    chat_template: Path = typer.Option(None, "--chat-template", help="Jinja chat template."),
+    merge: bool = typer.Option(None, "--merge/--no-merge", help="Merge LoRA into OUT/final."),
+    resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue OUT's checkpoint."),
+    force: bool = typer.Option(None, help="Start over if OUT holds a run with other options."),
+    progress: bool = typer.Option(None, help="Show the progress bar."),
+) -> None:
+    """Fine-tune a VLM on SFT records (HF Trainer, optional DeepSpeed ZeRO, LoRA or full).
+
+    Re-running the same command resumes from the last checkpoint, or does nothing when the
+    run is finished. Flags override --recipe values (and --set key=value).
+
+    Example:
+
+      vpd tune runs/demo/sft.jsonl --out runs/demo/model --recipe recipes/tune-cpu.yaml
+
+      vpd tune sft.jsonl --out model --init llava-1.5-7b-hf/ --recipe recipes/tune-gpu.yaml
+        --deepspeed zero2 --set lr=2e-4
+
+      torchrun --nproc_per_node 8 -m vpd.cli tune sft.jsonl --out model --init MODEL
+        --recipe recipes/tune-gpu.yaml --deepspeed zero3
+    """
+    import json
+
+    from vpd.tune import load_tune_config, run_tune
+
+    cfg = load_tune_config(
+        recipe,
+        set_,
+        sft=sft,
+        out=out,
+        init=init,
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lora=lora,
+        lora_r=lora_r,
+        freeze=freeze,
+        deepspeed=deepspeed,
+        max_length=max_length,
+        truncation=truncation,
+        task_weights=task_weights,
+        save_steps=save_steps,
+        seed=seed,
+        dtype=dtype,
+        chat_template=chat_template,
+        merge=merge,
+        resume=resume,
+        force=force,
+        progress=progress,
+    )
+    summary = run_tune(cfg)
+    if summary:  # only rank 0 returns one
+        print(json.dumps(summary, indent=2))
+
+
 # ----------------------------------------------------------------------------- merge
 
 
