@@ -496,6 +496,16 @@ def test_cli_bad_model_paths(tmp_path: Path, synth_dir: Path) -> None:
     assert not Path(out).exists()
 
 
+def test_local_path_typo_is_not_tried_on_the_hub(
+    tmp_path: Path, synth_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    cfg = EvalConfig(model="runs/modle", questions=synth_dir / "test.jsonl", out=tmp_path / "o")
+    with pytest.raises(VpdError, match="model not found: runs/modle"):
+        run_eval(cfg)
+
+
 def test_cli_bad_flags(tmp_path: Path, synth_dir: Path, tiny_vlm: Path) -> None:
     q = str(synth_dir / "test.jsonl")
     out = str(tmp_path / "o.jsonl")

@@ -216,7 +216,11 @@ def _resolve_dtype(dtype: str, device: str) -> str:
 
 
 def _is_hub_id(model: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model))
+    """``org/name`` that is not a local path: "runs/modle" (a typo, with runs/ present) is
+    reported as not found at once instead of after the hub client's retries."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
+        return False
+    return not Path(model.split("/")[0]).exists()
 
 
 def model_digest(model: str) -> str:
