@@ -5,7 +5,12 @@ Measures, in one run:
    same tool answers), no isolation at all;
 2. the sandbox: SandboxPool (zygote, one locked-down child per program) with --workers;
 3. a k=5 workload (5 programs per question asking overlapping tool calls) through a
-   caching tool server, reporting the cache hit rate.
+   caching tool server, reporting the cache hit rate;
+4. the REAL path: `vpd data synth` scenes, the hand-written template programs
+   (tests/template_programs.py, k=5 per question: ViperGPT and VisProg variants), the
+   real ToolServer on the synthetic backend: programs/s through the sandbox (the pool, and
+   the whole `run_execute` stage with its JSONL I/O) vs the same programs in-process
+   (vpd.tools.api.run_inprocess), agreement of the answers, and the real cache hit rate.
 
 Prints programs/s, ms/program, the sandbox/baseline ratio and the per-program overhead.
 
@@ -161,6 +166,81 @@ def main() -> None:
     )
     if real is None:
         print("  (vpd.tools.server not importable: used the bench's stand-in cache)")
+        return
+    real_tools(a.n, a.workers)
+
+
+def real_tools(n: int, workers: int) -> None:
+    """Template programs on synth scenes, real ToolServer: sandbox vs in-process."""
+    import json
+    import tempfile
+
+    from tests.template_programs import viper_program, visprog_program
+    from vpd.data.synth import generate
+    from vpd.execute import ExecuteConfig, run_execute
+    from vpd.records import Sample
+    from vpd.tools.api import run_inprocess
+    from vpd.tools.backends import get_backend
+    from vpd.tools.server import ToolServer
+
+    def server() -> ToolServer:
+        return ToolServer(get_backend("synthetic"))
+
+    questions = max(1, n // 5)
+    with tempfile.TemporaryDirectory(prefix="vpd-bench-exec-") as tmp:
+        root = Path(tmp)
+        generate(root, n=questions, seed=5, test_frac=0.0)
+        qfile = root / "train.jsonl"
+        recs = [json.loads(line) for line in qfile.read_text().splitlines()]
+        samples: list[Sample] = []
+        for rec in recs:
+            vi, vp = viper_program(rec), visprog_program(rec)
+            variants = [("viper", vi), ("visprog", vp) if vp else ("viper", vi)] * 3
+            for k, (syntax, prog) in enumerate(variants[:5]):
+                sid = f"{rec['id']}#{k}"
+                samples.append(Sample(id=sid, qid=rec["id"], k=k, program=prog, syntax=syntax))
+        image = {r["id"]: str((root / r["image"]).resolve()) for r in recs}
+        print(f"real tools (synthetic backend): {len(samples)} programs, k=5 on {len(recs)} "
+              f"questions ({sum(s.syntax == 'visprog' for s in samples)} VisProg)")  # fmt: skip
+
+        srv = server()
+        t0 = time.perf_counter()
+        want = {s.id: run_inprocess(s.program, image[s.qid], srv, s.syntax)[0] for s in samples}
+        base = time.perf_counter() - t0
+        base_rate = _hit_rate(srv)
+
+        srv = server()
+        jobs = [Job(s.id, s.program, image[s.qid], s.syntax) for s in samples]
+        with SandboxPool(Limits(timeout_s=10), workers=workers) as pool:
+            list(pool.run([Job("warm", TRIVIAL.format(i=0), jobs[0].image)], srv))
+            t0 = time.perf_counter()
+            got = {r.id: r.answer for r in pool.run(jobs, srv) if r.status == "ok"}
+            sand = time.perf_counter() - t0
+        sand_rate = _hit_rate(srv)
+        same = sum(got.get(k) == v for k, v in want.items())
+
+        sfile = root / "samples.jsonl"
+        sfile.write_text("".join(s.model_dump_json() + "\n" for s in samples))
+        cfg = ExecuteConfig(
+            samples=sfile, questions=qfile, out=root / "exec.jsonl", workers=workers,
+            progress=False,
+        )  # fmt: skip
+        summary = run_execute(cfg)
+    m = len(samples)
+    print(
+        f"  in-process run_inprocess  {m / base:7.1f} programs/s ({base / m * 1000:6.2f} ms/prog)"
+        f", cache hit rate {base_rate:.0%}\n"
+        f"  sandbox pool (w={workers})      {m / sand:7.1f} programs/s ({sand / m * 1000:6.2f} "
+        f"ms/prog), cache hit rate {sand_rate:.0%}; answers equal in-process: {same}/{m}\n"
+        f"  run_execute stage         {summary['programs_per_s']:7.1f} programs/s "
+        f"(incl. zygote start, JSONL I/O), cache hit rate {summary.get('cache_hit_rate', 0):.0%}"
+        f"\n  sandbox / in-process time ratio: {sand / base:.2f}x"
+    )
+
+
+def _hit_rate(srv: Any) -> float:
+    st = srv.cache_stats()
+    return st["hits"] / max(1, st["hits"] + st["misses"])
 
 
 if __name__ == "__main__":

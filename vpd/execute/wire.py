@@ -60,9 +60,8 @@ def recv(fd: int) -> dict[str, Any]:
 def _decode(body: bytes) -> dict[str, Any]:
     try:
         msg = json.loads(body.decode("utf-8"))
-    # ValueError: integers beyond int_max_str_digits; RecursionError: absurdly deep
-    # nesting. A hostile peer can send either; both are just bad frames.
-    except (ValueError, RecursionError) as e:
+    # ValueError covers integers beyond int_max_str_digits: a hostile peer's bad frame.
+    except ValueError as e:
         raise WireError(f"bad frame: {e}") from None
     if not isinstance(msg, dict):
         raise WireError("frame is not a JSON object")
@@ -87,5 +86,8 @@ class FrameReader:
                 break
             body = bytes(self._buf[_HDR.size : _HDR.size + n])
             del self._buf[: _HDR.size + n]
-            out.append(_decode(body))
+            try:
+                out.append(_decode(body))
+            except RecursionError:  # absurdly deep nesting from a hostile child
+                raise WireError("frame nested too deeply") from None
         return out
