@@ -337,6 +337,75 @@ def test_model_without_chat_template_gets_a_plain_prompt(synth_dir: Path, tmp_pa
     assert rep["prompt_format"] == "plain" and rep["new"] == 2
 
 
+def _build_tiny_paligemma(out: Path) -> Path:
+    """Another family (SigLIP + Gemma, no chat template, the processor expands <image>)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        PreTrainedTokenizerFast,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 16  # (32 / 8) ** 2 patches
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        ),
+        text_config=GemmaConfig(
+            vocab_size=len(WORDS),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            pad_token_id=vocab["<pad>"],
+            bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"],
+        ),
+        image_token_id=vocab["<image>"],
+        projection_dim=32,
+        hidden_size=32,
+    )
+    torch.manual_seed(0)
+    PaliGemmaForConditionalGeneration(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def test_another_vlm_family_paligemma(synth_dir: Path, tmp_path: Path) -> None:
+    model = _build_tiny_paligemma(tmp_path / "paligemma")
+    one = run_eval(_cfg(model, synth_dir, tmp_path / "p1.jsonl", max_new_tokens=4, batch_size=1))
+    four = run_eval(_cfg(model, synth_dir, tmp_path / "p4.jsonl", max_new_tokens=4, batch_size=4))
+    assert one["prompt_format"] == "plain" and one["new"] == four["new"] == one["questions"]
+    p1, p4 = _lines(tmp_path / "p1.jsonl"), _lines(tmp_path / "p4.jsonl")
+    assert [p["raw"] for p in p1] == [p["raw"] for p in p4]
+
+
 def test_resume_fills_only_missing(tiny_vlm: Path, synth_dir: Path, tmp_path: Path):
     out = tmp_path / "r.jsonl"
     first = run_eval(_cfg(tiny_vlm, synth_dir, out, limit=3))

@@ -1,9 +1,12 @@
 """`vpd eval`: direct-answer evaluation of a VLM on a question set.
 
 The model sees each question exactly as VPD trains it to (``vpd rationalize``'s "answer"
-task): the model's own chat template over ``[image, "<question>\\n<ANSWER_SUFFIX>"]``.
-Answers come from batched greedy decoding (left padding), are cleaned (first line, no
-"So the answer is", no trailing punctuation) and scored with ``vpd.verify.score_answer``.
+task): the model's own chat template over ``[image, "<question>\\n<ANSWER_SUFFIX>"]``
+(a processor without a template gets ``"<image>\\n<question>\\n<ANSWER_SUFFIX>"``).
+Answers come from batched greedy decoding (left padding; a batch that runs out of GPU
+memory is split, not lost), are cleaned (first line, no "So the answer is", no edge
+punctuation) and scored with ``vpd.verify.score_answer``; questions without gold answers
+are predicted but not scored.
 
 Outputs (resume contract: ``StageOutput``, shard by question id, meta = model + prompt +
 generation parameters; the batch size and device are not in it since they do not change
