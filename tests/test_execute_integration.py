@@ -286,11 +286,24 @@ ABUSE: list[tuple[str, str, set[str], str | None]] = [
 ]  # fmt: skip
 
 
+# Hostile or broken VisProg programs: refused by its parser (-> violation), never run.
+_VP_END = "\nFINAL_RESULT=RESULT(var=ANSWER0)"
+VISPROG_BAD: list[tuple[str, str, set[str], str | None]] = [
+    ("vp_dunder", 'ANSWER0=EVAL(expr="().__class__")' + _VP_END, {"violation"}, None),
+    ("vp_pow_bomb", 'ANSWER0=EVAL(expr="9 ** 9 ** 9")' + _VP_END, {"violation"}, None),
+    # refused when evaluated (an error), still never run
+    ("vp_str_bomb", "ANSWER0=EVAL(expr=\"'x' * 100000000\")" + _VP_END, {"error"}, None),
+    ("vp_import", "ANSWER0=IMPORT(name='os')" + _VP_END, {"violation"}, None),
+    ("vp_syntax", "BOX0=LOC(image=IMAGE,object='circle'" + _VP_END, {"violation"}, None),
+    ("vp_huge", "BOX0=LOC(image=IMAGE,object='circle')\n" * 5000, {"violation"}, None),
+]
+
+
 def test_escapes_and_tool_abuse_with_benign(
     synth: Path, questions: list[dict[str, Any]], inprocess: dict[str, tuple]
 ) -> None:
     hostile = [(n, p, allowed, None) for n, p, allowed in ESCAPES if not n.startswith("leak_")]
-    hostile += ABUSE
+    hostile += ABUSE + VISPROG_BAD
     path = synth.parent / "samples_hostile.jsonl"
     expect: dict[str, tuple[str, set[str], str | None]] = {}
     with path.open("w") as f:
@@ -299,7 +312,7 @@ def test_escapes_and_tool_abuse_with_benign(
         for i, (name, prog, allowed, answer) in enumerate(hostile):
             rec = questions[i % len(questions)]
             for k, (p, syn, st, ans) in enumerate(
-                [(prog, "viper", allowed, answer),
+                [(prog, "visprog" if name.startswith("vp_") else "viper", allowed, answer),
                  (viper_program(rec), "viper", {"ok"}, inprocess[f"{rec['id']}#0"][0])]
             ):  # fmt: skip
                 sid = f"{rec['id']}#{100 + 2 * i + k}"

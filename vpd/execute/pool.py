@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from vpd.errors import VpdError
 from vpd.execute import wire
-from vpd.execute.static import check_program
+from vpd.execute.static import MAX_SOURCE_BYTES, check_program
 from vpd.execute.worker import ANSWER_MAX, CONFIG_ENV, ERROR_MAX
 from vpd.records import ToolCall
 from vpd.tools.protocol import ToolRequest, ToolResponse
@@ -305,11 +305,13 @@ class SandboxPool:
 
     def _launch(self, job: Job, sel: selectors.BaseSelector, done: deque) -> _Running | None:
         t0 = time.monotonic()
+        why = _check_visprog(job.program) if job.syntax == "visprog" else None
         if job.syntax != "visprog":
             res = check_program(job.program)
-            if not res.ok:
-                done.append(JobResult(job.id, "violation", error=res.reason))
-                return None
+            why = None if res.ok else res.reason
+        if why is not None:
+            done.append(JobResult(job.id, "violation", error=why))
+            return None
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             assert self._ctrl is not None
@@ -558,6 +560,19 @@ class SandboxPool:
         self._stop_zygote()
         self.start()
         sel.register(self._ctrl, selectors.EVENT_READ, None)
+
+
+def _check_visprog(text: str) -> str | None:
+    """A malformed VisProg program is refused before a worker starts, like a ViperGPT one
+    failing the static check (its own parser checks it again in the worker)."""
+    if len(text.encode("utf-8", "replace")) > MAX_SOURCE_BYTES:
+        return f"program larger than {MAX_SOURCE_BYTES} bytes"
+    try:
+        from vpd.tools.visprog import check_visprog
+    except ImportError:  # a custom tool API without VisProg: its worker side decides
+        return None
+    reason = check_visprog(text)
+    return f"VisProg: {reason}" if reason else None
 
 
 def _classify_death(exit: dict[str, Any] | None) -> tuple[str, str]:
