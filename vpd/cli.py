@@ -361,7 +361,7 @@ def execute(
     out: Path = typer.Option(..., "--out", help="Executions JSONL (one record per sample)."),
     timeout: float = typer.Option(10.0, min=0.01, help="Seconds per program (tool time excluded)."),
     workers: int = typer.Option(None, min=1, help="Programs run at once (default: CPU cores)."),
-    backend: str = typer.Option("synthetic", help="Tool backend: synthetic | hf."),
+    backend: str = typer.Option("synthetic", help="Tool backend (registered: synthetic)."),
     memory_mb: int = typer.Option(512, "--memory-mb", min=16, help="Memory per program, MB."),
     max_tool_calls: int = typer.Option(200, "--max-tool-calls", min=1, help="Per program."),
     shard: str = typer.Option(None, help="Process shard i/n of the questions."),
@@ -379,7 +379,7 @@ def execute(
       vpd execute samples.jsonl --questions data/synth/train.jsonl --out exec.jsonl
 
       vpd execute samples.jsonl --questions q.jsonl --out exec.0.jsonl --shard 0/4
-        --workers 16 --timeout 30 --backend hf
+        --workers 16 --timeout 30
     """
     from vpd.execute import ExecuteConfig, run_execute
     from vpd.progress import console
