@@ -364,6 +364,9 @@ def execute(
     backend: str = typer.Option("synthetic", help="Tool backend (registered: synthetic)."),
     memory_mb: int = typer.Option(512, "--memory-mb", min=16, help="Memory per program, MB."),
     max_tool_calls: int = typer.Option(200, "--max-tool-calls", min=1, help="Per program."),
+    tool_time: float = typer.Option(
+        60.0, "--tool-time", min=0.01, help="Seconds of tool-server time per program."
+    ),
     shard: str = typer.Option(None, help="Process shard i/n of the questions."),
     force: bool = typer.Option(False, help="Start --out over if it holds another config."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -393,6 +396,7 @@ def execute(
         workers=workers,
         memory_mb=memory_mb,
         max_tool_calls=max_tool_calls,
+        tool_time=tool_time,
         shard=shard,
         force=force,
         progress=progress,

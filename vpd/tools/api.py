@@ -49,9 +49,17 @@ class _ImageRef:
         return self._size
 
 
+_MAX_COORD = 1 << 31  # far beyond any image; bigger values are a program bug, not a box
+
+
 def _num(v: Any, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{what} must be a number, got {v!r}")
+    # Check ints directly: math.isfinite() on a huge int raises a misleading OverflowError.
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{what} must be finite, got {v!r}")
+    if abs(v) >= _MAX_COORD:
+        raise ValueError(f"{what} is out of range: {v!r:.40}")
     return int(v)
 
 
