@@ -335,6 +335,20 @@ def test_model_without_chat_template_gets_a_plain_prompt(synth_dir: Path, tmp_pa
     model = build_tiny_llava(tmp_path / "plain-llava", chat_template=False)
     rep = run_eval(_cfg(model, synth_dir, tmp_path / "p.jsonl", limit=2))
     assert rep["prompt_format"] == "plain" and rep["new"] == 2
+    # --chat-template FILE supplies one (and is part of the run's identity).
+    tpl = tmp_path / "tpl.jinja"
+    tpl.write_text(TEMPLATE)
+    out = tmp_path / "t.jsonl"
+    rep = run_eval(_cfg(model, synth_dir, out, limit=2, chat_template=tpl))
+    assert rep["prompt_format"] == "file"
+    assert "chat_template" in json.loads(Path(f"{out}.meta.json").read_text())["config"]
+    ref = run_eval(
+        _cfg(build_tiny_llava(tmp_path / "ref"), synth_dir, tmp_path / "r.jsonl", limit=2)
+    )
+    assert ref["prompt_format"] == "model"
+    assert [p["raw"] for p in _lines(out)] == [p["raw"] for p in _lines(tmp_path / "r.jsonl")]
+    with pytest.raises(VpdError, match="--chat-template"):
+        run_eval(_cfg(model, synth_dir, tmp_path / "x.jsonl", chat_template=tmp_path / "no"))
 
 
 def _build_tiny_paligemma(out: Path) -> Path:
@@ -401,7 +415,8 @@ def test_another_vlm_family_paligemma(synth_dir: Path, tmp_path: Path) -> None:
     model = _build_tiny_paligemma(tmp_path / "paligemma")
     one = run_eval(_cfg(model, synth_dir, tmp_path / "p1.jsonl", max_new_tokens=4, batch_size=1))
     four = run_eval(_cfg(model, synth_dir, tmp_path / "p4.jsonl", max_new_tokens=4, batch_size=4))
-    assert one["prompt_format"] == "plain" and one["new"] == four["new"] == one["questions"]
+    # No template shipped: the layout `vpd tune` trains PaliGemma with.
+    assert one["prompt_format"] == "paligemma" and one["new"] == four["new"] == one["questions"]
     p1, p4 = _lines(tmp_path / "p1.jsonl"), _lines(tmp_path / "p4.jsonl")
     assert [p["raw"] for p in p1] == [p["raw"] for p in p4]
 
@@ -610,9 +625,28 @@ def test_eval_the_pipelines_tiny_vlm(synth_dir: Path, tmp_path_factory: pytest.T
     three = run_eval(
         _cfg(root / "model", synth_dir, root / "b3.jsonl", limit=6, max_new_tokens=6, batch_size=3)
     )
-    assert one["prompt_format"] == three["prompt_format"] == "chat_template"
+    assert one["prompt_format"] == three["prompt_format"] == "model"
     assert one["new"] == three["new"] == 6
     p1, p3 = _lines(root / "b1.jsonl"), _lines(root / "b3.jsonl")
     assert [p["raw"] for p in p1] == [p["raw"] for p in p3]
     assert all(p["raw"].strip() for p in p1)  # a real LM says something
     assert "<|im_end|>" not in " ".join(p["raw"] for p in p1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "paligemma"])
+def test_each_tune_family_evaluates_batched_like_unbatched(
+    family: str, synth_dir: Path, tmp_path: Path
+) -> None:
+    """The tuner's tiny model of every supported family: loads, prompts, batches alike."""
+    from vpd.tune.tiny import build_tiny_family
+
+    try:
+        model = build_tiny_family(family, tmp_path / family)
+    except VpdError as e:  # e.g. Qwen2-VL's processor needs torchvision
+        pytest.skip(str(e))
+    one = run_eval(_cfg(model, synth_dir, tmp_path / "1.jsonl", max_new_tokens=4, batch_size=1))
+    four = run_eval(_cfg(model, synth_dir, tmp_path / "4.jsonl", max_new_tokens=4, batch_size=4))
+    assert one["new"] == four["new"] == one["questions"] and one["prompt_format"] == "model"
+    p1, p4 = _lines(tmp_path / "1.jsonl"), _lines(tmp_path / "4.jsonl")
+    assert [p["raw"] for p in p1] == [p["raw"] for p in p4]

@@ -438,6 +438,9 @@ def eval_(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow model code from the model folder/hub."
     ),
+    chat_template: Path = typer.Option(
+        None, "--chat-template", help="Jinja chat template for processors that ship none."
+    ),
     shard: str = typer.Option(None, help="Process shard i/n of the questions."),
     force: bool = typer.Option(False, help="Start --out over if it holds another config."),
     progress: bool = typer.Option(True, help="Show a progress bar and the accuracy table."),
@@ -484,6 +487,7 @@ def eval_(
         device=device,  # type: ignore[arg-type]
         dtype=dtype,  # type: ignore[arg-type]
         trust_remote_code=trust_remote_code,
+        chat_template=chat_template,
         shard=shard,
         force=force,
         progress=progress,

@@ -60,6 +60,7 @@ class EvalConfig(BaseModel):
     limit: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
+    chat_template: Path | None = None  # Jinja file for processors that ship none
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     shard: str | None = None
     force: bool = False
@@ -77,6 +78,13 @@ class EvalConfig(BaseModel):
             raise ValueError(f"metric must be auto or one of {', '.join(METRICS)}, got {v!r}")
         return v
 
+    def template_text(self) -> str | None:
+        if self.chat_template is None:
+            return None
+        if not self.chat_template.is_file():
+            raise VpdError(f"--chat-template {self.chat_template}: file not found")
+        return self.chat_template.read_text(encoding="utf-8")
+
     def fingerprint(self, model_digest: str, dtype: str) -> dict[str, Any]:
         """Options that change the predictions (not batch size, device, limit, progress)."""
         fp: dict[str, Any] = {
@@ -89,6 +97,9 @@ class EvalConfig(BaseModel):
             "max_new_tokens": self.max_new_tokens,
             "metric": self.metric,
         }
+        if self.chat_template is not None:
+            text = self.template_text() or ""
+            fp["chat_template"] = hashlib.sha256(text.encode()).hexdigest()[:16]
         if self.rationale:
             fp.update(
                 rationale_prompt=RATIONALE_SUFFIX,
@@ -316,7 +327,7 @@ class Generator:
     at the size that fitted), so a too-large ``--batch-size`` slows a run, never kills it.
     """
 
-    def __init__(self, model: Any, processor: Any) -> None:
+    def __init__(self, model: Any, processor: Any, chat_template: str | None = None) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -324,25 +335,34 @@ class Generator:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.chat = getattr(processor, "chat_template", None) is not None
+        self.prompt_format = "model"
+        if chat_template is not None:
+            processor.chat_template = chat_template
+            self.prompt_format = "file"
+        elif getattr(processor, "chat_template", None) is None:
+            if getattr(model.config, "model_type", None) == "paligemma":
+                # The layout `vpd tune` trains PaliGemma checkpoints (which ship none) with.
+                from vpd.tune.tiny import PALIGEMMA_CHAT_TEMPLATE
+
+                processor.chat_template = PALIGEMMA_CHAT_TEMPLATE
+                self.prompt_format = "paligemma"
+            else:
+                self.prompt_format = "plain"
+        self.chat = self.prompt_format != "plain"
         self.image_token = getattr(processor, "image_token", None)
         if not self.chat and not self.image_token:
             raise VpdError(
                 "the model's processor has no chat template and no image token, so the VPD "
-                "prompt cannot be built; save a chat template with the model "
-                "(processor.chat_template) or tune it with `vpd tune`"
+                "prompt cannot be built; pass --chat-template FILE (a Jinja template with an "
+                "image slot) or save one with the model (processor.chat_template)"
             )
         self.max_batch: int | None = None  # learned from out-of-memory splits
         self.oom_splits = 0
 
-    @property
-    def prompt_format(self) -> str:
-        return "chat_template" if self.chat else "plain"
-
     def prompt(self, question: str, suffix: str) -> str:
         text = f"{question}\n{suffix}"
         if not self.chat:
-            # Base checkpoints without a template (e.g. PaliGemma): image token + text.
+            # A checkpoint with no template (and no --chat-template): image token + text.
             return f"{self.image_token}\n{text}\n"
         messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
@@ -559,7 +579,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         gen_info: dict[str, Any] = {}
         if todo:
             model, processor = load_model(src, dtype, device, cfg.trust_remote_code)
-            gen = Generator(model, processor)
+            gen = Generator(model, processor, cfg.template_text())
             with (
                 ThreadPoolExecutor(max_workers=1) as pool,
                 progress_bar("eval", len(todo), unit="q", enabled=cfg.progress) as bar,
