@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vpd.errors import VpdError
 from vpd.rationalize import ANSWER_SUFFIX, RATIONALE_SUFFIX
-from vpd.records import Question, Record
+from vpd.records import Prediction, Question
 from vpd.verify import METRICS, normalize_answer, resolve_metric, score_answer
 
 ALL_TYPES = "all"  # the type of questions whose meta names none
@@ -652,7 +652,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     return rep
 
 
-def _predict(gen: Generator, batch: list[tuple[Question, Any]], cfg: EvalConfig) -> list[Record]:
+def _predict(
+    gen: Generator, batch: list[tuple[Question, Any]], cfg: EvalConfig
+) -> list[Prediction]:
     images = [im for _, im in batch]
     qs = [q for q, _ in batch]
     raw = gen.generate(
@@ -681,7 +683,7 @@ def _predict(gen: Generator, batch: list[tuple[Question, Any]], cfg: EvalConfig)
                 else None,
             }
         out.append(
-            Record(
+            Prediction(
                 id=q.id,
                 qid=q.id,
                 prediction=pred,

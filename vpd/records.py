@@ -98,6 +98,21 @@ class Sft(Record):
     messages: list[dict[str, Any]] = Field(min_length=2)
 
 
+class Prediction(Record):
+    """One answer of a VLM from `vpd eval` (``id`` = question id).
+
+    With ``--rationale`` the extra keys ``rationale``, ``rationale_answer`` and
+    ``rationale_score`` are added (absent otherwise).
+    """
+
+    qid: str
+    prediction: str
+    score: float | None = None  # None: the question has no gold answer
+    qtype: str = "all"
+    metric: str = ""
+    raw: str = ""
+
+
 class Reject(BaseModel):
     """A bad input line and why; written to ``<out>.rejects.jsonl``."""
 
