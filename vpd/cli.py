@@ -590,6 +590,107 @@ def tune(
         print(json.dumps(summary, indent=2))
 
 
+# ----------------------------------------------------------------------------- sample / serve
+
+
+@app.command()
+def sample(
+    questions: Path = typer.Argument(..., help="Questions JSONL (vpd data synth/import)."),
+    out: Path = typer.Option(..., "--out", help="Samples JSONL (k records per question)."),
+    k: int = typer.Option(5, "--k", help="Programs per question."),
+    temperature: float = typer.Option(0.5, help="Sampling temperature."),
+    backend: str = typer.Option("local", help="LLM backend: local|openai|vllm."),
+    model: str = typer.Option(None, help="Model (local: HF folder or .gguf; default SmolLM2)."),
+    base_url: list[str] = typer.Option(
+        [], "--base-url", help="OpenAI-compatible server URL, e.g. http://host:8000/v1 (repeat)."
+    ),
+    api_key: str = typer.Option(None, help="API key (default: $OPENAI_API_KEY, else EMPTY)."),
+    concurrency: int = typer.Option(16, help="Requests in flight (openai backend)."),
+    timeout: float = typer.Option(120.0, help="Per-request timeout, seconds (openai)."),
+    max_retries: int = typer.Option(6, help="Retries per request before giving up (openai)."),
+    shots: int = typer.Option(4, help="Few-shot examples retrieved per question."),
+    prompt: str = typer.Option("viper/v1", help="prompts/<family>/<version> or a folder."),
+    syntax: str = typer.Option(None, help="viper|visprog (default: the prompt's family)."),
+    max_tokens: int = typer.Option(256, help="Max new tokens per program."),
+    seed: int = typer.Option(0, help="Base seed (sample k uses seed*1000+k)."),
+    batch_size: int = typer.Option(8, help="Rows per forward pass (local/vllm)."),
+    device: str = typer.Option("auto", help="local backend: auto|cpu|cuda."),
+    shard: str = typer.Option(None, help="Only this shard of the questions: i/n."),
+    force: bool = typer.Option(False, help="Start over if OUT was written with other options."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Ask an LLM for K candidate programs per question (resumable: re-run to continue).
+
+    Example:
+
+      vpd sample data/synth/train.jsonl --out samples.jsonl --k 5 --temperature 0.5
+
+      vpd sample q.jsonl --out s.jsonl --backend openai --concurrency 64
+        --base-url http://gpu1:8000/v1 --base-url http://gpu2:8000/v1
+
+      vpd sample q.jsonl --out s.jsonl --prompt visprog/v1 --shard 0/4
+    """
+    from vpd.llm.config import LLMConfig
+    from vpd.sample import SampleConfig, print_summary, run_sample
+
+    if backend not in ("local", "openai", "vllm"):
+        _fail(f"--backend must be local, openai or vllm, got {backend!r}")
+    if syntax not in (None, "viper", "visprog"):
+        _fail(f"--syntax must be viper or visprog, got {syntax!r}")
+    llm: dict = {"backend": backend, "model": model, "api_key": api_key}
+    llm.update(concurrency=concurrency, timeout_s=timeout, max_retries=max_retries)
+    llm.update(batch_size=batch_size, device=device)
+    if base_url:
+        llm["base_urls"] = base_url
+    try:
+        cfg = SampleConfig(
+            questions=questions,
+            out=out,
+            k=k,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            shots=shots,
+            prompt=prompt,
+            syntax=syntax,
+            seed=seed,
+            llm=LLMConfig(**llm),
+            shard=shard,
+            force=force,
+            progress=progress,
+        )
+    except ValueError as e:  # pydantic ValidationError: one line, not a traceback
+        _fail(f"sample options: {str(e).splitlines()[-2].strip() if chr(10) in str(e) else e}")
+    print_summary(run_sample(cfg))
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(None, help="Model to serve (vLLM: HF id/folder; llama.cpp: .gguf)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="Port."),
+    timeout: float = typer.Option(600.0, help="Seconds to wait for the server to be ready."),
+    extra: list[str] = typer.Option([], "--arg", help="Extra argument for the server (repeat)."),
+) -> None:
+    """Start an OpenAI-compatible LLM server (vLLM, else llama.cpp) and print its base URL.
+
+    Example:
+
+      vpd serve --model Qwen/Qwen2.5-Coder-7B-Instruct --port 8000 --arg=--tensor-parallel-size=2
+
+      vpd serve   # llama.cpp + the embedded SmolLM2 GGUF, when llama-server is installed
+    """
+    from vpd.llm.serve import serve as run_server
+    from vpd.progress import console
+
+    def ready(url: str, cmd: object) -> None:
+        console().print(f"{getattr(cmd, 'kind', 'server')} is ready (Ctrl-C stops it)")
+        print(url, flush=True)  # stdout: the one thing scripts want
+
+    rc = run_server(model, host, port, timeout, extra, on_ready=ready)
+    if rc:
+        raise typer.Exit(rc)
+
+
 # ----------------------------------------------------------------------------- merge
 
 

@@ -1,0 +1,207 @@
+"""``vpd sample``: ask an LLM for k candidate programs per question (resumable).
+
+For each question of the shard, only the missing ``(qid, k)`` samples are asked for. The
+prompt is a versioned template (``prompts/<family>/<version>``) with the ``shots`` pool
+examples most similar to the question text. Every completion becomes a ``Sample`` record,
+written (flushed) as soon as it arrives: a completion holding no usable program is kept
+with ``valid=False`` and the reason, never dropped. A dead LLM server stops the run with a
+one-line error after bounded retries; what was written stays and a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vpd.llm.base import LLM, Completion, GenParams, stream
+from vpd.llm.config import LLMConfig
+from vpd.llm.extract import extract_program
+from vpd.llm.prompt import PromptTemplate
+from vpd.progress import console, progress_bar
+from vpd.records import Question, Sample, Usage, sample_id
+from vpd.store import StageOutput, parse_shard, read_records
+
+RAW_KEEP = 4000  # characters of the raw completion kept on invalid / repaired samples
+
+
+class SampleConfig(BaseModel):
+    """Every option of ``vpd sample`` (CLI flags and the recipe's ``sample:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    questions: Path
+    out: Path
+    k: int = Field(5, ge=1, le=1000)
+    temperature: float = Field(0.5, ge=0)
+    max_tokens: int = Field(256, ge=1)
+    shots: int = Field(4, ge=0)
+    prompt: str = "viper/v1"
+    syntax: Literal["viper", "visprog"] | None = None  # None: from the prompt family
+    seed: int = 0
+    stop: list[str] | None = None  # None: the end of the code block
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    shard: str | None = None
+    force: bool = False
+    progress: bool = True
+
+    def resolved_syntax(self, prompt: PromptTemplate) -> str:
+        return self.syntax or ("visprog" if prompt.family == "visprog" else "viper")
+
+    def resolved_stop(self) -> list[str]:
+        # The closing fence of the answer's code block: nothing after it is program.
+        return list(self.stop) if self.stop is not None else ["\n```"]
+
+    def fingerprint(self, prompt: PromptTemplate) -> dict[str, Any]:
+        """What changes the samples written (k may grow on resume: more samples, same file)."""
+        return {
+            "stage": "sample",
+            "prompt_id": prompt.id,
+            "syntax": self.resolved_syntax(prompt),
+            "shots": self.shots,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "stop": self.resolved_stop(),
+            "llm": self.llm.fingerprint(),
+        }
+
+
+def sample_seed(base: int, k: int) -> int:
+    """Seed of sample k: the same for every question (prompts differ), distinct per k."""
+    return base * 1000 + k
+
+
+def _to_sample(
+    q: Question, k: int, c: Completion, syntax: str, model: str, cfg: SampleConfig, pid: str
+) -> Sample:
+    extra: dict[str, Any] = {"finish_reason": c.finish_reason}
+    if c.error is not None:
+        ex_program, valid, reason, repaired = "", False, f"LLM error: {c.error}", None
+    else:
+        ex = extract_program(c.text, syntax)
+        ex_program, valid, reason, repaired = ex.program, ex.valid, ex.reason, ex.repaired
+        if not valid and c.finish_reason == "length" and reason:
+            reason += " (completion hit max_tokens)"
+    if repaired:
+        extra["repaired"] = repaired
+    if not valid or repaired:
+        extra["raw"] = c.text[:RAW_KEEP]
+    return Sample(
+        id=sample_id(q.id, k),
+        qid=q.id,
+        k=k,
+        program=ex_program,
+        syntax=syntax,  # type: ignore[arg-type]
+        model=model,
+        temperature=cfg.temperature,
+        seed=c.seed,
+        prompt_id=pid,
+        usage=Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
+        latency_s=round(c.latency_s, 4),
+        valid=valid,
+        reason=reason,
+        **extra,
+    )
+
+
+def _chunk_size(cfg: SampleConfig, n: int) -> int:
+    """Questions per LLM call: enough to keep the backend busy, small enough to stream."""
+    if cfg.llm.backend == "openai":
+        return max(1, 4 * cfg.llm.concurrency)
+    if cfg.llm.backend == "vllm":
+        return 256  # vLLM schedules a big batch itself
+    return max(1, cfg.llm.batch_size // max(1, n))
+
+
+def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
+    """Sample ``k`` programs per question into ``cfg.out``; returns a summary dict.
+
+    ``llm``: an already-built LLM (tests, notebooks); by default one is built from
+    ``cfg.llm`` when there is work to do and closed at the end.
+    """
+    t0 = time.perf_counter()
+    prompt = PromptTemplate(cfg.prompt)
+    syntax = cfg.resolved_syntax(prompt)
+    shard = parse_shard(cfg.shard)
+    summary: dict[str, Any] = {
+        "out": str(cfg.out),
+        "prompt_id": prompt.id,
+        "questions": 0,
+        "written": 0,
+        "valid": 0,
+        "invalid": 0,
+        "already_done": 0,
+        "rejected": 0,
+    }
+    owned_llm: LLM | None = None
+    with StageOutput(cfg.out, cfg.fingerprint(prompt), shard=shard, force=cfg.force) as so:
+        todo: dict[tuple[int, ...], list[Question]] = defaultdict(list)
+        n_todo = 0
+        for q in read_records(cfg.questions, Question, so.rejects):
+            if not so.owns(q.id):
+                continue
+            summary["questions"] += 1
+            missing = tuple(k for k in range(cfg.k) if not so.done(sample_id(q.id, k)))
+            summary["already_done"] += cfg.k - len(missing)
+            if missing:
+                todo[missing].append(q)
+                n_todo += len(missing)
+        summary["rejected"] = so.rejects.count
+        if n_todo == 0:
+            summary["wall_s"] = round(time.perf_counter() - t0, 3)
+            return summary
+        if llm is None:
+            from vpd.llm import make_llm
+
+            llm = owned_llm = make_llm(cfg.llm)
+        tokens = [0, 0]
+        try:
+            with progress_bar("sample", n_todo, "samples", enabled=cfg.progress) as bar:
+                for ks, qs in todo.items():
+                    params = GenParams(
+                        n=len(ks),
+                        temperature=cfg.temperature,
+                        max_tokens=cfg.max_tokens,
+                        stop=cfg.resolved_stop(),
+                        seeds=[sample_seed(cfg.seed, k) for k in ks],
+                    )
+                    step = _chunk_size(cfg, len(ks))
+                    for s in range(0, len(qs), step):
+                        chunk = qs[s : s + step]
+                        batch = [prompt.messages(q.question, cfg.shots) for q in chunk]
+                        for i, c in stream(llm, batch, params):
+                            q, k = chunk[i], ks[c.index]
+                            rec = _to_sample(q, k, c, syntax, llm.name, cfg, prompt.id)
+                            so.write(rec)
+                            summary["valid" if rec.valid else "invalid"] += 1
+                            tokens[0] += c.prompt_tokens
+                            tokens[1] += c.completion_tokens
+                            bar.advance()
+                        so.sync()
+        finally:
+            summary["written"] = so.written
+            if owned_llm is not None:
+                owned_llm.close()
+    wall = time.perf_counter() - t0
+    summary.update(
+        model=llm.name,
+        prompt_tokens=tokens[0],
+        completion_tokens=tokens[1],
+        wall_s=round(wall, 3),
+        samples_per_s=round(summary["written"] / wall, 3) if wall > 0 else None,
+    )
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    msg = (
+        f"sample -> {s['out']}: {s['written']} written ({s['valid']} valid, {s['invalid']} "
+        f"without a usable program), {s['already_done']} already done, {s['rejected']} rejected"
+    )
+    if s.get("samples_per_s"):
+        msg += f"; {s['samples_per_s']} samples/s"
+    console().print(msg)
