@@ -71,10 +71,6 @@ class RunPaths:
     def model(self) -> Path:
         return self.root / "model"
 
-    @property
-    def base_model(self) -> Path:
-        return self.root / "base-model"
-
     def preds(self, which: str) -> Path:
         return self.root / "eval" / f"{which}.jsonl"
 
@@ -268,8 +264,9 @@ def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
     if init == "tiny":
         from vpd.tune.model import build_tiny_vlm
 
+        # The very model `vpd tune --init tiny` starts from (same builder, same seed, cached).
         seed = (recipe.get("tune") or {}).get("seed", 0)
-        return str(build_tiny_vlm(p.base_model, seed=seed))
+        return str(build_tiny_vlm(seed=seed))
     return str(init)
 
 
