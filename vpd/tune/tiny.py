@@ -28,7 +28,7 @@ PALIGEMMA_CHAT_TEMPLATE = (
     "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
     "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{{- '<|im_end|>' -}}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
     "{%- endfor -%}"
 )
 

@@ -253,8 +253,9 @@ def setup_trainable(model: Any, cfg: TuneConfig) -> tuple[Any, dict[str, Any]]:
         keep = [n for p in trainable for n in parts[p]]
         for name, param in model.named_parameters():
             param.requires_grad = _under(name.rsplit(".", 1)[0], keep) or _under(name, keep)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 leaves empty placeholders; ds_numel is the real size.
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return model, {
         "method": "lora" if use_lora else "full",
         "trained_parts": trainable,
@@ -379,6 +380,10 @@ def _load_processor(path: str, cfg: TuneConfig) -> Any:
         if not cfg.chat_template.is_file():
             raise VpdError(f"--chat-template {cfg.chat_template}: file not found")
         processor.chat_template = cfg.chat_template.read_text(encoding="utf-8")
+    elif getattr(processor, "chat_template", None) is None and _model_type(path) == "paligemma":
+        from vpd.tune.tiny import PALIGEMMA_CHAT_TEMPLATE
+
+        processor.chat_template = PALIGEMMA_CHAT_TEMPLATE
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "right"
     if tok.pad_token is None:
@@ -444,6 +449,12 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
         gradient_checkpointing=cfg.gradient_checkpointing,
         ddp_find_unused_parameters=False,
     )
+    if ds_path and not cuda:
+        # On CPU, accelerate sets up plain gloo DDP and never tells DeepSpeed's comm layer,
+        # which then believes world_size == 1; hand it the process group explicitly.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     with RejectWriter(out / "sft.rejects.jsonl") if _rank() == 0 else _Null() as rejects:
         dataset, stats = tdata.prepare(
             Path(cfg.sft),
@@ -566,7 +577,11 @@ def _merge_lora(init_path: str, adapter: Path, final: Path, cfg: TuneConfig) -> 
     import torch
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    # Training is over: on rank 0 alone the base must load whole, not through ZeRO-3's
+    # partitioned init (whose collectives would wait forever for the other ranks).
+    unset_hf_deepspeed_config()
     base = AutoModelForImageTextToText.from_pretrained(
         init_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
     )
