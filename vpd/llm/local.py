@@ -50,6 +50,27 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+class _NewTextStop:
+    """Stops a row once its GENERATED text holds a stop string (the prompt is ignored)."""
+
+    def __init__(self, tok: Any, stop: list[str], prompt_len: int) -> None:
+        self.tok, self.stop, self.plen = tok, [s for s in stop if s], prompt_len
+        # Decode a short tail only: a stop string spans at most a few tokens.
+        self.tail = max(8, 2 * max((len(s) for s in self.stop), default=1))
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        new = input_ids[:, self.plen :]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if new.shape[1] == 0:
+            return done
+        tails = self.tok.batch_decode(new[:, -self.tail :], skip_special_tokens=True)
+        for r, text in enumerate(tails):
+            done[r] = any(s in text for s in self.stop)
+        return done
+
+
 class LocalLLM:
     """``LLM`` running a causal LM with ``transformers`` in this process."""
 
@@ -128,6 +149,7 @@ class LocalLLM:
         self, texts: list[str], params: GenParams, seeds: list[int | None]
     ) -> list[Completion]:
         import torch
+        from transformers import StoppingCriteriaList
 
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -139,8 +161,12 @@ class LocalLLM:
         }
         if sample:
             gen_kw.update(temperature=params.temperature, top_p=1.0, top_k=0)
+        plen = enc["input_ids"].shape[1]
         if params.stop:
-            gen_kw.update(stop_strings=params.stop, tokenizer=self.tok)
+            # Not HF's stop_strings: those also match across the prompt ("...assistant\n```").
+            gen_kw["stopping_criteria"] = StoppingCriteriaList(
+                [_NewTextStop(self.tok, params.stop, plen)]
+            )
         # One seed per batch, derived from its rows' seeds, so the same batch replays exactly.
         known = [s for s in seeds if s is not None]
         batch_seed = (sum(known) * 1_000_003 + len(known)) % (2**63) if known else None
@@ -151,7 +177,6 @@ class LocalLLM:
             with torch.inference_mode():
                 ids = self.model.generate(**enc, **gen_kw)
         dt = time.perf_counter() - t0
-        plen = enc["input_ids"].shape[1]
         new = ids[:, plen:]
         eos = {self.tok.eos_token_id, self.tok.pad_token_id}
         comps = []

@@ -58,6 +58,12 @@ def _summary(doc: str | None) -> str:
     return " ".join(" ".join(lines).split())
 
 
+def _first_sentence(text: str) -> str:
+    """The first sentence (the prompt stays short: small LMs pay for every token)."""
+    m = re.match(r"(.+?[.!?])(\s|$)", text)
+    return m.group(1) if m else text
+
+
 def _attributes(doc: str) -> list[tuple[str, str, str]]:
     """``(name, type, description)`` from the class docstring's ``Attributes`` section."""
     text = inspect.cleandoc(doc)
@@ -124,22 +130,22 @@ def render_api_spec() -> str:
     lines = ["class ImagePatch:", f'    """{_summary(ImagePatch.__doc__)}"""', ""]
     for a in attrs:
         t, d = doc_attrs[a]
-        lines.append(f"    {a}: {t}  # {d}")
+        lines.append(f"    {a}: {t}  # {_first_sentence(d)}")
     lines.append("")
     init = vars(ImagePatch)["__init__"]
     lines.append(f"    def __init__{_signature(init, False)}:")
-    lines.append(f'        """{_summary(init.__doc__)}"""')
+    lines.append(f'        """{_first_sentence(_summary(init.__doc__))}"""')
     for m in methods:
         fn = vars(ImagePatch)[m]
         lines.append("")
         lines.append(f"    def {m}{_signature(fn, False)}:")
-        lines.append(f'        """{_summary(fn.__doc__)}"""')
+        lines.append(f'        """{_first_sentence(_summary(fn.__doc__))}"""')
     ns = build_namespace(lambda op, box, args: None)
     for h in helpers:
         fn = ns[h]
         lines.append("")
         lines.append(f"def {h}{_signature(fn, False)}:")
-        lines.append(f'    """{_summary(fn.__doc__)}"""')
+        lines.append(f'    """{_first_sentence(_summary(fn.__doc__))}"""')
     return "\n".join(lines).replace("'ImagePatch'", "ImagePatch") + "\n"
 
 
