@@ -69,6 +69,8 @@ class FakeOpenAIServer:
         self.model_hits = 0
         self.requests: list[dict[str, Any]] = []  # chat request bodies, in arrival order
         self.actions: list[str] = []
+        self.in_flight = 0
+        self.max_in_flight = 0  # most chat requests being answered at once
         self._stop_hang = threading.Event()
         server = self
 
@@ -110,7 +112,13 @@ class FakeOpenAIServer:
                     server.requests.append(body)
                     action = server.script.pop(0) if server.script else server.default
                     server.actions.append(action)
-                server._respond(self, action, body)
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    server._respond(self, action, body)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
