@@ -106,6 +106,7 @@ class OpenAILLM:
         self._sem: asyncio.Semaphore | None = None
         self._model = cfg.model
         self.name = cfg.model or "?"
+        self._dead: str | None = None  # set once a request exhausted its retries
         self.requests = 0  # HTTP requests sent (retries included)
         self.retries = 0
 
@@ -124,6 +125,7 @@ class OpenAILLM:
         if not batch:
             return
         seeds = params.sample_seeds()
+        self._dead = None
         self._run(self._ensure_model())
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.cfg.concurrency)
@@ -211,6 +213,9 @@ class OpenAILLM:
         """Run ``call(server)`` with bounded retries; raise ``LLMUnavailable`` when spent."""
         last = ""
         for attempt in range(self.cfg.max_retries + 1):
+            if self._dead is not None:
+                # Another request already gave up: do not keep hammering a dead server.
+                raise LLMUnavailable(self._dead)
             server = self._pick()
             server.in_flight += 1
             self.requests += 1
@@ -226,10 +231,11 @@ class OpenAILLM:
                 server.in_flight -= 1
                 server.served += 1
             await asyncio.sleep(delay)
-        raise LLMUnavailable(
+        self._dead = (
             f"LLM server unavailable: {what} failed {self.cfg.max_retries + 1} times "
             f"(last error: {last}); check --base-url and that the server is up"
         )
+        raise LLMUnavailable(self._dead)
 
     async def _classify(self, call: Any, server: _Server) -> Any:
         """Map the client's exceptions to retry / give-up decisions."""
