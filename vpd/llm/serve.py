@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -86,6 +87,11 @@ def serve(
     cmd = server_command(model, host, port, extra)
     base_url = f"http://{host}:{port}/v1"
     proc = subprocess.Popen(cmd.argv)  # noqa: S603 - argv built above, no shell
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # run the cleanup below: never leave the server orphaned
+
+    old = signal.signal(signal.SIGTERM, on_term)
     try:
         wait_ready(base_url, proc, timeout_s)
         if callable(on_ready):
@@ -94,6 +100,7 @@ def serve(
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGTERM, old)
         if proc.poll() is None:
             proc.terminate()
             try:
