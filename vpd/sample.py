@@ -42,6 +42,9 @@ class SampleConfig(BaseModel):
     prompt: str = "viper/v1"
     syntax: Literal["viper", "visprog"] | None = None  # None: from the prompt family
     seed: int = 0
+    # Sample only the first N questions (file order, after sharding); None: all. A cheap
+    # run can program a subset and train the rest on labels (`vpd rationalize --add-labelled`).
+    limit: int | None = Field(None, ge=1)
     stop: list[str] | None = None  # None: the end of the code block
     llm: LLMConfig = Field(default_factory=LLMConfig)
     shard: str | None = None
@@ -144,6 +147,8 @@ def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
         for q in read_records(cfg.questions, Question, so.rejects):
             if not so.owns(q.id):
                 continue
+            if cfg.limit is not None and summary["questions"] >= cfg.limit:
+                break
             summary["questions"] += 1
             missing = tuple(k for k in range(cfg.k) if not so.done(sample_id(q.id, k)))
             summary["already_done"] += cfg.k - len(missing)
