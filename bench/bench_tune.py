@@ -1,0 +1,144 @@
+"""Training throughput and peak memory of `vpd tune` on CPU: LoRA vs full fine-tuning.
+
+Runs the embedded tiny VLM (SmolLM2-135M + small SigLIP, 49 image tokens) for a few
+optimizer steps on generated shape images, each configuration in its own process so its
+peak RSS is its own, and prints examples/s, peak RSS and the LoRA/full ratios.
+
+    .venv/bin/python bench/bench_tune.py --steps 6 --batch-size 8
+    .venv/bin/python bench/bench_tune.py --init /tmp/tiny-llava --steps 4   # any HF VLM
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def make_sft(folder: Path, n: int, seed: int = 0) -> Path:
+    """n short answer/rationale records over drawn circle images (like the synthetic scenes)."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    path = folder / "sft.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            k = rng.randint(1, 5)
+            im = Image.new("RGB", (256, 256), "white")
+            d = ImageDraw.Draw(im)
+            for _ in range(k):
+                x, y = rng.randint(0, 210), rng.randint(0, 210)
+                d.ellipse([x, y, x + 40, y + 40], fill=rng.choice(["red", "blue", "green"]))
+            im.save(folder / "img" / f"{i}.png")
+            task = "answer" if i % 2 else "rationale"
+            text = (
+                str(k)
+                if task == "answer"
+                else f"I look for circles with find('circle'). It returns {k} patches. "
+                f"So the answer is {k}."
+            )
+            rec = {
+                "id": f"b{i}",
+                "image": f"img/{i}.png",
+                "task": task,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image"},
+                            {"type": "text", "text": "How many circles?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": text}]},
+                ],
+            }
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def child(args: argparse.Namespace) -> None:
+    """One configuration; prints its summary + peak RSS as a JSON line."""
+    from vpd.tune import load_tune_config, run_tune
+
+    cfg = load_tune_config(
+        sft=args.sft,
+        out=args.out,
+        init=args.init,
+        lora=args.mode == "lora",
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=256,
+        save_steps=10_000,
+        merge=False,
+        progress=False,
+    )
+    s = run_tune(cfg)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps({**s, "peak_rss_mb": round(rss_mb)}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--init", default="tiny")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
+    ap.add_argument("--sft", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.mode = args.child
+        child(args)
+        return
+    if args.init == "tiny":  # build once, outside the timed children
+        from vpd.tune.model import build_tiny_vlm
+
+        build_tiny_vlm()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sft = make_sft(Path(tmp) / "data", args.examples)
+        for mode in ("full", "lora"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--sft",
+                str(sft),
+                "--out",
+                str(Path(tmp) / mode),
+                "--init",
+                args.init,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+            results[mode] = json.loads(line[len("RESULT ") :])
+    print(f"model: {args.init}  steps: {args.steps}  batch: {args.batch_size}  (CPU, fp32)")
+    print(f"{'mode':6} {'ex/s':>7} {'s/step':>7} {'peak RSS MB':>12} {'trainable':>12}")
+    for mode, r in results.items():
+        print(
+            f"{mode:6} {r['examples_per_s']:7.2f} {r['train_s'] / max(r['steps'], 1):7.2f} "
+            f"{r['peak_rss_mb']:12d} {r['trainable_params']:12,d}"
+        )
+    f, lo = results["full"], results["lora"]
+    print(
+        f"LoRA/full: speed x{lo['examples_per_s'] / max(f['examples_per_s'], 1e-9):.2f}, "
+        f"peak RSS x{lo['peak_rss_mb'] / max(f['peak_rss_mb'], 1):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
