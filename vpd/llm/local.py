@@ -124,35 +124,31 @@ class LocalLLM:
 
     def generate(self, batch: list[Messages], params: GenParams) -> list[list[Completion]]:
         seeds = params.sample_seeds()
-        rows = [(ci, j) for ci in range(len(batch)) for j in range(params.n)]
         prompts = [
             self.tok.apply_chat_template(
                 _flat_content(m), tokenize=False, add_generation_prompt=True
             )
             for m in batch
         ]
-        out: list[list[Completion]] = [[] for _ in batch]
-        bs = self.cfg.batch_size
-        for start in range(0, len(rows), bs):
-            chunk = rows[start : start + bs]
-            texts = [prompts[ci] for ci, _ in chunk]
-            base = [seeds[j] for _, j in chunk]
-            for (ci, _), c in zip(chunk, self._run(texts, params, base), strict=True):
-                out[ci].append(c)
-        for ci, comps in enumerate(out):
-            for j, c in enumerate(comps):
-                c.index = j
-            out[ci] = comps
+        out: list[list[Completion]] = []
+        # Conversations per forward pass: their n samples each share one prompt prefill.
+        per = max(1, self.cfg.batch_size // max(1, params.n))
+        for start in range(0, len(prompts), per):
+            out.extend(self._run(prompts[start : start + per], params, seeds))
         return out
 
     def _run(
         self, texts: list[str], params: GenParams, seeds: list[int | None]
-    ) -> list[Completion]:
+    ) -> list[list[Completion]]:
+        """``params.n`` completions for each of ``texts`` (one generate call)."""
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import DynamicCache, StoppingCriteriaList
 
+        n = params.n
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
+        ids = enc["input_ids"].to(self.device)
+        mask = enc["attention_mask"].to(self.device)
+        plen = ids.shape[1]
         sample = params.temperature > 0
         gen_kw: dict[str, Any] = {
             "max_new_tokens": params.max_tokens,
@@ -161,43 +157,60 @@ class LocalLLM:
         }
         if sample:
             gen_kw.update(temperature=params.temperature, top_p=1.0, top_k=0)
-        plen = enc["input_ids"].shape[1]
         if params.stop:
             # Not HF's stop_strings: those also match across the prompt ("...assistant\n```").
             gen_kw["stopping_criteria"] = StoppingCriteriaList(
                 [_NewTextStop(self.tok, params.stop, plen)]
             )
-        # One seed per batch, derived from its rows' seeds, so the same batch replays exactly.
+        # One seed per call, derived from its rows' seeds, so the same call replays exactly.
         known = [s for s in seeds if s is not None]
-        batch_seed = (sum(known) * 1_000_003 + len(known)) % (2**63) if known else None
+        call_seed = (sum(known) * 1_000_003 + len(known) * len(texts)) % (2**63) if known else None
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[] if self.device == "cpu" else None):
-            if batch_seed is not None:
-                torch.manual_seed(batch_seed)
+            if call_seed is not None:
+                torch.manual_seed(call_seed)
             with torch.inference_mode():
-                ids = self.model.generate(**enc, **gen_kw)
+                if n > 1 and plen > 1:
+                    # Prefill each prompt once (all but its last token), then copy the KV
+                    # cache for its n samples: prefill is most of the cost on a CPU.
+                    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                    cache = DynamicCache()
+                    self.model(
+                        input_ids=ids[:, :-1],
+                        attention_mask=mask[:, :-1],
+                        position_ids=pos[:, :-1],
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                    cache.batch_repeat_interleave(n)
+                    gen_kw["past_key_values"] = cache
+                exp_ids = ids.repeat_interleave(n, dim=0)
+                exp_mask = mask.repeat_interleave(n, dim=0)
+                gen = self.model.generate(input_ids=exp_ids, attention_mask=exp_mask, **gen_kw)
         dt = time.perf_counter() - t0
-        new = ids[:, plen:]
+        new = gen[:, plen:]
         eos = {self.tok.eos_token_id, self.tok.pad_token_id}
-        comps = []
-        for r in range(len(texts)):
+        out: list[list[Completion]] = [[] for _ in texts]
+        for r in range(new.shape[0]):
+            ci, j = divmod(r, n)
             toks = new[r].tolist()
             n_tok = next((i for i, t in enumerate(toks) if t in eos), None)
             ended = n_tok is not None
             toks = toks[:n_tok] if ended else toks
             text = self.tok.decode(toks, skip_special_tokens=True)
             text, stopped = _cut_at_stop(text, params.stop)
-            comps.append(
+            out[ci].append(
                 Completion(
                     text=text,
-                    prompt_tokens=int(enc["attention_mask"][r].sum()),
-                    completion_tokens=len(toks) if not stopped else len(toks),
+                    prompt_tokens=int(mask[ci].sum()),
+                    completion_tokens=len(toks),
                     latency_s=dt,
-                    seed=seeds[r],
+                    seed=seeds[j],
                     finish_reason="stop" if (ended or stopped) else "length",
+                    index=j,
                 )
             )
-        return comps
+        return out
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
