@@ -100,6 +100,16 @@ def test_resume_asks_only_missing_samples_and_k_can_grow(tmp_path: Path) -> None
     assert len(ids) == len(set(ids)) == 20
 
 
+def test_limit_takes_the_first_questions(tmp_path: Path) -> None:
+    _questions(tmp_path / "q.jsonl", n=6)
+    with FakeOpenAIServer() as srv:
+        s = run_sample(_cfg(tmp_path, srv, limit=2))
+        assert s["questions"] == 2 and s["written"] == 6
+        s = run_sample(_cfg(tmp_path, srv, limit=4))  # a higher limit continues the file
+    assert s["written"] == 6 and {r.qid for r in _read(tmp_path / "s.jsonl")} == {
+        "q0", "q1", "q2", "q3"}  # fmt: skip
+
+
 def test_meta_mismatch_and_force(tmp_path: Path) -> None:
     _questions(tmp_path / "q.jsonl", n=2)
     with FakeOpenAIServer() as srv:
