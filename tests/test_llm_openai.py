@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tests.fake_openai_server import FakeOpenAIServer
+from vpd.errors import VpdError
 from vpd.llm import GenParams, LLMConfig, make_llm
 from vpd.llm.base import LLMUnavailable
 
@@ -128,3 +129,14 @@ def test_bad_options_are_clear() -> None:
         LLMConfig(backend="openai", base_urls=["localhost:8000"])
     with pytest.raises(ValueError):
         LLMConfig(backend="nope")
+
+
+def test_vllm_backend_without_vllm_says_what_to_do() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(VpdError, match=r"vllm is not installed; pip install vpd\[vllm\]"):
+        make_llm(LLMConfig(backend="vllm", model="any"))
