@@ -1,0 +1,119 @@
+"""End to end: a shrunken demo recipe through every stage, killed mid-stage and resumed.
+
+Slow (a few minutes on 2 cores) but it is the one test that proves the pipeline works as a
+whole, so CI runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+RECIPE = {
+    "name": "tiny-e2e",
+    "data": {"source": "synth", "n": 30, "seed": 3, "test_frac": 0.2},
+    "sample": {
+        "k": 2,
+        "temperature": 0.5,
+        "shots": 2,
+        "max_tokens": 128,
+        "limit": 8,
+        "llm": {"backend": "local", "batch_size": 4},
+    },
+    "execute": {"backend": "synthetic", "timeout": 10, "workers": 2},
+    "verify": {"policy": "all"},
+    "rationalize": {"mode": "template", "add_labelled": True},
+    "tune": {"init": "tiny", "max_steps": 3, "batch_size": 4, "max_length": 256, "lr": 1e-4},
+    "eval": {"batch_size": 6, "max_new_tokens": 6, "limit": 6},
+}
+
+
+def _vpd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vpd.cli", *args]
+
+
+def _lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    run = tmp_path / "run"
+    cmd = _vpd("run", str(recipe), "--run-dir", str(run))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    # Start, wait until sampling has written something, then kill -9 the whole group.
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    samples = run / "samples.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if len(_lines(samples)) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(_lines(samples))
+    assert 2 <= partial < 16
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+    # Every stage finished, each unit of work exactly once.
+    for stage in ("data", "sample", "execute", "verify", "rationalize", "tune", "eval"):
+        assert (run / "stages" / f"{stage}.json").exists(), stage
+    sample_ids = [s["id"] for s in _lines(samples)]
+    assert len(sample_ids) == len(set(sample_ids)) == 8 * 2
+    exec_ids = [e["id"] for e in _lines(run / "executions.jsonl")]
+    assert sorted(exec_ids) == sorted(sample_ids)
+    verified = _lines(run / "verified.jsonl")
+    assert sorted(v["id"] for v in verified) == sorted(sample_ids)
+    sft = _lines(run / "sft.jsonl")
+    assert len({r["id"] for r in sft}) == len(sft) > 0
+    train_q = len(_lines(run / "data" / "train.jsonl"))
+    # add_labelled: every training question contributes an answer record.
+    assert sum(r["task"] == "answer" for r in sft) == train_q
+    assert (run / "model" / "final" / "config.json").exists()
+    test_q = len(_lines(run / "data" / "test.jsonl"))
+    for which in ("untuned", "tuned"):
+        preds = _lines(run / "eval" / f"{which}.jsonl")
+        assert len(preds) == min(6, test_q) > 0
+        assert (run / "eval" / f"{which}.jsonl.report.json").exists()
+
+    # The report agrees with the files.
+    rep = json.loads((run / "report.json").read_text())
+    f = rep["funnel"]
+    assert f["samples"] == 16 and f["questions_train"] == train_q
+    assert sum(f["executions"].values()) == 16
+    assert f["kept"] == sum(v["kept"] for v in verified)
+    assert set(rep["accuracy"]) == {"untuned", "tuned"}
+    assert all(s["state"] == "done" for s in rep["stages"])
+    md = (run / "report.md").read_text()
+    assert "## Funnel" in md and "## Test accuracy" in md
+    for png in ("funnel.png", "loss.png", "accuracy.png"):
+        assert (run / png).stat().st_size > 1000, png
+
+    # A re-run after completion does nothing and changes nothing.
+    before = samples.read_bytes()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("(skipped)") == 7
+    assert samples.read_bytes() == before
+
+    st = subprocess.run(_vpd("status", str(run)), capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0 and "partial" not in st.stderr + st.stdout
