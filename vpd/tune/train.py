@@ -360,7 +360,7 @@ def _init_path(cfg: TuneConfig) -> str:
     if cfg.init == "tiny":
         from vpd.tune.model import build_tiny_vlm
 
-        return str(build_tiny_vlm(seed=cfg.seed))
+        return str(build_tiny_vlm(seed=cfg.seed, lm_layers=cfg.tiny_lm_layers))
     from vpd.tune.model import resolve_model_dir
 
     path = resolve_model_dir(cfg.init)
@@ -405,7 +405,7 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
         return {**{k: v for k, v in done.items() if k != "config"}, "skipped": True}
 
     import torch
-    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments
+    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments, set_seed
 
     from vpd.store import RejectWriter
     from vpd.tune import data as tdata
@@ -446,7 +446,7 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
         dataloader_num_workers=cfg.num_workers,
         disable_tqdm=True,
         use_cpu=not cuda,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         ddp_find_unused_parameters=False,
     )
     if ds_path and not cuda:
@@ -467,6 +467,9 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
             rejects=rejects if _rank() == 0 else None,
             progress=cfg.progress and _rank() == 0,
         )
+    # Seed before the model exists: LoRA's A matrices (and any new heads) are drawn at wrap
+    # time, before Trainer would seed, and two runs of one command must start identical.
+    set_seed(cfg.seed)
     # Weights load in fp32; bf16/fp16 come from autocast (or DeepSpeed), the usual recipe.
     model = AutoModelForImageTextToText.from_pretrained(
         init_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
