@@ -265,8 +265,8 @@ def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
         from vpd.tune.model import build_tiny_vlm
 
         # The very model `vpd tune --init tiny` starts from (same builder, same seed, cached).
-        seed = (recipe.get("tune") or {}).get("seed", 0)
-        return str(build_tiny_vlm(seed=seed))
+        tune = recipe.get("tune") or {}
+        return str(build_tiny_vlm(seed=tune.get("seed", 0), lm_layers=tune.get("tiny_lm_layers")))
     return str(init)
 
 
