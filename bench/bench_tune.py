@@ -70,6 +70,7 @@ def child(args: argparse.Namespace) -> None:
         sft=args.sft,
         out=args.out,
         init=args.init,
+        tiny_lm_layers=args.tiny_lm_layers,
         lora=args.mode == "lora",
         max_steps=args.steps,
         batch_size=args.batch_size,
@@ -80,12 +81,17 @@ def child(args: argparse.Namespace) -> None:
     )
     s = run_tune(cfg)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Fastest step (steps 2..N): on a shared machine the mean mostly measures the neighbours.
+    rows = [json.loads(x) for x in (Path(args.out) / "loss.jsonl").read_text().splitlines()]
+    gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False)]
+    s["best_step_s"] = round(min(gaps), 2) if gaps else s["train_s"]
     print("RESULT " + json.dumps({**s, "peak_rss_mb": round(rss_mb)}), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", default="tiny")
+    ap.add_argument("--tiny-lm-layers", type=int, default=None, help="init=tiny: keep N layers")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--examples", type=int, default=64)
@@ -100,7 +106,7 @@ def main() -> None:
     if args.init == "tiny":  # build once, outside the timed children
         from vpd.tune.model import build_tiny_vlm
 
-        build_tiny_vlm()
+        build_tiny_vlm(lm_layers=args.tiny_lm_layers)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         sft = make_sft(Path(tmp) / "data", args.examples)
@@ -121,21 +127,30 @@ def main() -> None:
                 "--batch-size",
                 str(args.batch_size),
             ]
+            if args.tiny_lm_layers:
+                cmd += ["--tiny-lm-layers", str(args.tiny_lm_layers)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
             results[mode] = json.loads(line[len("RESULT ") :])
-    print(f"model: {args.init}  steps: {args.steps}  batch: {args.batch_size}  (CPU, fp32)")
-    print(f"{'mode':6} {'ex/s':>7} {'s/step':>7} {'peak RSS MB':>12} {'trainable':>12}")
+    layers = f" ({args.tiny_lm_layers} LM layers)" if args.tiny_lm_layers else ""
+    print(f"model: {args.init}{layers}  steps: {args.steps}  batch: {args.batch_size}  (CPU, fp32)")
+    print(
+        f"{'mode':6} {'ex/s mean':>9} {'ex/s best':>9} {'best s/step':>11} "
+        f"{'peak RSS MB':>12} {'trainable':>12}"
+    )
+    for r in results.values():
+        r["best_ex_s"] = args.batch_size / max(r["best_step_s"], 1e-9)
     for mode, r in results.items():
         print(
-            f"{mode:6} {r['examples_per_s']:7.2f} {r['train_s'] / max(r['steps'], 1):7.2f} "
+            f"{mode:6} {r['examples_per_s']:9.2f} {r['best_ex_s']:9.2f} {r['best_step_s']:11.2f} "
             f"{r['peak_rss_mb']:12d} {r['trainable_params']:12,d}"
         )
     f, lo = results["full"], results["lora"]
     print(
-        f"LoRA/full: speed x{lo['examples_per_s'] / max(f['examples_per_s'], 1e-9):.2f}, "
+        f"LoRA/full: speed (best step) x{lo['best_ex_s'] / max(f['best_ex_s'], 1e-9):.2f}, "
+        f"speed (mean) x{lo['examples_per_s'] / max(f['examples_per_s'], 1e-9):.2f}, "
         f"peak RSS x{lo['peak_rss_mb'] / max(f['peak_rss_mb'], 1):.2f}"
     )
 

@@ -1,11 +1,16 @@
 """``run_tune``: HF Trainer (+ DeepSpeed ZeRO-2/3/offload) fine-tuning of a VLM on SFT records.
 
-Launch:
-- one process: ``vpd tune ...`` (with ``--deepspeed`` the distributed env vars are set here
-  when absent, so DeepSpeed runs without a launcher, on GPU or CPU/gloo);
-- several processes / nodes: ``torchrun --nproc_per_node N -m vpd.cli tune ...`` or
-  ``deepspeed --num_gpus N -m vpd.cli tune ...`` (``--hostfile hosts`` for several nodes);
-  every rank runs the same command; rank 0 writes logs, plots and the final model.
+Launch (every rank runs the same command; rank 0 writes logs, plots and the final model):
+- one process: ``vpd tune SFT --out OUT [--deepspeed zero2]``; with ``--deepspeed`` the
+  distributed env vars (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) are set here
+  when absent, so DeepSpeed runs without a launcher, on GPU or on CPU (gloo);
+- one node, N processes: ``torchrun --nproc_per_node N -m vpd.cli tune ...`` or
+  ``deepspeed --no_local_rank --num_gpus N --module vpd.cli tune ...``;
+- several nodes: ``deepspeed --no_local_rank --hostfile hosts --module vpd.cli tune ...``
+  (hosts: one ``nodeX slots=8`` line per node, passwordless ssh) or, per node,
+  ``torchrun --nnodes M --node_rank R --master_addr NODE0 --master_port 29500
+  --nproc_per_node 8 -m vpd.cli tune ...``. SFT file, images and ``--init`` must be readable
+  on every node; ``--out`` should be on a shared filesystem so a rerun resumes anywhere.
 
 Output folder (``--out``): ``checkpoint-N/`` (Trainer checkpoints, newest ``save_total_limit``
 kept), ``final/`` (standalone model + processor; LoRA merged), ``adapter/`` (LoRA runs),
@@ -289,7 +294,11 @@ def _callbacks(cfg: TuneConfig, resume_step: int) -> list[Any]:
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             if not state.is_world_process_zero or not logs or "loss" not in logs:
                 return
-            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            rec = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0.0, 4),
+                "time": round(time.time(), 3),
+            }
             rec.update({k: logs[k] for k in ("loss", "learning_rate", "grad_norm") if k in logs})
             with open(loss_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
