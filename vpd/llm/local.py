@@ -18,6 +18,7 @@ from vpd.llm.base import Completion, GenParams, Messages
 from vpd.llm.config import LLMConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_MIN_PREFIX = 16  # shorter shared prefixes are not worth a separate cache
 
 
 def smollm2_gguf() -> Path:
@@ -121,6 +122,9 @@ class LocalLLM:
             self.tok.pad_token = self.tok.eos_token
         if self.tok.chat_template is None:
             raise VpdError(f"{src} has no chat template; use an instruction-tuned model")
+        # KV cache of the last shared prompt prefix (token ids -> cache), reused across calls.
+        self._prefix_key: tuple[int, ...] | None = None
+        self._prefix_cache: Any = None
 
     def generate(self, batch: list[Messages], params: GenParams) -> list[list[Completion]]:
         seeds = params.sample_seeds()
@@ -142,12 +146,11 @@ class LocalLLM:
     ) -> list[list[Completion]]:
         """``params.n`` completions for each of ``texts`` (one generate call)."""
         import torch
-        from transformers import DynamicCache, StoppingCriteriaList
+        from transformers import StoppingCriteriaList
 
         n = params.n
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        ids = enc["input_ids"].to(self.device)
-        mask = enc["attention_mask"].to(self.device)
+        rows = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ids, mask, prefix = self._layout(rows)
         plen = ids.shape[1]
         sample = params.temperature > 0
         gen_kw: dict[str, Any] = {
@@ -170,19 +173,9 @@ class LocalLLM:
             if call_seed is not None:
                 torch.manual_seed(call_seed)
             with torch.inference_mode():
-                if n > 1 and plen > 1:
-                    # Prefill each prompt once (all but its last token), then copy the KV
-                    # cache for its n samples: prefill is most of the cost on a CPU.
-                    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                    cache = DynamicCache()
-                    self.model(
-                        input_ids=ids[:, :-1],
-                        attention_mask=mask[:, :-1],
-                        position_ids=pos[:, :-1],
-                        past_key_values=cache,
-                        use_cache=True,
-                    )
-                    cache.batch_repeat_interleave(n)
+                cache = self._prefill(ids, mask, prefix)
+                if cache is not None:
+                    cache.batch_repeat_interleave(n)  # the n samples share their prompt's KV
                     gen_kw["past_key_values"] = cache
                 exp_ids = ids.repeat_interleave(n, dim=0)
                 exp_mask = mask.repeat_interleave(n, dim=0)
@@ -211,6 +204,67 @@ class LocalLLM:
                 )
             )
         return out
+
+    def _layout(self, rows: list[list[int]]) -> tuple[Any, Any, int]:
+        """``[shared prefix][left padding][row suffix]`` ids + mask, and the prefix length.
+
+        The prefix is the rows' longest common token prefix (the system prompt and API
+        spec: most of the prompt), so it is encoded once per model, not once per row.
+        """
+        import torch
+
+        lcp = 0
+        shortest = min(len(r) for r in rows)
+        while lcp < shortest and all(r[lcp] == rows[0][lcp] for r in rows):
+            lcp += 1
+        prefix = min(lcp, shortest - 2)  # every row keeps >= 2 own tokens to prefill/generate
+        if prefix < _MIN_PREFIX:
+            prefix = 0
+        width = max(len(r) for r in rows) - prefix
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(rows), prefix + width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), prefix + width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            suffix = r[prefix:]
+            ids[i, :prefix] = torch.tensor(r[:prefix])
+            ids[i, prefix + width - len(suffix) :] = torch.tensor(suffix)
+            mask[i, :prefix] = 1
+            mask[i, prefix + width - len(suffix) :] = 1
+        return ids.to(self.device), mask.to(self.device), prefix
+
+    def _prefill(self, ids: Any, mask: Any, prefix: int) -> Any:
+        """KV cache of all but the last column (the shared prefix reused across calls)."""
+        import copy
+
+        from transformers import DynamicCache
+
+        if ids.shape[1] < 2:
+            return None
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        if prefix:
+            key = tuple(ids[0, :prefix].tolist())
+            if self._prefix_key != key:
+                cache = DynamicCache()
+                self.model(
+                    input_ids=ids[:1, :prefix],
+                    attention_mask=mask[:1, :prefix],
+                    position_ids=pos[:1, :prefix],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                self._prefix_key, self._prefix_cache = key, cache
+            cache = copy.deepcopy(self._prefix_cache)  # generate() appends to it in place
+            cache.batch_repeat_interleave(ids.shape[0])
+        else:
+            cache = DynamicCache()
+        self.model(
+            input_ids=ids[:, prefix:-1],
+            attention_mask=mask[:, :-1],
+            position_ids=pos[:, prefix:-1],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return cache
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
