@@ -18,9 +18,10 @@ pytestmark = pytest.mark.slow
 def test_local_smollm2_writes_programs_for_synthetic_questions(tmp_path: Path) -> None:
     from vpd.data.synth import generate
 
-    generate(tmp_path / "d", n=10, seed=3)
+    generate(tmp_path / "d", n=40, seed=3)
     qs = [json.loads(x) for x in (tmp_path / "d" / "train.jsonl").read_text().splitlines()]
     picked = [q for q in qs if q["meta"]["qtype"] in ("count", "exists", "compare")][:3]
+    assert len(picked) == 3
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in picked))
     cfg = SampleConfig(
         questions=tmp_path / "q.jsonl",
