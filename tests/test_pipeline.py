@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,18 @@ def test_data_stage_marker_skip_and_force(tmp_path: Path) -> None:
     archived = list((run / "archive").glob("*/data/train.jsonl"))
     assert len(archived) == 1
     assert len(archived[0].read_text().splitlines()) < 25
+
+
+def test_copied_run_dir_keeps_its_finished_stages(tmp_path: Path) -> None:
+    # `cp -r runs/a runs/b` then `--set ... --force` must re-run only what changed.
+    r = _recipe(tmp_path, {"data": {"n": 10, "seed": 1, "progress": False}})
+    run_pipeline(r, tmp_path / "a", report=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    train = RunPaths(tmp_path / "b").train
+    mtime = train.stat().st_mtime_ns
+    run_pipeline(r, tmp_path / "b", report=False)
+    assert train.stat().st_mtime_ns == mtime
+    assert not (tmp_path / "b" / "archive").exists()
 
 
 def test_status_and_report_on_partial_run(tmp_path: Path) -> None:

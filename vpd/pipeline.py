@@ -116,6 +116,20 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _portable(obj: Any, root: str) -> Any:
+    """``obj`` with the run directory written as ``<run>``: a copied or moved run dir keeps
+    its finished stages (try a variant with ``cp -r runs/a runs/b`` + ``--set ... --force``)."""
+    if isinstance(obj, dict):
+        return {k: _portable(v, root) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_portable(v, root) for v in obj]
+    if isinstance(obj, (str, Path)):
+        text = str(obj)
+        if text == root or text.startswith(root + os.sep):
+            return "<run>" + text[len(root) :]
+    return obj
+
+
 def _build(module: str, cls: str, fields: dict[str, Any], stage: str) -> BaseModel:
     mod = importlib.import_module(module)
     config_cls = getattr(mod, cls)
@@ -345,7 +359,7 @@ def run_pipeline(
     rerun_rest = False
     for stage in stages:
         jobs = SPECS[stage].configs(recipe, paths)
-        cfg_fp = _fingerprint([(m, c, f, fields) for m, c, f, fields in jobs])
+        cfg_fp = _fingerprint(_portable([(m, c, f, fields) for m, c, f, fields in jobs], str(root)))
         marker = paths.marker(stage)
         if marker.exists():
             old = json.loads(marker.read_text(encoding="utf-8"))
