@@ -54,3 +54,20 @@ def test_bad_shard_is_one_line_error(tmp_path: Path) -> None:
         "3/2",
     )
     assert r.returncode == 2 and "--shard" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_tool_options_are_one_line_errors(tmp_path: Path) -> None:
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"id": "q0", "image": "a.png", "question": "?"}) + "\n")
+    s = tmp_path / "s.jsonl"
+    s.write_text(json.dumps({"id": "q0#0", "qid": "q0", "k": 0, "program": "x"}) + "\n")
+    base = ["execute", str(s), "--questions", str(q), "--out", str(tmp_path / "e.jsonl")]
+    r = _vpd(*base, "--tool-opt", "device")
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr and "Traceback" not in r.stderr
+    r = _vpd(*base, "--backend", "hf", "--tool-opt", "colour=red")
+    assert r.returncode == 2 and "bad options for tool backend 'hf'" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _vpd(*base, "--backend", "hf", "--tool-opt", "detect_threshold=7")
+    assert r.returncode == 2 and "detect_threshold must be in [0, 1]" in r.stderr
+    r = _vpd(*base, "--backend", "nope")
+    assert r.returncode == 2 and "unknown tool backend" in r.stderr

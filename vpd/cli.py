@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -214,6 +215,22 @@ def data_import(
 # ----------------------------------------------------------------------------- verify / rationalize
 
 
+def _key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> a dict; values parse as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
 def _llm_spec(
     backend: str | None, model: str | None, base_url: list[str], api_key: str | None
 ) -> dict:
@@ -361,7 +378,10 @@ def execute(
     out: Path = typer.Option(..., "--out", help="Executions JSONL (one record per sample)."),
     timeout: float = typer.Option(10.0, min=0.01, help="Seconds per program (tool time excluded)."),
     workers: int = typer.Option(None, min=1, help="Programs run at once (default: CPU cores)."),
-    backend: str = typer.Option("synthetic", help="Tool backend (registered: synthetic)."),
+    backend: str = typer.Option("synthetic", help="Tool backend: synthetic or hf."),
+    tool_opt: list[str] = typer.Option(
+        None, "--tool-opt", help="Backend option KEY=VALUE (repeatable), e.g. device=cuda."
+    ),
     memory_mb: int = typer.Option(512, "--memory-mb", min=16, help="Memory per program, MB."),
     max_tool_calls: int = typer.Option(200, "--max-tool-calls", min=1, help="Per program."),
     tool_time: float = typer.Option(
@@ -383,6 +403,9 @@ def execute(
 
       vpd execute samples.jsonl --questions q.jsonl --out exec.0.jsonl --shard 0/4
         --workers 16 --timeout 30
+
+      vpd execute samples.jsonl --questions gqa.jsonl --out exec.jsonl --backend hf
+        --tool-opt device=cuda --tool-opt vqa=Qwen/Qwen2-VL-7B-Instruct
     """
     from vpd.execute import ExecuteConfig, run_execute
     from vpd.progress import console
@@ -392,6 +415,7 @@ def execute(
         questions=questions,
         out=out,
         backend=backend,
+        tools=_key_values(tool_opt or [], "--tool-opt"),
         timeout=timeout,
         workers=workers,
         memory_mb=memory_mb,

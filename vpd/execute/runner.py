@@ -26,6 +26,9 @@ class ExecuteConfig(BaseModel):
     questions: Path
     out: Path
     backend: str = "synthetic"
+    tools: dict[str, Any] = Field(
+        default_factory=dict, description="Backend options, e.g. {detector: MODEL, device: cuda}."
+    )
     timeout: float = Field(10.0, gt=0, le=3600, description="Seconds per program (tools excluded).")
     workers: int | None = Field(
         None, ge=1, le=1024, description="Programs at once (default: cores)."
@@ -55,6 +58,7 @@ class ExecuteConfig(BaseModel):
         return {
             "stage": "execute",
             "backend": self.backend,
+            "tools": self.tools,
             "timeout": self.timeout,
             "memory_mb": self.memory_mb,
             "max_tool_calls": self.max_tool_calls,
@@ -93,7 +97,7 @@ def _count_todo(path: Path, so: StageOutput) -> int:
     return n
 
 
-def make_tool_server(backend: str) -> ToolHandler:
+def make_tool_server(backend: str, options: dict[str, Any] | None = None) -> ToolHandler:
     """The tool server for ``backend``, loaded once in this (the parent) process."""
     try:
         from vpd.tools.server import ToolServer
@@ -103,7 +107,7 @@ def make_tool_server(backend: str) -> ToolHandler:
         from vpd.tools.backends import get_backend
     except ImportError as e:
         raise VpdError(f"tool backends are not available: {e}") from None
-    return ToolServer(get_backend(backend))
+    return ToolServer(get_backend(backend, **(options or {})))
 
 
 def _cache_stats(tools: Any) -> dict[str, Any]:
@@ -185,7 +189,7 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
             progress_bar("execute", total=todo, unit="programs", enabled=cfg.progress) as bar,
             SandboxPool(cfg.limits(), workers=cfg.workers, namespace=cfg.namespace) as pool,
         ):
-            tools = tools if tools is not None else make_tool_server(cfg.backend)
+            tools = tools if tools is not None else make_tool_server(cfg.backend, cfg.tools)
             for res in pool.run(jobs(), tools):
                 write(record(res))
             layers = pool.layers

@@ -1,4 +1,5 @@
-"""Tool backends by name. ``synthetic``: classical CV on the pixels of shape scenes.
+"""Tool backends by name. ``synthetic``: classical CV on the pixels of shape scenes;
+``hf``: detector / CLIP / VLM / depth models from Hugging Face checkpoints (real photos).
 
 A backend module registers a factory here; it is imported only when asked for, so a
 heavy backend (models, GPU libraries) costs nothing to a run that does not use it.
@@ -16,6 +17,7 @@ from vpd.tools.backends.base import Backend, ImageData, ToolError
 # name -> "module:class"; the class is built as cls(llm=llm, **options)
 BACKENDS: dict[str, str] = {
     "synthetic": "vpd.tools.backends.synthetic:SyntheticBackend",
+    "hf": "vpd.tools.backends.hf:HFBackend",
 }
 
 
@@ -31,7 +33,7 @@ def get_backend(name: str, llm: LLM | None = None, **options: Any) -> Backend:
         raise VpdError(f"tool backend {name!r} is not available: {e}") from None
     try:
         return factory(llm=llm, **options)
-    except TypeError as e:
+    except (TypeError, ValueError, ToolError) as e:
         raise VpdError(f"bad options for tool backend {name!r}: {e}") from None
 
 
