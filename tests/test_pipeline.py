@@ -118,3 +118,24 @@ def test_status_rejects_non_run_dirs(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["status", str(tmp_path)])
     assert res.exit_code != 0
     assert isinstance(res.exception, VpdError)
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+)
+def test_shipped_recipes_build_every_stage_config(recipe: str, tmp_path: Path) -> None:
+    from vpd.pipeline import SPECS, STAGES, _build
+
+    path = Path(__file__).parents[1] / "recipes" / recipe
+    if recipe.startswith("tune-"):  # `vpd tune --recipe` files: the tune section alone
+        from vpd.tune.config import load_tune_config
+
+        cfg = load_tune_config(path, sft=tmp_path / "sft.jsonl", out=tmp_path / "model")
+        assert cfg.lora_r > 0
+        return
+    rec = load_recipe(path)
+    stages = [s for s in STAGES if s in rec]
+    assert stages[0] == "data" and stages[-1] == "eval"
+    for stage in stages:
+        for module, cls, _fn, fields in SPECS[stage].configs(rec, RunPaths(tmp_path)):
+            _build(module, cls, fields, stage)  # unknown or invalid options raise
