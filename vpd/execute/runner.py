@@ -55,10 +55,9 @@ class ExecuteConfig(BaseModel):
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change results (workers and progress do not)."""
-        return {
+        fp = {
             "stage": "execute",
             "backend": self.backend,
-            "tools": self.tools,
             "timeout": self.timeout,
             "memory_mb": self.memory_mb,
             "max_tool_calls": self.max_tool_calls,
@@ -66,6 +65,9 @@ class ExecuteConfig(BaseModel):
             "tool_time": self.tool_time,
             "namespace": self.namespace,
         }
+        if self.tools:  # only when set: outputs written before the option existed still resume
+            fp["tools"] = self.tools
+        return fp
 
 
 def _question_images(path: Path) -> dict[str, str]:
