@@ -27,6 +27,8 @@ def test_load_recipe_overrides_parse_yaml_values(tmp_path: Path) -> None:
     assert rec["sample"] == {"k": 3, "temperature": 0.7}
     assert rec["data"] == {"n": 10, "seed": 4}
     assert rec["eval"] == {"limit": 9}
+    # Not valid YAML: kept as text, not a parser traceback.
+    assert load_recipe(r, ["sample.prompt=[a"])["sample"]["prompt"] == "[a"
 
 
 @pytest.mark.parametrize(

@@ -217,18 +217,9 @@ def data_import(
 
 def _key_values(items: list[str], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` strings -> a dict; values parse as YAML (numbers, booleans, lists)."""
-    import yaml
+    from vpd.options import split_option
 
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            _fail(f"{flag} takes KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
+    return dict(split_option(item, flag, "KEY=VALUE") for item in items)
 
 
 def _llm_spec(

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from vpd.errors import ConfigMismatch, VpdError
+from vpd.options import split_option
 from vpd.progress import console
 
 # Fields the pipeline fills from the run directory; a recipe never sets them.
@@ -100,14 +101,14 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any
     if unknown:
         raise VpdError(f"recipe {path}: unknown sections {sorted(unknown)}; known: {STAGES}")
     for ov in overrides or []:
-        key, sep, value = ov.partition("=")
-        if not sep or "." not in key:
+        key, value = split_option(ov, "--set", "stage.key=value")
+        if "." not in key:
             raise VpdError(f"--set expects stage.key=value, got {ov!r}")
         stage, _, field = key.partition(".")
         if stage not in STAGES:
             raise VpdError(f"--set {ov}: unknown stage {stage!r}; known: {STAGES}")
         recipe.setdefault(stage, {})
-        recipe[stage][field] = yaml.safe_load(value)
+        recipe[stage][field] = value
     return recipe
 
 

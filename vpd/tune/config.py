@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vpd.errors import VpdError
+from vpd.options import split_option
 
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 PARTS = ("vision", "projector", "lm")
@@ -159,13 +160,6 @@ def deepspeed_config_path(spec: str) -> Path | None:
     return path
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def load_tune_config(
     recipe: Path | None = None,
     sets: list[str] | None = None,
@@ -187,11 +181,11 @@ def load_tune_config(
             data = data["tune"]
         values.update(data)
     for item in sets or []:
-        key, sep, value = item.partition("=")
-        key = key.strip().removeprefix("tune.")
-        if not sep or not key:
+        key, value = split_option(item, "--set")
+        key = key.removeprefix("tune.")
+        if not key:
             raise VpdError(f"--set expects key=value, got {item!r}")
-        values[key.replace("-", "_")] = _parse_value(value)
+        values[key.replace("-", "_")] = value
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
         return TuneConfig(**values)
