@@ -169,11 +169,24 @@ class HFBackend(Backend):
         return line.strip().rstrip(".").lower()
 
     # ------------------------------------------------------------------ single items
+    # detect / answer / verify_property are batches of one: one code path per op.
     def detect(self, image: ImageData, box: Box | None, name: str) -> list[Box]:
         return _raise(self.detect_batch([(image, box, name)])[0])
 
+    def answer(self, image: ImageData, box: Box | None, question: str) -> str:
+        return _raise(self.answer_batch([(image, box, question)])[0])
+
+    def verify_property(self, image: ImageData, box: Box | None, name: str, prop: str) -> bool:
+        return _raise(self.verify_property_batch([(image, box, name, prop)])[0])
+
     def best_text_match(self, image: ImageData, box: Box | None, options: list[str]) -> str:
-        return _raise(self.best_text_match_batch([(image, box, options)])[0])
+        # Each item has its own labels, so the base class's per-item loop is the batch.
+        opts = [_text(o, "option") for o in options] if isinstance(options, list) else []
+        if not opts:
+            raise ToolError("best_text_match needs a non-empty list of strings")
+        crop, _ = self._crop(image, box)
+        ranked = self._pipe("clip")(crop, candidate_labels=opts)
+        return str(ranked[0]["label"])
 
     def match_score(self, image: ImageData, box: Box | None, text: str) -> float:
         import torch
@@ -189,13 +202,6 @@ class HFBackend(Backend):
         img_emb = _pooled(img_emb)
         txt_emb = _pooled(txt_emb)
         return float(torch.nn.functional.cosine_similarity(img_emb, txt_emb).item())
-
-    def answer(self, image: ImageData, box: Box | None, question: str) -> str:
-        return _raise(self.answer_batch([(image, box, question)])[0])
-
-    def verify_property(self, image: ImageData, box: Box | None, name: str, prop: str) -> bool:
-        reply = self.answer(image, box, f"Is the {name} {prop}? Answer yes or no.")
-        return reply.startswith("yes")
 
     def depth(self, image: ImageData, box: Box | None) -> float:
         inv = image.memo.get("hf_depth")
@@ -223,44 +229,24 @@ class HFBackend(Backend):
 
     # ------------------------------------------------------------------ batches
     def detect_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
-        def run() -> list[Any]:
-            crops = [self._crop(img, box) for img, box, _ in items]
+        def run(batch: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
+            crops = [self._crop(img, box) for img, box, _ in batch]
             inputs = [
                 {"image": crop, "candidate_labels": [_text(name, "object name")]}
-                for (crop, _), (_, _, name) in zip(crops, items, strict=True)
+                for (crop, _), (_, _, name) in zip(crops, batch, strict=True)
             ]
             outs = self._pipe("detector")(
                 inputs, threshold=self.detect_threshold, batch_size=self.batch_size
             )
             return [self._boxes(o, reg) for o, (_, reg) in zip(outs, crops, strict=True)]
 
-        return self._batched(run, self._detect_one, items)
-
-    def _detect_one(self, image: ImageData, box: Box | None, name: str) -> list[Box]:
-        crop, region = self._crop(image, box)
-        found = self._pipe("detector")(
-            crop, candidate_labels=[_text(name, "object name")], threshold=self.detect_threshold
-        )
-        return self._boxes(found, region)
-
-    def best_text_match_batch(
-        self, items: list[tuple[ImageData, Box | None, list[str]]]
-    ) -> list[Any]:
-        return _loop(self._best_one, items)
-
-    def _best_one(self, image: ImageData, box: Box | None, options: list[str]) -> str:
-        opts = [_text(o, "option") for o in options] if isinstance(options, list) else []
-        if not opts:
-            raise ToolError("best_text_match needs a non-empty list of strings")
-        crop, _ = self._crop(image, box)
-        ranked = self._pipe("clip")(crop, candidate_labels=opts)
-        return str(ranked[0]["label"])
+        return _batched(run, items)
 
     def answer_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
-        def run() -> list[Any]:
+        def run(batch: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
             msgs = [
                 self._messages(self._crop(img, box)[0], _text(q, "question"))
-                for img, box, q in items
+                for img, box, q in batch
             ]
             outs = self._pipe("vqa")(
                 text=msgs,
@@ -270,16 +256,7 @@ class HFBackend(Backend):
             )
             return [self._short(_generated(o)) for o in outs]
 
-        return self._batched(run, self._answer_one, items)
-
-    def _answer_one(self, image: ImageData, box: Box | None, question: str) -> str:
-        crop, _ = self._crop(image, box)
-        out = self._pipe("vqa")(
-            text=self._messages(crop, _text(question, "question")),
-            max_new_tokens=self.max_new_tokens,
-            return_full_text=False,
-        )
-        return self._short(_generated(out))
+        return _batched(run, items)
 
     def verify_property_batch(
         self, items: list[tuple[ImageData, Box | None, str, str]]
@@ -289,17 +266,18 @@ class HFBackend(Backend):
             r if isinstance(r, Exception) else r.startswith("yes") for r in self.answer_batch(asks)
         ]
 
-    @staticmethod
-    def _batched(run: Any, one: Any, items: list[tuple]) -> list[Any]:
-        """One pipeline call for the batch; if any item breaks it, each item alone."""
-        try:
-            return run()
-        except Exception:  # noqa: BLE001 - retried per item, so the bad one fails alone
-            return _loop(one, items)
-
     def close(self) -> None:
         self._pipes.clear()
         super().close()
+
+
+def _batched(run: Any, items: list[tuple]) -> list[Any]:
+    """``run(items)`` as one model call; if any item breaks it, each item alone, so only
+    the bad one fails (its exception in its place, as :func:`_loop` returns them)."""
+    try:
+        return run(items)
+    except Exception:  # noqa: BLE001 - retried per item below
+        return _loop(lambda *it: run([it])[0], items)
 
 
 def _raise(result: Any) -> Any:
