@@ -140,3 +140,50 @@ def test_vllm_backend_without_vllm_says_what_to_do() -> None:
         pytest.skip("vllm is installed here")
     with pytest.raises(VpdError, match=r"vllm is not installed; pip install vpd\[vllm\]"):
         make_llm(LLMConfig(backend="vllm", model="any"))
+
+
+def test_vllm_backend_maps_one_chat_call_to_completions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in for the vllm package (GPU-only): records the call, returns n outputs each.
+    import sys
+    import types
+
+    calls: list[tuple] = []
+
+    class SamplingParams:
+        def __init__(self, **kw: object) -> None:
+            self.kw = kw
+
+    class Engine:
+        def __init__(self, **kw: object) -> None:
+            self.kw = kw
+
+        def chat(self, batch, sp, use_tqdm=True):  # noqa: ANN001
+            calls.append((batch, sp.kw, use_tqdm))
+            return [
+                types.SimpleNamespace(
+                    prompt_token_ids=[1, 2, 3],
+                    outputs=[
+                        types.SimpleNamespace(
+                            text=f"c{i}s{j}", token_ids=[7] * (j + 1), finish_reason="stop"
+                        )
+                        for j in range(sp.kw["n"])
+                    ],
+                )
+                for i in range(len(batch))
+            ]
+
+    fake = types.SimpleNamespace(LLM=Engine, SamplingParams=SamplingParams)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    llm = make_llm(LLMConfig(backend="vllm", model="m"))
+    assert llm.engine.kw["model"] == "m" and llm.engine.kw["enable_prefix_caching"] is True
+    batch = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+    out = llm.generate(batch, GenParams(n=3, temperature=0.5, max_tokens=9, stop=["x"], seed=4))
+    assert len(calls) == 1 and calls[0][0] == batch and calls[0][2] is False
+    assert calls[0][1] == {"n": 3, "temperature": 0.5, "max_tokens": 9, "stop": ["x"], "seed": 4}
+    assert [[c.text for c in row] for row in out] == [
+        ["c0s0", "c0s1", "c0s2"],
+        ["c1s0", "c1s1", "c1s2"],
+    ]
+    assert [c.index for c in out[1]] == [0, 1, 2]
+    assert [c.completion_tokens for c in out[0]] == [1, 2, 3]
+    assert all(c.prompt_tokens == 3 and c.seed == 4 and c.finish_reason == "stop" for c in out[0])

@@ -47,36 +47,36 @@ class VllmLLM:
         self.engine = vllm.LLM(**kw)
 
     def generate(self, batch: list[Messages], params: GenParams) -> list[list[Completion]]:
-        seeds = params.sample_seeds()
         # n samples in one request seeded by the first sample's seed (as the openai backend
         # does): vLLM shares the prompt's KV blocks across the n samples.
-        groups = [(0, params.n, seeds[0])]
-        out: list[list[Completion]] = [[] for _ in batch]
-        for first, n, seed in groups:
-            sp = self._vllm.SamplingParams(
-                n=n,
-                temperature=params.temperature,
-                max_tokens=params.max_tokens,
-                stop=params.stop or None,
-                seed=seed,
-            )
-            t0 = time.perf_counter()
-            results = self.engine.chat(batch, sp, use_tqdm=False)
-            dt = time.perf_counter() - t0
-            for i, res in enumerate(results):
-                pt = len(res.prompt_token_ids or [])
-                for j, o in enumerate(res.outputs):
-                    out[i].append(
-                        Completion(
-                            text=o.text,
-                            prompt_tokens=pt,
-                            completion_tokens=len(o.token_ids),
-                            latency_s=dt,
-                            seed=seed,
-                            finish_reason=o.finish_reason,
-                            index=first + j,
-                        )
+        seed = params.sample_seeds()[0]
+        sp = self._vllm.SamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            max_tokens=params.max_tokens,
+            stop=params.stop or None,
+            seed=seed,
+        )
+        t0 = time.perf_counter()
+        results = self.engine.chat(batch, sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        out: list[list[Completion]] = []
+        for res in results:
+            pt = len(res.prompt_token_ids or [])
+            out.append(
+                [
+                    Completion(
+                        text=o.text,
+                        prompt_tokens=pt,
+                        completion_tokens=len(o.token_ids),
+                        latency_s=dt,
+                        seed=seed,
+                        finish_reason=o.finish_reason,
+                        index=j,
                     )
+                    for j, o in enumerate(res.outputs)
+                ]
+            )
         return out
 
     def close(self) -> None:
