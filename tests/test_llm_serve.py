@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -16,12 +15,6 @@ from vpd.errors import VpdError
 from vpd.llm.serve import server_command
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fake_llama_server(folder: Path) -> Path:
@@ -46,9 +39,9 @@ def test_nothing_installed_is_a_clear_error(monkeypatch, tmp_path: Path) -> None
         server_command(None, "127.0.0.1", 8000)
 
 
-def test_serve_starts_llama_server_and_prints_the_url(tmp_path: Path) -> None:
+def test_serve_starts_llama_server_and_prints_the_url(tmp_path: Path, free_port: int) -> None:
     _fake_llama_server(tmp_path)
-    port = _free_port()
+    port = free_port
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vpd.cli", "serve", "--port", str(port), "--timeout", "30"],

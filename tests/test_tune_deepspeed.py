@@ -19,14 +19,6 @@ from vpd.tune.tiny import build_tiny_family
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _generate(final: Path) -> None:
     model, proc = load_vlm(final)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}]
@@ -37,7 +29,7 @@ def _generate(final: Path) -> None:
 
 
 @pytest.mark.parametrize("stage, lora", [("zero2", True), ("zero3", True), ("zero3", False)])
-def test_two_process_zero_run_gives_a_loadable_model(stage, lora, tmp_path):
+def test_two_process_zero_run_gives_a_loadable_model(stage, lora, tmp_path, free_port):
     init = build_tiny_family("llava", tmp_path / "init")
     sft = write_sft(tmp_path / "data", n=8)
     out = tmp_path / "out"
@@ -48,7 +40,7 @@ def test_two_process_zero_run_gives_a_loadable_model(stage, lora, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port),
         "-m",
         "vpd.cli",
         "tune",
