@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from vpd.errors import ToolsUnavailable
 from vpd.tools.backends import get_backend
 from vpd.tools.backends.base import ImageData, ToolError
 from vpd.tools.backends.hf import HFBackend, nms
@@ -178,14 +180,17 @@ def test_program_errors_are_tool_errors(backend: HFBackend, tmp_path: Path) -> N
     res = backend.detect_batch([(img, None, 42), (img, None, "cat")])
     assert isinstance(res[0], ToolError) and isinstance(res[1], list)
     broken = HFBackend(detector=str(tmp_path / "no-such-model"), device="cpu")
-    with pytest.raises(ToolError, match="cannot load the detector model"):
+    # Not a program error: the backend is unusable, so the stage must stop.
+    with pytest.raises(ToolsUnavailable, match="cannot load the detector model"):
         broken.detect(img, None, "cat")
+    with pytest.raises(ToolsUnavailable):
+        broken.detect_batch([(img, None, "cat"), (img, None, "dog")])
     with pytest.raises(ToolError, match="detect_threshold"):
         HFBackend(detect_threshold=2.0)
 
 
-def test_sandboxed_programs_use_the_hf_tools(models: dict[str, str], tmp_path: Path) -> None:
-    from vpd.execute import ExecuteConfig, run_execute
+def _one_program(tmp_path: Path, models: dict[str, str]) -> Any:
+    from vpd.execute import ExecuteConfig
 
     Image.fromarray(_image().rgb).save(tmp_path / "scene.png")
     q = {"id": "q0", "image": "scene.png", "question": "What is it?", "answers": ["box"]}
@@ -200,7 +205,7 @@ def test_sandboxed_programs_use_the_hf_tools(models: dict[str, str], tmp_path: P
     )
     s = {"id": "q0#0", "qid": "q0", "k": 0, "program": program}
     (tmp_path / "s.jsonl").write_text(json.dumps(s) + "\n")
-    cfg = ExecuteConfig(
+    return ExecuteConfig(
         samples=tmp_path / "s.jsonl",
         questions=tmp_path / "q.jsonl",
         out=tmp_path / "exec.jsonl",
@@ -210,9 +215,29 @@ def test_sandboxed_programs_use_the_hf_tools(models: dict[str, str], tmp_path: P
         workers=1,
         progress=False,
     )
-    run_execute(cfg)
+
+
+def test_sandboxed_programs_use_the_hf_tools(models: dict[str, str], tmp_path: Path) -> None:
+    from vpd.execute import run_execute
+
+    run_execute(_one_program(tmp_path, models))
     rec = json.loads((tmp_path / "exec.jsonl").read_text().splitlines()[0])
     assert rec["status"] == "ok", rec
     assert rec["answer"] in {"box", "ball"}
     ops = [c["name"] for c in rec["trace"]]
     assert {"find", "best_text_match", "simple_query", "compute_depth"} <= set(ops)
+
+
+def test_a_model_that_does_not_load_stops_the_stage_and_records_nothing(
+    models: dict[str, str], tmp_path: Path
+) -> None:
+    from vpd.execute import run_execute
+
+    broken = {**models, "detector": str(tmp_path / "no-such-model")}
+    with pytest.raises(ToolsUnavailable, match="cannot load the detector model"):
+        run_execute(_one_program(tmp_path, broken))
+    out = tmp_path / "exec.jsonl"
+    assert not out.exists() or out.read_text() == ""  # the program is not marked done
+    # Fixed (other options: --force), the same command runs the program.
+    run_execute(_one_program(tmp_path, models).model_copy(update={"force": True}))
+    assert json.loads(out.read_text().splitlines()[0])["status"] == "ok"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vpd.errors import VpdError
+from vpd.errors import ToolsUnavailable, VpdError
 from vpd.execute import wire
 from vpd.execute.static import MAX_SOURCE_BYTES, check_program
 from vpd.execute.worker import ANSWER_MAX, CONFIG_ENV, ERROR_MAX
@@ -447,6 +447,8 @@ class SandboxPool:
         reqs = [req for _, req, why in calls if why is None]
         try:
             resps = iter(tools.call_batch(reqs) if reqs else [])
+        except ToolsUnavailable:
+            raise  # no tool can answer: stop; the programs in flight stay undone
         except Exception as e:  # a tool server bug must not stop the run
             resps = iter([ToolResponse(ok=False, error=f"tool server error: {e}") for _ in reqs])
         ms = (time.perf_counter() - t0) * 1000 / max(1, len(reqs))

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from vpd.errors import ToolsUnavailable
 from vpd.records import ToolCall
 from vpd.tools.backends.base import Backend, ImageData, ToolError
 from vpd.tools.protocol import Box, ToolRequest, ToolResponse
@@ -172,6 +173,8 @@ class ToolServer:
         if items:
             try:
                 results = self._dispatch(op, [it for _, it in items])
+            except ToolsUnavailable:
+                raise
             except Exception as e:  # noqa: BLE001 - a backend bug fails these calls, not the run
                 results = [e] * len(items)
             for (i, _), res in zip(items, results, strict=True):

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vpd.errors import ToolsUnavailable
 from vpd.llm.base import LLM, GenParams
 from vpd.tools.protocol import Box
 
@@ -176,6 +177,8 @@ def _loop(fn: Any, items: list[tuple]) -> list[Any]:
     for it in items:
         try:
             out.append(fn(*it))
+        except ToolsUnavailable:
+            raise  # the backend itself is broken: stop the stage, not this item
         except Exception as e:  # noqa: BLE001 - the server turns it into that item's error
             out.append(e)
     return out

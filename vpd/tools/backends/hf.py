@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from vpd.errors import ToolsUnavailable
 from vpd.llm.base import LLM
 from vpd.tools.backends.base import Backend, ImageData, ToolError, _loop
 from vpd.tools.protocol import Box
@@ -112,9 +113,9 @@ class HFBackend(Backend):
                     TASKS[role], model=self.models[role], device=device, dtype=self.dtype
                 )
             except (OSError, ValueError) as e:
-                # The program sees this as the tool's error; the run's log shows which model.
+                # Not the program's fault: stop the stage rather than fail every program.
                 model = self.models[role]
-                raise ToolError(f"cannot load the {role} model {model!r}: {e}") from None
+                raise ToolsUnavailable(f"cannot load the {role} model {model!r}: {e}") from None
             if role == "vqa":
                 # Batched generation with a decoder-only LM needs the padding on the left.
                 for owner in (self._pipes[role], getattr(self._pipes[role], "processor", None)):
@@ -276,6 +277,8 @@ def _batched(run: Any, items: list[tuple]) -> list[Any]:
     the bad one fails (its exception in its place, as :func:`_loop` returns them)."""
     try:
         return run(items)
+    except ToolsUnavailable:
+        raise
     except Exception:  # noqa: BLE001 - retried per item below
         return _loop(lambda *it: run([it])[0], items)
 
