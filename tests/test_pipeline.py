@@ -100,6 +100,25 @@ def test_copied_run_dir_keeps_its_finished_stages(tmp_path: Path) -> None:
     assert not (tmp_path / "b" / "archive").exists()
 
 
+def test_a_stage_that_runs_again_makes_the_later_ones_run_again(tmp_path: Path) -> None:
+    # `--force` on a stage, killed before it finished, then a plain rerun: the later
+    # stages' markers describe the old output and must not be skipped.
+    r = _recipe(tmp_path, {"data": {"n": 10, "seed": 1, "progress": False}, "verify": {}})
+    run = tmp_path / "run"
+    p = RunPaths(run)
+    run_pipeline(r, run, only=["data"], report=False)
+    q = json.loads(p.train.read_text().splitlines()[0])
+    p.samples.write_text(json.dumps({"id": "s0", "qid": q["id"], "k": 0, "program": "x"}) + "\n")
+    ex = {"id": "s0", "qid": q["id"], "status": "ok", "answer": q["answers"][0]}
+    p.executions.write_text(json.dumps(ex) + "\n")
+    run_pipeline(r, run, report=False)
+    first = json.loads(p.marker("verify").read_text())["finished"]
+    p.marker("data").unlink()  # data is running again (its marker goes first)
+    run_pipeline(r, run, report=False)
+    assert json.loads(p.marker("verify").read_text())["finished"] > first
+    assert list((run / "archive").glob("*/verified.jsonl"))  # the old output kept aside
+
+
 def test_status_and_report_on_partial_run(tmp_path: Path) -> None:
     r = _recipe(tmp_path, {"data": {"n": 10, "progress": False}})
     run = tmp_path / "run"

@@ -347,6 +347,7 @@ def run_pipeline(
 
     ``force``: a stage whose options changed is re-run from scratch, and so is every
     stage after it (they consumed its old output); old outputs go to ``<run>/archive``.
+    Any stage that runs (not skipped) makes the later ones run again too.
     """
     recipe = load_recipe(recipe_path, overrides)
     root = Path(run_dir or recipe.get("run_dir") or f"runs/{Path(recipe_path).stem}")
@@ -400,6 +401,10 @@ def run_pipeline(
         tmp.write_text(json.dumps(rec, indent=2, default=str), encoding="utf-8")
         os.replace(tmp, marker)
         markers[stage] = rec
+        # This stage's output may be new, so a later stage's marker (even one whose options
+        # match) describes an older input: re-run those too, e.g. after a --force of this
+        # stage was killed half-way and then resumed without --force.
+        rerun_rest = True
         con.print(f"[green]✓[/green] {stage}: finished in {wall:.1f}s")
     if report:
         from vpd.report import write_report
