@@ -10,7 +10,7 @@ Measures, in one run:
    (tests/template_programs.py, k=5 per question: ViperGPT and VisProg variants), the
    real ToolServer on the synthetic backend: programs/s through the sandbox (the pool, and
    the whole `run_execute` stage with its JSONL I/O) vs the same programs in-process
-   (vpd.tools.api.run_inprocess), agreement of the answers, and the real cache hit rate.
+   (vpd.tools.namespace.run_inprocess), agreement of the answers, and the real cache hit rate.
 
 Prints programs/s, ms/program, the sandbox/baseline ratio and the per-program overhead.
 
@@ -179,8 +179,8 @@ def real_tools(n: int, workers: int) -> None:
     from vpd.data.synth import generate
     from vpd.execute import ExecuteConfig, run_execute
     from vpd.records import Sample
-    from vpd.tools.api import run_inprocess
     from vpd.tools.backends import get_backend
+    from vpd.tools.namespace import run_inprocess
     from vpd.tools.server import ToolServer
 
     def server() -> ToolServer:

@@ -25,7 +25,7 @@ from vpd.evaluate import (
     run_eval,
 )
 from vpd.records import Question
-from vpd.verify import score_answer
+from vpd.metrics import score_answer
 
 REPO = str(Path(__file__).resolve().parent.parent)
 

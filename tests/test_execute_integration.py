@@ -2,7 +2,7 @@
 
 The hand-written template programs (tests/template_programs.py) run through the
 `vpd execute` command line with the synthetic backend on `vpd data synth` scenes, and
-must give exactly what the same programs give in-process (vpd.tools.api.run_inprocess):
+must give exactly what the same programs give in-process (vpd.tools.namespace.run_inprocess):
 answers, statuses and traces. Then the run is killed with SIGKILL mid-way and resumed,
 and hostile programs (the escape corpus, and abuse of the real tool API) are mixed with
 benign ones in one run.
@@ -26,8 +26,8 @@ import pytest
 from tests.escapes.corpus import BAD, ESCAPES
 from tests.template_programs import viper_program, visprog_program
 from vpd.records import Sample
-from vpd.tools.api import run_inprocess
 from vpd.tools.backends import get_backend
+from vpd.tools.namespace import run_inprocess
 from vpd.tools.server import ToolServer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,8 +23,8 @@ PROGRAM = """def execute_command(image):
 
 
 def test_real_traces_become_grounded_rationales(synth_questions: Path, tmp_path: Path) -> None:
-    from vpd.tools.api import run_inprocess
     from vpd.tools.backends.synthetic import SyntheticBackend
+    from vpd.tools.namespace import run_inprocess
     from vpd.tools.server import ToolServer
 
     server = ToolServer(SyntheticBackend())

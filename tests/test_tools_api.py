@@ -15,14 +15,13 @@ from vpd.records import ToolCall
 from vpd.tools.api import (
     ImagePatch,
     bool_to_yesno,
-    build_namespace,
     coerce_to_numeric,
     distance,
     make_image_handle,
-    run_inprocess,
 )
 from vpd.tools.backends import get_backend
 from vpd.tools.backends.base import Backend
+from vpd.tools.namespace import build_namespace, run_inprocess
 from vpd.tools.protocol import ToolRequest
 from vpd.tools.server import ToolServer
 from vpd.tools.visprog import check_visprog, run_visprog, safe_eval

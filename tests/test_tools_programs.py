@@ -14,8 +14,8 @@ import pytest
 
 from tests.template_programs import viper_program, visprog_program
 from vpd.data.synth import generate
-from vpd.tools.api import run_inprocess
 from vpd.tools.backends import get_backend
+from vpd.tools.namespace import run_inprocess
 from vpd.tools.server import ToolServer
 from vpd.tools.visprog import check_visprog
 

@@ -77,9 +77,9 @@ def status(
     """
     from rich.table import Table
 
-    from vpd.pipeline import RunPaths
     from vpd.progress import console
     from vpd.report import progress_counts, stage_table, write_report
+    from vpd.runpaths import RunPaths
 
     if not run_dir.is_dir():
         _fail(f"run directory not found: {run_dir}")

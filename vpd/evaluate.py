@@ -5,7 +5,7 @@ task): the model's own chat template over ``[image, "<question>\\n<ANSWER_SUFFIX
 (a processor without a template gets ``"<image>\\n<question>\\n<ANSWER_SUFFIX>"``).
 Answers come from batched greedy decoding (left padding; a batch that runs out of GPU
 memory is split, not lost), are cleaned (first line, no "So the answer is", no edge
-punctuation) and scored with ``vpd.verify.score_answer``; questions without gold answers
+punctuation) and scored with ``vpd.metrics.score_answer``; questions without gold answers
 are predicted but not scored.
 
 Outputs (resume contract: ``StageOutput``, shard by question id, meta = model + prompt +
@@ -34,9 +34,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vpd.errors import VpdError
+from vpd.metrics import METRICS, normalize_answer, resolve_metric, score_answer
+from vpd.progress import console, progress_bar
 from vpd.rationalize import ANSWER_SUFFIX, RATIONALE_SUFFIX
 from vpd.records import Prediction, Question
-from vpd.verify import METRICS, normalize_answer, resolve_metric, score_answer
+from vpd.store import RejectWriter, StageOutput, parse_shard, read_records
+from vpd.tune.model import load_vlm, resolve_model_dir
+from vpd.tune.tiny import PALIGEMMA_CHAT_TEMPLATE
 
 ALL_TYPES = "all"  # the type of questions whose meta names none
 
@@ -262,8 +266,6 @@ def load_model(
     model: str, dtype: str, device: str, trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
     """Load (model, processor) with one-line errors for paths that hold no usable VLM."""
-    from vpd.tune.model import load_vlm
-
     src = resolve_model(model)
     try:
         return load_vlm(src, dtype, device, trust_remote_code=trust_remote_code)
@@ -287,8 +289,6 @@ def resolve_model(model: str) -> str:
 
     Raises a one-line error for paths that cannot hold a model, before any output exists.
     """
-    from vpd.tune.model import resolve_model_dir
-
     path = Path(model)
     if not path.exists():
         if _is_hub_id(model):
@@ -342,8 +342,6 @@ class Generator:
         elif getattr(processor, "chat_template", None) is None:
             if getattr(model.config, "model_type", None) == "paligemma":
                 # The layout `vpd tune` trains PaliGemma checkpoints (which ship none) with.
-                from vpd.tune.tiny import PALIGEMMA_CHAT_TEMPLATE
-
                 processor.chat_template = PALIGEMMA_CHAT_TEMPLATE
                 self.prompt_format = "paligemma"
             else:
@@ -450,8 +448,6 @@ def _batches(items: list[Question], size: int) -> Iterator[list[Question]]:
 
 
 def _read_questions(path: Path, rejects: Any, check: Any = None) -> list[Question]:
-    from vpd.store import read_records
-
     return list(read_records(path, Question, rejects, check=check))
 
 
@@ -498,8 +494,6 @@ def build_report(
 def _print_table(rep: dict[str, Any], title: str) -> None:
     from rich.table import Table
 
-    from vpd.progress import console
-
     base = rep.get("majority_baseline") or {}
     table = Table(title=title)
     table.add_column("question type")
@@ -529,9 +523,6 @@ def _print_table(rep: dict[str, Any], title: str) -> None:
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Predict, score and report (resumable); returns the report (also written as JSON)."""
-    from vpd.progress import progress_bar
-    from vpd.store import StageOutput, parse_shard
-
     t0 = time.time()
     shard = parse_shard(cfg.shard)
     for name, p in (("--questions", cfg.questions), ("--train-questions", cfg.train_questions)):
@@ -611,8 +602,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         preds = [p for p in _read_preds(cfg.out) if p["id"] in wanted]
         baseline = None
         if cfg.train_questions is not None:
-            from vpd.store import RejectWriter
-
             # Bad train lines only weaken the baseline; why each was dropped goes beside --out.
             train_rejects = RejectWriter(Path(str(cfg.out) + ".train-rejects.jsonl"))
             with train_rejects:

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from vpd.errors import VpdError
-from vpd.verify import normalize_answer
+from vpd.llm import make_llm_from_spec
+from vpd.llm.base import GenParams
+from vpd.metrics import normalize_answer
 
 JUDGE_PROMPT_VERSION = "v1"
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts" / "judge"
@@ -73,8 +75,6 @@ class LLMJudge:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": body}]
 
     def judge(self, items: list[JudgeItem]) -> list[bool]:
-        from vpd.llm.base import GenParams
-
         keys = [judge_key(it) for it in items]
         new: dict[str, JudgeItem] = {}
         for k, it in zip(keys, items, strict=True):
@@ -101,6 +101,4 @@ class LLMJudge:
 
 def make_judge(llm_spec: dict[str, Any], cache_path: Path) -> LLMJudge:
     """Build the judge's LLM from a ``vpd.llm.LLMConfig``-shaped dict."""
-    from vpd.rationalize import make_llm_from_spec
-
     return LLMJudge(make_llm_from_spec(llm_spec), cache_path)

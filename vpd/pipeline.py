@@ -27,61 +27,12 @@ from pydantic import BaseModel, ValidationError
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.options import split_option
 from vpd.progress import console
+from vpd.report import write_report
+from vpd.runpaths import STAGES, RunPaths, stage_outputs
+from vpd.tune.model import build_tiny_vlm
 
 # Fields the pipeline fills from the run directory; a recipe never sets them.
 _DERIVED = {"out", "questions", "samples", "executions", "verified", "sft", "train_questions"}
-
-STAGES = ("data", "sample", "execute", "verify", "rationalize", "tune", "eval")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Every file of a run, derived from its directory."""
-
-    root: Path
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def train(self) -> Path:
-        return self.data_dir / "train.jsonl"
-
-    @property
-    def test(self) -> Path:
-        return self.data_dir / "test.jsonl"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples.jsonl"
-
-    @property
-    def executions(self) -> Path:
-        return self.root / "executions.jsonl"
-
-    @property
-    def verified(self) -> Path:
-        return self.root / "verified.jsonl"
-
-    @property
-    def sft(self) -> Path:
-        return self.root / "sft.jsonl"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    def preds(self, which: str) -> Path:
-        return self.root / "eval" / f"{which}.jsonl"
-
-    @property
-    def stages(self) -> Path:
-        return self.root / "stages"
-
-    def marker(self, stage: str) -> Path:
-        return self.stages / f"{stage}.json"
-
 
 # ----------------------------------------------------------------------------- recipe
 
@@ -277,8 +228,6 @@ def _eval(recipe, p):
 def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
     init = (recipe.get("tune") or {}).get("init", "tiny")
     if init == "tiny":
-        from vpd.tune.model import build_tiny_vlm
-
         # The very model `vpd tune --init tiny` starts from (same builder, same seed, cached).
         tune = recipe.get("tune") or {}
         return str(build_tiny_vlm(seed=tune.get("seed", 0), lm_layers=tune.get("tiny_lm_layers")))
@@ -297,19 +246,6 @@ SPECS = {
 
 
 # ----------------------------------------------------------------------------- running
-
-
-def stage_outputs(stage: str, p: RunPaths) -> list[Path]:
-    """The files/folders a stage writes (its side files share the name as a prefix)."""
-    return {
-        "data": [p.data_dir],
-        "sample": [p.samples],
-        "execute": [p.executions],
-        "verify": [p.verified],
-        "rationalize": [p.sft],
-        "tune": [p.model],
-        "eval": [p.root / "eval"],
-    }[stage]
 
 
 def _archive(stage: str, p: RunPaths, stamp: str) -> None:
@@ -407,8 +343,6 @@ def run_pipeline(
         rerun_rest = True
         con.print(f"[green]✓[/green] {stage}: finished in {wall:.1f}s")
     if report:
-        from vpd.report import write_report
-
         out = write_report(root)
         con.print(f"report: {out['md']}")
     return markers

@@ -30,16 +30,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from vpd.errors import VpdError
+from vpd.llm import GenParams, make_llm_from_spec
+from vpd.metrics import normalize_answer, resolve_metric, to_number, to_yesno
+from vpd.progress import progress_bar
 from vpd.records import Question, Sft, ToolCall, Verified, split_sample_id
-from vpd.verify import (
-    _LabelledRejects,
-    load_at,
-    normalize_answer,
-    resolve_metric,
-    scan_jsonl,
-    to_number,
-    to_yesno,
-)
+from vpd.store import LabelledRejects, StageOutput, load_at, parse_shard, read_records, scan_jsonl
 
 ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 RATIONALE_SUFFIX = "Explain the rationale to answer the question."
@@ -402,7 +397,6 @@ class LLMRationalizer:
 
     def rationalize(self, jobs: list[tuple[str, Verified, str]]) -> list[tuple[str, str]]:
         """``jobs``: (question text, kept record, canonical answer) -> (rationale, mode)."""
-        from vpd.llm.base import GenParams
 
         msgs = [
             build_messages(self.system, self.user, q, v.program, v.trace, ans) for q, v, ans in jobs
@@ -442,29 +436,12 @@ class LLMRationalizer:
         return done
 
 
-def make_llm_from_spec(spec: dict[str, Any]) -> Any:
-    """An LLM from a ``vpd.llm.LLMConfig``-shaped dict (the ``llm:`` section of a config)."""
-    from pydantic import ValidationError
-
-    try:
-        from vpd.llm import LLMConfig, make_llm
-    except ImportError as e:
-        raise VpdError(f"LLM backends are not available in this install: {e}") from None
-    try:
-        return make_llm(LLMConfig.model_validate(spec))
-    except ValidationError as e:
-        raise VpdError(f"LLM options: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
-
-
 def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
     """Write answer + rationale SFT records per kept question (resumable); returns a summary.
 
     ``llm`` (tests, or a caller holding one): an object implementing ``vpd.llm.base.LLM``
     used in llm mode instead of building one from ``cfg.llm``.
     """
-    from vpd.progress import progress_bar
-    from vpd.store import StageOutput, parse_shard, read_records
-
     t0 = time.time()
     shard = parse_shard(cfg.shard)
     if cfg.out.resolve() in {cfg.verified.resolve(), cfg.questions.resolve()}:
@@ -475,7 +452,7 @@ def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
     owned_llm = None  # an LLM this run built (closed at the end), not a caller's
     with StageOutput(cfg.out, cfg.fingerprint(), shard=shard, force=cfg.force) as so:
         questions: dict[str, Question] = {}
-        for q in read_records(cfg.questions, Question, _LabelledRejects(so.rejects, "questions")):
+        for q in read_records(cfg.questions, Question, LabelledRejects(so.rejects, "questions")):
             if so.owns(q.id):
                 questions[q.id] = q
         questions_total = len(questions)

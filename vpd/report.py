@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vpd.pipeline import STAGES, RunPaths, stage_outputs
+from vpd.runpaths import STAGES, RunPaths, stage_outputs
 from vpd.store import iter_ids
 
 

@@ -288,6 +288,74 @@ def read_records(
 # --------------------------------------------------------------------------- writing
 
 
+# --------------------------------------------------------------------------- input indexing
+
+
+class LabelledRejects:
+    """Prefix reject reasons with the input they came from (three inputs, one rejects file)."""
+
+    def __init__(self, rejects: Any, label: str) -> None:
+        self.rejects, self.label = rejects, label
+
+    def write(self, line: int, reason: str, raw: str, rid: str | None = None) -> None:
+        self.rejects.write(line, f"{self.label}: {reason}", raw, rid)
+
+
+def scan_jsonl(
+    path: Path, model: type[Any], rejects: Any, label: str
+) -> Iterator[tuple[Any, int, int]]:
+    """Stream ``(record, byte offset, line number)`` of a JSONL file; bad lines are rejected.
+
+    Offsets let a stage index a big input in a few bytes per record and load each
+    record again (``load_at``) only when its question is processed. A last line with
+    no newline that does not parse is a file still being written: skipped, not rejected.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VpdError(f"{label} file not found: {path}")
+    if path.is_dir():
+        raise VpdError(f"expected a JSONL file for {label}, got a directory: {path}")
+    seen: set[str] = set()
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, bline in enumerate(f, 1):
+            start, offset = offset, offset + len(bline)
+            raw = bline.decode("utf-8", errors="replace").rstrip("\n")
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                if not bline.endswith(b"\n"):
+                    break
+                rejects.write(lineno, f"{label}: malformed JSON: {e.msg}", raw)
+                continue
+            if not isinstance(obj, dict):
+                rejects.write(lineno, f"{label}: expected a JSON object", raw)
+                continue
+            rid = obj.get("id") if isinstance(obj.get("id"), str) else None
+            try:
+                rec = model.model_validate(obj)
+            except ValidationError as e:
+                why = "; ".join(
+                    f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
+                    for err in e.errors()
+                )
+                rejects.write(lineno, f"{label}: invalid record: {why}", raw, rid)
+                continue
+            if rec.id in seen:
+                rejects.write(lineno, f"{label}: duplicate id {rec.id!r}", raw, rec.id)
+                continue
+            seen.add(rec.id)
+            yield rec, start, lineno
+
+
+def load_at(f: Any, offset: int, model: type[Any]) -> Any:
+    """Re-read the record that ``scan_jsonl`` found at ``offset`` of the open binary file."""
+    f.seek(offset)
+    return model.model_validate_json(f.readline())
+
+
 class JsonlWriter:
     """Append-only writer: one complete line per record, flushed; fsync on ``sync``."""
 

@@ -45,6 +45,7 @@ from pydantic import BaseModel, Field
 from vpd.errors import VpdError
 from vpd.progress import progress_bar
 from vpd.records import Question
+from vpd.store import StageOutput
 
 Format = Literal["auto", "jsonl", "json", "csv", "tsv", "hf"]
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -410,8 +411,6 @@ def _count_lines(path: Path) -> int:
 
 def run_import(cfg: ImportConfig) -> dict[str, Any]:
     """Import ``cfg.input`` into ``cfg.out`` (question JSONL), resumably."""
-    from vpd.store import StageOutput
-
     t0 = time.time()
     src = Path(cfg.input)
     if not src.exists():

@@ -92,6 +92,7 @@ from pydantic import BaseModel, Field, model_validator
 from vpd.errors import VpdError
 from vpd.progress import progress_bar
 from vpd.records import Question
+from vpd.store import ensure_meta, meta_path, read_meta
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -683,8 +684,6 @@ def _write_png(img: Image.Image, path: Path) -> None:
 
 def run_synth(cfg: SynthConfig) -> dict[str, Any]:
     """Generate (or, when already complete for the same config, keep) a synthetic set."""
-    from vpd.store import ensure_meta, meta_path, read_meta
-
     t0 = time.time()
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():

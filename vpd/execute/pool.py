@@ -35,7 +35,7 @@ from vpd.execute.worker import ANSWER_MAX, CONFIG_ENV, ERROR_MAX
 from vpd.records import ToolCall
 from vpd.tools.protocol import ToolRequest, ToolResponse
 
-DEFAULT_NAMESPACE = "vpd.tools.api:build_namespace"
+DEFAULT_NAMESPACE = "vpd.tools.namespace:build_namespace"
 _MAX_COORD = 1 << 31  # pixel coordinates beyond this are no image's
 
 

@@ -15,6 +15,8 @@ from vpd.execute.pool import DEFAULT_NAMESPACE, Job, JobResult, Limits, SandboxP
 from vpd.progress import progress_bar
 from vpd.records import Execution, Question, Sample
 from vpd.store import StageOutput, parse_shard, read_records
+from vpd.tools.backends import get_backend
+from vpd.tools.server import ToolServer
 
 
 class ExecuteConfig(BaseModel):
@@ -101,14 +103,6 @@ def _count_todo(path: Path, so: StageOutput) -> int:
 
 def make_tool_server(backend: str, options: dict[str, Any] | None = None) -> ToolHandler:
     """The tool server for ``backend``, loaded once in this (the parent) process."""
-    try:
-        from vpd.tools.server import ToolServer
-    except ImportError as e:
-        raise VpdError(f"the tool server is not available: {e}") from None
-    try:
-        from vpd.tools.backends import get_backend
-    except ImportError as e:
-        raise VpdError(f"tool backends are not available: {e}") from None
     return ToolServer(get_backend(backend, **(options or {})))
 
 

@@ -5,10 +5,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import ValidationError
+
+from vpd.errors import VpdError
 from vpd.llm.base import LLM, Completion, GenParams, Messages
 from vpd.llm.config import LLMConfig
 
-__all__ = ["LLM", "Completion", "GenParams", "LLMConfig", "Messages", "make_llm"]
+__all__ = [
+    "LLM",
+    "Completion",
+    "GenParams",
+    "LLMConfig",
+    "Messages",
+    "make_llm",
+    "make_llm_from_spec",
+]
 
 
 def make_llm(spec: LLMConfig) -> LLM:
@@ -24,3 +37,11 @@ def make_llm(spec: LLMConfig) -> LLM:
     from vpd.llm.local import LocalLLM
 
     return LocalLLM(spec)
+
+
+def make_llm_from_spec(spec: dict[str, Any]) -> LLM:
+    """An LLM from a ``vpd.llm.LLMConfig``-shaped dict (the ``llm:`` section of a config)."""
+    try:
+        return make_llm(LLMConfig.model_validate(spec))
+    except ValidationError as e:
+        raise VpdError(f"LLM options: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None

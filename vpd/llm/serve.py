@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from vpd.errors import VpdError
+from vpd.llm.local import smollm2_gguf
 
 
 @dataclass
@@ -40,8 +41,6 @@ def server_command(
         return ServerCommand("vllm", argv + extra)
     gguf = model
     if gguf is None:
-        from vpd.llm.local import smollm2_gguf
-
         gguf = str(smollm2_gguf())
     llama = shutil.which("llama-server")
     if llama:

@@ -7,7 +7,8 @@ through (see :mod:`vpd.tools.protocol`). Nothing else of the parent is reachable
 program. Pure geometry (``overlaps_with``, ``distance``, the attributes) is computed here;
 ``crop`` is sent as an op too so that it shows in the execution trace.
 
-The public names a program may use are exactly those :func:`build_namespace` returns; the
+The public names a program may use are exactly those
+:func:`vpd.tools.namespace.build_namespace` returns; the
 sampling prompt's API spec is generated from the docstrings below, so keep them accurate.
 Private entries (``_root_patch``, ``_run_visprog``) are for the executor only.
 """
@@ -16,22 +17,18 @@ from __future__ import annotations
 
 import math
 import re
-import time
-from pathlib import Path
 from typing import Any
 
-from vpd.tools.protocol import ToolCaller, ToolRequest
+from vpd.tools.protocol import ToolCaller
 
 __all__ = [
     "ImagePatch",
     "answer_text",
     "best_image_match",
     "bool_to_yesno",
-    "build_namespace",
     "coerce_to_numeric",
     "distance",
     "make_image_handle",
-    "run_inprocess",
 ]
 
 
@@ -595,35 +592,6 @@ def make_image_handle(caller: ToolCaller) -> ImagePatch:
     return ImagePatch._at(_ImageRef(caller), None)
 
 
-def build_namespace(caller: ToolCaller) -> dict[str, Any]:
-    """The names a program may use, bound to ``caller`` (plus private executor hooks)."""
-    # Imported here, not in the hook: the sandbox forbids imports once the program runs.
-    from vpd.tools.visprog import run_visprog
-
-    def llm_query(question: str, long_answer: bool = True) -> str:
-        """Answers a text question using a large language model (no image)."""
-        args = {"question": str(question), "long_answer": bool(long_answer)}
-        return str(caller("llm_query", None, args))
-
-    def root() -> ImagePatch:
-        return make_image_handle(caller)
-
-    def run_visprog_program(text: str) -> Any:
-        return run_visprog(text, root)
-
-    return {
-        "ImagePatch": ImagePatch,
-        "best_image_match": best_image_match,
-        "distance": distance,
-        "bool_to_yesno": bool_to_yesno,
-        "coerce_to_numeric": coerce_to_numeric,
-        "llm_query": llm_query,
-        "math": math,
-        "_root_patch": root,
-        "_run_visprog": run_visprog_program,
-    }
-
-
 def answer_text(value: Any) -> str | None:
     """A program's return value as answer text (None when it is not an answer)."""
     if isinstance(value, bool):
@@ -635,39 +603,3 @@ def answer_text(value: Any) -> str | None:
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
         return ", ".join(answer_text(v) or "" for v in value)
     return None
-
-
-def run_inprocess(
-    program: str, image_path: str | Path, server: Any, syntax: str = "viper"
-) -> tuple[str | None, list[Any]]:
-    """Run a TRUSTED program in this process against ``server`` (a ToolServer).
-
-    The plain baseline for tests and benchmarks: no sandbox, same namespace, same tool
-    calls and trace entries (``vpd.records.ToolCall``) as the executor. Program errors
-    propagate. Returns ``(answer, trace)``.
-    """
-    image = str(Path(image_path).resolve())
-    trace: list[Any] = []
-
-    def caller(op: str, box: Any, args: dict[str, Any]) -> Any:
-        req = ToolRequest(op, image, tuple(int(v) for v in box) if box is not None else None, args)
-        t0 = time.perf_counter()
-        resp = server.call(req)
-        tc = server.summarize(req, resp.result if resp.ok else None)
-        if not resp.ok:
-            tc.result = f"error: {resp.error}"
-        tc.ms = round((time.perf_counter() - t0) * 1000, 3)
-        trace.append(tc)
-        if not resp.ok:
-            raise RuntimeError(f"tool {op} failed: {resp.error}")
-        return resp.result
-
-    ns = build_namespace(caller)
-    if syntax == "visprog":
-        value = ns["_run_visprog"](program)
-    else:
-        g = {k: v for k, v in ns.items() if not k.startswith("_")}
-        g["__name__"] = "program"
-        exec(compile(program, "<program>", "exec"), g)  # noqa: S102 - trusted code only
-        value = g["execute_command"](ns["_root_patch"]())
-    return answer_text(value), trace

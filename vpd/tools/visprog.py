@@ -406,7 +406,7 @@ def run_visprog(text: str, namespace_or_image_patch_factory: Any) -> Any:
     """Run a VisProg program on the image; returns the RESULT value (booleans as yes/no).
 
     ``namespace_or_image_patch_factory``: a namespace from
-    :func:`vpd.tools.api.build_namespace` or a callable returning the whole-image patch.
+    :func:`vpd.tools.namespace.build_namespace` or a callable returning the whole-image patch.
     """
     src = namespace_or_image_patch_factory
     factory = src["_root_patch"] if isinstance(src, dict) else src

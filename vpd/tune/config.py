@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vpd.errors import VpdError
 from vpd.options import split_option
+from vpd.tune.data import parse_task_weights
 
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 PARTS = ("vision", "projector", "lm")
@@ -94,8 +95,6 @@ class TuneConfig(BaseModel):
     @field_validator("task_weights", mode="before")
     @classmethod
     def _weights(cls, v: Any) -> Any:
-        from vpd.tune.data import parse_task_weights
-
         return parse_task_weights(v)
 
     @field_validator("freeze", "lora_targets", mode="before")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vpd.errors import VpdError
+from vpd.progress import progress_bar
 from vpd.records import Sft
 from vpd.store import RejectWriter, read_records
 
@@ -295,8 +296,6 @@ def prepare(
     progress: bool = True,
 ) -> tuple[SftDataset, DataStats]:
     """Read, validate, length-screen and mix the SFT file; return the dataset and counts."""
-    from vpd.progress import progress_bar
-
     stats = DataStats()
     encoder = ChatEncoder(processor, max_length, truncation, model_type)
     examples = read_sft(path, rejects)

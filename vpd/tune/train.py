@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from vpd.errors import ConfigMismatch, VpdError
+from vpd.progress import console, progress_bar
+from vpd.store import RejectWriter
+from vpd.tune import data as tdata
 from vpd.tune.config import TuneConfig, deepspeed_config_path, dump_json
+from vpd.tune.model import build_tiny_vlm, load_processor, resolve_model_dir
+from vpd.tune.tiny import PALIGEMMA_CHAT_TEMPLATE
 
 VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
 PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger", "mm_projector")
@@ -81,7 +86,6 @@ def resolve_deepspeed(spec: str, out: Path) -> str | None:
         fallback = out / "ds_config.fallback.json"
         if _rank() == 0:
             fallback.write_text(json.dumps(conf, indent=2), encoding="utf-8")
-            from vpd.progress import console
 
             console().print(
                 "[yellow]DeepSpeed CPU Adam could not be built; using torch AdamW instead "
@@ -313,7 +317,6 @@ def _callbacks(cfg: TuneConfig, resume_step: int) -> list[Any]:
         def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
             if not (state.is_world_process_zero and cfg.progress):
                 return
-            from vpd.progress import progress_bar
 
             self._ctx = progress_bar("tune", state.max_steps, "step", True)
             self._bar = self._ctx.__enter__()
@@ -367,10 +370,7 @@ def plot_loss(loss_file: Path, png: Path) -> None:
 
 def _init_path(cfg: TuneConfig) -> str:
     if cfg.init == "tiny":
-        from vpd.tune.model import build_tiny_vlm
-
         return str(build_tiny_vlm(seed=cfg.seed, lm_layers=cfg.tiny_lm_layers))
-    from vpd.tune.model import resolve_model_dir
 
     path = resolve_model_dir(cfg.init)
     p = Path(path)
@@ -382,16 +382,12 @@ def _init_path(cfg: TuneConfig) -> str:
 
 
 def _load_processor(path: str, cfg: TuneConfig) -> Any:
-    from vpd.tune.model import load_processor
-
     processor = load_processor(path, cfg.trust_remote_code)
     if cfg.chat_template is not None:
         if not cfg.chat_template.is_file():
             raise VpdError(f"--chat-template {cfg.chat_template}: file not found")
         processor.chat_template = cfg.chat_template.read_text(encoding="utf-8")
     elif getattr(processor, "chat_template", None) is None and _model_type(path) == "paligemma":
-        from vpd.tune.tiny import PALIGEMMA_CHAT_TEMPLATE
-
         processor.chat_template = PALIGEMMA_CHAT_TEMPLATE
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "right"
@@ -415,9 +411,6 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
 
     import torch
     from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments, set_seed
-
-    from vpd.store import RejectWriter
-    from vpd.tune import data as tdata
 
     out = cfg.out
     cuda = _cuda()

@@ -141,29 +141,29 @@ class Backend:
     # ---------------------------------------------------------------- batches
     # Each item is the argument tuple of the single-item method, without ``self``.
     def detect_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
-        return _loop(self.detect, items)
+        return each_item(self.detect, items)
 
     def verify_property_batch(
         self, items: list[tuple[ImageData, Box | None, str, str]]
     ) -> list[Any]:
-        return _loop(self.verify_property, items)
+        return each_item(self.verify_property, items)
 
     def best_text_match_batch(
         self, items: list[tuple[ImageData, Box | None, list[str]]]
     ) -> list[Any]:
-        return _loop(self.best_text_match, items)
+        return each_item(self.best_text_match, items)
 
     def match_score_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
-        return _loop(self.match_score, items)
+        return each_item(self.match_score, items)
 
     def answer_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
-        return _loop(self.answer, items)
+        return each_item(self.answer, items)
 
     def depth_batch(self, items: list[tuple[ImageData, Box | None]]) -> list[Any]:
-        return _loop(self.depth, items)
+        return each_item(self.depth, items)
 
     def llm_query_batch(self, items: list[tuple[str, bool]]) -> list[Any]:
-        return _loop(self.llm_query, items)
+        return each_item(self.llm_query, items)
 
     def close(self) -> None:
         """Free models / LLM clients the backend owns."""
@@ -171,7 +171,7 @@ class Backend:
             self.llm.close()
 
 
-def _loop(fn: Any, items: list[tuple]) -> list[Any]:
+def each_item(fn: Any, items: list[tuple]) -> list[Any]:
     """Per-item results; an exception is returned in place so one bad item fails alone."""
     out: list[Any] = []
     for it in items:

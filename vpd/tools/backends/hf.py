@@ -27,7 +27,7 @@ import numpy as np
 
 from vpd.errors import ToolsUnavailable
 from vpd.llm.base import LLM
-from vpd.tools.backends.base import Backend, ImageData, ToolError, _loop
+from vpd.tools.backends.base import Backend, ImageData, ToolError, each_item
 from vpd.tools.protocol import Box
 
 DEFAULTS = {
@@ -274,13 +274,13 @@ class HFBackend(Backend):
 
 def _batched(run: Any, items: list[tuple]) -> list[Any]:
     """``run(items)`` as one model call; if any item breaks it, each item alone, so only
-    the bad one fails (its exception in its place, as :func:`_loop` returns them)."""
+    the bad one fails (its exception in its place, as :func:`each_item` returns them)."""
     try:
         return run(items)
     except ToolsUnavailable:
         raise
     except Exception:  # noqa: BLE001 - retried per item below
-        return _loop(lambda *it: run([it])[0], items)
+        return each_item(lambda *it: run([it])[0], items)
 
 
 def _raise(result: Any) -> Any:

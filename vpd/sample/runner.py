@@ -17,12 +17,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vpd.llm import make_llm
 from vpd.llm.base import LLM, Completion, GenParams, stream
 from vpd.llm.config import LLMConfig
-from vpd.llm.extract import extract_program
-from vpd.llm.prompt import PromptTemplate
 from vpd.progress import console, progress_bar
 from vpd.records import Question, Sample, Usage, sample_id
+from vpd.sample.extract import extract_program
+from vpd.sample.prompt import PromptTemplate
 from vpd.store import StageOutput, parse_shard, read_records
 
 RAW_KEEP = 4000  # characters of the raw completion kept on invalid / repaired samples
@@ -160,8 +161,6 @@ def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
             summary["wall_s"] = round(time.perf_counter() - t0, 3)
             return summary
         if llm is None:
-            from vpd.llm import make_llm
-
             llm = owned_llm = make_llm(cfg.llm)
         tokens = [0, 0]
         try:

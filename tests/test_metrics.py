@@ -6,7 +6,7 @@ import pytest
 
 from vpd.errors import VpdError
 from vpd.records import Question
-from vpd.verify import (
+from vpd.metrics import (
     count_match,
     exact_match,
     mc_match,

@@ -10,14 +10,14 @@ import pytest
 
 from vpd.errors import VpdError
 from vpd.execute.static import check_program
-from vpd.llm.extract import extract_program
-from vpd.llm.prompt import PROMPTS_DIR, PromptTemplate, api_surface, render_api_spec, spec_names
+from vpd.sample.extract import extract_program
+from vpd.sample.prompt import PROMPTS_DIR, PromptTemplate, api_surface, render_api_spec, spec_names
 from vpd.tools.visprog import check_visprog
 
 
 def test_api_spec_file_matches_the_api() -> None:
     text = (PROMPTS_DIR / "viper/v1/api.txt").read_text()
-    assert text == render_api_spec(), "regenerate: python -m vpd.llm.prompt --write-api-spec"
+    assert text == render_api_spec(), "regenerate: python -m vpd.sample.prompt --write-api-spec"
     attrs, methods, helpers = api_surface()
     defs, spec_attrs = spec_names(text)
     assert defs == set(methods) | set(helpers)  # nothing missing, nothing invented

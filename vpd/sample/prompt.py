@@ -4,7 +4,7 @@ A prompt family/version lives in ``prompts/<family>/<version>/``:
 
 - ``system.txt``: the instructions; ``{api}`` is replaced by ``api.txt`` when present;
 - ``api.txt`` (viper): the ImagePatch API spec, GENERATED from ``vpd.tools.api`` by
-  :func:`render_api_spec` (``python -m vpd.llm.prompt --write-api-spec``); a test keeps the
+  :func:`render_api_spec` (``python -m vpd.sample.prompt --write-api-spec``); a test keeps the
   file and the API in step, so the prompt never names a method the tools lack;
 - ``user.txt``: the user turn, ``{question}`` replaced by the question;
 - ``examples.jsonl``: the worked-example pool, ``{"question", "program"}`` per line.
@@ -32,6 +32,8 @@ from typing import Any
 
 from vpd.errors import VpdError
 from vpd.llm.base import Messages
+from vpd.tools.api import ImagePatch
+from vpd.tools.namespace import build_namespace
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent.parent / "prompts"
 TEMPLATE_FILES = ("system.txt", "api.txt", "user.txt", "examples.jsonl")
@@ -101,8 +103,6 @@ def _signature(fn: Any, drop_self: bool) -> str:
 
 def api_surface() -> tuple[list[str], list[str], list[str]]:
     """(ImagePatch attributes, ImagePatch methods, helper functions) programs may use."""
-    from vpd.tools.api import ImagePatch, build_namespace
-
     attrs = [
         n for n, v in vars(ImagePatch).items() if isinstance(v, property) and not n.startswith("_")
     ]
@@ -120,8 +120,6 @@ def api_surface() -> tuple[list[str], list[str], list[str]]:
 
 def render_api_spec() -> str:
     """The ViperGPT API text for the prompt, from ``vpd.tools.api``'s code and docstrings."""
-    from vpd.tools.api import ImagePatch, build_namespace
-
     attrs, methods, helpers = api_surface()
     doc_attrs = {n: (t, d) for n, t, d in _attributes(ImagePatch.__doc__ or "")}
     missing = [a for a in attrs if a not in doc_attrs]
