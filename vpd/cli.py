@@ -153,55 +153,95 @@ def data_synth(
 
 @data_app.command("import")
 def data_import(
-    input: Path = typer.Argument(..., help="JSONL/JSON/CSV/TSV file, parquet, or dataset folder."),
-    out: Path = typer.Option(..., "--out", help="Output question JSONL."),
-    image_field: str = typer.Option("image", help="Field holding the image path/image."),
-    question_field: str = typer.Option("question", help="Field holding the question."),
-    answers_field: str = typer.Option("answers", help="Field holding the answer(s)."),
-    id_field: str = typer.Option("id", help="Field holding the id (generated if absent)."),
-    split: str = typer.Option(None, help="Split name to write (default: the source's)."),
-    hf_split: str = typer.Option(None, "--hf-split", help="Split of a saved DatasetDict."),
-    dataset: str = typer.Option(None, help="Dataset name to write (default: input stem)."),
-    image_root: Path = typer.Option(
-        None, "--image-root", help="Folder image paths are relative to (default: input's)."
+    input: Path = typer.Argument(
+        ..., help="Official benchmark file (see --format), or JSONL/JSON/CSV/TSV/parquet/folder."
     ),
-    fmt: str = typer.Option("auto", "--format", help="auto|jsonl|json|csv|tsv|hf"),
+    out: Path = typer.Option(..., "--out", help="Output question JSONL."),
+    fmt: str = typer.Option(
+        "auto",
+        "--format",
+        help="Official layout: gqa|vqav2|okvqa|aokvqa|tallyqa|pope|nlvr2; generic: "
+        "auto|jsonl|json|csv|tsv|hf (auto: from the file name).",
+    ),
+    annotations: Path = typer.Option(
+        None, "--annotations", help="vqav2/okvqa: the annotations file (none for test splits)."
+    ),
+    image_root: Path = typer.Option(
+        None,
+        "--image-root",
+        help="Folder holding the images (COCO: the split's folder or its parent; TallyQA: "
+        "where its relative paths start). Default: the input's folder.",
+    ),
+    setting: str = typer.Option(
+        None, "--setting", help="aokvqa: da (direct answer, default) or mc (multiple choice)."
+    ),
+    split: str = typer.Option(None, help="Split name to write (default: the source's)."),
+    image_field: str = typer.Option("image", help="Generic: field holding the image path/image."),
+    question_field: str = typer.Option("question", help="Generic: field holding the question."),
+    answers_field: str = typer.Option("answers", help="Generic: field holding the answer(s)."),
+    id_field: str = typer.Option("id", help="Generic: field holding the id (generated if absent)."),
+    hf_split: str = typer.Option(None, "--hf-split", help="Generic: split of a DatasetDict."),
+    dataset: str = typer.Option(None, help="Generic: dataset name to write (default: input stem)."),
     force: bool = typer.Option(False, help="Start --out over if it holds another config."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Import questions from JSONL, CSV or a local Hugging Face dataset.
+    """Import questions: official benchmark files as released, or JSONL/CSV/HF datasets.
 
-    Bad rows go to OUT.rejects.jsonl with the reason; the run goes on. Re-running
-    resumes (only missing ids are written).
+    Official formats keep the benchmark's question ids, all human answers in order, and
+    what you may slice by in meta; test files without answers import with empty answers.
+    Bad rows (missing field or image, duplicate id...) go to OUT.rejects.jsonl with the
+    reason; the run goes on. Re-running resumes (only missing ids are written).
 
     Example:
+
+      vpd data import gqa/testdev_balanced_questions.json --format gqa
+        --image-root gqa/images --out data/gqa/test.jsonl
+
+      vpd data import v2_OpenEnded_mscoco_val2014_questions.json --format vqav2
+        --annotations v2_mscoco_val2014_annotations.json --image-root coco/val2014
+        --out data/vqav2/val.jsonl
+
+      vpd data import aokvqa_v1p0_val.json --format aokvqa --setting mc
+        --image-root coco --out data/aokvqa/val_mc.jsonl
+
+      vpd data import nlvr2/data/dev.json --format nlvr2 --image-root nlvr2/images
+        --out data/nlvr2/dev.jsonl
 
       vpd data import vqa.jsonl --out data/vqa/train.jsonl --image-root /data/coco
 
       vpd data import ./gqa_saved --hf-split validation --out data/gqa/test.jsonl
         --question-field question --answers-field answer
     """
-    from vpd.data.importer import ImportConfig, run_import
+    from pydantic import ValidationError
+
+    from vpd.data.importer import GENERIC_FORMATS, OFFICIAL_FORMATS, ImportConfig, run_import
     from vpd.progress import console
 
-    formats = ("auto", "jsonl", "json", "csv", "tsv", "hf")
+    formats = (*OFFICIAL_FORMATS, *GENERIC_FORMATS)
     if fmt not in formats:
         _fail(f"--format must be one of {', '.join(formats)}, got {fmt!r}")
-    cfg = ImportConfig(
-        input=input,
-        out=out,
-        fmt=fmt,  # type: ignore[arg-type]
-        image_field=image_field,
-        question_field=question_field,
-        answers_field=answers_field,
-        id_field=id_field,
-        split=split,
-        hf_split=hf_split,
-        dataset=dataset,
-        image_root=image_root,
-        force=force,
-        progress=progress,
-    )
+    if setting not in (None, "da", "mc"):
+        _fail(f"--setting must be da or mc, got {setting!r}")
+    try:
+        cfg = ImportConfig(
+            input=input,
+            out=out,
+            fmt=fmt,  # type: ignore[arg-type]
+            annotations=annotations,
+            setting=setting,  # type: ignore[arg-type]
+            image_field=image_field,
+            question_field=question_field,
+            answers_field=answers_field,
+            id_field=id_field,
+            split=split,
+            hf_split=hf_split,
+            dataset=dataset,
+            image_root=image_root,
+            force=force,
+            progress=progress,
+        )
+    except ValidationError as e:
+        _fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
     s = run_import(cfg)
     msg = (
         f"import {input} -> {out}: {s['written']} written, {s['already_done']} already done, "

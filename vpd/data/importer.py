@@ -1,6 +1,8 @@
-"""Import a question set from JSONL, JSON, CSV/TSV or a Hugging Face dataset on disk.
+"""Import a question set: official benchmark files, or JSONL, JSON, CSV/TSV, HF datasets.
 
-Sources (picked from the path; ``fmt`` overrides):
+Official formats (``fmt`` gqa, vqav2, okvqa, aokvqa, tallyqa, pope, nlvr2) read the files
+as the benchmarks release them; their layouts are in ``vpd.data.official``. The generic
+sources below are picked from the path (``fmt`` overrides):
 
 - ``*.jsonl`` (one object a line), ``*.json`` (an array of objects, or JSONL);
 - ``*.csv`` / ``*.tsv`` (header row; an answers cell holding a JSON list is parsed);
@@ -22,8 +24,8 @@ Ids: taken from ``id_field`` when present, else generated stably from the conten
 ``<dataset>-<blake2b(image reference, question)[:12]>`` so a re-run, or a re-ordered
 input, gives the same ids. Bad rows go to ``<out>.rejects.jsonl`` with the reason
 (malformed JSON, missing field, empty question, missing image file, unreadable image,
-duplicate id) and the run goes on. The output follows the resume contract (meta
-fingerprint, done ids skipped, append + flush).
+duplicate id) and the run goes on, for every format. The output follows the resume
+contract (meta fingerprint, done ids skipped, append + flush).
 """
 
 from __future__ import annotations
@@ -40,14 +42,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
+from vpd.data.official import FORMATS as OFFICIAL_FORMATS
+from vpd.data.official import open_source
+from vpd.data.rows import Row, count_lines, json_rows, jsonable, jsonl_rows
 from vpd.errors import VpdError
 from vpd.progress import progress_bar
 from vpd.records import Question
 from vpd.store import StageOutput
 
-Format = Literal["auto", "jsonl", "json", "csv", "tsv", "hf"]
+Format = Literal[
+    "auto", "jsonl", "json", "csv", "tsv", "hf",
+    "gqa", "vqav2", "okvqa", "aokvqa", "tallyqa", "pope", "nlvr2",
+]  # fmt: skip
+GENERIC_FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "hf")
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _HF_FILE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 
@@ -66,34 +75,52 @@ class ImportConfig(BaseModel):
     hf_split: str | None = Field(None, description="split of a DatasetDict to read")
     dataset: str | None = Field(None, description="dataset name (default: input file stem)")
     image_root: Path | None = None
+    annotations: Path | None = Field(
+        None, description="vqav2/okvqa: the annotations file (answers); none for test splits"
+    )
+    setting: Literal["da", "mc"] | None = Field(
+        None, description="aokvqa: da (direct answer, default) or mc (multiple choice)"
+    )
     force: bool = False
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _options_fit_format(self) -> ImportConfig:
+        official = self.fmt in OFFICIAL_FORMATS
+        if self.annotations is not None and self.fmt not in ("vqav2", "okvqa"):
+            raise ValueError("annotations is for --format vqav2 or okvqa")
+        if self.setting is not None and self.fmt != "aokvqa":
+            raise ValueError("setting (da|mc) is for --format aokvqa")
+        mapped = {
+            "image_field": "image",
+            "question_field": "question",
+            "answers_field": "answers",
+            "id_field": "id",
+        }
+        changed = [k for k, v in mapped.items() if getattr(self, k) != v]
+        if official and (changed or self.hf_split or self.dataset):
+            flags = changed + [k for k in ("hf_split", "dataset") if getattr(self, k)]
+            raise ValueError(
+                f"{', '.join(flags)}: field mapping is for the generic formats; "
+                f"--format {self.fmt} reads its official layout"
+            )
+        return self
 
     def fingerprint(self) -> dict[str, Any]:
         d = self.model_dump(exclude={"out", "force", "progress"}, mode="json")
         d["input"] = str(Path(self.input).resolve())
         if self.image_root is not None:
             d["image_root"] = str(Path(self.image_root).resolve())
+        # Only when set: outputs written before these options existed still resume.
+        for key in ("annotations", "setting"):
+            if d[key] is None:
+                del d[key]
+        if self.annotations is not None:
+            d["annotations"] = str(Path(self.annotations).resolve())
         return {"importer": "vpd.data.importer/1", **d}
 
 
 # ----------------------------------------------------------------------------- row sources
-
-
-class Row:
-    """One input row: its data, 1-based line/row number and raw text for rejects."""
-
-    __slots__ = ("data", "line", "raw", "error", "hf_split")
-
-    def __init__(
-        self,
-        line: int,
-        data: dict[str, Any] | None,
-        raw: str,
-        error: str | None = None,
-        hf_split: str | None = None,
-    ) -> None:
-        self.line, self.data, self.raw, self.error, self.hf_split = line, data, raw, error, hf_split
 
 
 def detect_format(path: Path) -> str:
@@ -112,41 +139,6 @@ def detect_format(path: Path) -> str:
         f"cannot tell the format of {path} (expected .jsonl, .json, .csv, .tsv, .parquet, "
         ".arrow or a dataset folder); pass --format"
     )
-
-
-def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            raw = line.rstrip("\n")
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                yield Row(i, None, raw, f"malformed JSON: {e.msg} at column {e.colno}")
-                continue
-            if not isinstance(obj, dict):
-                yield Row(i, None, raw, f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            yield Row(i, obj, raw)
-
-
-def _json_rows(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith("["):
-        yield from _jsonl_rows(path)  # many ".json" files are really JSONL
-        return
-    try:
-        items = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except json.JSONDecodeError as e:
-        raise VpdError(f"{path}: malformed JSON: {e.msg} at line {e.lineno}") from None
-    for i, obj in enumerate(items, 1):
-        raw = json.dumps(obj, ensure_ascii=False, default=str)
-        if not isinstance(obj, dict):
-            yield Row(i, None, raw, f"expected a JSON object, got {type(obj).__name__}")
-        else:
-            yield Row(i, obj, raw)
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
@@ -196,24 +188,7 @@ def _load_hf(path: Path, hf_split: str | None, split: str | None) -> tuple[Any, 
 
 def _hf_rows(ds: Any, split_name: str | None) -> Iterator[Row]:
     for i, row in enumerate(ds, 1):
-        yield Row(i, row, _raw_of(row), hf_split=split_name)
-
-
-def _raw_of(row: dict[str, Any]) -> str:
-    """Row text for a reject record, with images/bytes summarized."""
-
-    def small(v: Any) -> Any:
-        if isinstance(v, bytes | bytearray):
-            return f"<{len(v)} bytes>"
-        if hasattr(v, "size") and hasattr(v, "mode"):
-            return f"<image {v.size[0]}x{v.size[1]}>"
-        if isinstance(v, dict):
-            return {k: small(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [small(x) for x in v]
-        return v
-
-    return json.dumps(small(row), ensure_ascii=False, default=str)
+        yield Row(i, row, hf_split=split_name)
 
 
 # ----------------------------------------------------------------------------- fields
@@ -275,14 +250,6 @@ def _safe_name(rid: str) -> str:
     return f"{base}-{hashlib.blake2b(rid.encode(), digest_size=4).hexdigest()}.png"
 
 
-def _jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 # ----------------------------------------------------------------------------- import
 
 
@@ -320,6 +287,13 @@ class _Importer:
             raise ValueError(f"missing image file: {p}")
         return os.path.relpath(p.resolve(), self.out_dir)
 
+    def images(self, value: Any, rid: str) -> list[str]:
+        return [self.image(value, rid)]
+
+    def row_id(self, row: Row) -> str | None:
+        raw_id = get_field(row.data or {}, self.cfg.id_field)
+        return str(raw_id) if isinstance(raw_id, str | int) else None
+
     def _save(self, img: Any, rid: str) -> str:
         from PIL import Image, UnidentifiedImageError
 
@@ -353,11 +327,11 @@ class _Importer:
             return _hf_rows(ds, name), len(ds)
         if self.input.is_dir():
             raise VpdError(f"{self.input} is a folder; --format {fmt} needs a file")
-        total = _count_lines(self.input)
+        total = count_lines(self.input)
         if fmt == "jsonl":
-            return _jsonl_rows(self.input), total
+            return jsonl_rows(self.input), total
         if fmt == "json":
-            return _json_rows(self.input), None
+            return json_rows(self.input), None
         return _csv_rows(self.input, "\t" if fmt == "tsv" else ","), max(total - 1, 0)
 
     def prepare(self, row: Row) -> tuple[str, Any, dict[str, Any]]:
@@ -387,8 +361,8 @@ class _Importer:
         rid = str(rid).strip()
         used = {cfg.question_field, cfg.image_field, cfg.answers_field, cfg.id_field}
         used |= {"meta", "dataset", "split"}
-        meta = {k: v for k, v in data.items() if k not in used and _jsonable(v)}
-        if isinstance(data.get("meta"), dict) and _jsonable(data["meta"]):
+        meta = {k: v for k, v in data.items() if k not in used and jsonable(v)}
+        if isinstance(data.get("meta"), dict) and jsonable(data["meta"]):
             meta = {**data["meta"], **meta}
         split = cfg.split or (data.get("split") if isinstance(data.get("split"), str) else None)
         fields = {
@@ -401,12 +375,25 @@ class _Importer:
         return rid, img, fields
 
 
-def _count_lines(path: Path) -> int:
-    n = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            n += block.count(b"\n")
-    return n
+def _source(cfg: ImportConfig) -> Any:
+    """The row source for ``cfg.fmt``: an official layout, or the generic importer."""
+    if cfg.fmt in OFFICIAL_FORMATS:
+        if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
+            raise VpdError(f"--image-root is not a directory: {cfg.image_root}")
+        if cfg.annotations is not None and not Path(cfg.annotations).is_file():
+            raise VpdError(f"annotations file not found: {cfg.annotations}")
+        return open_source(
+            cfg.fmt,
+            Path(cfg.input),
+            out_dir=Path(cfg.out).parent,
+            image_root=cfg.image_root,
+            annotations=cfg.annotations,
+            split=cfg.split,
+            setting=cfg.setting,
+        )
+    if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
+        raise VpdError(f"--image-root is not a directory: {cfg.image_root}")
+    return _Importer(cfg)
 
 
 def run_import(cfg: ImportConfig) -> dict[str, Any]:
@@ -415,9 +402,7 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
     src = Path(cfg.input)
     if not src.exists():
         raise VpdError(f"input not found: {src}")
-    if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
-        raise VpdError(f"--image-root is not a directory: {cfg.image_root}")
-    imp = _Importer(cfg)
+    imp = _source(cfg)
     rows, total = imp.rows()
     seen: set[str] = set()
     counts = {"read": 0, "written": 0, "already_done": 0, "rejected": 0}
@@ -439,8 +424,7 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
             try:
                 rid, img, fields = imp.prepare(row)
             except ValueError as e:
-                raw_id = get_field(row.data or {}, cfg.id_field)
-                reject(row, str(e), str(raw_id) if isinstance(raw_id, str | int) else None)
+                reject(row, str(e), imp.row_id(row))
                 continue
             if rid in seen:
                 reject(row, f"duplicate id {rid!r}", rid)
@@ -450,17 +434,20 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
                 counts["already_done"] += 1
                 continue
             try:
-                image = imp.image(img, rid)
+                images = imp.images(img, rid)
             except ValueError as e:
                 reject(row, str(e), rid)
                 continue
-            so.write(Question(id=rid, image=image, **fields))
+            if len(images) > 1:  # two-image questions (NLVR2): image = the first
+                fields["meta"] = {**fields["meta"], "images": images}
+            so.write(Question(id=rid, image=images[0], **fields))
             counts["written"] += 1
     wall = time.time() - t0
     return {
         "out": str(cfg.out),
+        "format": cfg.fmt,
         **counts,
-        "images_saved": imp.images_saved,
+        "images_saved": getattr(imp, "images_saved", 0),
         "rejects": str(so.rejects.path) if counts["rejected"] else None,
         "wall_s": round(wall, 3),
         "rows_per_s": round(counts["read"] / max(wall, 1e-9), 1),
