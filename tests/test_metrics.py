@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from vpd.errors import VpdError
-from vpd.records import Question
 from vpd.metrics import (
     count_match,
     exact_match,
@@ -17,6 +16,7 @@ from vpd.metrics import (
     vqa_accuracy,
     yesno_match,
 )
+from vpd.records import Question
 
 
 @pytest.mark.parametrize(
@@ -65,6 +65,13 @@ def test_vqa_accuracy_ten_answers_leave_one_out() -> None:
 def test_vqa_accuracy_normalizes_both_sides() -> None:
     answers = ["The Dog"] * 2 + ["dog."] + ["cat"] * 7
     assert vqa_accuracy("a dog", answers) == pytest.approx(0.9)
+
+
+def test_vqa_accuracy_agreeing_answers_are_not_normalized() -> None:
+    # vqaEval.py normalizes only when the answers disagree: "Yes" never equals ten "yes".
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0
+    assert vqa_accuracy(" yes\n", ["yes"] * 10) == 1.0  # whitespace is always cleaned
+    assert vqa_accuracy("Yes", ["yes"] * 9 + ["no"]) == 1.0
 
 
 def test_vqa_accuracy_fewer_answers() -> None:
@@ -122,13 +129,17 @@ def _q(**kw: object) -> Question:
 
 def test_resolve_metric_auto() -> None:
     assert resolve_metric(_q(dataset="vqav2")) == "vqa"
-    assert resolve_metric(_q(dataset="gqa")) == "exact"
+    assert resolve_metric(_q(dataset="gqa")) == "gqa"  # official: raw string equality
     assert resolve_metric(_q(dataset="synth", meta={"qtype": "count"})) == "count"
     assert resolve_metric(_q(dataset="synth", meta={"qtype": "exists"}, answers=["no"])) == "yesno"
     assert resolve_metric(_q(dataset="synth", meta={"qtype": "attribute"}, answers=["red"])) == (
         "exact"
     )
-    assert resolve_metric(_q(dataset="aokvqa", meta={"choices": ["a", "b"]})) == "mc"
+    assert resolve_metric(_q(dataset="aokvqa", meta={"choices": ["a", "b"]})) == "aokvqa_da"
+    assert resolve_metric(_q(dataset="aokvqa", meta={"choices": ["a"], "setting": "mc"})) == (
+        "aokvqa_mc"
+    )
+    assert resolve_metric(_q(dataset="quiz", meta={"choices": ["a", "b"]})) == "mc"
     assert resolve_metric(_q(dataset="synth"), "count") == "count"
     assert resolve_metric(_q(dataset="synth", meta={"qtype": "multihop"}, answers=["3"])) == (
         "count"
@@ -141,7 +152,7 @@ def test_resolve_metric_auto() -> None:
 def test_score_answer_dispatch() -> None:
     assert score_answer("three", _q(meta={"qtype": "count"}, answers=["3"])) == 1.0
     assert score_answer(None, _q()) == 0.0
-    q = _q(dataset="aokvqa", answers=[], meta={"choices": ["cat", "dog"], "correct_choice_idx": 1})
+    q = _q(dataset="quiz", answers=[], meta={"choices": ["cat", "dog"], "correct_choice_idx": 1})
     assert score_answer("dog", q) == 1.0
     assert score_answer("cat", q) == 0.0
     assert score_answer("2", _q(dataset="vqav2", answers=["2"] + ["3"] * 9)) == pytest.approx(0.3)

@@ -281,7 +281,11 @@ def verify(
     threshold: float = typer.Option(
         None, min=0.0, max=1.0, help="Keep if score >= this (default 1.0; VQA metric 0.3)."
     ),
-    metric: str = typer.Option("auto", help="auto|vqa|exact|count|yesno|mc."),
+    metric: str = typer.Option(
+        "auto",
+        help="auto (each dataset's official metric, else by answer shape) or one of "
+        "vqa|gqa|aokvqa_da|aokvqa_mc|count|pope|nlvr2 (official) and exact|yesno|mc (lenient).",
+    ),
     allow_missing: bool = typer.Option(
         False, help="Verify questions whose programs are not all executed yet."
     ),

@@ -3,20 +3,43 @@
 ``vpd verify`` keeps programs with them, ``vpd eval`` scores VLM answers, ``vpd rationalize``
 and the LLM judge compare answers with them.
 
-- Normalization follows the official VQA evaluation script (vqaEval.py): newline /
-  tab to space, punctuation removed or spaced (removed outright when the text has a
-  "digit,digit" number like ``1,000``), periods removed unless followed by a digit
-  (so ``3.5`` survives), lower-case, number words ``zero..ten`` (and ``none``) to
-  digits, articles a/an/the dropped, the official contractions map. Unlike the
-  official script, which normalizes only when the 10 human answers disagree, we
-  always normalize both prediction and human answers: identical results on VQA v2
-  for normalized predictions, and robust for raw program output.
-- VQA accuracy: mean over the n leave-one-out subsets of ``min(1, matches / 3)``
-  (n = 10 on VQA v2). For fewer answers we keep the leave-one-out form but need
-  ``min(3, n - 1)`` matches for full credit; a single answer is plain exact match.
-- Default keep thresholds: 1.0 for exact/count/yesno/mc; 0.3 for VQA, which is
-  exactly "agrees with at least one of the 10 annotators" (9 of 10 subsets hold
-  that annotator: 0.9 * 1/3 = 0.3).
+Official metrics (``auto`` picks them by ``Question.dataset``), each matching its
+benchmark's own evaluation script case by case (``tests/test_metrics_official.py``):
+
+- ``vqa`` (VQA v2, OK-VQA; vqaEval.py of GT-Vision-Lab/VQA): newline/tab to space and
+  strip; only when the human answers DISAGREE are the answers and the prediction both
+  normalized (punctuation removed or spaced, removed outright when the text has a
+  "digit,digit" number like ``1,000``; at most 32 periods not followed by a digit removed,
+  the script passing ``re.UNICODE`` as ``count``; lower-case; number words ``zero..ten``
+  and ``none`` to digits; articles a/an/the dropped; the contractions map). When all
+  answers agree, the raw prediction must equal them. Score: mean over the n leave-one-out
+  subsets of ``min(1, matches / 3)``.
+- ``gqa`` (GQA eval.py): ``prediction == answer``, raw strings. The official accuracy
+  averages over ``isBalanced`` questions only (:func:`in_official_accuracy`).
+- ``aokvqa_da`` (A-OKVQA eval_predictions.py, direct answer): ``min(1, #(prediction ==
+  direct answer) / 3)`` over the 10 raw answers, no normalization, no leave-one-out;
+  ``difficult_direct_answer`` questions are outside the official average.
+- ``aokvqa_mc`` (same script, multiple choice): ``prediction == choices[correct_choice_idx]``;
+  a bare option letter ("B", "(b)") that is not itself a choice reads as that choice,
+  since the imported question lists lettered options.
+- ``count`` (TallyQA): the prediction read as a number (digits or number words) equals
+  the integer answer.
+- ``pope`` (POPE evaluate.py): the prediction is cut at its first ".", commas removed,
+  split on spaces; "No", "no" or "not" among the words means no, anything else yes;
+  compared with the label ("no" is negative, anything else positive).
+- ``nlvr2`` (NLVR2 eval/metrics.py): ``prediction.lower() == label.lower()`` on
+  "True"/"False"; the statement is posed as a yes/no question, so "yes"/"no" stand for
+  "True"/"False" on both sides.
+
+Lenient metrics for other data (synthetic scenes, generic imports): ``exact`` (normalized
+exact match), ``yesno`` (yes/no/true/false/y/n), ``mc`` (normalized choice or letter), and
+``vqa`` for any set with 3+ human answers. For fewer than 4 answers ``vqa`` keeps the
+leave-one-out form but needs ``min(3, n - 1)`` matches for full credit (one answer: exact
+match); VQA v2 and OK-VQA always have 10, where this is the official formula.
+
+Default keep thresholds: 1.0 for single-answer metrics; 0.3 for ``vqa`` and ``aokvqa_da``,
+which is exactly "agrees with at least one of the 10 annotators" (VQA: 9 of 10 subsets
+hold that annotator: 0.9 * 1/3 = 0.3; A-OKVQA: 1/3).
 """
 
 from __future__ import annotations
@@ -27,8 +50,12 @@ from typing import Any, Literal
 from vpd.errors import VpdError
 from vpd.records import Question
 
-Metric = Literal["auto", "vqa", "exact", "count", "yesno", "mc"]
-METRICS: tuple[str, ...] = ("vqa", "exact", "count", "yesno", "mc")
+Metric = Literal[
+    "auto", "vqa", "exact", "count", "yesno", "mc", "gqa", "aokvqa_da", "aokvqa_mc", "pope", "nlvr2"
+]
+METRICS: tuple[str, ...] = (
+    "vqa", "exact", "count", "yesno", "mc", "gqa", "aokvqa_da", "aokvqa_mc", "pope", "nlvr2"
+)  # fmt: skip
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "vqa": 0.3,  # = at least one of 10 annotators agrees (see module docstring)
@@ -36,6 +63,33 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "count": 1.0,
     "yesno": 1.0,
     "mc": 1.0,
+    "gqa": 1.0,
+    "aokvqa_da": 0.3,  # = one annotator's answer (1/3)
+    "aokvqa_mc": 1.0,
+    "pope": 1.0,
+    "nlvr2": 1.0,
+}
+
+# The answer shape of each official metric, for code that only cares about the shape
+# (e.g. writing a canonical answer): yes/no, a number, free text, or a choice.
+_FAMILY: dict[str, str] = {
+    "gqa": "exact",
+    "aokvqa_da": "vqa",
+    "aokvqa_mc": "mc",
+    "pope": "yesno",
+    "nlvr2": "yesno",
+}
+
+# Question.dataset (lower-case, without "-" and "_") -> its official metric.
+OFFICIAL_METRIC: dict[str, str] = {
+    "vqav2": "vqa",
+    "vqa": "vqa",
+    "vqa2": "vqa",
+    "okvqa": "vqa",
+    "gqa": "gqa",
+    "tallyqa": "count",
+    "pope": "pope",
+    "nlvr2": "nlvr2",
 }
 
 # ----------------------------------------------------------------------------- VQA normalization
@@ -103,7 +157,9 @@ def _process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    # The official call is periodStrip.sub("", out, re.UNICODE): re.UNICODE (32) lands in
+    # the ``count`` slot, so at most 32 periods go.
+    return _PERIOD_STRIP.sub("", out, count=32)
 
 
 def _process_digit_article(text: str) -> str:
@@ -126,19 +182,29 @@ def normalize_answer(s: Any) -> str:
 # ----------------------------------------------------------------------------- metrics
 
 
-def vqa_accuracy(pred: Any, answers: list[str]) -> float:
-    """VQA accuracy: mean over leave-one-out subsets of ``min(1, matches / 3)``.
+def _vqa_clean(s: Any) -> str:
+    return str(s).replace("\n", " ").replace("\t", " ").strip()
 
-    With n < 10 answers a full credit needs ``min(3, n - 1)`` matches among the other
-    n - 1; with one answer it is exact match. No answers -> 0.
+
+def vqa_accuracy(pred: Any, answers: list[str]) -> float:
+    """Official VQA accuracy (vqaEval.py): see the module docstring.
+
+    Answers and prediction are normalized only when the answers disagree; the score is
+    the mean over leave-one-out subsets of ``min(1, matches / 3)``. With n < 4 answers a
+    full credit needs ``min(3, n - 1)`` matches; with one answer it is exact match.
+    No answers or an empty prediction -> 0.
     """
     n = len(answers)
-    if n == 0:
+    if n == 0 or pred is None:
         return 0.0
-    p = normalize_answer(pred)
-    if not p:
+    res = _vqa_clean(pred)
+    gts = [_vqa_clean(a) for a in answers]
+    if len(set(gts)) > 1:
+        gts = [normalize_answer(g) for g in gts]
+        res = normalize_answer(res)
+    if not res:
         return 0.0
-    hits = [normalize_answer(a) == p for a in answers]
+    hits = [g == res for g in gts]
     if n == 1:
         return float(hits[0])
     need = min(3, n - 1)
@@ -146,6 +212,63 @@ def vqa_accuracy(pred: Any, answers: list[str]) -> float:
     # Leaving out answer i removes one match iff answer i matched.
     acc = sum(min(1.0, (total - h) / need) for h in hits)
     return acc / n
+
+
+def gqa_match(pred: Any, answers: list[str]) -> float:
+    """GQA eval.py: the raw prediction equals the answer (no normalization at all)."""
+    return float(pred is not None and any(str(pred) == a for a in answers))
+
+
+def aokvqa_da(pred: Any, direct_answers: list[str]) -> float:
+    """A-OKVQA direct answer: ``min(1, #(pred == answer) / 3)`` over the raw answers."""
+    if pred is None:
+        return 0.0
+    return min(1.0, sum(str(pred) == a for a in direct_answers) / 3.0)
+
+
+def aokvqa_mc(pred: Any, choices: list[str], correct_idx: Any) -> float:
+    """A-OKVQA multiple choice: ``pred == choices[correct_choice_idx]`` (raw strings).
+
+    A bare option letter that is not itself a choice reads as that choice.
+    """
+    if pred is None or not isinstance(correct_idx, int) or not 0 <= correct_idx < len(choices):
+        return 0.0
+    p = str(pred)
+    if p not in choices:
+        m = _LETTER.match(p.strip())
+        idx = ord(m.group(1).lower()) - ord("a") if m else -1
+        if 0 <= idx < len(choices):
+            p = choices[idx]
+    return float(p == choices[correct_idx])
+
+
+def pope_answer(text: Any) -> str:
+    """POPE evaluate.py's reading of a free-form answer: ``"yes"`` or ``"no"``."""
+    t = "" if text is None else str(text)
+    if t.find(".") != -1:
+        t = t.split(".")[0]  # only the first sentence
+    words = t.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_match(pred: Any, answers: list[str]) -> float:
+    """POPE: the prediction read by :func:`pope_answer` against the label."""
+    if pred is None or not answers:
+        return 0.0
+    label = "no" if answers[0] == "no" else "yes"  # the script: 'no' -> 0, anything else 1
+    return float(pope_answer(pred) == label)
+
+
+_NLVR2_WORDS = {"yes": "true", "no": "false"}
+
+
+def nlvr2_match(pred: Any, answers: list[str]) -> float:
+    """NLVR2: ``prediction.lower() == label.lower()``, yes/no standing for True/False."""
+    if pred is None or not answers:
+        return 0.0
+    p = str(pred).strip().lower()
+    gold = answers[0].strip().lower()
+    return float(_NLVR2_WORDS.get(p, p) == _NLVR2_WORDS.get(gold, gold))
 
 
 def exact_match(pred: Any, answers: list[str]) -> float:
@@ -263,24 +386,31 @@ def _mc_correct(question: Question) -> str | None:
 _YESNO_QTYPES = frozenset({"exists", "exist", "yesno", "yes/no", "yes_no", "verify", "logical"})
 
 
+def dataset_key(question: Question) -> str:
+    """``Question.dataset`` as the metric tables spell it: lower-case, no "-" or "_"."""
+    return question.dataset.lower().replace("-", "").replace("_", "")
+
+
 def resolve_metric(question: Question, metric: str = "auto") -> str:
     """The metric a question is scored with.
 
-    auto: multiple-choice ``meta.choices`` -> mc; dataset vqav2/vqa -> vqa; gqa -> exact;
-    ``meta.qtype`` count -> count, exists/yes-no -> yesno; 3+ human answers (VQA-style
-    annotation) -> vqa; gold answers all yes/no -> yesno; all numbers -> count; else exact.
+    auto: the official metric of an official dataset (``OFFICIAL_METRIC``; A-OKVQA by
+    ``meta.setting``: ``mc`` -> aokvqa_mc, else aokvqa_da); otherwise multiple-choice
+    ``meta.choices`` -> mc; ``meta.qtype`` count -> count, exists/yes-no -> yesno; 3+ human
+    answers (VQA-style annotation) -> vqa; gold answers all yes/no -> yesno; all numbers ->
+    count; else exact.
     """
     if metric != "auto":
         if metric not in METRICS:
             raise VpdError(f"--metric must be auto or one of {', '.join(METRICS)}, got {metric!r}")
         return metric
+    ds = dataset_key(question)
+    if ds == "aokvqa":
+        return "aokvqa_mc" if question.meta.get("setting") == "mc" else "aokvqa_da"
+    if ds in OFFICIAL_METRIC:
+        return OFFICIAL_METRIC[ds]
     if question.meta.get("choices"):
         return "mc"
-    ds = question.dataset.lower().replace("-", "").replace("_", "")
-    if ds in ("vqav2", "vqa", "vqa2"):
-        return "vqa"
-    if ds == "gqa":
-        return "exact"
     qtype = str(question.meta.get("qtype", "")).lower()
     if qtype in ("count", "counting", "number"):
         return "count"
@@ -293,6 +423,24 @@ def resolve_metric(question: Question, metric: str = "auto") -> str:
     if question.answers and all(to_number(a) is not None for a in question.answers):
         return "count"  # numeric gold: "3" == "three" == "3.0"
     return "exact"
+
+
+def metric_family(metric: str) -> str:
+    """The answer shape of a metric: vqa, exact, count, yesno or mc (official ones mapped)."""
+    return _FAMILY.get(metric, metric)
+
+
+def in_official_accuracy(question: Question, metric: str) -> bool:
+    """Whether the official script counts this question in its average.
+
+    GQA averages over ``isBalanced`` questions; A-OKVQA direct answer leaves out
+    ``difficult_direct_answer`` questions. Everything else counts.
+    """
+    if metric == "gqa":
+        return question.meta.get("isBalanced", True) is not False
+    if metric == "aokvqa_da":
+        return question.meta.get("difficult_direct_answer", False) is not True
+    return True
 
 
 def score_answer(pred: Any, question: Question, metric: str = "auto") -> float:
@@ -308,8 +456,73 @@ def score_answer(pred: Any, question: Question, metric: str = "auto") -> float:
         return count_match(pred, question.answers)
     if m == "yesno":
         return yesno_match(pred, question.answers)
+    if m == "gqa":
+        return gqa_match(pred, question.answers)
+    if m == "aokvqa_da":
+        return aokvqa_da(pred, question.answers)
+    if m == "aokvqa_mc":
+        choices = [str(c) for c in question.meta.get("choices") or []]
+        return aokvqa_mc(pred, choices, question.meta.get("correct_choice_idx"))
+    if m == "pope":
+        return pope_match(pred, question.answers)
+    if m == "nlvr2":
+        return nlvr2_match(pred, question.answers)
     return mc_match(pred, list(question.meta.get("choices") or []), _mc_correct(question))
 
 
 def threshold_for(metric: str, threshold: float | None) -> float:
     return DEFAULT_THRESHOLDS[metric] if threshold is None else threshold
+
+
+# ----------------------------------------------------------------------------- aggregates
+
+
+def pope_summary(preds: list[Any], labels: list[str]) -> dict[str, float | int | None]:
+    """POPE evaluate.py's totals: TP/FP/TN/FN, accuracy, precision, recall, F1, yes ratio.
+
+    ``None`` where the script would divide by zero.
+    """
+    if len(preds) != len(labels):
+        raise ValueError("pope_summary: as many predictions as labels")
+    tp = fp = tn = fn = 0
+    for p, label in zip(preds, labels, strict=True):
+        yes, pos = pope_answer(p) == "yes", label != "no"
+        tp += yes and pos
+        fp += yes and not pos
+        tn += not yes and not pos
+        fn += not yes and pos
+    n = tp + fp + tn + fn
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = (
+        2 * precision * recall / (precision + recall)
+        if precision is not None and recall is not None and precision + recall
+        else None
+    )
+    return {
+        "TP": tp,
+        "FP": fp,
+        "TN": tn,
+        "FN": fn,
+        "accuracy": (tp + tn) / n if n else None,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / n if n else None,
+    }
+
+
+def nlvr2_consistency(correct: dict[str, bool]) -> float | None:
+    """NLVR2's consistency: the share of sentences right on every image pair they describe.
+
+    ``correct`` maps identifiers (``split-set-pair-sentence``) to whether the prediction
+    was right; a sentence is its identifier with the pair id blanked, as in metrics.py.
+    """
+    by_sentence: dict[str, bool] = {}
+    for ident, ok in correct.items():
+        parts = ident.split("-")
+        if len(parts) > 2:
+            parts[2] = ""
+        key = "-".join(parts)
+        by_sentence[key] = by_sentence.get(key, True) and bool(ok)
+    return sum(by_sentence.values()) / len(by_sentence) if by_sentence else None

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vpd.errors import VpdError
 from vpd.llm import GenParams, make_llm_from_spec
-from vpd.metrics import normalize_answer, resolve_metric, to_number, to_yesno
+from vpd.metrics import metric_family, normalize_answer, resolve_metric, to_number, to_yesno
 from vpd.progress import progress_bar
 from vpd.records import Question, Sft, ToolCall, Verified, split_sample_id
 from vpd.store import LabelledRejects, StageOutput, load_at, parse_shard, read_records, scan_jsonl
@@ -46,7 +46,7 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts" / "rationale"
 def canonical_answer(answer: Any, question: Question) -> str:
     """The answer as the VLM should say it: yes/no for booleans, "3" not "3.0"."""
     text = str(answer).strip()
-    metric = resolve_metric(question)
+    metric = metric_family(resolve_metric(question))  # POPE/NLVR2 answer yes/no too
     if metric == "yesno":
         return to_yesno(text) or text
     if metric in ("count", "vqa", "exact"):

@@ -88,7 +88,8 @@ def score_candidates(question: Question, cands: list[Candidate]) -> None:
         elif c.execution.status != "ok":
             why = _first_line(c.execution.error) or "no error message"
             c.reason = f"execution {c.execution.status}: {why}"
-        elif not normalize_answer(c.answer):
+        elif not (c.answer or "").strip():
+            # Raw text, not normalized: "A" (an option letter) or "the" are answers too.
             c.reason = "no answer returned"
         else:
             c.score = score_answer(c.answer, question, c.metric)
