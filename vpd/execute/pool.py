@@ -88,6 +88,13 @@ class Job:
     program: str
     image: str  # absolute path; chosen by the executor, never by the program
     syntax: str = "viper"
+    # Further images of the question (NLVR2's right image), also the executor's: the
+    # program names an image only by its index, which the parent maps to these paths.
+    more_images: tuple[str, ...] = ()
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        return (self.image, *self.more_images)
 
 
 @dataclass
@@ -274,7 +281,7 @@ class SandboxPool:
                     return
                 now = time.monotonic()
                 wake = min((r.eof_at + 2.0 if r.eof_at else r.deadline) for r in running.values())
-                calls: list[tuple[_Running, ToolRequest, str | None]] = []
+                calls: list[tuple[_Running, ToolRequest, str | None, int]] = []
                 for key, _ in sel.select(timeout=max(0.0, wake - now)):
                     if key.data is None:
                         if not self._read_ctrl(by_pid, running):
@@ -328,9 +335,10 @@ class SandboxPool:
         self.stats["forks"] += 1
         # The job waits in the socket buffer until the child has locked itself down.
         a.setblocking(True)
-        wire.write_all(
-            a.fileno(), wire.encode({"t": "job", "program": job.program, "syntax": job.syntax})
-        )
+        msg = {"t": "job", "program": job.program, "syntax": job.syntax}
+        if job.more_images:
+            msg["images"] = len(job.images)  # how many, never where
+        wire.write_all(a.fileno(), wire.encode(msg))
         a.setblocking(False)
         r = _Running(job=job, sock=a, start=t0, deadline=t0 + self.limits.timeout_s)
         sel.register(a, selectors.EVENT_READ, r)
@@ -364,7 +372,7 @@ class SandboxPool:
     def _read_child(
         self,
         r: _Running,
-        calls: list[tuple[_Running, ToolRequest, str | None]],
+        calls: list[tuple[_Running, ToolRequest, str | None, int]],
         sel: selectors.BaseSelector,
     ) -> None:
         try:
@@ -400,16 +408,25 @@ class SandboxPool:
                         for v in box
                     )
                 )
+                img = msg.get("img", 0)
+                ok_img = (
+                    isinstance(img, int)
+                    and not isinstance(img, bool)
+                    and 0 <= img < len(r.job.images)
+                )
                 if not isinstance(op, str) or not isinstance(args, dict) or not ok_box:
                     self._protocol_error(r, "malformed tool call", sel)
+                    return
+                if not ok_img:  # the client API only sends indexes of the job's images
+                    self._protocol_error(r, "tool call for an image the question lacks", sel)
                     return
                 if len(r.trace) + sum(1 for c in calls if c[0] is r) >= self.limits.max_tool_calls:
                     # The child enforces the budget too; a child that does not is compromised.
                     self._protocol_error(r, "tool calls beyond the budget", sel)
                     return
                 box_t = tuple(int(v) for v in box) if box is not None else None
-                req = ToolRequest(op=op, image=r.job.image, box=box_t, args=args)
-                calls.append((r, req, self._refuse(args)))
+                req = ToolRequest(op=op, image=r.job.images[img], box=box_t, args=args)
+                calls.append((r, req, self._refuse(args), img))
             elif t == "done" and r.result is None:
                 r.result = msg
             else:
@@ -441,10 +458,10 @@ class SandboxPool:
         return None
 
     def _serve(
-        self, calls: list[tuple[_Running, ToolRequest, str | None]], tools: ToolHandler
+        self, calls: list[tuple[_Running, ToolRequest, str | None, int]], tools: ToolHandler
     ) -> None:
         t0 = time.perf_counter()
-        reqs = [req for _, req, why in calls if why is None]
+        reqs = [req for _, req, why, _ in calls if why is None]
         try:
             resps = iter(tools.call_batch(reqs) if reqs else [])
         except ToolsUnavailable:
@@ -452,7 +469,7 @@ class SandboxPool:
         except Exception as e:  # a tool server bug must not stop the run
             resps = iter([ToolResponse(ok=False, error=f"tool server error: {e}") for _ in reqs])
         ms = (time.perf_counter() - t0) * 1000 / max(1, len(reqs))
-        for r, req, why in calls:
+        for r, req, why, img in calls:
             if why is not None:
                 resp = ToolResponse(ok=False, error=why)
                 # Refused args may be huge: keep only the patch in the trace.
@@ -471,6 +488,8 @@ class SandboxPool:
                     tc = ToolCall(name=req.op, args={}, result=str(resp.result)[:200])
             if not resp.ok:
                 tc.result = f"error: {str(resp.error)[:ERROR_MAX]}"
+            if r.job.more_images:
+                tc.image = img  # which of the question's images (0 = left)
             tc.ms = round(call_ms, 3)
             r.trace.append(tc)
             if r.tool_s > self.limits.tool_time_s and not r.killed:

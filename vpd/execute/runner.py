@@ -72,13 +72,22 @@ class ExecuteConfig(BaseModel):
         return fp
 
 
-def _question_images(path: Path) -> dict[str, str]:
-    """qid -> absolute image path (relative paths resolve against the questions' folder)."""
+def question_images(q: Question) -> list[str]:
+    """A question's images in order: ``meta.images`` for a two-image question (NLVR2: left,
+    right), else ``[image]``."""
+    more = q.meta.get("images")
+    if isinstance(more, list) and len(more) > 1 and all(isinstance(x, str) and x for x in more):
+        return list(more)
+    return [q.image]
+
+
+def _question_images(path: Path) -> dict[str, list[str]]:
+    """qid -> absolute image paths (relative paths resolve against the questions' folder)."""
     base = Path(path).resolve().parent
     out = {}
     for q in read_records(path, Question):
-        p = Path(q.image)
-        out[q.id] = str(p if p.is_absolute() else (base / p).resolve())
+        paths = [Path(x) for x in question_images(q)]
+        out[q.id] = [str(p if p.is_absolute() else (base / p).resolve()) for p in paths]
     if not out:
         raise VpdError(f"no valid questions in {path}")
     return out
@@ -149,19 +158,27 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
             for s in read_records(cfg.samples, Sample, rejects=so.rejects, check=unknown_qid):
                 if not so.owns(s.qid) or so.done(s.id) or s.id in inflight:
                     continue
-                image = images[s.qid]
+                paths = images[s.qid]
                 if not s.valid:
                     why = f"invalid sample: {s.reason or 'no program'}"
                     write(Execution(id=s.id, qid=s.qid, status="error", error=why, k=s.k))
                     continue
-                if image not in image_ok:
-                    image_ok[image] = Path(image).is_file()
-                if not image_ok[image]:
-                    err = f"image not found: {image}"
+                for image in paths:
+                    if image not in image_ok:
+                        image_ok[image] = Path(image).is_file()
+                missing = next((image for image in paths if not image_ok[image]), None)
+                if missing is not None:
+                    err = f"image not found: {missing}"
                     write(Execution(id=s.id, qid=s.qid, status="error", error=err, k=s.k))
                     continue
                 inflight[s.id] = (s.qid, s.k)
-                yield Job(id=s.id, program=s.program, image=image, syntax=s.syntax)
+                yield Job(
+                    id=s.id,
+                    program=s.program,
+                    image=paths[0],
+                    syntax=s.syntax,
+                    more_images=tuple(paths[1:]),
+                )
 
         def record(res: JobResult) -> Execution:
             qid, k = inflight.pop(res.id)

@@ -128,16 +128,23 @@ def build_builtins(state: _State) -> dict[str, Any]:
     return safe
 
 
-def _make_caller(fd: int, state: _State) -> Callable[[str, Any, dict[str, Any]], Any]:
-    """The ToolCaller the tool API's patches use: plain data over the channel."""
+def _make_caller(fd: int, state: _State) -> Callable[..., Any]:
+    """The ToolCaller the tool API's patches use: plain data over the channel.
 
-    def call(op: str, box: Any, args: dict[str, Any]) -> Any:
+    ``image`` is the index of the question's image (two-image questions); the parent maps
+    it to a file, so a program can name an image only by its place, never by a path.
+    """
+
+    def call(op: str, box: Any, args: dict[str, Any], image: int = 0) -> Any:
         state.calls += 1
         if state.calls > state.max_calls:
             state.budget = state.budget or f"tool call budget of {state.max_calls} exceeded"
             raise _Budget(state.budget)
+        msg: dict[str, Any] = {"t": "call", "op": op, "box": box, "args": args}
+        if image:
+            msg["img"] = image
         try:
-            frame = wire.encode({"t": "call", "op": op, "box": box, "args": args})
+            frame = wire.encode(msg)
         except wire.WireError:
             raise ValueError(f"arguments of tool {op!r} are too large") from None
         except (TypeError, ValueError, RecursionError):
@@ -245,6 +252,7 @@ def _run_job(job: dict[str, Any], ns_factory: Callable, cfg: dict[str, Any]) -> 
     caller = _make_caller(CHILD_FD, state)
     program = job.get("program")
     syntax = job.get("syntax", "viper")
+    n_images = int(job.get("images", 1))
     try:
         api = ns_factory(caller)
         patch_type = api.get("ImagePatch") if isinstance(api.get("ImagePatch"), type) else None
@@ -252,7 +260,7 @@ def _run_job(job: dict[str, Any], ns_factory: Callable, cfg: dict[str, Any]) -> 
             if not callable(api.get("_run_visprog")):
                 return {"status": "error", "error": "this tool API cannot run VisProg programs"}
             run = api["_run_visprog"]
-            entry_args: tuple = (program,)
+            entry_args: tuple = (program,) if n_images == 1 else (program, n_images)
         else:
             res = check_program(program)  # again, in the sandbox: defense in depth
             if not res.ok:
@@ -266,7 +274,7 @@ def _run_job(job: dict[str, Any], ns_factory: Callable, cfg: dict[str, Any]) -> 
             g["math"] = g.get("math") or _safe_math()
             exec(code, g)  # noqa: S102 - only defs and constants at top level (static check)
             run = g[ENTRY]
-            entry_args = (_root_patch(api),)
+            entry_args = _entry_args(api, n_images)
     except Exception as e:  # the tool API failed to set up: not the program's fault
         return {"status": "crash", "error": f"sandbox setup failed: {_describe(e, state)}"}
 
@@ -315,6 +323,16 @@ def _root_patch(api: dict[str, Any]) -> Any:
     if callable(make):
         return make()
     return api["ImagePatch"]()
+
+
+def _entry_args(api: dict[str, Any], n_images: int) -> tuple[Any, ...]:
+    """execute_command's arguments: the image patch, or one per image (NLVR2: left, right)."""
+    if n_images == 1:
+        return (_root_patch(api),)
+    make = api.get("_image_patches")
+    if not callable(make):
+        raise RuntimeError("this tool API takes one image per question")
+    return tuple(make(n_images))
 
 
 def child_main(fd: int, cfg: dict[str, Any], ns_factory: Callable, libc: Any, devnull: int) -> None:

@@ -10,7 +10,13 @@ program. Pure geometry (``overlaps_with``, ``distance``, the attributes) is comp
 The public names a program may use are exactly those
 :func:`vpd.tools.namespace.build_namespace` returns; the
 sampling prompt's API spec is generated from the docstrings below, so keep them accurate.
-Private entries (``_root_patch``, ``_run_visprog``) are for the executor only.
+Private entries (``_root_patch``, ``_image_patches``, ``_run_visprog``) are for the
+executor only.
+
+Two-image questions (NLVR2): the executor passes one whole-image patch per image,
+``execute_command(left_image, right_image)``; every patch remembers its image by index
+(0 = left), so its tool calls go to that image. Paths never reach the program: the
+executor maps the index to the file.
 """
 
 from __future__ import annotations
@@ -33,15 +39,23 @@ __all__ = [
 
 
 class _ImageRef:
-    """What all patches of one image share: the caller and the (lazily asked) image size."""
+    """What all patches of one image share: the caller, the image's index among the
+    question's images, and the (lazily asked) image size."""
 
-    def __init__(self, caller: ToolCaller) -> None:
+    def __init__(self, caller: ToolCaller, index: int = 0) -> None:
         self._caller = caller
+        self._index = index
         self._size: tuple[int, int] | None = None
+
+    def call(self, op: str, box: Any, args: dict[str, Any]) -> Any:
+        # The first image's calls carry no index: a one-image question's wire is unchanged.
+        if self._index:
+            return self._caller(op, box, args, image=self._index)
+        return self._caller(op, box, args)
 
     def size(self) -> tuple[int, int]:
         if self._size is None:
-            w, h = self._caller("size", None, {})
+            w, h = self.call("size", None, {})
             self._size = (int(w), int(h))
         return self._size
 
@@ -217,7 +231,7 @@ class ImagePatch:
     # ------------------------------------------------------------------ tool ops
     def _call(self, op: str, args: dict[str, Any]) -> Any:
         box = list(self._box) if self._box is not None else None
-        return self._ref._caller(op, box, args)
+        return self._ref.call(op, box, args)
 
     def find(self, object_name: str) -> list[ImagePatch]:
         """Returns a list of ImagePatch objects matching object_name contained in the crop
@@ -478,9 +492,11 @@ def best_image_match(
         return None
     if not all(isinstance(p, ImagePatch) for p in patches):
         raise TypeError("best_image_match: list_patches must be ImagePatch objects")
+    if any(p._ref is not patches[0]._ref for p in patches):
+        raise ValueError("best_image_match: the patches must come from the same image")
     texts = [content] if isinstance(content, str) else [str(c) for c in content]
     boxes = [list(p._box) if p._box is not None else None for p in patches]
-    idx = int(patches[0]._ref._caller("best_image_match", None, {"boxes": boxes, "content": texts}))
+    idx = int(patches[0]._ref.call("best_image_match", None, {"boxes": boxes, "content": texts}))
     return idx if return_index else patches[idx]
 
 
@@ -582,14 +598,15 @@ def coerce_to_numeric(string: Any, no_string: bool = False) -> Any:
 # ----------------------------------------------------------------------------- namespace
 
 
-def make_image_handle(caller: ToolCaller) -> ImagePatch:
+def make_image_handle(caller: ToolCaller, index: int = 0) -> ImagePatch:
     """The ``image`` passed to ``execute_command(image)``: the whole-image patch.
 
     It is an :class:`ImagePatch` itself, so ``ImagePatch(image)`` (the ViperGPT idiom) and
     ``image.find(...)`` both work. Its size is asked of the tool server only if a program
-    uses the whole image's coordinates.
+    uses the whole image's coordinates. ``index``: which of the question's images (0 is
+    the first, or NLVR2's left; 1 the right).
     """
-    return ImagePatch._at(_ImageRef(caller), None)
+    return ImagePatch._at(_ImageRef(caller, index), None)
 
 
 def answer_text(value: Any) -> str | None:

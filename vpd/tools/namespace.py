@@ -1,5 +1,9 @@
 """The namespace a program runs in: the ImagePatch API, helpers, and the executor's hooks.
 
+Hooks (underscore names, never given to a program): ``_root_patch()`` the image patch,
+``_image_patches(n)`` one patch per image of a multi-image question (NLVR2: left, right),
+``_run_visprog(text, n_images)`` a VisProg program on those images.
+
 Both program syntaxes meet here: ViperGPT code calls ``vpd.tools.api`` directly, VisProg
 step programs run through ``vpd.tools.visprog`` on the same patches. The sandbox worker
 imports the factory by name (``vpd.tools.namespace:build_namespace``) before the program
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +42,12 @@ def build_namespace(caller: ToolCaller) -> dict[str, Any]:
     def root() -> ImagePatch:
         return make_image_handle(caller)
 
-    def run_visprog_program(text: str) -> Any:
-        return run_visprog(text, root)
+    def image_patches(n: int) -> list[ImagePatch]:
+        """One whole-image patch per image of the question (NLVR2: left, right)."""
+        return [make_image_handle(caller, i) for i in range(n)]
+
+    def run_visprog_program(text: str, n_images: int = 1) -> Any:
+        return run_visprog(text, image_patches(n_images))
 
     return {
         "ImagePatch": ImagePatch,
@@ -49,29 +58,38 @@ def build_namespace(caller: ToolCaller) -> dict[str, Any]:
         "llm_query": llm_query,
         "math": math,
         "_root_patch": root,
+        "_image_patches": image_patches,
         "_run_visprog": run_visprog_program,
     }
 
 
 def run_inprocess(
-    program: str, image_path: str | Path, server: Any, syntax: str = "viper"
+    program: str,
+    image_path: str | Path | Sequence[str | Path],
+    server: Any,
+    syntax: str = "viper",
 ) -> tuple[str | None, list[Any]]:
     """Run a TRUSTED program in this process against ``server`` (a ToolServer).
 
     The plain baseline for tests and benchmarks: no sandbox, same namespace, same tool
     calls and trace entries (``vpd.records.ToolCall``) as the executor. Program errors
-    propagate. Returns ``(answer, trace)``.
+    propagate. ``image_path``: the image, or the question's images in order (NLVR2: left,
+    right; the program then gets one patch per image). Returns ``(answer, trace)``.
     """
-    image = str(Path(image_path).resolve())
+    paths = [image_path] if isinstance(image_path, str | Path) else list(image_path)
+    images = [str(Path(p).resolve()) for p in paths]
     trace: list[Any] = []
 
-    def caller(op: str, box: Any, args: dict[str, Any]) -> Any:
-        req = ToolRequest(op, image, tuple(int(v) for v in box) if box is not None else None, args)
+    def caller(op: str, box: Any, args: dict[str, Any], image: int = 0) -> Any:
+        box_t = tuple(int(v) for v in box) if box is not None else None
+        req = ToolRequest(op, images[image], box_t, args)
         t0 = time.perf_counter()
         resp = server.call(req)
         tc = server.summarize(req, resp.result if resp.ok else None)
         if not resp.ok:
             tc.result = f"error: {resp.error}"
+        if len(images) > 1:
+            tc.image = image  # which image the call looked at (0 = left)
         tc.ms = round((time.perf_counter() - t0) * 1000, 3)
         trace.append(tc)
         if not resp.ok:
@@ -80,10 +98,10 @@ def run_inprocess(
 
     ns = build_namespace(caller)
     if syntax == "visprog":
-        value = ns["_run_visprog"](program)
+        value = ns["_run_visprog"](program, len(images))
     else:
         g = {k: v for k, v in ns.items() if not k.startswith("_")}
         g["__name__"] = "program"
         exec(compile(program, "<program>", "exec"), g)  # noqa: S102 - trusted code only
-        value = g["execute_command"](ns["_root_patch"]())
+        value = g["execute_command"](*ns["_image_patches"](len(images)))
     return answer_text(value), trace

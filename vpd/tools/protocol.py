@@ -38,6 +38,10 @@ class ToolResponse:
 
 
 class ToolCaller(Protocol):
-    """What client-side ImagePatch objects call: one op on one patch of the bound image."""
+    """What client-side ImagePatch objects call: one op on one patch of the bound image.
 
-    def __call__(self, op: str, box: Box | None, args: dict[str, Any]) -> Any: ...
+    ``image`` is the index of the question's image the patch belongs to (two-image
+    questions); it is passed only when not 0, so a one-image caller may omit it.
+    """
+
+    def __call__(self, op: str, box: Box | None, args: dict[str, Any], image: int = 0) -> Any: ...

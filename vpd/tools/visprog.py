@@ -1,7 +1,8 @@
 """VisProg-style step programs, parsed and run on the same ImagePatch API.
 
 A program is one step per line, ``VAR=MODULE(arg=value, ...)``, values being string
-literals, numbers or earlier variables; ``IMAGE`` is the input image::
+literals, numbers or earlier variables; ``IMAGE`` is the input image, and a two-image
+question (NLVR2) has ``LEFT`` and ``RIGHT`` instead, as in VisProg's NLVR programs::
 
     BOX0=LOC(image=IMAGE,object='red circle')
     IMAGE0=CROP_LEFTOF(image=IMAGE,box=BOX0)
@@ -34,6 +35,10 @@ from vpd.tools.api import ImagePatch
 
 MAX_STEPS = 200
 MAX_LINE = 2000
+# The image variables, by number of images of the question. The parser accepts all of
+# them (a program is checked before its question's images are known); running a program
+# that names an image its question lacks is a step error.
+IMAGE_VARS: dict[int, tuple[str, ...]] = {1: ("IMAGE",), 2: ("LEFT", "RIGHT")}
 
 # module -> {arg: kind}; kind "var" = an earlier variable, "str" = a string literal
 MODULES: dict[str, dict[str, str]] = {
@@ -112,7 +117,7 @@ def parse_visprog(text: str) -> list[Step]:
     if not isinstance(text, str) or not text.strip():
         raise VisProgError("empty VisProg program")
     steps: list[Step] = []
-    defined = {"IMAGE"}
+    defined = {name for names in IMAGE_VARS.values() for name in names}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -402,19 +407,32 @@ def safe_eval(expr: str, line: int = 0) -> Any:
 # ----------------------------------------------------------------------------- interpreter
 
 
-def run_visprog(text: str, namespace_or_image_patch_factory: Any) -> Any:
-    """Run a VisProg program on the image; returns the RESULT value (booleans as yes/no).
+def run_visprog(text: str, images: Any) -> Any:
+    """Run a VisProg program on a question's images; returns the RESULT value (booleans as
+    yes/no).
 
-    ``namespace_or_image_patch_factory``: a namespace from
-    :func:`vpd.tools.namespace.build_namespace` or a callable returning the whole-image patch.
+    ``images``: the whole-image patches in order (one: ``IMAGE``; two: ``LEFT``,
+    ``RIGHT``), or, for one image, a namespace from
+    :func:`vpd.tools.namespace.build_namespace` or a callable returning the image patch.
     """
-    src = namespace_or_image_patch_factory
-    factory = src["_root_patch"] if isinstance(src, dict) else src
-    if not callable(factory):
-        raise TypeError("run_visprog needs a namespace or an image-patch factory")
+    if isinstance(images, dict):
+        images = [images["_root_patch"]()]
+    elif callable(images):
+        images = [images()]
+    if not isinstance(images, list | tuple) or not all(isinstance(p, ImagePatch) for p in images):
+        raise TypeError("run_visprog needs the image patches, a namespace or a patch factory")
+    names = IMAGE_VARS.get(len(images))
+    if names is None:
+        raise VisProgError(f"VisProg programs take 1 or 2 images, this question has {len(images)}")
     steps = parse_visprog(text)
-    state: dict[str, Any] = {"IMAGE": factory()}
+    state: dict[str, Any] = dict(zip(names, images, strict=True))
+    image_names = {n for ns in IMAGE_VARS.values() for n in ns}
     for step in steps:
+        for v in step.args.values():
+            if isinstance(v, _Var) and v.name in image_names and v.name not in state:
+                raise VisProgError(
+                    f"line {step.line}: this question's images are {', '.join(names)}, not {v.name}"
+                )
         args = {k: state[v.name] if isinstance(v, _Var) else v for k, v in step.args.items()}
         value = _run_step(step, args, state)
         if step.module == "RESULT":
