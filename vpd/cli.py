@@ -776,6 +776,82 @@ def merge(
     )
 
 
+# ----------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    sft: Path = typer.Argument(..., help="SFT JSONL (vpd rationalize output)."),
+    fmt: str = typer.Option(
+        ..., "--format", help="llamafactory (sharegpt + dataset_info.json) | trl | hf."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder (llamafactory: the dataset_dir, shared with other datasets)."
+    ),
+    name: str = typer.Option(
+        "vpd_sft", help="Dataset name (LLaMA-Factory's dataset_info key and file name)."
+    ),
+    task: list[str] = typer.Option(
+        [], "--task", help="Only this task: answer|rationale (repeatable; default all)."
+    ),
+    copy_images: bool = typer.Option(
+        False, "--copy-images", help="llamafactory: copy the images into OUT/images/NAME/."
+    ),
+    force: bool = typer.Option(False, help="Export again when OUT holds other options."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Write SFT records in the layout another trainer loads without edits.
+
+    llamafactory: OUT/NAME.json (sharegpt messages with <image> tokens, image paths
+    relative to OUT) and the NAME entry of OUT/dataset_info.json. trl: a dataset with
+    TRL's `messages` + `images` columns. hf: every field (id, task, messages, images,
+    meta). trl and hf write OUT/dataset/ (load_from_disk) and OUT/data/*.parquet
+    (load_dataset(OUT)) with the images embedded. Re-running does nothing unless the SFT
+    file changed.
+
+    Example:
+
+      vpd export runs/demo/sft.jsonl --format llamafactory --out LLaMA-Factory/data
+        --name vpd_gqa
+
+      vpd export runs/demo/sft.jsonl --format trl --out exports/trl
+
+      vpd export runs/demo/sft.jsonl --format hf --out exports/hf --task rationale
+    """
+    from pydantic import ValidationError
+
+    from vpd.export import FORMATS, ExportConfig, run_export
+    from vpd.progress import console
+
+    if fmt not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    bad = [t for t in task if t not in ("answer", "rationale")]
+    if bad:
+        _fail(f"--task must be answer or rationale, got {bad}")
+    try:
+        cfg = ExportConfig(
+            sft=sft,
+            out=out,
+            fmt=fmt,  # type: ignore[arg-type]
+            name=name,
+            tasks=task or None,
+            copy_images=copy_images,
+            force=force,
+            progress=progress,
+        )
+    except ValidationError as e:
+        _fail("; ".join(f"--{err['loc'][0]}: {err['msg']}" for err in e.errors()))
+    s = run_export(cfg)
+    if s["skipped"]:
+        console().print(f"export {out}: up to date ({s['records']} records), nothing to do")
+        return
+    per = ", ".join(f"{n} {t}" for t, n in s["per_task"].items()) or "no records"
+    msg = f"export {fmt} -> {out}: {s['records']} records ({per}); load with {s['load']}"
+    if s["rejected"]:
+        msg += f"; {s['rejected']} rejected (reasons beside the export)"
+    console().print(msg)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
