@@ -490,7 +490,9 @@ def eval_(
     train_questions: Path = typer.Option(
         None, "--train-questions", help="Train questions for the majority-answer baseline."
     ),
-    metric: str = typer.Option("auto", help="auto|vqa|exact|count|yesno|mc."),
+    metric: str = typer.Option(
+        "auto", help="auto (each dataset's official metric) or a metric name, as vpd verify."
+    ),
     limit: int = typer.Option(None, min=1, help="Evaluate only the first N questions."),
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16 (auto: bf16 on GPU)."),
