@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     "tools": 3,
     "llm": 3,
     **dict.fromkeys(
-        ["store", "records", "errors", "progress", "options", "metrics", "runpaths"], 4
+        ["store", "records", "errors", "progress", "options", "metrics", "runpaths", "cache"], 4
     ),
 }
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.errors import VpdError
 
 IMAGE_TOKEN = "<image>"
@@ -50,15 +49,6 @@ TINY_VISION = {
     "image_size": 224,
     "patch_size": 32,
 }
-
-
-def cache_root() -> Path:
-    """Where built artefacts live; ``$VPD_CACHE_DIR`` wins (CI, read-only homes)."""
-    env = os.environ.get("VPD_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "vpd"
 
 
 def smollm2_gguf() -> Path:
@@ -152,14 +142,6 @@ def _tiny_key(seed: int, lm_layers: int | None, gguf: Path) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _complete(folder: Path, key: str) -> bool:
-    stamp = folder / "vpd_tiny.json"
-    try:
-        return json.loads(stamp.read_text())["key"] == key
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def build_tiny_vlm(
     out_dir: str | Path | None = None, seed: int = 0, lm_layers: int | None = None
 ) -> Path:
@@ -173,35 +155,14 @@ def build_tiny_vlm(
     gguf = smollm2_gguf()
     key = _tiny_key(seed, lm_layers, gguf)
     cached = cache_root() / f"tiny-vlm-{key}"
-    if not _complete(cached, key):
-        _atomic_fill(cached, key, lambda tmp: _build_tiny_into(tmp, gguf, seed, lm_layers))
+    if not is_complete(cached, key):
+        atomic_fill(cached, key, lambda tmp: _build_tiny_into(tmp, gguf, seed, lm_layers))
     if out_dir is None:
         return cached
     out = Path(out_dir)
-    if not _complete(out, key):
-        _atomic_fill(out, key, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
+    if not is_complete(out, key):
+        atomic_fill(out, key, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
     return out
-
-
-def _atomic_fill(out: Path, key: str, fill: Any) -> None:
-    """Run ``fill(tmp)`` and rename ``tmp`` to ``out``; a concurrent winner is kept."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(tmp)
-        (tmp / "vpd_tiny.json").write_text(json.dumps({"key": key}))
-        if out.exists():
-            if _complete(out, key):  # another process won the race
-                return
-            shutil.rmtree(out)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not _complete(out, key):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _build_tiny_into(folder: Path, gguf: Path, seed: int, lm_layers: int | None) -> None:
