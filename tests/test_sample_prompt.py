@@ -29,6 +29,31 @@ def test_api_spec_file_matches_the_api() -> None:
     assert "lower < upper" in text  # the coordinate convention reaches the model
 
 
+@pytest.mark.parametrize(
+    "folder", sorted(p.parent.name for p in PROMPTS_DIR.glob("viper/*/api*.txt"))
+)
+def test_every_viper_prompt_spec_is_generated_from_the_api(folder: str) -> None:
+    files = sorted((PROMPTS_DIR / "viper" / folder).glob("api*.txt"))
+    assert len(files) == 1, files  # one spec per prompt: the one {api} becomes
+    compact = files[0].name == "api_compact.txt"
+    text = files[0].read_text()
+    assert text == render_api_spec(compact), (
+        "regenerate: python -m vpd.sample.prompt --write-api-spec"
+    )
+    attrs, methods, helpers = api_surface()
+    defs, spec_attrs = spec_names(text)
+    assert defs == set(methods) | set(helpers) and spec_attrs == set(attrs)
+    assert "lower < upper" in text
+    system = PromptTemplate(f"viper/{folder}").system
+    assert text.strip() in system and "{api}" not in system
+
+
+def test_compact_spec_is_much_shorter_and_has_no_docstrings() -> None:
+    full, compact = render_api_spec(), render_api_spec(compact=True)
+    assert len(compact) < 0.6 * len(full)
+    assert "Returns" not in compact and "    def find(self, object_name: str)" in compact
+
+
 def test_viper_pool_programs_pass_the_sandbox_static_check() -> None:
     pool = PromptTemplate("viper/v1").examples
     assert len(pool) >= 40

@@ -11,6 +11,18 @@ completions.
 
 from __future__ import annotations
 
-from vpd.sample.runner import SampleConfig, print_summary, run_sample
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vpd.sample.runner import SampleConfig, print_summary, run_sample
 
 __all__ = ["SampleConfig", "print_summary", "run_sample"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `python -m vpd.sample.prompt` (the API spec writer) runs without the stage.
+    if name in __all__:
+        from vpd.sample import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)

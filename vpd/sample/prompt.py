@@ -2,10 +2,11 @@
 
 A prompt family/version lives in ``prompts/<family>/<version>/``:
 
-- ``system.txt``: the instructions; ``{api}`` is replaced by ``api.txt`` when present;
-- ``api.txt`` (viper): the ImagePatch API spec, GENERATED from ``vpd.tools.api`` by
-  :func:`render_api_spec` (``python -m vpd.sample.prompt --write-api-spec``); a test keeps the
-  file and the API in step, so the prompt never names a method the tools lack;
+- ``system.txt``: the instructions; ``{api}`` is replaced by the API spec file when present;
+- ``api.txt`` or ``api_compact.txt`` (viper): the ImagePatch API spec, GENERATED from
+  ``vpd.tools.api`` by :func:`render_api_spec` (full, or signatures only:
+  ``python -m vpd.sample.prompt --write-api-spec``); a test keeps the files and the API in
+  step, so the prompt never names a method the tools lack;
 - ``user.txt``: the user turn, ``{question}`` replaced by the question;
 - ``examples.jsonl``: the worked-example pool, ``{"question", "program"}`` per line.
 
@@ -36,7 +37,9 @@ from vpd.tools.api import ImagePatch
 from vpd.tools.namespace import build_namespace
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent.parent / "prompts"
-TEMPLATE_FILES = ("system.txt", "api.txt", "user.txt", "examples.jsonl")
+TEMPLATE_FILES = ("system.txt", "api.txt", "api_compact.txt", "user.txt", "examples.jsonl")
+# The generated API spec files and the style each holds.
+API_FILES = {"api.txt": False, "api_compact.txt": True}
 _WORD = re.compile(r"[a-z0-9]+")
 # Words that say nothing about which program fits (kept: numbers, shapes, relations...).
 _STOP = frozenset("a an the is are of in to there it this that image picture".split())
@@ -118,32 +121,44 @@ def api_surface() -> tuple[list[str], list[str], list[str]]:
     return attrs, methods, helpers
 
 
-def render_api_spec() -> str:
-    """The ViperGPT API text for the prompt, from ``vpd.tools.api``'s code and docstrings."""
+def render_api_spec(compact: bool = False) -> str:
+    """The ViperGPT API text for the prompt, from ``vpd.tools.api``'s code and docstrings.
+
+    ``compact``: signatures only (no per-attribute comments or method docstrings), about a
+    third of the tokens, for small models that copy their few-shot programs anyway.
+    """
     attrs, methods, helpers = api_surface()
     doc_attrs = {n: (t, d) for n, t, d in _attributes(ImagePatch.__doc__ or "")}
     missing = [a for a in attrs if a not in doc_attrs]
     if missing:
         raise RuntimeError(f"ImagePatch attributes without docs: {missing}")
-    lines = ["class ImagePatch:", f'    """{_summary(ImagePatch.__doc__)}"""', ""]
+    gap = [] if compact else [""]
+
+    def doc(fn: Any, indent: str) -> list[str]:
+        return [] if compact else [f'{indent}"""{_first_sentence(_summary(fn.__doc__))}"""']
+
+    def head(sig: str) -> str:
+        return f"{sig}: ..." if compact else f"{sig}:"
+
+    lines = ["class ImagePatch:", f'    """{_summary(ImagePatch.__doc__)}"""', *gap]
     for a in attrs:
         t, d = doc_attrs[a]
-        lines.append(f"    {a}: {t}  # {_first_sentence(d)}")
-    lines.append("")
+        lines.append(f"    {a}: {t}" if compact else f"    {a}: {t}  # {_first_sentence(d)}")
+    lines += gap
     init = vars(ImagePatch)["__init__"]
-    lines.append(f"    def __init__{_signature(init, False)}:")
-    lines.append(f'        """{_first_sentence(_summary(init.__doc__))}"""')
+    lines.append(head(f"    def __init__{_signature(init, False)}"))
+    lines += doc(init, "        ")
     for m in methods:
         fn = vars(ImagePatch)[m]
-        lines.append("")
-        lines.append(f"    def {m}{_signature(fn, False)}:")
-        lines.append(f'        """{_first_sentence(_summary(fn.__doc__))}"""')
+        lines += gap
+        lines.append(head(f"    def {m}{_signature(fn, False)}"))
+        lines += doc(fn, "        ")
     ns = build_namespace(lambda op, box, args: None)
     for h in helpers:
         fn = ns[h]
-        lines.append("")
-        lines.append(f"def {h}{_signature(fn, False)}:")
-        lines.append(f'    """{_first_sentence(_summary(fn.__doc__))}"""')
+        lines += [""] if not compact or h == helpers[0] else []
+        lines.append(head(f"def {h}{_signature(fn, False)}"))
+        lines += doc(fn, "    ")
     return "\n".join(lines).replace("'ImagePatch'", "ImagePatch") + "\n"
 
 
@@ -224,7 +239,8 @@ class PromptTemplate:
         for f, p in sorted(files.items()):
             h.update(f.encode() + b"\0" + p.read_bytes() + b"\0")
         self.id = f"{self.name}@{h.hexdigest()[:8]}"
-        api = files["api.txt"].read_text(encoding="utf-8").strip() if "api.txt" in files else ""
+        spec = next((files[f] for f in API_FILES if f in files), None)
+        api = spec.read_text(encoding="utf-8").strip() if spec else ""
         self.system = (folder / "system.txt").read_text(encoding="utf-8").strip()
         self.system = self.system.replace("{api}", api)
         user = files.get("user.txt")
@@ -272,16 +288,19 @@ class PromptTemplate:
 def main() -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Regenerate prompts/*/*/api.txt from vpd.tools.api.")
+    ap = argparse.ArgumentParser(
+        description="Regenerate prompts/viper/*/api*.txt from vpd.tools.api."
+    )
     ap.add_argument("--write-api-spec", action="store_true")
+    ap.add_argument("--compact", action="store_true", help="print the compact style")
     a = ap.parse_args()
-    spec = render_api_spec()
     if a.write_api_spec:
-        for p in sorted(PROMPTS_DIR.glob("viper/*/api.txt")):
-            p.write_text(spec, encoding="utf-8")
-            print(f"wrote {p}")
+        for name, compact in API_FILES.items():
+            for p in sorted(PROMPTS_DIR.glob(f"viper/*/{name}")):
+                p.write_text(render_api_spec(compact), encoding="utf-8")
+                print(f"wrote {p}")
     else:
-        print(spec, end="")
+        print(render_api_spec(a.compact), end="")
 
 
 if __name__ == "__main__":
