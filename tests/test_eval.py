@@ -24,8 +24,8 @@ from vpd.evaluate import (
     qtype_of,
     run_eval,
 )
-from vpd.records import Question
 from vpd.metrics import score_answer
+from vpd.records import Question
 
 REPO = str(Path(__file__).resolve().parent.parent)
 

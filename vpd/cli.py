@@ -660,7 +660,9 @@ def sample(
     out: Path = typer.Option(..., "--out", help="Samples JSONL (k records per question)."),
     k: int = typer.Option(5, "--k", help="Programs per question."),
     temperature: float = typer.Option(0.5, help="Sampling temperature."),
-    backend: str = typer.Option("local", help="LLM backend: local|openai|vllm."),
+    backend: str = typer.Option(
+        None, help="LLM backend: local|openai|vllm (default: openai with --base-url, else local)."
+    ),
     model: str = typer.Option(None, help="Model (local: HF folder or .gguf; default SmolLM2)."),
     base_url: list[str] = typer.Option(
         [], "--base-url", help="OpenAI-compatible server URL, e.g. http://host:8000/v1 (repeat)."
@@ -675,8 +677,13 @@ def sample(
     max_tokens: int = typer.Option(256, help="Max new tokens per program."),
     seed: int = typer.Option(0, help="Base seed (sample k uses seed*1000+k)."),
     limit: int = typer.Option(None, min=1, help="Only the first N questions (file order)."),
-    batch_size: int = typer.Option(8, help="Rows per forward pass (local/vllm)."),
+    batch_size: int = typer.Option(
+        None, help="Rows decoded together (local engine; default 64) or per batch (vllm)."
+    ),
     device: str = typer.Option("auto", help="local backend: auto|cpu|cuda."),
+    dtype: str = typer.Option(
+        "auto", help="local backend: auto|float32|bfloat16 (auto: bf16 on GPUs and AMX CPUs)."
+    ),
     shard: str = typer.Option(None, help="Only this shard of the questions: i/n."),
     force: bool = typer.Option(False, help="Start over if OUT was written with other options."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -687,21 +694,27 @@ def sample(
 
       vpd sample data/synth/train.jsonl --out samples.jsonl --k 5 --temperature 0.5
 
-      vpd sample q.jsonl --out s.jsonl --backend openai --concurrency 64
-        --base-url http://gpu1:8000/v1 --base-url http://gpu2:8000/v1
+      vpd sample q.jsonl --out s.jsonl --concurrency 64
+        --base-url http://gpu1:8000/v1 --base-url http://gpu2:8000/v1   (openai backend)
 
       vpd sample q.jsonl --out s.jsonl --prompt visprog/v1 --shard 0/4
     """
     from vpd.llm.config import LLMConfig
     from vpd.sample import SampleConfig, print_summary, run_sample
 
+    if backend is None:
+        backend = "openai" if base_url else "local"  # a server URL means a served model
     if backend not in ("local", "openai", "vllm"):
         _fail(f"--backend must be local, openai or vllm, got {backend!r}")
+    if base_url and backend != "openai":
+        _fail(f"--base-url is for --backend openai, not {backend}")
     if syntax not in (None, "viper", "visprog"):
         _fail(f"--syntax must be viper or visprog, got {syntax!r}")
     llm: dict = {"backend": backend, "model": model, "api_key": api_key}
     llm.update(concurrency=concurrency, timeout_s=timeout, max_retries=max_retries)
-    llm.update(batch_size=batch_size, device=device)
+    llm.update(device=device, dtype=dtype)
+    if batch_size is not None:
+        llm["batch_size"] = batch_size
     if base_url:
         llm["base_urls"] = base_url
     try:

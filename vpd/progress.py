@@ -31,6 +31,23 @@ class _Rate(TextColumn):
         return Text(f"{speed:.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="cyan")
 
 
+class _FieldRate(TextColumn):
+    """A second rate from a counter the loop keeps in the task's fields (e.g. tokens/s)."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__("")
+        self.unit = unit
+
+    def render(self, task):  # type: ignore[override]
+        from rich.text import Text
+
+        elapsed = task.finished_time or task.elapsed
+        count = task.fields.get(self.unit, 0)
+        if not elapsed or not count:
+            return Text(f"- {self.unit}/s", style="cyan")
+        return Text(f"{count / elapsed:.0f} {self.unit}/s", style="cyan")
+
+
 def console() -> Console:
     """Progress and summaries go to stderr so stdout stays clean for piping."""
     return Console(stderr=True)
@@ -38,15 +55,21 @@ def console() -> Console:
 
 @contextmanager
 def progress_bar(
-    description: str, total: int | None, unit: str = "it", enabled: bool = True
-) -> Iterator[Progress]:
-    """Yield ``advance(n=1)``-able bar; ``bar.advance(task, n)`` via the returned helper."""
+    description: str,
+    total: int | None,
+    unit: str = "it",
+    enabled: bool = True,
+    counters: tuple[str, ...] = (),
+) -> Iterator[_Bar]:
+    """Yield a bar with ``advance(n=1)``; each of ``counters`` (e.g. ``"tok"``) gets its own
+    rate column, fed by ``bar.count(name, n)``."""
     prog = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
         _Rate(unit),
+        *(_FieldRate(c) for c in counters),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
@@ -55,16 +78,22 @@ def progress_bar(
         transient=False,
     )
     with prog:
-        task = prog.add_task(description, total=total)
+        task = prog.add_task(description, total=total, **dict.fromkeys(counters, 0))
         yield _Bar(prog, task)
 
 
 class _Bar:
     def __init__(self, prog: Progress, task: int) -> None:
         self.prog, self.task = prog, task
+        self.counts: dict[str, float] = {}
 
     def advance(self, n: float = 1) -> None:
         self.prog.advance(self.task, n)
+
+    def count(self, name: str, n: float) -> None:
+        """Add ``n`` to the counter ``name`` (shown as a rate)."""
+        self.counts[name] = self.counts.get(name, 0) + n
+        self.prog.update(self.task, **{name: self.counts[name]})
 
     def set_total(self, total: int) -> None:
         self.prog.update(self.task, total=total)

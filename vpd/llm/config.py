@@ -33,9 +33,10 @@ class LLMConfig(BaseModel):
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
     # local / vllm backends
-    batch_size: int = Field(8, ge=1)
+    # local: rows decoded together by the continuous-batching engine; vllm: per batch
+    batch_size: int = Field(64, ge=1)
     device: str = "auto"  # local: auto|cpu|cuda|cuda:N
-    dtype: str = "auto"  # auto|float32|bfloat16|float16
+    dtype: str = "auto"  # auto|float32|bfloat16|float16 (auto: bf16 on GPUs and AMX/BF16 CPUs)
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = None

@@ -118,7 +118,8 @@ def _chunk_size(cfg: SampleConfig, n: int) -> int:
         return max(1, 4 * cfg.llm.concurrency)
     if cfg.llm.backend == "vllm":
         return 256  # vLLM schedules a big batch itself
-    return max(1, cfg.llm.batch_size // max(1, n))
+    # The local engine batches continuously: hand it many questions so rows stay busy.
+    return max(1, 32 * cfg.llm.batch_size // max(1, n))
 
 
 def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
@@ -164,7 +165,9 @@ def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
             llm = owned_llm = make_llm(cfg.llm)
         tokens = [0, 0]
         try:
-            with progress_bar("sample", n_todo, "samples", enabled=cfg.progress) as bar:
+            with progress_bar(
+                "sample", n_todo, "programs", enabled=cfg.progress, counters=("tok",)
+            ) as bar:
                 for ks, qs in todo.items():
                     params = GenParams(
                         n=len(ks),
@@ -185,6 +188,7 @@ def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
                             tokens[0] += c.prompt_tokens
                             tokens[1] += c.completion_tokens
                             bar.advance()
+                            bar.count("tok", c.completion_tokens)
                         so.sync()
         finally:
             summary["written"] = so.written
@@ -197,6 +201,7 @@ def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
         completion_tokens=tokens[1],
         wall_s=round(wall, 3),
         samples_per_s=round(summary["written"] / wall, 3) if wall > 0 else None,
+        tokens_per_s=round(tokens[1] / wall, 1) if wall > 0 else None,
     )
     return summary
 
@@ -207,5 +212,5 @@ def print_summary(s: dict[str, Any]) -> None:
         f"without a usable program), {s['already_done']} already done, {s['rejected']} rejected"
     )
     if s.get("samples_per_s"):
-        msg += f"; {s['samples_per_s']} samples/s"
+        msg += f"; {s['samples_per_s']} programs/s, {s['tokens_per_s']} generated tokens/s"
     console().print(msg)

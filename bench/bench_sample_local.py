@@ -1,0 +1,133 @@
+"""Local sampling: vpd's engine vs the naive Hugging Face loop, measured in the same run.
+
+Both sample k programs per question for the first demo questions (recipes/demo-cpu.yaml's
+data: synth, n=1000, seed 0), with the same prompt, model, dtype, temperature and stop
+string. The baseline is what a user writes first: one question at a time,
+``model.generate(..., num_return_sequences=k)`` (``vpd.llm.local.naive_generate``).
+Then both sets of programs are executed with the synthetic tools and verified, and the
+share of questions with at least one correct program (the quality VPD needs) is printed
+next to programs/s and generated tokens/s, with the ratio.
+
+    .venv/bin/python bench/bench_sample_local.py                 # 40 questions, k=5
+    .venv/bin/python bench/bench_sample_local.py --baseline-questions 10   # quicker baseline
+    .venv/bin/python bench/bench_sample_local.py --prompt viper/v1 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vpd.data.synth import generate  # noqa: E402
+from vpd.execute import ExecuteConfig, run_execute  # noqa: E402
+from vpd.llm import Completion, GenParams, LLMConfig, Messages  # noqa: E402
+from vpd.llm.local import LocalLLM, naive_generate  # noqa: E402
+from vpd.sample import SampleConfig, run_sample  # noqa: E402
+from vpd.verify import VerifyConfig, run_verify  # noqa: E402
+
+
+class NaiveHF:
+    """The baseline as an ``LLM``: the engine's own model and tokenizer, plain generate."""
+
+    def __init__(self, local: LocalLLM) -> None:
+        self.local = local
+        self.name = local.name
+
+    def stream(self, batch: list[Messages], params: GenParams) -> Iterator[tuple[int, Completion]]:
+        seeds = params.sample_seeds()
+        for i, messages in enumerate(batch):
+            prompt = self.local.prompt_ids(messages)
+            res = naive_generate(self.local.model, self.local.tok, prompt, params, self.local.eos)
+            for j, (text, n_tok, reason, dt) in enumerate(res):
+                yield i, Completion(text, len(prompt), n_tok, dt, seeds[j], reason, j)
+
+    def close(self) -> None:
+        pass
+
+
+def _questions(tmp: Path, n: int) -> Path:
+    generate(tmp / "data", n=1000, seed=0, test_frac=0.2, progress=False)
+    rows = (tmp / "data" / "train.jsonl").read_text().splitlines()[:n]
+    out = tmp / "data" / f"first{n}.jsonl"
+    out.write_text("".join(r + "\n" for r in rows))
+    return out
+
+
+def _arm(name: str, llm: Any, questions: Path, tmp: Path, a: argparse.Namespace) -> dict:
+    cfg = SampleConfig(
+        questions=questions,
+        out=tmp / f"{name}.samples.jsonl",
+        k=a.k,
+        temperature=0.5,
+        shots=3,
+        max_tokens=128,
+        prompt=a.prompt,
+        progress=False,
+        llm=LLMConfig(backend="local", batch_size=a.rows, dtype=a.dtype),
+    )
+    t0 = time.perf_counter()
+    s = run_sample(cfg, llm=llm)
+    wall = time.perf_counter() - t0
+    ex = tmp / f"{name}.executions.jsonl"
+    run_execute(ExecuteConfig(samples=cfg.out, questions=questions, out=ex, progress=False))
+    ver = tmp / f"{name}.verified.jsonl"
+    run_verify(
+        VerifyConfig(executions=ex, samples=cfg.out, questions=questions, out=ver, progress=False)
+    )
+    kept_q = {json.loads(x)["qid"] for x in ver.read_text().splitlines() if json.loads(x)["kept"]}
+    return {
+        "programs": s["written"],
+        "valid": s["valid"],
+        "wall": wall,
+        "prog_s": s["written"] / wall,
+        "tok_s": s["completion_tokens"] / wall,
+        "questions": s["questions"],
+        "with_correct": len(kept_q),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--questions", type=int, default=40)
+    ap.add_argument("--baseline-questions", type=int, default=None, help="default: --questions")
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=64, help="engine rows in flight (batch_size)")
+    ap.add_argument("--prompt", default="viper/v2")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--skip-baseline", action="store_true")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        qs = _questions(tmp, a.questions)
+        local = LocalLLM(LLMConfig(backend="local", batch_size=a.rows, dtype=a.dtype))
+        print(f"model {local.name} ({local.dtype}), prompt {a.prompt}, k={a.k}, rows {a.rows}")
+        eng = _arm("engine", local, qs, tmp, a)
+        rows = [("vpd engine", eng)]
+        if not a.skip_baseline:
+            nb = a.baseline_questions or a.questions
+            bq = _questions(tmp, nb) if nb != a.questions else qs
+            base = _arm("naive", NaiveHF(local), bq, tmp, a)
+            rows.insert(0, ("naive HF generate", base))
+        print(f"{'':20} {'questions':>9} {'programs':>8} {'wall s':>8} {'programs/s':>10} "
+              f"{'gen tok/s':>9} {'q with a correct program':>25}")  # fmt: skip
+        for name, r in rows:
+            share = (
+                f"{r['with_correct']}/{r['questions']} ({r['with_correct'] / r['questions']:.0%})"
+            )
+            print(f"{name:20} {r['questions']:9d} {r['programs']:8d} {r['wall']:8.1f} "
+                  f"{r['prog_s']:10.2f} {r['tok_s']:9.1f} {share:>25}")  # fmt: skip
+        if not a.skip_baseline:
+            print(f"speed-up: {eng['prog_s'] / base['prog_s']:.1f}x programs/s, "
+                  f"{eng['tok_s'] / base['tok_s']:.1f}x generated tokens/s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
