@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from vpd.llm.engine import Engine, row_seed, unsupported
+from vpd.llm.engine import (
+    GUMBEL_SPAN,
+    Engine,
+    gumbel_noise,
+    row_seed,
+    sample_tokens,
+    unsupported,
+)
 from vpd.llm.local import smollm2_gguf
 
 
@@ -123,9 +130,34 @@ def test_stop_string_eos_and_length_end_rows(tok) -> None:
 
 
 def test_row_seed_depends_on_seed_and_prompt() -> None:
-    assert row_seed(None, [1, 2]) is None
+    assert row_seed(None, [1, 2]) != row_seed(None, [1, 2])  # unseeded: fresh randomness
     assert row_seed(3, [1, 2]) == row_seed(3, [1, 2])
     assert len({row_seed(3, [1, 2]), row_seed(4, [1, 2]), row_seed(3, [1, 3])}) == 3
+    assert all(0 <= row_seed(s, [5]) < 2**62 for s in (0, -1, 2**40))
+
+
+def test_gumbel_noise_is_a_pure_function_with_the_right_law() -> None:
+    seed = torch.full((200_000,), 12345, dtype=torch.int64)
+    tokens = torch.arange(200_000, dtype=torch.int64)
+    g = gumbel_noise(seed, torch.zeros_like(seed), tokens)
+    assert torch.equal(g, gumbel_noise(seed, torch.zeros_like(seed), tokens))
+    assert not torch.equal(g, gumbel_noise(seed, torch.ones_like(seed), tokens))
+    # Gumbel(0, 1): mean = Euler-Mascheroni constant, variance = pi^2 / 6; bounded span.
+    assert abs(g.mean().item() - 0.5772) < 0.01 and abs(g.var().item() - 1.6449) < 0.03
+    assert g.max().item() - g.min().item() < GUMBEL_SPAN
+
+
+def test_sampling_follows_the_softmax() -> None:
+    """Draw frequencies match softmax(logits / T) (the candidate cut loses nothing)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    want = torch.softmax(logits[0] / 0.7, -1)
+    got = sample_tokens(logits.expand(4000, -1), list(range(4000)), [0] * 4000, 0.7)
+    freq = torch.bincount(torch.tensor(got), minlength=5).double() / 4000
+    assert torch.allclose(freq, want.double(), atol=0.025), (freq, want)
+    assert sample_tokens(logits, [1], [0], 0.0) == [0]
+    # The same (seed, step) draws the same token whatever else is in the batch.
+    alone = sample_tokens(logits[:1].clone(), [77], [3], 1.0)
+    assert sample_tokens(torch.cat([logits.flip(-1), logits]), [5, 77], [0, 3], 1.0)[1:] == alone
 
 
 def test_other_architectures_are_refused_with_a_reason(tmp_path: Path) -> None:

@@ -5,16 +5,18 @@ long head (system prompt + API spec), each asked for ``n`` samples:
 
 - The shared prefix is encoded ONCE and every row attends to that one copy (one matrix
   product over all rows per layer), never a copy per row.
-- Each prompt's own part (few-shot examples + question) is encoded once and attended by
-  its ``n`` rows as one group (rows ``slot * n + j``), again without copies.
-- Continuous batching: rows are decoded together; a row stops at EOS, at a stop string in
-  its GENERATED text, or at ``max_tokens``; as soon as rows finish, waiting prompts are
-  admitted, so the batch stays full instead of waiting for its slowest row.
-- Dense layers run only on rows still generating. Weights stay in the model's dtype
-  (bfloat16 on CPUs with AMX / AVX512-BF16 is ~3x fp32's matmul throughput); scores and
-  softmax are fp32.
-- Every row samples with its own ``torch.Generator``, seeded from its sample seed and its
-  prompt, so what a row draws never depends on which other rows share its batch.
+- Each prompt's own part (few-shot examples + question) is encoded once into a slot and
+  attended by its ``n`` rows as one group (rows ``slot * n + j``), again without copies.
+- Continuous batching: a row stops at EOS, at a stop string in its GENERATED text, or at
+  ``max_tokens``; as soon as rows finish, waiting prompts are admitted, so the batch stays
+  full instead of waiting for its slowest row. Finished slots are compacted away, so the
+  attention only covers slots in use, and the dense layers only rows still generating.
+- Weights stay in the model's dtype (bfloat16 on CPUs with AMX / AVX512-BF16 multiplies
+  ~3x faster than fp32); scores and softmax are fp32.
+- Sampling is Gumbel-max with counter-based noise: the noise of a token is a hash of (the
+  row's seed, the step, the token id), so a row's draws never depend on which other rows
+  share its batch, and only tokens that can still win are looked at (the hash's noise is
+  bounded, so the candidate cut is exact, not a top-k approximation).
 
 The layers are the model's own modules (norms, projections, MLP, rotary embedding): the
 engine only replaces the attention bookkeeping and the scheduling. Architectures whose
@@ -25,6 +27,8 @@ caller falls back to ``model.generate``.
 from __future__ import annotations
 
 import hashlib
+import math
+import random
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -33,6 +37,11 @@ from typing import Any
 
 # Decoder layers laid out as LlamaDecoderLayer (pre-norm, q/k/v/o, gated MLP, RoPE).
 SUPPORTED_TYPES = frozenset({"llama", "mistral", "qwen2"})
+_M32 = 0xFFFFFFFF
+# Noise from 32-bit uniforms in (0, 1) lies in [-log(-log(2^-33)), -log(-log(1 - 2^-33))]:
+# a token more than this below the best (in logit / temperature) can never be drawn.
+GUMBEL_SPAN = math.log(2.0**33) + math.log(math.log(2.0**33)) + 0.01
+_ROW_PAD = 8  # dense layers run on a multiple of this many rows (fewer kernel shapes)
 
 
 def unsupported(model: Any) -> str | None:
@@ -46,6 +55,9 @@ def unsupported(model: Any) -> str | None:
         return "no model.model.layers / rotary_emb"
     if getattr(cfg, "use_sliding_window", False):
         return "sliding-window attention"
+    dev = next(model.parameters()).device
+    if dev.type != "cpu":
+        return f"the engine runs on CPU (model on {dev}; on GPUs use the vllm backend)"
     layer = inner.layers[0]
     need = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
     if not all(hasattr(layer, a) for a in need):
@@ -53,14 +65,59 @@ def unsupported(model: Any) -> str | None:
     return None
 
 
-def row_seed(seed: int | None, prompt: list[int]) -> int | None:
-    """A row's RNG seed from its sample seed and its prompt (None: not reproducible)."""
+def row_seed(seed: int | None, prompt: list[int]) -> int:
+    """A row's 62-bit noise seed from its sample seed and its prompt (None: a random one)."""
     if seed is None:
-        return None
+        return random.SystemRandom().getrandbits(62)
     h = hashlib.blake2b(digest_size=8)
     h.update(int(seed).to_bytes(8, "little", signed=True))
     h.update(b"".join(int(t).to_bytes(4, "little") for t in prompt))
-    return int.from_bytes(h.digest(), "little") >> 1
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+def _mix32(x: Any) -> Any:
+    """A 32-bit integer hash (two multiply-xorshift rounds) on int64 tensors, no overflow."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def gumbel_noise(seed: Any, step: Any, token: Any) -> Any:
+    """Gumbel(0, 1) noise, a pure function of (seed, step, token) (int64 tensors, broadcast)."""
+    import torch
+
+    h = _mix32(seed & _M32)
+    h = _mix32(h ^ ((seed >> 32) & _M32))
+    h = _mix32(h ^ (step & _M32))
+    h = _mix32(h ^ (token & _M32))
+    u = (h.to(torch.float64) + 0.5) / 2.0**32
+    return -torch.log(-torch.log(u))
+
+
+def sample_tokens(logits: Any, seeds: list[int], steps: list[int], temperature: float) -> list[int]:
+    """One token per row from fp32 logits [rows, vocab]: Gumbel-max, exact.
+
+    Row r draws with noise ``gumbel_noise(seeds[r], steps[r], token)``, so its token depends
+    on its own logits, seed and step alone. Only tokens within the noise's span of the
+    row's best can win, so only those get noise; ``temperature <= 0`` is greedy.
+    """
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(-1).tolist()
+    dev = logits.device
+    scaled = logits / temperature
+    cand = scaled >= scaled.amax(-1, keepdim=True) - GUMBEL_SPAN
+    r_idx, t_idx = cand.nonzero(as_tuple=True)
+    seed_t = torch.tensor(seeds, dtype=torch.int64, device=dev)
+    step_t = torch.tensor(steps, dtype=torch.int64, device=dev)
+    vals = scaled[r_idx, t_idx].double() + gumbel_noise(seed_t[r_idx], step_t[r_idx], t_idx)
+    best = torch.full((len(seeds),), -math.inf, dtype=torch.float64, device=dev)
+    best.scatter_reduce_(0, r_idx, vals, "amax")
+    win = vals == best[r_idx]
+    out = torch.zeros(len(seeds), dtype=torch.int64, device=dev)
+    out[r_idx[win]] = t_idx[win]
+    return out.tolist()
 
 
 @dataclass
@@ -80,7 +137,7 @@ class RowResult:
 class _Row:
     conv: int
     j: int
-    gen: Any  # torch.Generator or None (unseeded)
+    seed: int
     tokens: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -91,6 +148,33 @@ class _Slot:
     seg_len: int
     started: float
     rows: list[_Row]
+
+
+class _Buffers:
+    """KV of the slots in use: prompt segments and generated tokens, kept compact."""
+
+    def __init__(self, eng: Engine, n_slots: int, n: int, seg_cap: int, t_cap: int) -> None:
+        torch = eng.torch
+        # [layer, slot or row, kv head, position, head dim]: the flash kernel's batch layout.
+        shape = (len(eng.layers), n_slots, eng.n_kv, max(1, seg_cap), eng.head_dim)
+        own = (len(eng.layers), n_slots * n, eng.n_kv, max(1, t_cap), eng.head_dim)
+        kw = {"dtype": eng.dtype, "device": eng.device}
+        self.seg_k, self.seg_v = torch.zeros(shape, **kw), torch.zeros(shape, **kw)
+        self.own_k, self.own_v = torch.zeros(own, **kw), torch.zeros(own, **kw)
+        self.n = n
+        self.slots: list[_Slot] = []  # slot i lives at index i of the buffers
+
+    def free(self, i: int) -> None:
+        """Drop slot ``i``; the last slot moves into its place (one copy, not a gap)."""
+        last = len(self.slots) - 1
+        if i != last:
+            n = self.n
+            self.seg_k[:, i] = self.seg_k[:, last]
+            self.seg_v[:, i] = self.seg_v[:, last]
+            self.own_k[:, i * n : (i + 1) * n] = self.own_k[:, last * n : (last + 1) * n]
+            self.own_v[:, i * n : (i + 1) * n] = self.own_v[:, last * n : (last + 1) * n]
+            self.slots[i] = self.slots[last]
+        self.slots.pop()
 
 
 class Engine:
@@ -142,28 +226,32 @@ class Engine:
         """Run ``ids`` (positions ``start``...) attending ``ctx`` (the prefix) and themselves.
 
         Returns their K/V per layer ([kv_heads, len, head_dim] each) and the logits (fp32) of
-        the last position.
+        the last position. The tokens are padded to a multiple of 64 (the pads come after
+        the real ones, so causal attention keeps them out of every real position).
         """
         torch = self.torch
         F = torch.nn.functional
         n = len(ids)
-        x = self.model.model.embed_tokens(torch.tensor(ids, device=self.device))
-        pos = torch.arange(start, start + n, device=self.device)
+        m = -(-n // 64) * 64
+        padded = torch.tensor(ids + [ids[-1]] * (m - n), device=self.device)
+        x = self.model.model.embed_tokens(padded)
+        pos = torch.arange(start, start + m, device=self.device)
         cos, sin = self._rope(x, pos)
         p = 0 if ctx is None else ctx[0][0].shape[1]
+        mask = None
         if p:
             # Query i sees the whole prefix and its own tokens 0..i.
-            mask = torch.ones(n, p + n, dtype=torch.bool, device=self.device)
+            mask = torch.ones(m, p + m, dtype=torch.bool, device=self.device)
             mask[:, p:] = torch.tril(mask[:, p:])
         kv: list[tuple[Any, Any]] = []
         for li, layer in enumerate(self.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            q = self._rotate(a.q_proj(h).view(n, self.n_heads, self.head_dim), cos, sin)
-            k = self._rotate(a.k_proj(h).view(n, self.n_kv, self.head_dim), cos, sin)
-            v = a.v_proj(h).view(n, self.n_kv, self.head_dim)
-            k, v = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
-            kv.append((k, v))
+            q = self._rotate(a.q_proj(h).view(m, self.n_heads, self.head_dim), cos, sin)
+            k = self._rotate(a.k_proj(h).view(m, self.n_kv, self.head_dim), cos, sin)
+            v = a.v_proj(h).view(m, self.n_kv, self.head_dim)
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
+            kv.append((k[:, :n].contiguous(), v[:, :n].contiguous()))
             if p:
                 kk = torch.cat([ctx[li][0], k], dim=1)
                 vv = torch.cat([ctx[li][1], v], dim=1)
@@ -176,9 +264,9 @@ class Engine:
                     q.transpose(0, 1)[None], k[None], v[None], is_causal=True,
                     scale=self.scale, enable_gqa=True,
                 )  # fmt: skip
-            x = x + a.o_proj(o[0].transpose(0, 1).reshape(n, -1))
+            x = x + a.o_proj(o[0].transpose(0, 1).reshape(m, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = self.model.model.norm(x[-1:])
+        last = self.model.model.norm(x[n - 1 : n])
         return kv, self.model.lm_head(last)[0].float()
 
     def _prefix_kv(self, prefix: list[int]) -> list[tuple[Any, Any]]:
@@ -187,27 +275,6 @@ class Engine:
             kv, _ = self._encode(prefix, 0, None)
             self._prefix = (key, kv)
         return self._prefix[1]
-
-    # ------------------------------------------------------------------ sampling
-
-    def _sample(self, logits: Any, rows: list[_Row], temperature: float) -> list[int]:
-        """One token per row from fp32 logits [rows, vocab].
-
-        Gumbel-max (argmax of logits / T plus Gumbel noise from the row's own generator) is
-        exactly sampling from softmax(logits / T), and unlike an inverse-CDF draw it does
-        not turn last-bit differences of the logits (rows batched with other neighbours)
-        into a different token unless two candidates nearly tie.
-        """
-        torch = self.torch
-        if temperature <= 0:
-            return logits.argmax(-1).tolist()
-        vocab = logits.shape[-1]
-        u = torch.stack(
-            [torch.rand(vocab, generator=r.gen) if r.gen is not None else torch.rand(vocab)
-             for r in rows]
-        ).to(logits.device)  # fmt: skip
-        gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20)))
-        return (logits / temperature + gumbel).argmax(-1).tolist()
 
     # ------------------------------------------------------------------ generation
 
@@ -222,19 +289,17 @@ class Engine:
         eos_ids: set[int],
     ) -> Iterator[RowResult]:
         """Yield every (prompt, sample) as soon as it finishes; ``seeds[j]`` is sample j's."""
-        torch = self.torch
         if not prompts:
             return
-        with torch.inference_mode():
+        with self.torch.inference_mode():
             yield from self._generate(prompts, n, seeds, temperature, max_tokens, stop, eos_ids)
 
     def _split(self, prompts: list[list[int]]) -> int:
         """Length of the prefix every prompt shares (each keeps >= 1 own token)."""
         cached = self._prefix[0] if self._prefix is not None else ()
-        if cached and all(
-            len(p) > len(cached) and tuple(p[: len(cached)]) == cached for p in prompts
-        ):
-            return len(cached)  # reuse the cached prefix across calls
+        k = len(cached)
+        if k and all(len(p) > k and tuple(p[:k]) == cached for p in prompts):
+            return k  # reuse the cached prefix across calls
         lcp = min(len(p) for p in prompts) - 1
         first = prompts[0]
         for p in prompts[1:]:
@@ -264,21 +329,12 @@ class Engine:
         else:
             empty = torch.zeros(self.n_kv, 0, self.head_dim, dtype=self.dtype, device=self.device)
             pre = [(empty, empty)] * len(self.layers)
-        n_slots = max(1, -(-self.max_rows // n))  # ceil: rows are whole prompts' groups
-        n_slots = min(n_slots + max(1, n_slots // 2), len(prompts))  # room for draining slots
-        rows_cap = n_slots * n
-        seg_cap = max(len(p) for p in prompts) - plen
-        L = len(self.layers)
-        kv_shape = (L, self.n_kv, n_slots, seg_cap, self.head_dim)
-        seg_k = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
-        seg_v = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
-        own_shape = (L, self.n_kv, rows_cap, max(1, max_tokens), self.head_dim)
-        own_k = torch.zeros(own_shape, dtype=self.dtype, device=self.device)
-        own_v = torch.zeros(own_shape, dtype=self.dtype, device=self.device)
-        seg_len = torch.zeros(rows_cap, dtype=torch.long, device=self.device)
-        slots: list[_Slot | None] = [None] * n_slots
+        # Slots: enough for max_rows live rows, plus room for slots whose last rows drain.
+        want = max(1, -(-self.max_rows // n))
+        n_slots = min(want + max(1, want // 2), len(prompts))
+        buf = _Buffers(self, n_slots, n, max(len(p) for p in prompts) - plen, max_tokens)
         pending = deque(range(len(prompts)))
-        active = 0
+        live = 0
 
         def finish(row: _Row, reason: str, slot: _Slot) -> RowResult:
             row.done = True
@@ -302,89 +358,92 @@ class Engine:
                 return finish(row, "length", slot)
             return None
 
-        while pending or active:
-            # Admit prompts while there is room: a free slot and rows under the target.
-            while pending and active + n <= max(self.max_rows, n):
-                s = next((i for i, sl in enumerate(slots) if sl is None), None)
-                if s is None:
-                    break
+        while pending or live:
+            # Admit prompts while there is room: a free slot and live rows under the target.
+            while pending and len(buf.slots) < n_slots and live + n <= max(self.max_rows, n):
                 c = pending.popleft()
+                s = len(buf.slots)
                 seg = prompts[c][plen:]
                 kv, logits = self._encode(seg, plen, pre if plen else None)
                 for li, (k, v) in enumerate(kv):
-                    seg_k[li, :, s, : len(seg)] = k
-                    seg_v[li, :, s, : len(seg)] = v
-                seg_len[s * n : (s + 1) * n] = len(seg)
-                slot = _Slot(c, len(seg), time.perf_counter(), [])
-                for j in range(n):
-                    rs = row_seed(seeds[j] if j < len(seeds) else None, prompts[c])
-                    gen = torch.Generator().manual_seed(rs) if rs is not None else None
-                    slot.rows.append(_Row(c, j, gen))
-                first = self._sample(logits.expand(n, -1), slot.rows, temperature)
-                slots[s] = slot
-                for row, tok in zip(slot.rows, first, strict=True):
+                    buf.seg_k[li, s, :, : len(seg)] = k
+                    buf.seg_v[li, s, :, : len(seg)] = v
+                rows = [
+                    _Row(c, j, row_seed(seeds[j] if j < len(seeds) else None, prompts[c]))
+                    for j in range(n)
+                ]
+                slot = _Slot(c, len(seg), time.perf_counter(), rows)
+                buf.slots.append(slot)
+                first = sample_tokens(
+                    logits.expand(n, -1), [r.seed for r in rows], [0] * n, temperature
+                )
+                for row, tok in zip(rows, first, strict=True):
                     res = accept(row, tok, slot)
                     if res is not None:
                         yield res
                     else:
-                        active += 1
-                if all(r.done for r in slot.rows):
-                    slots[s] = None
-            if not active:
+                        live += 1
+                if all(r.done for r in rows):
+                    buf.free(s)
+            if not live:
                 continue
-            live = [
+            step_rows = [
                 (s * n + r.j, r, sl)
-                for s, sl in enumerate(slots)
-                if sl is not None
+                for s, sl in enumerate(buf.slots)
                 for r in sl.rows
                 if not r.done
             ]
-            logits = self._step(
-                live, pre, seg_k, seg_v, seg_len, own_k, own_v, plen, rows_cap, n_slots, n
-            )
-            toks = self._sample(logits, [r for _, r, _ in live], temperature)
-            for (_, row, slot), tok in zip(live, toks, strict=True):
+            logits = self._step(step_rows, pre, buf, plen)
+            toks = sample_tokens(
+                logits, [r.seed for _, r, _ in step_rows],
+                [len(r.tokens) for _, r, _ in step_rows], temperature,
+            )  # fmt: skip
+            for (_, row, slot), tok in zip(step_rows, toks, strict=True):
                 res = accept(row, tok, slot)
                 if res is not None:
-                    active -= 1
+                    live -= 1
                     yield res
-            for s, sl in enumerate(slots):
-                if sl is not None and all(r.done for r in sl.rows):
-                    slots[s] = None
+            for s in range(len(buf.slots) - 1, -1, -1):
+                if all(r.done for r in buf.slots[s].rows):
+                    buf.free(s)
 
     def _step(
-        self,
-        live: list[tuple[int, _Row, _Slot]],
-        pre: list[tuple[Any, Any]],
-        seg_k: Any,
-        seg_v: Any,
-        seg_len: Any,
-        own_k: Any,
-        own_v: Any,
+        self, live: list[tuple[int, _Row, _Slot]], pre: list[tuple[Any, Any]], buf: _Buffers,
         plen: int,
-        rows_cap: int,
-        n_slots: int,
-        n: int,
-    ) -> Any:
-        """One decoding step of the live rows; returns their next-token logits (fp32)."""
+    ) -> Any:  # fmt: skip
+        """One decoding step of the live rows; returns their next-token logits (fp32).
+
+        Attention runs as three fused (flash) passes, over the shared prefix (live rows'
+        queries against its one copy), the prompt segments (a slot's n rows against their
+        segment) and the rows' own tokens; the passes are merged by their log-sum-exps.
+        """
         torch = self.torch
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         dev = self.device
+        n = buf.n
+        n_slots = len(buf.slots)
+        rows_cap = n_slots * n
         a_n = len(live)
+        m = -(-a_n // _ROW_PAD) * _ROW_PAD  # dense rows, padded with copies of the last
+        pad = [live[-1]] * (m - a_n)
         rows = torch.tensor([r for r, _, _ in live], device=dev)
         # The token being fed is the row's last; its KV goes to own index len-1.
         t_idx = torch.tensor([len(row.tokens) - 1 for _, row, _ in live], device=dev)
-        ids = torch.tensor([row.tokens[-1] for _, row, _ in live], device=dev)
-        pos = torch.tensor([plen + sl.seg_len + len(row.tokens) - 1 for _, row, sl in live])
+        ids = torch.tensor([row.tokens[-1] for _, row, _ in live + pad], device=dev)
+        pos = torch.tensor([plen + sl.seg_len + len(row.tokens) - 1 for _, row, sl in live + pad])
         t_cur = int(t_idx.max()) + 1
+        seg_len = torch.tensor([sl.seg_len for sl in buf.slots], device=dev)
         s_cur = int(seg_len.max())
-        # Additive masks over [segment | own] for every row slot (idle slots see nothing).
-        seg_mask = torch.full((rows_cap, s_cur), float("-inf"), device=dev)
-        seg_mask[torch.arange(s_cur, device=dev)[None, :] < seg_len[:, None]] = 0.0
         own_len = torch.zeros(rows_cap, dtype=torch.long, device=dev)
         own_len[rows] = t_idx + 1
-        own_mask = torch.full((rows_cap, t_cur), float("-inf"), device=dev)
-        own_mask[torch.arange(t_cur, device=dev)[None, :] < own_len[:, None]] = 0.0
-        mask = torch.cat([seg_mask, own_mask], dim=1)[None, :, None, :]  # [1, R, 1, S+T]
+        neg = float("-inf")
+        zero = torch.zeros((), dtype=self.dtype, device=dev)
+        seg_mask = zero.expand(n_slots, s_cur).masked_fill(
+            torch.arange(s_cur, device=dev)[None] >= seg_len[:, None], neg
+        )[:, None, None, :]  # [slot, 1, 1, S]
+        own_mask = zero.expand(rows_cap, t_cur).masked_fill(
+            torch.arange(t_cur, device=dev)[None] >= own_len[:, None], neg
+        )[:, None, None, :]  # [row, 1, 1, T]
         p = pre[0][0].shape[1]
         kvh, g, d = self.n_kv, self.group, self.head_dim
 
@@ -393,36 +452,44 @@ class Engine:
         for li, layer in enumerate(self.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            q = self._rotate(a.q_proj(h).view(a_n, self.n_heads, d), cos, sin)
-            k = self._rotate(a.k_proj(h).view(a_n, kvh, d), cos, sin)
-            v = a.v_proj(h).view(a_n, kvh, d)
-            own_k[li, :, rows, t_idx] = k.transpose(0, 1)
-            own_v[li, :, rows, t_idx] = v.transpose(0, 1)
-            qf = q.new_zeros(kvh, rows_cap, g, d)
-            qf[:, rows] = q.view(a_n, kvh, g, d).transpose(0, 1)
-            # Scores against the shared prefix (one product for all rows), the row's
-            # prompt segment (grouped by slot: the n rows of a prompt share it) and its own.
-            parts = []
+            q = self._rotate(a.q_proj(h).view(m, self.n_heads, d), cos, sin)[:a_n]
+            k = self._rotate(a.k_proj(h).view(m, kvh, d), cos, sin)[:a_n]
+            v = a.v_proj(h).view(m, kvh, d)[:a_n]
+            own_k = buf.own_k[li, :rows_cap]
+            own_v = buf.own_v[li, :rows_cap]
+            own_k[rows, :, t_idx] = k
+            own_v[rows, :, t_idx] = v
+            q4 = q.view(a_n, kvh, g, d)
+            qf = q4.new_zeros(rows_cap, kvh, g, d)
+            qf[rows] = q4
+            # Segment pass: [slot, kv head, n * g queries, d] against the slot's segment.
+            qs = qf.view(n_slots, n, kvh, g, d).transpose(1, 2).reshape(n_slots, kvh, n * g, d)
+            o_s, l_s = flash(
+                qs, buf.seg_k[li, :n_slots, :, :s_cur], buf.seg_v[li, :n_slots, :, :s_cur],
+                attn_mask=seg_mask, scale=self.scale,
+            )  # fmt: skip
+            o_s = o_s.view(n_slots, kvh, n, g, d).transpose(1, 2).reshape(rows_cap, kvh, g, d)
+            l_s = l_s.view(n_slots, kvh, n, g).transpose(1, 2).reshape(rows_cap, kvh, g)
+            # Own pass: [row, kv head, g queries, d] against the row's generated tokens.
+            o_o, l_o = flash(
+                qf, own_k[:, :, :t_cur], own_v[:, :, :t_cur], attn_mask=own_mask,
+                scale=self.scale,
+            )  # fmt: skip
+            outs = [o_s[rows], o_o[rows]]
+            lses = [l_s[rows], l_o[rows]]
             if p:
-                kp, _ = pre[li]
-                sp = torch.matmul(qf.view(kvh, rows_cap * g, d), kp.transpose(1, 2))
-                parts.append(sp.view(kvh, rows_cap, g, p).float())
-            qs = qf.view(kvh, n_slots, n * g, d)
-            ss = torch.matmul(qs, seg_k[li, :, :, :s_cur].transpose(-1, -2))
-            so = torch.matmul(qf, own_k[li, :, :, :t_cur].transpose(-1, -2))
-            tail = torch.cat([ss.view(kvh, rows_cap, g, s_cur), so], dim=-1).float() + mask
-            scores = torch.cat([*parts, tail], dim=-1) if parts else tail
-            probs = torch.softmax(scores * self.scale, dim=-1).to(self.dtype)
-            out = torch.matmul(
-                probs[..., p : p + s_cur].reshape(kvh, n_slots, n * g, s_cur),
-                seg_v[li, :, :, :s_cur],
-            ).view(kvh, rows_cap, g, d)
-            out = out + torch.matmul(probs[..., p + s_cur :], own_v[li, :, :, :t_cur])
-            if p:
-                _, vp = pre[li]
-                pp = probs[..., :p].reshape(kvh, rows_cap * g, p)
-                out = out + torch.matmul(pp, vp).view(kvh, rows_cap, g, d)
-            o = out[:, rows].transpose(0, 1).reshape(a_n, self.n_heads * d)
+                # Prefix pass: every live row's queries as one long query block.
+                kp, vp = pre[li]
+                qp = q4.permute(1, 0, 2, 3).reshape(1, kvh, a_n * g, d)
+                o_p, l_p = flash(qp, kp[None], vp[None], scale=self.scale)
+                outs.append(o_p[0].view(kvh, a_n, g, d).transpose(0, 1))
+                lses.append(l_p[0].view(kvh, a_n, g).transpose(0, 1))
+            lse = torch.stack(lses)  # [parts, a_n, kvh, g]
+            w = torch.softmax(lse, dim=0)[..., None]
+            o = sum(wi * oi.float() for wi, oi in zip(w, outs, strict=True))
+            o = o.to(self.dtype).reshape(a_n, self.n_heads * d)
+            if m > a_n:
+                o = torch.cat([o, o[-1:].expand(m - a_n, -1)])
             x = x + a.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(self.model.model.norm(x)).float()
+        return self.model.lm_head(self.model.model.norm(x[:a_n])).float()
