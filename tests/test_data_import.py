@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.helpers import read_jsonl, read_rejects
 from vpd.cli import app
 from vpd.data.importer import ImportConfig, normalize_answers, run_import
 from vpd.errors import ConfigMismatch, VpdError
@@ -20,15 +21,6 @@ def _img(path: Path, color: tuple[int, int, int] = (255, 0, 0)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (16, 12), color).save(path)
     return path
-
-
-def _read(out: Path) -> list[Question]:
-    return [Question.model_validate_json(x) for x in out.read_text().splitlines()]
-
-
-def _rejects(out: Path) -> list[dict]:
-    p = Path(str(out) + ".rejects.jsonl")
-    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
 
 def _run(src: Path, out: Path, **kw: object) -> dict:
@@ -78,13 +70,13 @@ def test_jsonl_import_with_rejects_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "out" / "q.jsonl"
     s = _run(src, out)
     assert (s["written"], s["rejected"], s["read"]) == (2, 6, 8)
-    recs = _read(out)
+    recs = read_jsonl(out, Question)
     assert recs[0].id == "1" and recs[0].answers == ["red"]
     assert recs[1].id.startswith("q-") and recs[1].meta["qtype"] == "yn"
     for r in recs:  # image paths are relative to the output's folder and resolve
         assert r.image == "../src/img/a.png" and (out.parent / r.image).is_file()
         assert r.dataset == "q"
-    reasons = {r["line"]: r["reason"] for r in _rejects(out)}
+    reasons = {r["line"]: r["reason"] for r in read_rejects(out)}
     assert reasons[3].startswith("missing image file")
     assert reasons[4].startswith("empty question")
     assert reasons[5] == "duplicate id '1'"
@@ -93,11 +85,13 @@ def test_jsonl_import_with_rejects_and_resume(tmp_path: Path) -> None:
     assert reasons[8].startswith("malformed JSON")
     # Generated ids are stable: a second import into another file gives the same ids.
     s2 = _run(src, tmp_path / "out" / "again.jsonl")
-    assert [r.id for r in _read(tmp_path / "out" / "again.jsonl")] == [r.id for r in recs]
+    assert [r.id for r in read_jsonl(tmp_path / "out" / "again.jsonl", Question)] == [
+        r.id for r in recs
+    ]
     # Resume: nothing new is written, rejects are reported again.
     s3 = _run(src, out)
     assert (s3["written"], s3["already_done"], s3["rejected"]) == (0, 2, 6)
-    assert s2["written"] == 2 and len(_read(out)) == 2
+    assert s2["written"] == 2 and len(read_jsonl(out, Question)) == 2
 
 
 def test_resume_after_partial_output(tmp_path: Path) -> None:
@@ -115,7 +109,7 @@ def test_resume_after_partial_output(tmp_path: Path) -> None:
     out.write_text("\n".join(lines[:7]) + "\n" + lines[7][:10])  # a kill: 7 lines + torn
     s = _run(src, out)
     assert s["written"] == 13 and s["already_done"] == 7
-    assert [r.id for r in _read(out)] == [f"r{i}" for i in range(7)] + [
+    assert [r.id for r in read_jsonl(out, Question)] == [f"r{i}" for i in range(7)] + [
         f"r{i}" for i in range(7, 20)
     ]
 
@@ -129,7 +123,7 @@ def test_config_change_needs_force(tmp_path: Path) -> None:
     with pytest.raises(ConfigMismatch):
         _run(src, out, split="test")
     assert _run(src, out, split="test", force=True)["written"] == 1
-    assert _read(out)[0].split == "test"
+    assert read_jsonl(out, Question)[0].split == "test"
 
 
 def test_csv_import_field_mapping_and_image_root(tmp_path: Path) -> None:
@@ -156,11 +150,11 @@ def test_csv_import_field_mapping_and_image_root(tmp_path: Path) -> None:
         dataset="mycsv",
     )
     assert s["written"] == 2 and s["rejected"] == 2
-    a, b = _read(out)
+    a, b = read_jsonl(out, Question)
     assert (a.id, a.answers, a.split, a.dataset) == ("a", ["3"], "val", "mycsv")
     assert a.meta["difficulty"] == "easy" and a.image == "images/x.png"
     assert b.answers == ["cat", "kitten"]
-    rej = _rejects(out)
+    rej = read_rejects(out)
     assert [r["id"] for r in rej] == ["c", "d"]
     assert rej[0]["line"] == 4 and "missing image file" in rej[0]["reason"]
 
@@ -198,13 +192,13 @@ def test_hf_dataset_on_disk_with_pil_images(tmp_path: Path) -> None:
         _run(saved, out, id_field="question_id")
     s = _run(saved, out, id_field="question_id", hf_split="train")
     assert s["written"] == 2 and s["rejected"] == 1 and s["images_saved"] == 2
-    r10, r11 = _read(out)
+    r10, r11 = read_jsonl(out, Question)
     assert (r10.id, r10.answers, r10.split) == ("10", ["red"], "train")
     assert r11.answers == ["blue", "navy"]
     px = Image.open(out.parent / r11.image).convert("RGB").getpixel((0, 0))
     assert px == (0, 0, 255) and r11.image.startswith("train_images/")
-    assert "empty question" in _rejects(out)[0]["reason"]
-    assert "bytes>" in _rejects(out)[0]["raw"]  # images summarized, not dumped
+    assert "empty question" in read_rejects(out)[0]["reason"]
+    assert "bytes>" in read_rejects(out)[0]["raw"]  # images summarized, not dumped
     # `split` picks the DatasetDict split when it names one.
     out2 = tmp_path / "o" / "val.jsonl"
     assert _run(saved, out2, id_field="question_id", split="validation")["written"] == 1
@@ -227,9 +221,9 @@ def test_hf_parquet_file_with_image_bytes(tmp_path: Path) -> None:
     out = tmp_path / "o.jsonl"
     s = _run(pq, out, image_field="img", question_field="q", answers_field="a")
     assert s["written"] == 1 and s["rejected"] == 1
-    (rec,) = _read(out)
+    (rec,) = read_jsonl(out, Question)
     assert Image.open(tmp_path / rec.image).convert("RGB").getpixel((1, 1)) == (0, 200, 0)
-    assert "unreadable image" in _rejects(out)[0]["reason"]
+    assert "unreadable image" in read_rejects(out)[0]["reason"]
 
 
 def test_bad_inputs_are_user_errors(tmp_path: Path) -> None:
@@ -255,6 +249,6 @@ def test_cli_import(tmp_path: Path) -> None:
         app, ["data", "import", str(src), "--out", str(out), "--answers-field", "answer"]
     )
     assert res.exit_code == 0, res.output
-    assert _read(out)[0].answers == ["y"]
+    assert read_jsonl(out, Question)[0].answers == ["y"]
     res = runner.invoke(app, ["data", "import", str(src), "--out", str(out), "--bogus"])
     assert res.exit_code == 2

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import read_jsonl, read_rejects, run_vpd
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.evaluate import (
     EvalConfig,
@@ -26,8 +26,6 @@ from vpd.evaluate import (
 )
 from vpd.metrics import score_answer
 from vpd.records import Question
-
-REPO = str(Path(__file__).resolve().parent.parent)
 
 # "yes" first: a model whose logits are all equal picks id 0, i.e. always answers "yes".
 WORDS = (
@@ -134,14 +132,6 @@ def _cfg(model: Path, synth_dir: Path, out: Path, **kw) -> EvalConfig:
     return EvalConfig(model=str(model), questions=synth_dir / "test.jsonl", out=out, **kw)
 
 
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def _questions(path: Path) -> list[Question]:
-    return [Question.model_validate_json(ln) for ln in path.read_text().splitlines() if ln]
-
-
 # ----------------------------------------------------------------------------- pure functions
 
 
@@ -240,8 +230,8 @@ def test_eval_writes_predictions_and_report(tiny_vlm: Path, synth_dir: Path, tmp
     rep = run_eval(
         _cfg(tiny_vlm, synth_dir, out, train_questions=synth_dir / "train.jsonl", batch_size=4)
     )
-    qs = _questions(synth_dir / "test.jsonl")
-    preds = _lines(out)
+    qs = read_jsonl(synth_dir / "test.jsonl", Question)
+    preds = read_jsonl(out)
     assert [p["id"] for p in preds] == [q.id for q in qs]  # file order, one each
     by_id = {q.id: q for q in qs}
     for p in preds:
@@ -257,7 +247,7 @@ def test_eval_writes_predictions_and_report(tiny_vlm: Path, synth_dir: Path, tmp
     assert rep["examples_per_s"] > 0 and rep["wall_s"] > 0
     base = rep["majority_baseline"]
     assert base["n"] == len(qs) and set(base["per_type"]) == set(rep["per_type"])
-    train = _questions(synth_dir / "train.jsonl")
+    train = read_jsonl(synth_dir / "train.jsonl", Question)
     assert base == {**majority_baseline(train, qs), "train_rejected": 0}
     assert json.loads(Path(f"{out}.report.json").read_text()) == rep
     meta = json.loads(Path(f"{out}.meta.json").read_text())["config"]
@@ -269,8 +259,8 @@ def test_always_yes_model_accuracy_is_exact(yes_vlm: Path, synth_dir: Path, tmp_
     """A model that can only say "yes" scores exactly the yes-gold share, per type too."""
     out = tmp_path / "yes.jsonl"
     rep = run_eval(_cfg(yes_vlm, synth_dir, out, max_new_tokens=1, batch_size=3))
-    qs = _questions(synth_dir / "test.jsonl")
-    assert {p["prediction"] for p in _lines(out)} == {"yes"}
+    qs = read_jsonl(synth_dir / "test.jsonl", Question)
+    assert {p["prediction"] for p in read_jsonl(out)} == {"yes"}
     want = [score_answer("yes", q) for q in qs]
     assert any(want) and not all(want)  # the set has yes and non-yes gold answers
     assert rep["accuracy"] == pytest.approx(sum(want) / len(want), abs=1e-6)
@@ -284,7 +274,7 @@ def test_rationale_is_generated_and_stored(yes_vlm: Path, synth_dir: Path, tmp_p
     rep = run_eval(
         _cfg(yes_vlm, synth_dir, out, limit=2, rationale=True, rationale_max_new_tokens=4)
     )
-    preds = _lines(out)
+    preds = read_jsonl(out)
     assert len(preds) == 2
     for p in preds:
         assert p["rationale"] == "yes yes yes yes"
@@ -297,11 +287,11 @@ def test_rationale_is_generated_and_stored(yes_vlm: Path, synth_dir: Path, tmp_p
 def test_batched_and_unbatched_greedy_agree(tiny_vlm: Path, synth_dir: Path, tmp_path: Path):
     one = run_eval(_cfg(tiny_vlm, synth_dir, tmp_path / "b1.jsonl", batch_size=1))
     many = run_eval(_cfg(tiny_vlm, synth_dir, tmp_path / "b5.jsonl", batch_size=5))
-    p1, p5 = _lines(tmp_path / "b1.jsonl"), _lines(tmp_path / "b5.jsonl")
+    p1, p5 = read_jsonl(tmp_path / "b1.jsonl"), read_jsonl(tmp_path / "b5.jsonl")
     assert len(p1) == len(p5) == one["n"] == many["n"]
     assert [p["raw"] for p in p1] == [p["raw"] for p in p5]
     # The questions differ in length, so batch 5 really padded (left) and still agreed.
-    assert len({len(q.question) for q in _questions(synth_dir / "test.jsonl")}) > 1
+    assert len({len(q.question) for q in read_jsonl(synth_dir / "test.jsonl", Question)}) > 1
 
 
 def test_out_of_memory_splits_the_batch(
@@ -326,8 +316,8 @@ def test_out_of_memory_splits_the_batch(
     rep = run_eval(_cfg(tiny_vlm, synth_dir, tmp_path / "oom.jsonl", batch_size=8))
     assert rep["oom_splits"] >= 1 and rep["new"] == ref["new"]
     assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) <= 2  # later batches stay small
-    assert [p["raw"] for p in _lines(tmp_path / "oom.jsonl")] == [
-        p["raw"] for p in _lines(tmp_path / "ref.jsonl")
+    assert [p["raw"] for p in read_jsonl(tmp_path / "oom.jsonl")] == [
+        p["raw"] for p in read_jsonl(tmp_path / "ref.jsonl")
     ]
 
 
@@ -346,7 +336,9 @@ def test_model_without_chat_template_gets_a_plain_prompt(synth_dir: Path, tmp_pa
         _cfg(build_tiny_llava(tmp_path / "ref"), synth_dir, tmp_path / "r.jsonl", limit=2)
     )
     assert ref["prompt_format"] == "model"
-    assert [p["raw"] for p in _lines(out)] == [p["raw"] for p in _lines(tmp_path / "r.jsonl")]
+    assert [p["raw"] for p in read_jsonl(out)] == [
+        p["raw"] for p in read_jsonl(tmp_path / "r.jsonl")
+    ]
     with pytest.raises(VpdError, match="--chat-template"):
         run_eval(_cfg(model, synth_dir, tmp_path / "x.jsonl", chat_template=tmp_path / "no"))
 
@@ -417,23 +409,23 @@ def test_another_vlm_family_paligemma(synth_dir: Path, tmp_path: Path) -> None:
     four = run_eval(_cfg(model, synth_dir, tmp_path / "p4.jsonl", max_new_tokens=4, batch_size=4))
     # No template shipped: the layout `vpd tune` trains PaliGemma with.
     assert one["prompt_format"] == "paligemma" and one["new"] == four["new"] == one["questions"]
-    p1, p4 = _lines(tmp_path / "p1.jsonl"), _lines(tmp_path / "p4.jsonl")
+    p1, p4 = read_jsonl(tmp_path / "p1.jsonl"), read_jsonl(tmp_path / "p4.jsonl")
     assert [p["raw"] for p in p1] == [p["raw"] for p in p4]
 
 
 def test_resume_fills_only_missing(tiny_vlm: Path, synth_dir: Path, tmp_path: Path):
     out = tmp_path / "r.jsonl"
     first = run_eval(_cfg(tiny_vlm, synth_dir, out, limit=3))
-    assert first["new"] == 3 and len(_lines(out)) == 3
+    assert first["new"] == 3 and len(read_jsonl(out)) == 3
     head = out.read_text()
     with open(out, "a") as f:
         f.write('{"id": "torn')  # a kill mid-write leaves a partial line
     full = run_eval(_cfg(tiny_vlm, synth_dir, out, batch_size=4))  # batch size may change
-    n = len(_questions(synth_dir / "test.jsonl"))
+    n = len(read_jsonl(synth_dir / "test.jsonl", Question))
     assert full["already_done"] == 3 and full["new"] == n - 3 and full["predicted"] == n
     text = out.read_text()
     assert text.startswith(head) and '"torn' not in text
-    assert len({p["id"] for p in _lines(out)}) == n
+    assert len({p["id"] for p in read_jsonl(out)}) == n
     again = run_eval(_cfg(tiny_vlm, synth_dir, out))
     assert again["new"] == 0 and again["already_done"] == n and again["generate_s"] == 0
     assert again["accuracy"] == full["accuracy"]
@@ -453,10 +445,10 @@ def test_resume_with_other_generation_params_is_refused(
 def test_shards_split_the_questions(tiny_vlm: Path, synth_dir: Path, tmp_path: Path):
     a = run_eval(_cfg(tiny_vlm, synth_dir, tmp_path / "s0.jsonl", shard="0/2"))
     b = run_eval(_cfg(tiny_vlm, synth_dir, tmp_path / "s1.jsonl", shard="1/2"))
-    ids0 = {p["id"] for p in _lines(tmp_path / "s0.jsonl")}
-    ids1 = {p["id"] for p in _lines(tmp_path / "s1.jsonl")}
+    ids0 = {p["id"] for p in read_jsonl(tmp_path / "s0.jsonl")}
+    ids1 = {p["id"] for p in read_jsonl(tmp_path / "s1.jsonl")}
     assert not ids0 & ids1
-    assert ids0 | ids1 == {q.id for q in _questions(synth_dir / "test.jsonl")}
+    assert ids0 | ids1 == {q.id for q in read_jsonl(synth_dir / "test.jsonl", Question)}
     assert a["shard"] == "0/2" and a["n"] + b["n"] == len(ids0 | ids1)
 
 
@@ -471,8 +463,8 @@ def test_missing_and_broken_images_are_rejected(tiny_vlm: Path, synth_dir: Path,
     qfile.write_text("".join(json.dumps(q) + "\n" for q in qs) + "not json\n")
     out = tmp_path / "p.jsonl"
     rep = run_eval(EvalConfig(model=str(tiny_vlm), questions=qfile, out=out, progress=False))
-    assert [p["id"] for p in _lines(out)] == [qs[0]["id"]]
-    rejects = _lines(Path(f"{out}.rejects.jsonl"))
+    assert [p["id"] for p in read_jsonl(out)] == [qs[0]["id"]]
+    rejects = read_rejects(out)
     reasons = " | ".join(r["reason"] for r in rejects)
     assert rep["rejected"] == 3 and len(rejects) == 3
     assert "image not found" in reasons and "could not be decoded" in reasons
@@ -493,7 +485,7 @@ def test_unlabelled_questions_are_predicted_not_scored(
     rep = run_eval(
         EvalConfig(model=str(yes_vlm), questions=qfile, out=out, max_new_tokens=1, progress=False)
     )
-    preds = _lines(out)
+    preds = read_jsonl(out)
     assert [p["score"] for p in preds[:2]] == [None, None]
     assert all(p["prediction"] == "yes" for p in preds)
     assert rep["predicted"] == 4 and rep["unscored"] == 2 and rep["n"] == 2
@@ -515,15 +507,9 @@ def test_all_rejected_or_empty_is_an_error(tiny_vlm: Path, tmp_path: Path):
 # ----------------------------------------------------------------------------- CLI
 
 
-def _vpd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vpd.cli", *args], cwd=REPO, capture_output=True, text=True
-    )
-
-
 def test_cli_end_to_end(yes_vlm: Path, synth_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.jsonl"
-    r = _vpd(
+    r = run_vpd(
         "eval",
         str(yes_vlm),
         "--questions",
@@ -539,7 +525,7 @@ def test_cli_end_to_end(yes_vlm: Path, synth_dir: Path, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "majority baseline" in r.stderr and "accuracy" in r.stderr
-    assert len(_lines(out)) == 4
+    assert len(read_jsonl(out)) == 4
 
 
 def _one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
@@ -555,11 +541,11 @@ def test_cli_bad_model_paths(tmp_path: Path, synth_dir: Path) -> None:
     q = str(synth_dir / "test.jsonl")
     out = str(tmp_path / "o.jsonl")
     _one_line_error(
-        _vpd("eval", str(tmp_path / "nope"), "--questions", q, "--out", out), "not found"
+        run_vpd("eval", str(tmp_path / "nope"), "--questions", q, "--out", out), "not found"
     )
     (tmp_path / "empty").mkdir()
     _one_line_error(
-        _vpd("eval", str(tmp_path / "empty"), "--questions", q, "--out", out), "no config.json"
+        run_vpd("eval", str(tmp_path / "empty"), "--questions", q, "--out", out), "no config.json"
     )
     torch.manual_seed(0)
     lm = LlamaForCausalLM(
@@ -574,7 +560,7 @@ def test_cli_bad_model_paths(tmp_path: Path, synth_dir: Path) -> None:
     )
     lm.save_pretrained(tmp_path / "textonly")
     _one_line_error(
-        _vpd("eval", str(tmp_path / "textonly"), "--questions", q, "--out", out),
+        run_vpd("eval", str(tmp_path / "textonly"), "--questions", q, "--out", out),
         "not a vision-language model",
     )
     assert not Path(out).exists()
@@ -594,22 +580,24 @@ def test_cli_bad_flags(tmp_path: Path, synth_dir: Path, tiny_vlm: Path) -> None:
     q = str(synth_dir / "test.jsonl")
     out = str(tmp_path / "o.jsonl")
     _one_line_error(
-        _vpd("eval", str(tiny_vlm), "--questions", q, "--out", out, "--device", "tpu"), "--device"
+        run_vpd("eval", str(tiny_vlm), "--questions", q, "--out", out, "--device", "tpu"),
+        "--device",
     )
     _one_line_error(
-        _vpd("eval", str(tiny_vlm), "--questions", q, "--out", out, "--metric", "bleu"), "--metric"
+        run_vpd("eval", str(tiny_vlm), "--questions", q, "--out", out, "--metric", "bleu"),
+        "--metric",
     )
     _one_line_error(
-        _vpd("eval", str(tiny_vlm), "--questions", str(tmp_path / "no.jsonl"), "--out", out),
+        run_vpd("eval", str(tiny_vlm), "--questions", str(tmp_path / "no.jsonl"), "--out", out),
         "not found",
     )
     _one_line_error(
-        _vpd("eval", str(tiny_vlm), "--questions", q, "--out", out, "--shard", "2/2"), "--shard"
+        run_vpd("eval", str(tiny_vlm), "--questions", q, "--out", out, "--shard", "2/2"), "--shard"
     )
 
 
 def test_cli_help_has_example() -> None:
-    r = _vpd("eval", "--help")
+    r = run_vpd("eval", "--help")
     assert r.returncode == 0 and "Example:" in r.stdout and "--train-questions" in r.stdout
 
 
@@ -627,7 +615,7 @@ def test_eval_the_pipelines_tiny_vlm(synth_dir: Path, tmp_path_factory: pytest.T
     )
     assert one["prompt_format"] == three["prompt_format"] == "model"
     assert one["new"] == three["new"] == 6
-    p1, p3 = _lines(root / "b1.jsonl"), _lines(root / "b3.jsonl")
+    p1, p3 = read_jsonl(root / "b1.jsonl"), read_jsonl(root / "b3.jsonl")
     assert [p["raw"] for p in p1] == [p["raw"] for p in p3]
     assert all(p["raw"].strip() for p in p1)  # a real LM says something
     assert "<|im_end|>" not in " ".join(p["raw"] for p in p1)
@@ -648,5 +636,5 @@ def test_each_tune_family_evaluates_batched_like_unbatched(
     one = run_eval(_cfg(model, synth_dir, tmp_path / "1.jsonl", max_new_tokens=4, batch_size=1))
     four = run_eval(_cfg(model, synth_dir, tmp_path / "4.jsonl", max_new_tokens=4, batch_size=4))
     assert one["new"] == four["new"] == one["questions"] and one["prompt_format"] == "model"
-    p1, p4 = _lines(tmp_path / "1.jsonl"), _lines(tmp_path / "4.jsonl")
+    p1, p4 = read_jsonl(tmp_path / "1.jsonl"), read_jsonl(tmp_path / "4.jsonl")
     assert [p["raw"] for p in p1] == [p["raw"] for p in p4]

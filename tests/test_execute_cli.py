@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = str(Path(__file__).resolve().parent.parent)
-
-
-def _vpd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vpd.cli", *args], cwd=REPO, capture_output=True, text=True
-    )
+from tests.helpers import run_vpd
 
 
 def test_help_has_example() -> None:
-    r = _vpd("execute", "--help")
+    r = run_vpd("execute", "--help")
     assert r.returncode == 0
     assert "Example:" in r.stdout and "--timeout" in r.stdout and "--shard" in r.stdout
 
@@ -25,7 +17,7 @@ def test_help_has_example() -> None:
 def test_missing_samples_is_one_line_error(tmp_path: Path) -> None:
     q = tmp_path / "q.jsonl"
     q.write_text(json.dumps({"id": "q0", "image": "a.png", "question": "?"}) + "\n")
-    r = _vpd(
+    r = run_vpd(
         "execute",
         str(tmp_path / "nope.jsonl"),
         "--questions",
@@ -43,7 +35,7 @@ def test_bad_shard_is_one_line_error(tmp_path: Path) -> None:
     q.write_text(json.dumps({"id": "q0", "image": "a.png", "question": "?"}) + "\n")
     s = tmp_path / "s.jsonl"
     s.write_text(json.dumps({"id": "q0#0", "qid": "q0", "k": 0, "program": "x"}) + "\n")
-    r = _vpd(
+    r = run_vpd(
         "execute",
         str(s),
         "--questions",
@@ -62,12 +54,12 @@ def test_bad_tool_options_are_one_line_errors(tmp_path: Path) -> None:
     s = tmp_path / "s.jsonl"
     s.write_text(json.dumps({"id": "q0#0", "qid": "q0", "k": 0, "program": "x"}) + "\n")
     base = ["execute", str(s), "--questions", str(q), "--out", str(tmp_path / "e.jsonl")]
-    r = _vpd(*base, "--tool-opt", "device")
+    r = run_vpd(*base, "--tool-opt", "device")
     assert r.returncode == 2 and "KEY=VALUE" in r.stderr and "Traceback" not in r.stderr
-    r = _vpd(*base, "--backend", "hf", "--tool-opt", "colour=red")
+    r = run_vpd(*base, "--backend", "hf", "--tool-opt", "colour=red")
     assert r.returncode == 2 and "bad options for tool backend 'hf'" in r.stderr
     assert "Traceback" not in r.stderr
-    r = _vpd(*base, "--backend", "hf", "--tool-opt", "detect_threshold=7")
+    r = run_vpd(*base, "--backend", "hf", "--tool-opt", "detect_threshold=7")
     assert r.returncode == 2 and "detect_threshold must be in [0, 1]" in r.stderr
-    r = _vpd(*base, "--backend", "nope")
+    r = run_vpd(*base, "--backend", "nope")
     assert r.returncode == 2 and "unknown tool backend" in r.stderr

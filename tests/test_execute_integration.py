@@ -10,12 +10,10 @@ benign ones in one run.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,27 +22,15 @@ from typing import Any
 import pytest
 
 from tests.escapes.corpus import BAD, ESCAPES
+from tests.helpers import REPO, read_jsonl, run_vpd, vpd_argv
 from tests.template_programs import viper_program, visprog_program
 from vpd.records import Sample
 from vpd.tools.backends import get_backend
 from vpd.tools.namespace import run_inprocess
 from vpd.tools.server import ToolServer
 
-REPO = Path(__file__).resolve().parent.parent
-_BIN = Path(sys.executable).parent / "vpd"
-VPD = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "vpd.cli"]
 N_QUESTIONS = 120
 MARKER = Path("/tmp/vpd_escape_marker")
-
-
-def _vpd(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*VPD, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _fn(body: str) -> str:
@@ -58,7 +44,7 @@ def _fn(body: str) -> str:
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("exec_int")
-    r = _vpd("data", "synth", "--out", str(out), "--n", str(N_QUESTIONS), "--seed", "11",
+    r = run_vpd("data", "synth", "--out", str(out), "--n", str(N_QUESTIONS), "--seed", "11",
              "--test-frac", "0", "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     return out / "train.jsonl"
@@ -66,7 +52,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def questions(synth: Path) -> list[dict[str, Any]]:
-    return _rows(synth)
+    return read_jsonl(synth)
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +90,10 @@ def inprocess(synth: Path, samples: tuple[Path, dict[str, dict]]) -> dict[str, t
 def clean_run(synth: Path, samples: tuple[Path, dict[str, dict]]) -> tuple[list[dict], str]:
     """One uninterrupted `vpd execute` run of every sample (rows, CLI output)."""
     out = synth.parent / "exec_clean.jsonl"
-    r = _vpd("execute", str(samples[0]), "--questions", str(synth), "--out", str(out),
+    r = run_vpd("execute", str(samples[0]), "--questions", str(synth), "--out", str(out),
              "--workers", "2", "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    return _rows(out), r.stdout + r.stderr
+    return read_jsonl(out), r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------- 1. accuracy
@@ -154,7 +140,7 @@ def test_rerun_after_completion_does_nothing(
 ) -> None:
     out = synth.parent / "exec_clean.jsonl"
     before = out.read_bytes()
-    r = _vpd("execute", str(samples[0]), "--questions", str(synth), "--out", str(out),
+    r = run_vpd("execute", str(samples[0]), "--questions", str(synth), "--out", str(out),
              "--workers", "2", "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "0 written" in r.stdout + r.stderr
@@ -221,8 +207,8 @@ def test_kill9_and_resume(
     clean_run: tuple[list[dict], str], synth: Path, samples: tuple[Path, dict[str, dict]]
 ) -> None:
     out = synth.parent / "exec_killed.jsonl"
-    cmd = [*VPD, "execute", str(samples[0]), "--questions", str(synth), "--out", str(out),
-           "--workers", "2", "--no-progress"]  # fmt: skip
+    cmd = vpd_argv("execute", str(samples[0]), "--questions", str(synth), "--out", str(out),
+                   "--workers", "2", "--no-progress")  # fmt: skip
     total = len(samples[1])
     for at in (total // 8, total // 2):
         family = _kill_when(cmd, out, at)
@@ -233,7 +219,7 @@ def test_kill9_and_resume(
         assert not [p for p in family if _alive(p)], "orphan sandbox processes left behind"
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = _rows(out)
+    rows = read_jsonl(out)
     ids = [x["id"] for x in rows]
     assert len(ids) == len(set(ids)) == total, "every sample exactly once"
     clean = {x["id"]: (x["status"], x["answer"]) for x in clean_run[0]}
@@ -321,10 +307,10 @@ def test_escapes_and_tool_abuse_with_benign(
                 expect[sid] = (name if k == 0 else f"benign after {name}", st, ans)
     out = synth.parent / "exec_hostile.jsonl"
     MARKER.unlink(missing_ok=True)
-    r = _vpd("execute", str(path), "--questions", str(synth), "--out", str(out),
+    r = run_vpd("execute", str(path), "--questions", str(synth), "--out", str(out),
              "--workers", "2", "--timeout", "2", "--memory-mb", "256", "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = _rows(out)
+    rows = read_jsonl(out)
     assert sorted(x["id"] for x in rows) == sorted(expect)
     wrong = []
     for x in rows:
@@ -359,7 +345,7 @@ def test_tool_time_budget(synth: Path, questions: list[dict[str, Any]]) -> None:
     )
     t0 = time.monotonic()
     run_execute(cfg)
-    rows = {x["k"]: x for x in _rows(out)}
+    rows = {x["k"]: x for x in read_jsonl(out)}
     assert rows[0]["status"] == "timeout" and "tool calls took over" in rows[0]["error"]
     assert rows[1]["status"] == "ok" and rows[1]["answer"] == rec["answers"][0]
     assert time.monotonic() - t0 < 30

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sandbox_escapes import FAKE_NS, REPO, FakeTools
+from tests.helpers import REPO, read_jsonl, write_jsonl
+from tests.test_sandbox_escapes import FAKE_NS, FakeTools
 from vpd.errors import VpdError
 from vpd.execute import ExecuteConfig, run_execute
 
@@ -21,11 +22,6 @@ SLOW = (
     "def execute_command(image):\n    n = 0\n    for i in range(300000):\n        n += i\n"
     "    return image.exists('dog')\n"
 )
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _setup(tmp: Path, programs: dict[str, str], n_q: int = 2) -> tuple[Path, Path]:
@@ -38,7 +34,7 @@ def _setup(tmp: Path, programs: dict[str, str], n_q: int = 2) -> tuple[Path, Pat
     for i in range(n_q):
         for k, (_name, prog) in enumerate(programs.items()):
             samples.append({"id": f"q{i}#{k}", "qid": f"q{i}", "k": k, "program": prog})
-    return _write(tmp / "q.jsonl", qs), _write(tmp / "s.jsonl", samples)
+    return write_jsonl(tmp / "q.jsonl", qs), write_jsonl(tmp / "s.jsonl", samples)
 
 
 def _cfg(tmp: Path, q: Path, s: Path, **kw) -> ExecuteConfig:
@@ -55,10 +51,6 @@ def _cfg(tmp: Path, q: Path, s: Path, **kw) -> ExecuteConfig:
     return ExecuteConfig(**base)
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 @pytest.fixture(autouse=True)
 def _fake_api_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     # The zygote gets a scrubbed environment; the pool adds the repo so tests.* imports.
@@ -67,7 +59,7 @@ def _fake_api_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     orig = pool.SandboxPool.__init__
 
     def init(self, *a, **kw):
-        kw.setdefault("extra_paths", [REPO])
+        kw.setdefault("extra_paths", [str(REPO)])
         orig(self, *a, **kw)
 
     monkeypatch.setattr(pool.SandboxPool, "__init__", init)
@@ -89,7 +81,7 @@ def test_statuses_traces_and_records(tmp_path: Path) -> None:
     summary = run_execute(_cfg(tmp_path, q, s, timeout=1.0), tools=tools)
     assert summary["written"] == 5
     assert summary["statuses"] == {"ok": 2, "error": 1, "violation": 1, "timeout": 1}
-    recs = {r["id"]: r for r in _read(tmp_path / "exec.jsonl")}
+    recs = {r["id"]: r for r in read_jsonl(tmp_path / "exec.jsonl")}
     assert recs["q0#0"]["status"] == "ok" and recs["q0#0"]["answer"] == "2"
     assert recs["q0#0"]["trace"][0]["name"] == "find"
     assert recs["q0#0"]["trace"][0]["args"] == {"name": "cat"}
@@ -114,12 +106,12 @@ def test_invalid_samples_rejects_and_missing_images(tmp_path: Path) -> None:
         f.write(json.dumps({"id": "zz#0", "qid": "zz", "k": 0, "program": OK}) + "\n")
         f.write("{not json\n")
     summary = run_execute(_cfg(tmp_path, q, s), tools=FakeTools())
-    recs = {r["id"]: r for r in _read(tmp_path / "exec.jsonl")}
+    recs = {r["id"]: r for r in read_jsonl(tmp_path / "exec.jsonl")}
     assert recs["q0#7"]["status"] == "error" and "no code block" in recs["q0#7"]["error"]
     assert recs["q1#0"]["status"] == "error" and "image not found" in recs["q1#0"]["error"]
     assert recs["q0#0"]["status"] == "ok"
     assert summary["rejected"] == 2
-    rej = _read(tmp_path / "exec.jsonl.rejects.jsonl")
+    rej = read_jsonl(tmp_path / "exec.jsonl.rejects.jsonl")
     assert any("not found in" in r["reason"] for r in rej)
 
 
@@ -141,7 +133,7 @@ def test_shards_partition_by_question(tmp_path: Path) -> None:
     for i in range(2):
         out = tmp_path / f"exec.{i}.jsonl"
         run_execute(_cfg(tmp_path, q, s, out=out, shard=f"{i}/2"), tools=FakeTools())
-        recs = _read(out)
+        recs = read_jsonl(out)
         qids = {r["qid"] for r in recs}
         assert all(f"{qid}#0" in {r["id"] for r in recs} for qid in qids)  # k together
         ids += [r["id"] for r in recs]
@@ -152,12 +144,13 @@ _CHILD = """
 import sys
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from tests.test_sandbox_escapes import FAKE_NS, REPO, FakeTools
+from tests.helpers import REPO
+from tests.test_sandbox_escapes import FAKE_NS, FakeTools
 from vpd.execute import ExecuteConfig, run_execute
 import vpd.execute.pool as pool
 orig = pool.SandboxPool.__init__
 def init(self, *a, **kw):
-    kw.setdefault("extra_paths", [REPO])
+    kw.setdefault("extra_paths", [str(REPO)])
     orig(self, *a, **kw)
 pool.SandboxPool.__init__ = init
 cfg = ExecuteConfig(samples=Path({s!r}), questions=Path({q!r}), out=Path({out!r}), workers=2,
@@ -169,7 +162,7 @@ print(run_execute(cfg, tools=FakeTools()))
 def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
     q, s = _setup(tmp_path, {f"p{k}": SLOW for k in range(5)}, n_q=24)
     out = tmp_path / "exec.jsonl"
-    code = _CHILD.format(repo=REPO, s=str(s), q=str(q), out=str(out))
+    code = _CHILD.format(repo=str(REPO), s=str(s), q=str(q), out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -182,9 +175,9 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
     assert 10 <= n_before < 120
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    ids = [r["id"] for r in _read(out)]
+    ids = [r["id"] for r in read_jsonl(out)]
     assert len(ids) == len(set(ids)) == 120
-    assert {r["status"] for r in _read(out)} == {"ok"}
+    assert {r["status"] for r in read_jsonl(out)} == {"ok"}
     # The killed run's zygote and children died with it (parent-death signal).
     leftover = subprocess.run(
         ["pgrep", "-f", "vpd.execute.worker import zygote_main"], capture_output=True, text=True

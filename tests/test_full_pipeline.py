@@ -10,12 +10,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import read_jsonl, vpd_argv
 
 pytestmark = pytest.mark.slow
 
@@ -38,21 +39,11 @@ RECIPE = {
 }
 
 
-def _vpd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vpd.cli", *args]
-
-
-def _lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
     run = tmp_path / "run"
-    cmd = _vpd("run", str(recipe), "--run-dir", str(run))
+    cmd = vpd_argv("run", str(recipe), "--run-dir", str(run))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     # Start, wait until sampling has written something, then kill -9 the whole group.
@@ -62,13 +53,13 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     samples = run / "samples.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if len(_lines(samples)) >= 2:
+        if len(read_jsonl(samples)) >= 2:
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = len(_lines(samples))
+    partial = len(read_jsonl(samples))
     assert 2 <= partial < 16
 
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
@@ -77,21 +68,21 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     # Every stage finished, each unit of work exactly once.
     for stage in ("data", "sample", "execute", "verify", "rationalize", "tune", "eval"):
         assert (run / "stages" / f"{stage}.json").exists(), stage
-    sample_ids = [s["id"] for s in _lines(samples)]
+    sample_ids = [s["id"] for s in read_jsonl(samples)]
     assert len(sample_ids) == len(set(sample_ids)) == 8 * 2
-    exec_ids = [e["id"] for e in _lines(run / "executions.jsonl")]
+    exec_ids = [e["id"] for e in read_jsonl(run / "executions.jsonl")]
     assert sorted(exec_ids) == sorted(sample_ids)
-    verified = _lines(run / "verified.jsonl")
+    verified = read_jsonl(run / "verified.jsonl")
     assert sorted(v["id"] for v in verified) == sorted(sample_ids)
-    sft = _lines(run / "sft.jsonl")
+    sft = read_jsonl(run / "sft.jsonl")
     assert len({r["id"] for r in sft}) == len(sft) > 0
-    train_q = len(_lines(run / "data" / "train.jsonl"))
+    train_q = len(read_jsonl(run / "data" / "train.jsonl"))
     # add_labelled: every training question contributes an answer record.
     assert sum(r["task"] == "answer" for r in sft) == train_q
     assert (run / "model" / "final" / "config.json").exists()
-    test_q = len(_lines(run / "data" / "test.jsonl"))
+    test_q = len(read_jsonl(run / "data" / "test.jsonl"))
     for which in ("untuned", "tuned"):
-        preds = _lines(run / "eval" / f"{which}.jsonl")
+        preds = read_jsonl(run / "eval" / f"{which}.jsonl")
         assert len(preds) == min(6, test_q) > 0
         assert (run / "eval" / f"{which}.jsonl.report.json").exists()
 
@@ -115,5 +106,5 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     assert res.stderr.count("(skipped)") == 7
     assert samples.read_bytes() == before
 
-    st = subprocess.run(_vpd("status", str(run)), capture_output=True, text=True, timeout=120)
+    st = subprocess.run(vpd_argv("status", str(run)), capture_output=True, text=True, timeout=120)
     assert st.returncode == 0 and "partial" not in st.stderr + st.stdout

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
 from vpd.errors import VpdError
 from vpd.llm.serve import server_command
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fake_llama_server(folder: Path) -> Path:
@@ -23,7 +22,7 @@ def _fake_llama_server(folder: Path) -> Path:
     exe.write_text(
         f"#!{sys.executable}\n"
         "import sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
         "from tests.fake_openai_server import FakeOpenAIServer\n"
         "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
         "assert sys.argv[sys.argv.index('-m') + 1].endswith('.gguf')\n"
@@ -45,7 +44,7 @@ def test_serve_starts_llama_server_and_prints_the_url(tmp_path: Path, free_port:
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vpd.cli", "serve", "--port", str(port), "--timeout", "30"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         line = proc.stdout.readline().strip()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers import read_jsonl, write_jsonl
 from vpd.llm.base import Completion, GenParams
 from vpd.rationalize import (
     RationalizeConfig,
@@ -94,16 +94,6 @@ def test_states_answer() -> None:
 # ----------------------------------------------------------------------------- stage
 
 
-def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
-
-
 def _v(qid: str, k: int, answer: str, kept: bool, trace: list | None = None) -> dict[str, Any]:
     return {"id": f"{qid}#{k}", "qid": qid, "answer": answer, "score": float(kept),
             "kept": kept, "reason": "kept" if kept else "wrong", "program": f"return {answer!r}",
@@ -128,8 +118,8 @@ def make_inputs(tmp: Path) -> dict[str, Path]:
         _v("q3", 0, "red", False),
     ]
     return {
-        "questions": _write(tmp / "data" / "q.jsonl", questions),
-        "verified": _write(tmp / "v.jsonl", verified),
+        "questions": write_jsonl(tmp / "data" / "q.jsonl", questions),
+        "verified": write_jsonl(tmp / "v.jsonl", verified),
     }
 
 
@@ -146,7 +136,7 @@ def _text(msg: dict[str, Any]) -> str:
 def test_sft_records_shape_and_image_paths(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     summary = run_rationalize(cfg)
-    recs = {r["id"]: r for r in _read(cfg.out)}
+    recs = {r["id"]: r for r in read_jsonl(cfg.out)}
     assert list(recs) == ["q1/answer", "q1/rationale", "q2/answer", "q2/rationale"]
     for r in recs.values():
         Sft.model_validate(r)
@@ -173,14 +163,14 @@ def test_sft_records_shape_and_image_paths(tmp_path: Path) -> None:
 def test_per_question_several_rationales(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, per_question=3)
     run_rationalize(cfg)
-    ids = [r["id"] for r in _read(cfg.out)]
+    ids = [r["id"] for r in read_jsonl(cfg.out)]
     assert ids == ["q1/answer", "q1/rationale/1", "q1/rationale/2", "q2/answer", "q2/rationale/0"]
 
 
 def test_add_labelled(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, add_labelled=True)
     s = run_rationalize(cfg)
-    recs = {r["id"]: r for r in _read(cfg.out)}
+    recs = {r["id"]: r for r in read_jsonl(cfg.out)}
     assert _text(recs["q3/answer"]["messages"][1]) == "blue"  # most common label
     assert recs["q3/answer"]["source"] == "label"
     assert "q3/rationale" not in recs and "q4/answer" not in recs  # q4 has no label
@@ -233,7 +223,7 @@ def test_llm_mode_checks_answer_retries_and_falls_back(tmp_path: Path) -> None:
     )
     cfg = _cfg(tmp_path, mode="llm", retries=1)
     s = run_rationalize(cfg, llm=llm)
-    recs = {r["id"]: r for r in _read(cfg.out)}
+    recs = {r["id"]: r for r in read_jsonl(cfg.out)}
     r1, r2 = recs["q1/rationale"], recs["q2/rationale"]
     assert r1["rationale_mode"] == "llm"
     assert _text(r1["messages"][1]) == (
@@ -274,7 +264,7 @@ def test_messages_render_with_a_hf_chat_template(tmp_path: Path) -> None:
     tok.chat_template = LLAVA_LIKE_TEMPLATE
     cfg = _cfg(tmp_path)
     run_rationalize(cfg)
-    for r in _read(cfg.out):
+    for r in read_jsonl(cfg.out):
         text = tok.apply_chat_template(r["messages"], tokenize=False)
         assert text.count("<image>") == 1
         assert text.startswith("USER: <image>\n")

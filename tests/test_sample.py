@@ -6,19 +6,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.fake_openai_server import FakeOpenAIServer
+from tests.helpers import REPO, read_jsonl, run_vpd, vpd_argv
 from vpd.errors import ConfigMismatch
 from vpd.llm import LLMConfig
 from vpd.records import Sample
 from vpd.sample import SampleConfig, run_sample
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _questions(path: Path, n: int = 6, bad_line: bool = False) -> Path:
@@ -40,17 +38,13 @@ def _cfg(tmp: Path, srv: FakeOpenAIServer, **kw) -> SampleConfig:
     return SampleConfig(**(base | kw), llm=LLMConfig(**llm))
 
 
-def _read(path: Path) -> list[Sample]:
-    return [Sample.model_validate_json(line) for line in path.read_text().splitlines()]
-
-
 def test_every_qid_k_sampled_once_with_provenance(tmp_path: Path) -> None:
     _questions(tmp_path / "q.jsonl", bad_line=True)
     with FakeOpenAIServer() as srv:
         s = run_sample(_cfg(tmp_path, srv, seed=4))
         again = run_sample(_cfg(tmp_path, srv, seed=4))
         hits = srv.chat_hits
-    recs = _read(tmp_path / "s.jsonl")
+    recs = read_jsonl(tmp_path / "s.jsonl", Sample)
     assert sorted(r.id for r in recs) == sorted(f"q{i}#{k}" for i in range(6) for k in range(3))
     assert s["written"] == 18 and s["valid"] == 18 and s["rejected"] == 1
     assert again["written"] == 0 and again["already_done"] == 18 and hits == 6  # n=3 per request
@@ -76,7 +70,7 @@ def test_non_programs_are_kept_as_invalid(tmp_path: Path) -> None:
 
     with FakeOpenAIServer(reply=chatter) as srv:
         s = run_sample(_cfg(tmp_path, srv, k=2))
-    recs = _read(tmp_path / "s.jsonl")
+    recs = read_jsonl(tmp_path / "s.jsonl", Sample)
     assert s["invalid"] == 4 and len(recs) == 4
     assert all(not r.valid and r.reason for r in recs)
     assert {r.reason for r in recs if r.k == 0} == {"no function definition in the completion"}
@@ -96,7 +90,7 @@ def test_resume_asks_only_missing_samples_and_k_can_grow(tmp_path: Path) -> None
         assert srv.requests[-1].get("n") is None and srv.requests[-1]["seed"] == 1  # k=1
         s = run_sample(_cfg(tmp_path, srv, k=5))  # more samples per question: same file
     assert s["written"] == 8
-    ids = [r.id for r in _read(tmp_path / "s.jsonl")]
+    ids = [r.id for r in read_jsonl(tmp_path / "s.jsonl", Sample)]
     assert len(ids) == len(set(ids)) == 20
 
 
@@ -106,7 +100,7 @@ def test_limit_takes_the_first_questions(tmp_path: Path) -> None:
         s = run_sample(_cfg(tmp_path, srv, limit=2))
         assert s["questions"] == 2 and s["written"] == 6
         s = run_sample(_cfg(tmp_path, srv, limit=4))  # a higher limit continues the file
-    assert s["written"] == 6 and {r.qid for r in _read(tmp_path / "s.jsonl")} == {
+    assert s["written"] == 6 and {r.qid for r in read_jsonl(tmp_path / "s.jsonl", Sample)} == {
         "q0", "q1", "q2", "q3"}  # fmt: skip
 
 
@@ -127,7 +121,7 @@ def test_shards_split_questions(tmp_path: Path) -> None:
     with FakeOpenAIServer() as srv:
         for i in range(3):
             run_sample(_cfg(tmp_path, srv, shard=f"{i}/3", out=tmp_path / f"s{i}.jsonl"))
-    parts = [{r.qid for r in _read(tmp_path / f"s{i}.jsonl")} for i in range(3)]
+    parts = [{r.qid for r in read_jsonl(tmp_path / f"s{i}.jsonl", Sample)} for i in range(3)]
     assert set().union(*parts) == {f"q{i}" for i in range(12)}
     assert sum(len(p) for p in parts) == 12
 
@@ -140,27 +134,21 @@ def test_visprog_prompt(tmp_path: Path) -> None:
 
     with FakeOpenAIServer(reply=vp) as srv:
         s = run_sample(_cfg(tmp_path, srv, prompt="visprog/v1", k=1))
-    recs = _read(tmp_path / "s.jsonl")
+    recs = read_jsonl(tmp_path / "s.jsonl", Sample)
     assert s["valid"] == 2 and recs[0].syntax == "visprog"
     assert recs[0].program.splitlines()[-1] == "FINAL_RESULT=RESULT(var=ANSWER0)"
-
-
-def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vpd.cli", "sample", *args, "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
 
 
 def test_dead_server_exits_2_and_keeps_records(tmp_path: Path) -> None:
     q = _questions(tmp_path / "q.jsonl", n=6)
     out = tmp_path / "s.jsonl"
     with FakeOpenAIServer(script=["ok"] * 2, default="500") as srv:
-        r = _cli(str(q), "--out", str(out), "--backend", "openai", "--base-url", srv.base_url,
-                 "--k", "2", "--concurrency", "1", "--max-retries", "2")  # fmt: skip
+        r = run_vpd("sample", str(q), "--out", str(out), "--backend", "openai",
+                    "--base-url", srv.base_url, "--k", "2", "--concurrency", "1",
+                    "--max-retries", "2", "--no-progress", timeout=60)  # fmt: skip
     assert r.returncode == 2, r.stderr
     assert "error: LLM server unavailable" in r.stderr and "Traceback" not in r.stderr
-    assert len(_read(out)) == 4  # the two questions answered before the server died
+    assert len(read_jsonl(out, Sample)) == 4  # the two questions answered before the server died
     assert srv.chat_hits == 2 + 3  # then one request tried 1 + 2 times
 
 
@@ -168,10 +156,10 @@ def test_kill_9_then_resume_has_no_duplicates(tmp_path: Path) -> None:
     q = _questions(tmp_path / "q.jsonl", n=40)
     out = tmp_path / "s.jsonl"
     with FakeOpenAIServer(latency_s=0.05, n_supported=False) as srv:
-        args = [sys.executable, "-m", "vpd.cli", "sample", str(q), "--out", str(out),
-                "--backend", "openai", "--base-url", srv.base_url, "--k", "3",
-                "--concurrency", "2", "--no-progress"]  # fmt: skip
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        args = vpd_argv("sample", str(q), "--out", str(out), "--backend", "openai",
+                        "--base-url", srv.base_url, "--k", "3", "--concurrency", "2",
+                        "--no-progress")  # fmt: skip
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if out.exists() and out.read_text().count("\n") >= 10:
@@ -181,8 +169,9 @@ def test_kill_9_then_resume_has_no_duplicates(tmp_path: Path) -> None:
         proc.wait()
         partial = out.read_text().count("\n")
         assert 10 <= partial < 120
-        r = _cli(str(q), "--out", str(out), "--backend", "openai", "--base-url", srv.base_url,
-                 "--k", "3", "--concurrency", "2")  # fmt: skip
+        r = run_vpd("sample", str(q), "--out", str(out), "--backend", "openai",
+                    "--base-url", srv.base_url, "--k", "3", "--concurrency", "2",
+                    "--no-progress", timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    ids = [r.id for r in _read(out)]
+    ids = [r.id for r in read_jsonl(out, Sample)]
     assert len(ids) == len(set(ids)) == 120

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.escapes.corpus import BAD, ESCAPES
+from tests.helpers import REPO
 from vpd.execute.pool import Job, Limits, SandboxPool
 from vpd.records import ToolCall
 from vpd.tools.protocol import ToolResponse
 
-REPO = str(Path(__file__).resolve().parent.parent)
 FAKE_NS = "tests.escapes.fake_api:build_namespace"
 MARKER = Path("/tmp/vpd_escape_marker")
 
@@ -78,7 +78,7 @@ def pool():
         Limits(timeout_s=1.5, memory_mb=256, max_tool_calls=50, max_stdout=4096),
         workers=2,
         namespace=FAKE_NS,
-        extra_paths=[REPO],
+        extra_paths=[str(REPO)],
     ) as p:
         yield p
 

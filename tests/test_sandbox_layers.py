@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sandbox_escapes import FAKE_NS, REPO, FakeTools
+from tests.helpers import REPO
+from tests.test_sandbox_escapes import FAKE_NS, FakeTools
 from vpd.execute.pool import Job, Limits, SandboxPool
 from vpd.execute.static import check_program
 from vpd.execute.worker import CHILD_FD, _libc, lock_down, to_answer
@@ -64,7 +65,9 @@ def test_lock_down_alone_blocks_files_and_fork(tmp_path: Path) -> None:
 
 @pytest.fixture()
 def pool():
-    with SandboxPool(Limits(timeout_s=2), workers=2, namespace=FAKE_NS, extra_paths=[REPO]) as p:
+    with SandboxPool(
+        Limits(timeout_s=2), workers=2, namespace=FAKE_NS, extra_paths=[str(REPO)]
+    ) as p:
         yield p
 
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import read_jsonl, write_jsonl
+from tests.test_verify_stage import make_inputs
 from vpd.judge import LLMJudge, parse_verdict
 from vpd.llm.base import Completion, GenParams
 from vpd.verify import VerifyConfig, run_verify
@@ -48,14 +50,12 @@ def test_judge_caches_verdicts_across_runs(tmp_path: Path) -> None:
 
 
 def test_run_verify_with_llm_judge(tmp_path: Path) -> None:
-    from tests.test_verify_stage import _read, _write, make_inputs
-
     paths = make_inputs(tmp_path)
-    ex = _read(paths["executions"])
+    ex = read_jsonl(paths["executions"])
     for r in ex:
         if r["id"] == "q3#1":
             r.update(status="ok", answer="crimson", error=None)
-    _write(paths["executions"], ex)
+    write_jsonl(paths["executions"], ex)
     cfg = VerifyConfig(out=tmp_path / "v.jsonl", progress=False, judge=True, **paths)
     s = run_verify(cfg, judge=LLMJudge(FakeLLM(), tmp_path / "v.jsonl.judge.jsonl"))
     assert s["funnel"]["judged_correct"] == 1 and s["judge_calls"] == 1

@@ -8,18 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import read_jsonl, read_rejects, write_jsonl
 from vpd.errors import ConfigMismatch
 from vpd.verify import VerifyConfig, run_verify
-
-
-def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
 
 # q1 (count, gold 3): k0 wrong "2", k1 right "three" (long), k2 right "3" (short), k3 error
 # q2 (yes/no, gold yes): k0 "no", k1 "no", k2 "yes"   -> majority is "no"
@@ -69,9 +60,9 @@ def make_inputs(tmp: Path, execs: dict | None = None) -> dict[str, Path]:
     execs = EXECS if execs is None else execs
     ex_rows = [{"id": f"{qid}#{k}", "qid": qid, "trace": [], **e} for (qid, k), e in execs.items()]
     return {
-        "questions": _write(tmp / "q.jsonl", questions),
-        "samples": _write(tmp / "s.jsonl", samples),
-        "executions": _write(tmp / "e.jsonl", ex_rows[::-1]),  # order must not matter
+        "questions": write_jsonl(tmp / "q.jsonl", questions),
+        "samples": write_jsonl(tmp / "s.jsonl", samples),
+        "executions": write_jsonl(tmp / "e.jsonl", ex_rows[::-1]),  # order must not matter
     }
 
 
@@ -81,7 +72,7 @@ def _cfg(tmp: Path, **kw: Any) -> VerifyConfig:
 
 
 def _by_id(out: Path) -> dict[str, dict[str, Any]]:
-    return {r["id"]: r for r in _read(out)}
+    return {r["id"]: r for r in read_jsonl(out)}
 
 
 def test_every_sample_gets_a_record_with_a_reason(tmp_path: Path) -> None:
@@ -139,9 +130,9 @@ def test_funnel_counts_table_and_file(tmp_path: Path) -> None:
 
 def test_threshold_flag_lowers_the_bar(tmp_path: Path) -> None:
     paths = make_inputs(tmp_path)
-    rows = _read(paths["questions"])
+    rows = read_jsonl(paths["questions"])
     rows[0].update(dataset="vqav2", answers=["3"] + ["2"] * 9, meta={})
-    _write(paths["questions"], rows)
+    write_jsonl(paths["questions"], rows)
     base = {"progress": False, "policy": "all", **paths}
     run_verify(VerifyConfig(out=tmp_path / "d.jsonl", **base))  # default VQA bar 0.3
     v = _by_id(tmp_path / "d.jsonl")
@@ -159,7 +150,7 @@ def test_resume_after_partial_output_no_duplicates(tmp_path: Path) -> None:
     # A kill mid-question: first 5 lines whole plus a torn line.
     cfg.out.write_text("".join(full[:5]) + full[5][:17], encoding="utf-8")
     summary = run_verify(cfg)
-    again = _read(cfg.out)
+    again = read_jsonl(cfg.out)
     assert len(again) == len(full) == len({r["id"] for r in again})
     assert {r["id"]: r for r in again} == {json.loads(x)["id"]: json.loads(x) for x in full}
     assert summary["written"] == len(full) - 5
@@ -182,7 +173,7 @@ def test_pending_executions_wait_unless_allowed(tmp_path: Path) -> None:
     cfg = VerifyConfig(out=tmp_path / "v.jsonl", progress=False, **paths)
     s = run_verify(cfg)
     assert s["questions_pending"] == 1
-    assert not any(r["qid"] == "q2" for r in _read(cfg.out))
+    assert not any(r["qid"] == "q2" for r in read_jsonl(cfg.out))
     make_inputs(tmp_path)  # execution finished
     s = run_verify(cfg)
     assert s["questions_pending"] == 0 and s["written"] == 3
@@ -201,7 +192,7 @@ def test_bad_lines_are_rejected_with_reasons(tmp_path: Path) -> None:
     with open(cfg.samples, "a", encoding="utf-8") as f:
         f.write(json.dumps({"id": "zz#0", "qid": "zz", "k": 0, "program": "x"}) + "\n")
     s = run_verify(cfg)
-    rej = _read(tmp_path / "v.jsonl.rejects.jsonl")
+    rej = read_rejects(tmp_path / "v.jsonl")
     reasons = " | ".join(r["reason"] for r in rej)
     assert s["rejects"] == 3
     assert "executions: malformed JSON" in reasons
@@ -216,7 +207,7 @@ def test_shards_partition_questions(tmp_path: Path) -> None:
     for i in range(2):
         cfg = VerifyConfig(out=tmp_path / f"v{i}.jsonl", shard=f"{i}/2", progress=False, **paths)
         run_verify(cfg)
-        ids += [r["id"] for r in _read(cfg.out)]
+        ids += [r["id"] for r in read_jsonl(cfg.out)]
     assert sorted(ids) == sorted(f"{q}#{k}" for q, k in PROGRAMS)
 
 
@@ -233,11 +224,11 @@ class FakeJudge:
 
 def test_judge_rescues_open_answers_only(tmp_path: Path) -> None:
     paths = make_inputs(tmp_path)
-    ex = _read(paths["executions"])
+    ex = read_jsonl(paths["executions"])
     for r in ex:
         if r["id"] == "q3#1":
             r.update(status="ok", answer="crimson", error=None)
-    _write(paths["executions"], ex)
+    write_jsonl(paths["executions"], ex)
     judge = FakeJudge({"crimson"})
     cfg = VerifyConfig(out=tmp_path / "v.jsonl", progress=False, **paths)
     s = run_verify(cfg, judge=judge)
@@ -265,9 +256,9 @@ def test_kill_9_then_rerun_completes_without_duplicates(tmp_path: Path) -> None:
             ss.append({"id": sid, "qid": f"q{i}", "k": j, "program": "return 2"})
             es.append({"id": sid, "qid": f"q{i}", "status": "ok", "answer": str(2 + j % 2)})
     args = [
-        sys.executable, "-m", "vpd.cli", "verify", str(_write(tmp_path / "e.jsonl", es)),
-        "--samples", str(_write(tmp_path / "s.jsonl", ss)),
-        "--questions", str(_write(tmp_path / "q.jsonl", qs)),
+        sys.executable, "-m", "vpd.cli", "verify", str(write_jsonl(tmp_path / "e.jsonl", es)),
+        "--samples", str(write_jsonl(tmp_path / "s.jsonl", ss)),
+        "--questions", str(write_jsonl(tmp_path / "q.jsonl", qs)),
         "--out", str(tmp_path / "v.jsonl"), "--no-progress", "--policy", "first",
     ]  # fmt: skip
     out = tmp_path / "v.jsonl"
@@ -281,8 +272,8 @@ def test_kill_9_then_rerun_completes_without_duplicates(tmp_path: Path) -> None:
     proc.wait()
     killed_at = len(out.read_text().splitlines()) if out.exists() else 0
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ids = [r["id"] for r in _read(out)]
+    ids = [r["id"] for r in read_jsonl(out)]
     assert len(ids) == len(set(ids)) == n_q * k
     assert killed_at < n_q * k or proc.returncode == 0  # the kill landed mid-run (usually)
-    kept = [r for r in _read(out) if r["kept"]]
+    kept = [r for r in read_jsonl(out) if r["kept"]]
     assert len(kept) == n_q and all(r["id"].endswith("#0") for r in kept)

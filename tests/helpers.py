@@ -1,0 +1,73 @@
+"""Helpers shared by the test files: JSONL files in and out, and the `vpd` command line.
+
+A plain module rather than conftest fixtures: these are functions of their arguments,
+called from other helpers (``make_inputs``, ``_setup``...) and at import time, where a
+fixture would have to be threaded through every caller; an import says where they live.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+REPO = Path(__file__).resolve().parent.parent
+VPD = [sys.executable, "-m", "vpd.cli"]  # the CLI of this checkout (PYTHONPATH wins)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_jsonl(path: Path, model: type[M] | None = None, missing_ok: bool = False) -> list[Any]:
+    """The records of a JSONL file (blank lines skipped), as dicts or as ``model``.
+
+    A missing file is an error unless ``missing_ok`` (then it holds no records), so a
+    check over the records of a file that was never written cannot pass by accident.
+    """
+    path = Path(path)
+    if missing_ok and not path.exists():
+        return []
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if model is not None:
+        return [model.model_validate_json(ln) for ln in lines]
+    return [json.loads(ln) for ln in lines]
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any] | BaseModel]) -> Path:
+    """Write ``rows`` (dicts or pydantic records) as JSONL, replacing the file; returns it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(
+        (r.model_dump_json() if isinstance(r, BaseModel) else json.dumps(r)) + "\n" for r in rows
+    )
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def vpd_argv(*args: str) -> list[str]:
+    """The argv that runs ``vpd ARGS...`` (for Popen, kill tests)."""
+    return [*VPD, *args]
+
+
+def run_vpd(
+    *args: str, timeout: float = 600, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``vpd ARGS...`` from the repository root; text output captured, never raises."""
+    return subprocess.run(
+        vpd_argv(*args),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else dict(env),
+        check=False,
+    )
+
+
+def read_rejects(out: Path) -> list[dict[str, Any]]:
+    """The ``<out>.rejects.jsonl`` records of a stage output (none when it has no file)."""
+    return read_jsonl(Path(f"{out}.rejects.jsonl"), missing_ok=True)
