@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from vpd import net
+
 
 @pytest.fixture
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for servers and launchers)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return net.free_port()
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,9 @@ LAYERS: dict[str, int] = {
     "tools": 3,
     "llm": 3,
     **dict.fromkeys(
-        ["store", "records", "errors", "progress", "options", "metrics", "runpaths", "cache"], 4
+        ["store", "records", "errors", "progress", "options", "metrics", "runpaths", "cache"]
+        + ["net"],
+        4,
     ),
 }
 

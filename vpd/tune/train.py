@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from vpd.errors import ConfigMismatch, VpdError
+from vpd.net import free_port
 from vpd.progress import console, progress_bar
 from vpd.store import RejectWriter
 from vpd.tune import data as tdata
@@ -43,12 +43,6 @@ PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger", "mm_projector
 # ----------------------------------------------------------------------------- environment
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_dist_env() -> None:
     """Single-process DeepSpeed needs the variables a launcher would set; fill the gaps."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -57,7 +51,7 @@ def ensure_dist_env() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def _rank() -> int:
