@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import read_jsonl, read_rejects, write_jsonl
+from tests.helpers import read_jsonl, read_rejects, run_vpd, vpd_argv, write_jsonl
 from vpd.errors import ConfigMismatch
 from vpd.verify import VerifyConfig, run_verify
 
@@ -240,13 +244,9 @@ def test_judge_rescues_open_answers_only(tmp_path: Path) -> None:
 
 
 def test_kill_9_then_rerun_completes_without_duplicates(tmp_path: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    n_q, k = 4000, 3
+    # Enough records that the run is still writing long after the first KILL_AT are on
+    # disk: the kill always lands mid-run (checked below), so the rerun always resumes.
+    n_q, k, kill_at = 10000, 3, 100
     qs, ss, es = [], [], []
     for i in range(n_q):
         qs.append({"id": f"q{i}", "image": "x.png", "question": "How many?", "answers": ["2"],
@@ -255,25 +255,30 @@ def test_kill_9_then_rerun_completes_without_duplicates(tmp_path: Path) -> None:
             sid = f"q{i}#{j}"
             ss.append({"id": sid, "qid": f"q{i}", "k": j, "program": "return 2"})
             es.append({"id": sid, "qid": f"q{i}", "status": "ok", "answer": str(2 + j % 2)})
+    out = tmp_path / "v.jsonl"
     args = [
-        sys.executable, "-m", "vpd.cli", "verify", str(write_jsonl(tmp_path / "e.jsonl", es)),
+        "verify", str(write_jsonl(tmp_path / "e.jsonl", es)),
         "--samples", str(write_jsonl(tmp_path / "s.jsonl", ss)),
         "--questions", str(write_jsonl(tmp_path / "q.jsonl", qs)),
-        "--out", str(tmp_path / "v.jsonl"), "--no-progress", "--policy", "first",
+        "--out", str(out), "--no-progress", "--policy", "first",
     ]  # fmt: skip
-    out = tmp_path / "v.jsonl"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and out.stat().st_size > 20_000:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
+    proc = subprocess.Popen(vpd_argv(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not out.exists() or out.read_bytes().count(b"\n") < kill_at:
+        assert proc.poll() is None, f"verify ended (code {proc.returncode}) before the kill"
+        assert time.monotonic() < deadline, "verify wrote too slowly"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = len(out.read_text().splitlines()) if out.exists() else 0
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    head = out.read_bytes()
+    head = head[: head.rfind(b"\n") + 1]  # whole records; a torn tail is rewritten
+    killed_at = head.count(b"\n")
+    assert kill_at <= killed_at < n_q * k
+    r = run_vpd(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.read_bytes().startswith(head)  # resumed after the killed run's records
     ids = [r["id"] for r in read_jsonl(out)]
     assert len(ids) == len(set(ids)) == n_q * k
-    assert killed_at < n_q * k or proc.returncode == 0  # the kill landed mid-run (usually)
     kept = [r for r in read_jsonl(out) if r["kept"]]
     assert len(kept) == n_q and all(r["id"].endswith("#0") for r in kept)
