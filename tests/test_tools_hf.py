@@ -122,6 +122,56 @@ def _image() -> ImageData:
     return ImageData.from_array(rgb)
 
 
+# What the detector "sees", as OWL-ViT outputs: (centre x, centre y, width, height) relative
+# to the image it was given, and a logit. A and A2 overlap (IoU 84/108 = 0.78), so NMS keeps
+# A, the higher; C is under the threshold. Every value is exact in binary floating point.
+DETECTIONS = [
+    ((0.25, 0.25, 0.25, 0.5), 3.0),  # A: score 0.95
+    ((0.28125, 0.25, 0.25, 0.5), 1.0),  # A2: A moved right by 1/32, score 0.73
+    ((0.75, 0.75, 0.25, 0.5), 2.0),  # B: score 0.88
+    ((0.5, 0.5, 0.125, 0.125), -1.0),  # C: score 0.27
+]
+
+
+@pytest.fixture
+def pinned(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Model outputs the test chooses, set at the model boundary (the forward pass).
+
+    The real pipelines still pre- and post-process around them, so what the backend owns
+    (threshold, non-maximum suppression, crop and ViperGPT coordinates, option choice) has
+    one right answer. ``pinned["clip"]`` holds CLIP's image-text logits, one per option
+    (None: the model's own).
+    """
+    from transformers import CLIPModel, OwlViTForObjectDetection
+
+    chosen: dict[str, Any] = {"clip": None}
+    owl, clip = OwlViTForObjectDetection.forward, CLIPModel.forward
+
+    def owl_forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = owl(self, *args, **kwargs)
+        batch, patches, labels = out.logits.shape
+        logits = torch.full((patches,), -10.0)
+        boxes = torch.tensor([[0.5, 0.5, 0.1, 0.1]]).repeat(patches, 1)
+        for i, (box, logit) in enumerate(DETECTIONS):
+            logits[i], boxes[i] = logit, torch.tensor(box)
+        out.logits = logits.view(1, patches, 1).expand(batch, patches, labels).clone()
+        out.pred_boxes = boxes.expand(batch, patches, 4).clone()
+        return out
+
+    def clip_forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = clip(self, *args, **kwargs)
+        if chosen["clip"] is None:
+            return out
+        want = torch.tensor([chosen["clip"]], dtype=out.logits_per_image.dtype)
+        assert want.shape[1] == out.logits_per_image.shape[1], "one logit per option"
+        out.logits_per_image = want.expand(out.logits_per_image.shape[0], -1).clone()
+        return out
+
+    monkeypatch.setattr(OwlViTForObjectDetection, "forward", owl_forward)
+    monkeypatch.setattr(CLIPModel, "forward", clip_forward)
+    return chosen
+
+
 def test_nms_keeps_the_best_of_each_overlapping_group() -> None:
     boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [0, 0, 9, 10]], float)
     scores = np.array([0.5, 0.9, 0.3, 0.1])
@@ -156,9 +206,39 @@ def test_detect_runs_the_model_and_stays_inside_the_patch(backend: HFBackend) ->
         assert all(_iou(a, b) <= backend.nms_iou for b in whole[i + 1 :])
 
 
+def test_detections_are_thresholded_suppressed_and_converted(
+    models: dict[str, str], pinned: dict[str, Any]
+) -> None:
+    b = get_backend("hf", **models, detect_threshold=0.5, device="cpu")
+    img = _image()  # 64 x 48
+    # The patch (left, lower, right, upper) = (8, 4, 40, 28) is a 32 x 24 crop whose top
+    # row is y = 28. A is x 4..12, y 0..12 from the crop's top-left: x 12..20 and, y
+    # flipped, 16..28; B is x 20..28, y 12..24: x 28..36, y 4..16. A2 is suppressed, C
+    # under the threshold.
+    assert b.detect(img, (8, 4, 40, 28), "box") == [(12, 16, 20, 28), (28, 4, 36, 16)]
+    # The whole image (64 x 48): A is x 8..24, y 0..24 from the top, B x 40..56, y 24..48.
+    both = b.detect_batch([(img, None, "box"), (img, (8, 4, 40, 28), "box")])
+    assert both == [[(8, 24, 24, 48), (40, 0, 56, 24)], [(12, 16, 20, 28), (28, 4, 36, 16)]]
+    # A lower threshold lets C (x 28..36, y 21..27 from the top) through: 3 objects.
+    low = get_backend("hf", **models, detect_threshold=0.2, device="cpu")
+    assert low.detect(img, None, "box") == [(8, 24, 24, 48), (40, 0, 56, 24), (28, 21, 36, 27)]
+
+
+def test_best_text_match_picks_the_option_with_the_highest_score(
+    backend: HFBackend, pinned: dict[str, Any]
+) -> None:
+    img = _image()
+    pinned["clip"] = [0.5, 4.0, 1.0]
+    assert backend.best_text_match(img, None, ["red", "blue", "green"]) == "blue"
+    pinned["clip"] = [4.0, 0.5, 1.0]
+    assert backend.best_text_match(img, (0, 0, 32, 24), ["red", "blue", "green"]) == "red"
+    pinned["clip"] = [0.0, 1.0]
+    res = backend.best_text_match_batch([(img, None, ["cat", "dog"]), (img, None, [])])
+    assert res[0] == "dog" and isinstance(res[1], ToolError)
+
+
 def test_clip_vqa_and_depth_ops(backend: HFBackend) -> None:
     img = _image()
-    assert backend.best_text_match(img, None, ["red", "blue", "green"]) in {"red", "blue", "green"}
     score = backend.match_score(img, (0, 0, 32, 24), "a red box")
     assert isinstance(score, float) and -1.0 <= score <= 1.0
     answers = backend.answer_batch([(img, None, "What color is it?"), (img, (0, 0, 8, 8), "Hi?")])
@@ -173,8 +253,8 @@ def test_clip_vqa_and_depth_ops(backend: HFBackend) -> None:
 
 def test_program_errors_are_tool_errors(backend: HFBackend, tmp_path: Path) -> None:
     img = _image()
-    res = backend.best_text_match_batch([(img, None, []), (img, None, ["a", "b"])])
-    assert isinstance(res[0], ToolError) and res[1] in {"a", "b"}
+    res = backend.best_text_match_batch([(img, None, []), (img, None, 7)])
+    assert isinstance(res[0], ToolError) and isinstance(res[1], ToolError)
     with pytest.raises(ToolError, match="empty"):
         backend.detect(img, (5, 5, 5, 9), "cat")
     res = backend.detect_batch([(img, None, 42), (img, None, "cat")])
@@ -201,7 +281,8 @@ def _one_program(tmp_path: Path, models: dict[str, str]) -> Any:
         "    name = image.best_text_match(['box', 'ball'])\n"
         "    answer = image.simple_query('What is it?')\n"
         "    depth = image.compute_depth()\n"
-        "    return name if len(boxes) >= 0 and depth > 0 and isinstance(answer, str) else 'x'\n"
+        "    a = boxes[0]\n"
+        "    return ' '.join([str(len(boxes)), name, str(a.left), str(a.upper), str(depth > 0)])\n"
     )
     s = {"id": "q0#0", "qid": "q0", "k": 0, "program": program}
     (tmp_path / "s.jsonl").write_text(json.dumps(s) + "\n")
@@ -217,19 +298,24 @@ def _one_program(tmp_path: Path, models: dict[str, str]) -> Any:
     )
 
 
-def test_sandboxed_programs_use_the_hf_tools(models: dict[str, str], tmp_path: Path) -> None:
+def test_sandboxed_programs_use_the_hf_tools(
+    models: dict[str, str], tmp_path: Path, pinned: dict[str, Any]
+) -> None:
     from vpd.execute import run_execute
 
+    pinned["clip"] = [0.0, 3.0]  # "ball"
     run_execute(_one_program(tmp_path, models))
     rec = json.loads((tmp_path / "exec.jsonl").read_text().splitlines()[0])
     assert rec["status"] == "ok", rec
-    assert rec["answer"] in {"box", "ball"}
+    # Threshold 0.0 keeps every box: A, B, C and, on every other patch, a box inside C's
+    # (logit -10); NMS leaves A, B, C. A spans x 8..24, y 24..48.
+    assert rec["answer"] == "3 ball 8 48 True"
     ops = [c["name"] for c in rec["trace"]]
     assert {"find", "best_text_match", "simple_query", "compute_depth"} <= set(ops)
 
 
 def test_a_model_that_does_not_load_stops_the_stage_and_records_nothing(
-    models: dict[str, str], tmp_path: Path
+    models: dict[str, str], tmp_path: Path, pinned: dict[str, Any]
 ) -> None:
     from vpd.execute import run_execute
 
