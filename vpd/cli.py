@@ -564,6 +564,8 @@ def eval_(
     base = r.get("majority_baseline")
     if base and base.get("accuracy") is not None:
         msg += f"; majority baseline {100 * base['accuracy']:.1f}%"
+    if r.get("rationale_accuracy") is not None:
+        msg += f"; rationale accuracy {100 * r['rationale_accuracy']:.1f}%"
     if r["rejected"]:
         msg += f"; {r['rejected']} rejected (see {out}.rejects.jsonl)"
     console().print(msg)
