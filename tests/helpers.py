@@ -8,6 +8,7 @@ fixture would have to be threaded through every caller; an import says where the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -56,14 +57,17 @@ def vpd_argv(*args: str) -> list[str]:
 def run_vpd(
     *args: str, timeout: float = 600, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``vpd ARGS...`` from the repository root; text output captured, never raises."""
+    """Run ``vpd ARGS...`` from the repository root; text output captured, never raises.
+
+    The console is 200 columns wide, so rich does not wrap the messages tests look for.
+    """
     return subprocess.run(
         vpd_argv(*args),
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=None if env is None else dict(env),
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
         check=False,
     )
 

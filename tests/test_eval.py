@@ -6,13 +6,15 @@ chat template), saved in Hugging Face format: no download, a second to build.
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import read_jsonl, read_rejects, run_vpd
+from tests.helpers import read_jsonl, read_rejects, run_vpd, write_jsonl
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.evaluate import (
     EvalConfig,
@@ -45,9 +47,19 @@ TEMPLATE = (
 
 
 def build_tiny_llava(
-    out: Path, always_yes: bool = False, seed: int = 0, chat_template: bool = True
+    out: Path,
+    always_yes: bool = False,
+    seed: int = 0,
+    chat_template: bool = True,
+    script: tuple[str, ...] = (),
 ) -> Path:
-    """Save a tiny random LLaVA (CLIP tower + Llama LM) and its processor to ``out``."""
+    """Save a tiny random LLaVA (CLIP tower + Llama LM) and its processor to ``out``.
+
+    ``script``: set weights instead, so that whatever it is asked the model says these
+    words (then ``</s>``) after the prompt's last token ``:``. Attention and MLP outputs
+    are zero, so each position's hidden state is its own token's one-hot embedding, and
+    the LM head maps each word of the chain to the next.
+    """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
@@ -93,12 +105,13 @@ def build_tiny_llava(
         ),
         text_config=LlamaConfig(
             vocab_size=len(WORDS),
-            hidden_size=32,
+            hidden_size=128 if script else 32,  # one-hot embeddings need hidden >= vocab
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=2,
             num_key_value_heads=2,
             max_position_embeddings=256,
+            tie_word_embeddings=False,
             pad_token_id=vocab["<pad>"],
             bos_token_id=vocab["<s>"],
             eos_token_id=vocab["</s>"],
@@ -112,6 +125,19 @@ def build_tiny_llava(
     if always_yes:
         with torch.no_grad():
             model.model.language_model.norm.weight.zero_()  # all logits 0 -> argmax id 0
+    if script:
+        lm = model.model.language_model
+        chain = [vocab[w] for w in (":", *script, "</s>")]
+        assert len(set(chain)) == len(chain), "each word once: the next word is a function"
+        with torch.no_grad():
+            for layer in lm.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            lm.embed_tokens.weight.zero_()
+            lm.embed_tokens.weight[:, : len(WORDS)] = torch.eye(len(WORDS))
+            model.lm_head.weight.zero_()
+            for word, nxt in itertools.pairwise(chain):
+                model.lm_head.weight[nxt, word] = 1.0
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -282,6 +308,48 @@ def test_rationale_is_generated_and_stored(yes_vlm: Path, synth_dir: Path, tmp_p
     assert rep["rationale_accuracy"] == 0.0
     meta = json.loads(Path(f"{out}.meta.json").read_text())["config"]
     assert meta["rationale_prompt"] == "Explain the rationale to answer the question."
+
+
+SAYS_TWO = ("so", "the", "answer", "is", "2", ".")
+
+
+@pytest.fixture(scope="module")
+def says_two_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaVA whose every reply is "so the answer is 2 ." (set weights)."""
+    return build_tiny_llava(tmp_path_factory.mktemp("two-llava"), script=SAYS_TWO)
+
+
+def _count_questions(synth_dir: Path, out: Path) -> Path:
+    """Two count questions on a synthetic image: gold "two" (the model is right: the count
+    metric reads "two" as 2) and gold "3" (wrong)."""
+    image = str(synth_dir / read_jsonl(synth_dir / "test.jsonl")[0]["image"])
+    q = {"image": image, "question": "How many circles are there?", "meta": {"qtype": "count"}}
+    return write_jsonl(
+        out, [{**q, "id": "right", "answers": ["two"]}, {**q, "id": "wrong", "answers": ["3"]}]
+    )
+
+
+def test_rationale_is_parsed_and_scored_right_and_wrong(
+    says_two_vlm: Path, synth_dir: Path, tmp_path: Path
+) -> None:
+    qfile = _count_questions(synth_dir, tmp_path / "q.jsonl")
+    out = tmp_path / "p.jsonl"
+    cfg = EvalConfig(
+        model=str(says_two_vlm), questions=qfile, out=out, progress=False,
+        max_new_tokens=1, rationale=True, rationale_max_new_tokens=10,
+    )  # fmt: skip
+    rep = run_eval(cfg)
+    right, wrong = read_jsonl(out)
+    # One new token is all the short answer gets: "so", wrong for both questions ...
+    assert [right["prediction"], wrong["prediction"]] == ["so", "so"]
+    assert [right["score"], wrong["score"]] == [0.0, 0.0]
+    # ... while the rationale runs to its end, and its stated answer is what is scored.
+    assert right["rationale"] == wrong["rationale"] == "so the answer is 2 ."
+    assert right["rationale_answer"] == wrong["rationale_answer"] == "2"
+    assert (right["metric"], right["rationale_score"], wrong["rationale_score"]) == (
+        "count", 1.0, 0.0,
+    )  # fmt: skip
+    assert rep["accuracy"] == 0.0 and rep["rationale_accuracy"] == 0.5
 
 
 def test_batched_and_unbatched_greedy_agree(tiny_vlm: Path, synth_dir: Path, tmp_path: Path):
@@ -528,6 +596,21 @@ def test_cli_end_to_end(yes_vlm: Path, synth_dir: Path, tmp_path: Path) -> None:
     assert len(read_jsonl(out)) == 4
 
 
+def test_cli_rationale(says_two_vlm: Path, synth_dir: Path, tmp_path: Path) -> None:
+    qfile = _count_questions(synth_dir, tmp_path / "q.jsonl")
+    out = tmp_path / "cli.jsonl"
+    r = run_vpd(
+        "eval", str(says_two_vlm), "--questions", str(qfile), "--out", str(out),
+        "--max-new-tokens", "1", "--rationale", "--rationale-max-new-tokens", "10",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    preds = read_jsonl(out)
+    assert [p["rationale_answer"] for p in preds] == ["2", "2"]
+    assert [p["rationale_score"] for p in preds] == [1.0, 0.0]
+    assert json.loads(Path(f"{out}.report.json").read_text())["rationale_accuracy"] == 0.5
+    assert "accuracy 0.0%" in r.stderr and "rationale accuracy 50.0%" in r.stderr
+
+
 def _one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
     assert r.returncode == 2, r.stderr
     assert text in r.stderr and "Traceback" not in r.stderr
@@ -629,10 +712,10 @@ def test_each_tune_family_evaluates_batched_like_unbatched(
     """The tuner's tiny model of every supported family: loads, prompts, batches alike."""
     from vpd.tune.tiny import build_tiny_family
 
-    try:
-        model = build_tiny_family(family, tmp_path / family)
-    except VpdError as e:  # e.g. Qwen2-VL's processor needs torchvision
-        pytest.skip(str(e))
+    if family == "qwen2_vl" and importlib.util.find_spec("torchvision") is None:
+        # The one known gap, by name: any other failure to build a family is a failure.
+        pytest.skip("Qwen2-VL's processor needs torchvision, which is not installed")
+    model = build_tiny_family(family, tmp_path / family)
     one = run_eval(_cfg(model, synth_dir, tmp_path / "1.jsonl", max_new_tokens=4, batch_size=1))
     four = run_eval(_cfg(model, synth_dir, tmp_path / "4.jsonl", max_new_tokens=4, batch_size=4))
     assert one["new"] == four["new"] == one["questions"] and one["prompt_format"] == "model"
