@@ -108,8 +108,10 @@ def test_escape_corpus(pool: SandboxPool, listener: socket.socket, tmp_path: Pat
         b_name, b_src, b_ans = BENIGN[i % len(BENIGN)]
         jobs.append(Job(f"benign{i}_{b_name}", b_src, "/img.png"))
         expect[f"benign{i}_{b_name}"] = b_ans
-    results = {r.id: r for r in pool.run(jobs, FakeTools())}
-    assert set(results) == set(expect)  # every job got exactly one result: the run went on
+    ran = list(pool.run(jobs, FakeTools()))
+    results = {r.id: r for r in ran}
+    assert len(ran) == len(jobs)  # every job got exactly one result: the run went on
+    assert set(results) == set(expect)
     for name, want in expect.items():
         r = results[name]
         if isinstance(want, set):
@@ -131,7 +133,10 @@ def test_runtime_layer_messages(pool: SandboxPool, listener: socket.socket) -> N
     jobs = [
         Job(n, s.replace("PORT", port), "/img.png") for n, s, _ in ESCAPES if n.startswith("leak_")
     ]
-    for r in pool.run(jobs, FakeTools()):
+    results = list(pool.run(jobs, FakeTools()))
+    assert len(jobs) >= 5 and len(results) == len(jobs)  # one result per program
+    assert sorted(r.id for r in results) == sorted(j.id for j in jobs)
+    for r in results:
         assert r.status == "violation"
         assert r.error.startswith("blocked at run time: "), r.error
 
