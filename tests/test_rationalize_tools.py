@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vpd.rationalize import RationalizeConfig, fmt_value, run_rationalize
+from tests.helpers import read_jsonl
+from vpd.rationalize import RationalizeConfig, run_rationalize
 from vpd.records import Execution, Question, Sample
 from vpd.store import read_records
 from vpd.verify import VerifyConfig, run_verify
@@ -20,6 +21,32 @@ PROGRAM = """def execute_command(image):
         s.verify_property('square', 'large')
     return len(p.find('circle'))
 """
+
+
+# The two scenes the first 8 questions of `vpd data synth --n 40 --seed 0` are asked on:
+# the synthetic tools find one square (not large) and two circles in each, and the
+# rationale tells each call with its region as [left, lower, right, upper] (fractions of the
+# image, y up), ending in the answer. Written out from the traces, not from the code.
+RATIONALES = {
+    "images/s000000.png": (
+        "I look for a square and find one at [0.27, 0.60, 0.38, 0.71]. "
+        "I zoom into the region [0.27, 0.60, 0.38, 0.71]. "
+        'I ask "what color is it?" in the region [0.27, 0.60, 0.38, 0.71], '
+        'and the answer is "yellow". '
+        "I check whether the square in the region [0.27, 0.60, 0.38, 0.71] is large: no. "
+        "I look for a circle and find 2 at [0.45, 0.12, 0.56, 0.23] and "
+        "[0.55, 0.68, 0.67, 0.79]. So the answer is 2."
+    ),
+    "images/s000001.png": (
+        "I look for a square and find one at [0.79, 0.78, 0.90, 0.89]. "
+        "I zoom into the region [0.79, 0.78, 0.90, 0.89]. "
+        'I ask "what color is it?" in the region [0.79, 0.78, 0.90, 0.89], '
+        'and the answer is "orange". '
+        "I check whether the square in the region [0.79, 0.78, 0.90, 0.89] is large: no. "
+        "I look for a circle and find 2 at [0.28, 0.84, 0.39, 0.95] and "
+        "[0.55, 0.26, 0.78, 0.48]. So the answer is 2."
+    ),
+}
 
 
 def test_real_traces_become_grounded_rationales(synth_questions: Path, tmp_path: Path) -> None:
@@ -54,13 +81,9 @@ def test_real_traces_become_grounded_rationales(synth_questions: Path, tmp_path:
         RationalizeConfig(verified=v, questions=tmp_path / "q.jsonl", out=sft, progress=False)
     )
     assert s["rationale_records"] == len(qs)
-    recs = {json.loads(x)["id"]: json.loads(x) for x in sft.read_text().splitlines()}
-    for ex in execs:
-        text = recs[f"{ex.qid}/rationale"]["messages"][1]["content"][0]["text"]
-        assert text.endswith(f"So the answer is {ex.answer}.")
-        for call in ex.trace:
-            if call.name == "size":
-                continue
-            result = json.loads(call.result)
-            assert (fmt_value(result) if result != [] else "find none") in text, (call, text)
-        assert (sft.parent / recs[f"{ex.qid}/answer"]["image"]).exists()
+    recs = {r["id"]: r for r in read_jsonl(sft)}
+    assert {q.image for q in qs} == set(RATIONALES)
+    for q, ex in zip(qs, execs, strict=True):
+        text = recs[f"{q.id}/rationale"]["messages"][1]["content"][0]["text"]
+        assert text == RATIONALES[q.image], (ex.trace, text)
+        assert (sft.parent / recs[f"{q.id}/answer"]["image"]).exists()
