@@ -12,7 +12,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from vpd.runpaths import STAGES, RunPaths, stage_outputs
+from vpd.sample import SampleConfig
 from vpd.store import iter_ids
 
 
@@ -91,22 +94,42 @@ def stage_table(p: RunPaths) -> list[dict[str, Any]]:
     return rows
 
 
+def _run_recipe(p: RunPaths) -> dict[str, Any]:
+    """The recipe `vpd run` saved in the run directory (overrides applied), or {}."""
+    try:
+        recipe = yaml.safe_load((p.root / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def _at_most(n: int, limit: Any) -> int:
+    return min(n, int(limit)) if isinstance(limit, int) and limit > 0 else n
+
+
 def progress_counts(p: RunPaths) -> dict[str, str]:
-    """Per-stage `done/expected` figures for `vpd status` (cheap: ids only)."""
-    meta_k = _read_json(Path(str(p.samples) + ".meta.json")) or {}
-    k = int((meta_k.get("config") or {}).get("k", 0) or 0)
+    """Per-stage `done/expected` figures for `vpd status` (cheap: ids only).
+
+    The expected counts come from the run's recipe (sample k and limit, eval limit): the
+    samples' meta does not hold k, which may grow on resume.
+    """
+    recipe = _run_recipe(p)
+    sample = recipe.get("sample") or {}
+    k = int(sample.get("k", SampleConfig.model_fields["k"].default))
     nq = _count(p.train)
+    nt = _count(p.test)
     ns = _count(p.samples)
+    n_eval = _at_most(nt, (recipe.get("eval") or {}).get("limit"))
     counts = {
-        "data": f"{nq} train / {_count(p.test)} test questions",
-        "sample": f"{ns}" + (f"/{nq * k} programs" if k and nq else " programs"),
+        "data": f"{nq} train / {nt} test questions",
+        "sample": f"{ns}"
+        + (f"/{_at_most(nq, sample.get('limit')) * k}" if nq else "")
+        + " programs",
         "execute": f"{_count(p.executions)}/{ns} programs",
         "verify": f"{_count(p.verified)}/{ns} samples",
         "rationalize": f"{_count(p.sft)} sft records",
         "tune": _tune_progress(p),
-        "eval": ", ".join(
-            f"{w}: {_count(p.preds(w))}/{_count(p.test)}" for w in ("untuned", "tuned")
-        ),
+        "eval": ", ".join(f"{w}: {_count(p.preds(w))}/{n_eval}" for w in ("untuned", "tuned")),
     }
     return counts
 
