@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,9 +11,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.fake_openai_server import FakeOpenAIServer
+from tests.helpers import read_jsonl
 from vpd.cli import app
 from vpd.errors import VpdError
 from vpd.pipeline import RunPaths, load_recipe, run_pipeline
+from vpd.runpaths import STAGES
 
 
 def _recipe(tmp_path: Path, body: dict) -> Path:
@@ -133,6 +137,57 @@ def test_status_and_report_on_partial_run(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["status", str(run)])
     assert res.exit_code == 0, res.output
     assert "data" in res.output and "done" in res.output
+
+
+def _status(run: Path) -> dict[str, tuple[str, str]]:
+    """`vpd status RUN`'s table: stage -> (state, progress)."""
+    res = CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    rows = {}
+    for line in res.output.splitlines():
+        cells = [c.strip() for c in re.split(r"[│|]", line)]
+        if len(cells) == 6 and cells[1] in STAGES:
+            rows[cells[1]] = (cells[2], cells[3])
+    assert list(rows) == list(STAGES), res.output
+    return rows
+
+
+def test_status_counts_a_partial_stage_then_finished_ones(tmp_path: Path) -> None:
+    # The LLM server dies after 2 questions: sampling stops with 2 x k=2 programs of the
+    # 3 x 2 its limit asks for, and no marker: a partial stage, as a kill leaves it.
+    llm = {"backend": "openai", "concurrency": 1, "max_retries": 1, "backoff_base_s": 0.01}
+    body = {
+        "data": {"n": 10, "seed": 1, "test_frac": 0.2, "progress": False},
+        "sample": {"k": 2, "limit": 3, "shots": 0, "progress": False, "llm": llm},
+        "execute": {"workers": 1, "progress": False},
+        "verify": {"policy": "all", "progress": False},
+    }
+    run = tmp_path / "run"
+    with FakeOpenAIServer(script=["ok", "ok"], default="500") as srv:
+        llm["base_urls"] = [srv.base_url]
+        with pytest.raises(VpdError, match="LLM server unavailable"):
+            run_pipeline(_recipe(tmp_path, body), run, report=False)
+    p = RunPaths(run)
+    train, test = len(read_jsonl(p.train)), len(read_jsonl(p.test))
+    assert train + test == 10 and train >= 3
+    rows = _status(run)
+    assert rows["data"] == ("done", f"{train} train / {test} test questions")
+    assert rows["sample"] == ("partial", "4/6 programs")
+    assert rows["execute"] == ("not started", "0/4 programs")
+    assert rows["verify"] == ("not started", "0/4 samples")
+    assert rows["tune"] == ("not started", "no checkpoint yet")
+    assert rows["eval"] == ("not started", f"untuned: 0/{test}, tuned: 0/{test}")
+
+    # A working server: sampling resumes (the 2 missing programs), execute and verify run.
+    with FakeOpenAIServer() as srv:
+        llm["base_urls"] = [srv.base_url]
+        run_pipeline(_recipe(tmp_path, body), run, report=False)
+        assert srv.chat_hits == 1  # one question left: one request for its k=2
+    rows = _status(run)
+    assert rows["sample"] == ("done", "6/6 programs")
+    assert rows["execute"] == ("done", "6/6 programs")
+    assert rows["verify"] == ("done", "6/6 samples")
+    assert rows["rationalize"] == ("not started", "0 sft records")
 
 
 def test_status_rejects_non_run_dirs(tmp_path: Path) -> None:
