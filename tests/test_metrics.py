@@ -62,6 +62,26 @@ def test_vqa_accuracy_ten_answers_leave_one_out() -> None:
     assert vqa_accuracy("dog", ["cat"] * 10) == 0.0
 
 
+def test_vqa_accuracy_with_fewer_than_ten_answers_by_hand() -> None:
+    # Each value worked out by hand: for each answer left out, the matches among the
+    # others over the full-credit bar (3, or n - 1 when n < 4), capped at 1; then the mean.
+    # n = 2, both "dog": each other one matches, bar 1: 1.0 (the official bar 3: 1/3).
+    assert vqa_accuracy("dog", ["dog", "dog"]) == 1.0
+    # n = 3, all "dog": 2 matches, bar 2: 1.0 (official: 2/3).
+    assert vqa_accuracy("dog", ["dog"] * 3) == 1.0
+    # n = 3, one "dog": leave it out 0/2, leave a cat out 1/2 (twice): (0 + 1/2 + 1/2) / 3.
+    assert vqa_accuracy("dog", ["dog", "cat", "cat"]) == pytest.approx(0.333333, abs=1e-6)
+    # n = 4, one "dog" (bar 3, as official): 0 + 3 * 1/3 over 4 = 0.25.
+    assert vqa_accuracy("dog", ["dog", "cat", "cat", "cat"]) == pytest.approx(0.25)
+    # n = 5, two: leave a dog out 1/3 (x2), a cat 2/3 (x3): (2/3 + 2) / 5 = 8/15.
+    assert vqa_accuracy("dog", ["dog"] * 2 + ["cat"] * 3) == pytest.approx(0.533333, abs=1e-6)
+    # n = 6, three: leave a dog out 2/3 (x3), a cat 3/3 (x3): (2 + 3) / 6.
+    assert vqa_accuracy("dog", ["dog"] * 3 + ["cat"] * 3) == pytest.approx(0.833333, abs=1e-6)
+    # n = 9, one: 0 + 8 * 1/3 over 9 = 8/27; four: every subset keeps >= 3: 1.0.
+    assert vqa_accuracy("dog", ["dog"] + ["cat"] * 8) == pytest.approx(0.296296, abs=1e-6)
+    assert vqa_accuracy("dog", ["dog"] * 4 + ["cat"] * 5) == 1.0
+
+
 def test_vqa_accuracy_normalizes_both_sides() -> None:
     answers = ["The Dog"] * 2 + ["dog."] + ["cat"] * 7
     assert vqa_accuracy("a dog", answers) == pytest.approx(0.9)

@@ -33,9 +33,12 @@ benchmark's own evaluation script case by case (``tests/test_metrics_official.py
 
 Lenient metrics for other data (synthetic scenes, generic imports): ``exact`` (normalized
 exact match), ``yesno`` (yes/no/true/false/y/n), ``mc`` (normalized choice or letter), and
-``vqa`` for any set with 3+ human answers. For fewer than 4 answers ``vqa`` keeps the
-leave-one-out form but needs ``min(3, n - 1)`` matches for full credit (one answer: exact
-match); VQA v2 and OK-VQA always have 10, where this is the official formula.
+``vqa`` for any set with 3+ human answers. The official VQA formula assumes 10 answers
+and degenerates with fewer than 4: the n - 1 others can never hold 3 matches, so even an
+answer every annotator gave scores 2/3 (n = 3), 1/3 (n = 2) or 0 (n = 1). There, and
+only there, ``vqa`` departs from it: full credit needs ``min(3, n - 1)`` matches among
+the others, and one answer is exact match. VQA v2 and OK-VQA always have 10, where this
+is the official formula.
 
 Default keep thresholds: 1.0 for single-answer metrics; 0.3 for ``vqa`` and ``aokvqa_da``,
 which is exactly "agrees with at least one of the 10 annotators" (VQA: 9 of 10 subsets
@@ -190,9 +193,10 @@ def vqa_accuracy(pred: Any, answers: list[str]) -> float:
     """Official VQA accuracy (vqaEval.py): see the module docstring.
 
     Answers and prediction are normalized only when the answers disagree; the score is
-    the mean over leave-one-out subsets of ``min(1, matches / 3)``. With n < 4 answers a
-    full credit needs ``min(3, n - 1)`` matches; with one answer it is exact match.
-    No answers or an empty prediction -> 0.
+    the mean over leave-one-out subsets of ``min(1, matches / 3)``. With n < 4 answers,
+    where the official formula cannot give full credit, a full credit needs
+    ``min(3, n - 1)`` matches; with one answer it is exact match (our deviation, see the
+    module docstring). No answers or an empty prediction -> 0.
     """
     n = len(answers)
     if n == 0 or pred is None:
