@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
+
+from vpd.runpaths import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 VPD = [sys.executable, "-m", "vpd.cli"]  # the CLI of this checkout (PYTHONPATH wins)
@@ -75,3 +78,14 @@ def run_vpd(
 def read_rejects(out: Path) -> list[dict[str, Any]]:
     """The ``<out>.rejects.jsonl`` records of a stage output (none when it has no file)."""
     return read_jsonl(Path(f"{out}.rejects.jsonl"), missing_ok=True)
+
+
+def status_rows(text: str) -> dict[str, tuple[str, str]]:
+    """The table `vpd status` prints, as stage -> (state, progress); every stage a row."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"[│|]", line)]
+        if len(cells) == 6 and cells[1] in STAGES:
+            rows[cells[1]] = (cells[2], cells[3])
+    assert list(rows) == list(STAGES), text
+    return rows

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import read_jsonl, vpd_argv
+from tests.helpers import read_jsonl, run_vpd, status_rows, vpd_argv
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +53,22 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     samples = run / "samples.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if len(read_jsonl(samples)) >= 2:
+        if samples.exists() and samples.read_bytes().count(b"\n") >= 2:
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = len(read_jsonl(samples))
+    partial = samples.read_bytes().count(b"\n")  # whole records (a torn tail is redone)
     assert 2 <= partial < 16
+
+    # `vpd status` on the killed run: data done, sampling partial with its count.
+    st = run_vpd("status", str(run), timeout=120)
+    assert st.returncode == 0, st.stderr
+    rows = status_rows(st.stderr)
+    assert rows["data"][0] == "done"
+    assert rows["sample"] == ("partial", f"{partial}/16 programs")  # k=2 x limit 8
+    assert rows["execute"] == ("not started", f"0/{partial} programs")
 
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -106,5 +114,14 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     assert res.stderr.count("(skipped)") == 7
     assert samples.read_bytes() == before
 
-    st = subprocess.run(vpd_argv("status", str(run)), capture_output=True, text=True, timeout=120)
-    assert st.returncode == 0 and "partial" not in st.stderr + st.stdout
+    st = run_vpd("status", str(run), timeout=120)
+    assert st.returncode == 0, st.stderr
+    rows = status_rows(st.stderr)
+    assert {state for state, _ in rows.values()} == {"done"}
+    assert rows["data"][1] == f"{train_q} train / {test_q} test questions"
+    assert rows["sample"][1] == rows["execute"][1] == "16/16 programs"
+    assert rows["verify"][1] == "16/16 samples"
+    assert rows["rationalize"][1] == f"{len(sft)} sft records"
+    assert rows["tune"][1] == "final model saved"
+    n = min(6, test_q)
+    assert rows["eval"][1] == f"untuned: {n}/{n}, tuned: {n}/{n}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -12,11 +11,10 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.fake_openai_server import FakeOpenAIServer
-from tests.helpers import read_jsonl
+from tests.helpers import read_jsonl, status_rows
 from vpd.cli import app
 from vpd.errors import VpdError
 from vpd.pipeline import RunPaths, load_recipe, run_pipeline
-from vpd.runpaths import STAGES
 
 
 def _recipe(tmp_path: Path, body: dict) -> Path:
@@ -140,16 +138,9 @@ def test_status_and_report_on_partial_run(tmp_path: Path) -> None:
 
 
 def _status(run: Path) -> dict[str, tuple[str, str]]:
-    """`vpd status RUN`'s table: stage -> (state, progress)."""
     res = CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
-    rows = {}
-    for line in res.output.splitlines():
-        cells = [c.strip() for c in re.split(r"[│|]", line)]
-        if len(cells) == 6 and cells[1] in STAGES:
-            rows[cells[1]] = (cells[2], cells[3])
-    assert list(rows) == list(STAGES), res.output
-    return rows
+    return status_rows(res.output)
 
 
 def test_status_counts_a_partial_stage_then_finished_ones(tmp_path: Path) -> None:
