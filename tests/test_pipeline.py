@@ -132,9 +132,11 @@ def test_status_and_report_on_partial_run(tmp_path: Path) -> None:
     assert (run / "report.md").read_text().startswith("# VPD run report")
     assert (run / "funnel.png").exists()
 
-    res = CliRunner().invoke(app, ["status", str(run)])
-    assert res.exit_code == 0, res.output
-    assert "data" in res.output and "done" in res.output
+    rows = _status(run)
+    train, test = len(read_jsonl(RunPaths(run).train)), len(read_jsonl(RunPaths(run).test))
+    assert rows["data"] == ("done", f"{train} train / {test} test questions")
+    assert train + test == 10
+    assert [state for state, _ in rows.values()] == ["done"] + ["not started"] * 6
 
 
 def _status(run: Path) -> dict[str, tuple[str, str]]:
