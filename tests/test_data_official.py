@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.helpers import read_jsonl, read_rejects
 from vpd.cli import app
 from vpd.data.importer import ImportConfig, run_import
 from vpd.errors import VpdError
@@ -37,15 +38,11 @@ def run(fmt: str, src: Path, out: Path, **kw: object) -> dict:
 
 
 def read(out: Path) -> dict[str, Question]:
-    return {
-        q.id: q for q in (Question.model_validate_json(x) for x in out.read_text().splitlines())
-    }
+    return {q.id: q for q in read_jsonl(out, Question)}
 
 
 def rejects(out: Path) -> dict[str | None, str]:
-    p = Path(str(out) + ".rejects.jsonl")
-    rows = [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
-    return {r["id"]: r["reason"] for r in rows}
+    return {r["id"]: r["reason"] for r in read_rejects(out)}
 
 
 def resolves(out: Path, q: Question, name: str) -> bool:

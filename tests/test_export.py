@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.helpers import read_rejects
 from vpd.cli import app
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.export import ExportConfig, run_export
@@ -108,10 +109,7 @@ def test_llamafactory(sft: Path, tmp_path: Path) -> None:
     assert rows["q1/answer"]["images"] == [os.path.relpath(sft.parent / "images/1.png", out)]
     assert rows["pair/answer"]["messages"][0]["content"].startswith("<image><image>Is the")
     assert [Path(p).name for p in rows["pair/answer"]["images"]] == ["0.png", "1.png"]
-    rejected = {
-        json.loads(x)["id"]: json.loads(x)["reason"]
-        for x in (out / "vpd_demo.rejects.jsonl").read_text().splitlines()
-    }
+    rejected = {r["id"]: r["reason"] for r in read_rejects(out / "vpd_demo")}
     assert rejected == {
         "lost/answer": "image not found: images/missing.png",
         "backwards/answer": "the conversation must end with an assistant turn",

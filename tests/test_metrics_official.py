@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.helpers import read_jsonl
 from vpd.cli import app
 from vpd.data.importer import ImportConfig, run_import
 from vpd.metrics import (
@@ -192,11 +193,11 @@ def _verify(tmp: Path, questions: Path, planted: dict[str, list[str]]) -> dict[s
         executions=execs, samples=samples, questions=questions, out=out, progress=False
     )
     run_verify(cfg)
-    return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    return {r["id"]: r for r in read_jsonl(out)}
 
 
 def _questions(path: Path) -> dict[str, Question]:
-    return {q.id: q for q in map(Question.model_validate_json, path.read_text().splitlines())}
+    return {q.id: q for q in read_jsonl(path, Question)}
 
 
 def _mean(xs: list[float]) -> float:

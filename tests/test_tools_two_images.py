@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
 from vpd.data.importer import ImportConfig, run_import
 from vpd.data.synth import render_scene
 from vpd.execute import ExecuteConfig, run_execute
@@ -24,8 +25,6 @@ from vpd.tools.namespace import run_inprocess
 from vpd.tools.server import ToolServer
 from vpd.tools.visprog import check_visprog, run_visprog
 from vpd.verify import VerifyConfig, run_verify
-
-REPO = str(Path(__file__).resolve().parent.parent)
 
 # left: two red circles; right: three blue squares
 SCENES = {
@@ -150,7 +149,7 @@ def test_image_index_is_checked_by_the_parent(nlvr2: Path) -> None:
         Job("one-image", peek.format(1), left),
     ]
     ns = "tests.fixtures.image_index_api:build_namespace"
-    with SandboxPool(Limits(timeout_s=5), workers=2, namespace=ns, extra_paths=[REPO]) as pool:
+    with SandboxPool(Limits(timeout_s=5), workers=2, namespace=ns, extra_paths=[str(REPO)]) as pool:
         res = {r.id: r for r in pool.run(jobs, ToolServer(get_backend("synthetic")))}
     assert (res["right"].status, res["right"].answer) == ("ok", "256, 256")
     assert res["right"].trace[0].image == 1
