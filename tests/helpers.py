@@ -16,8 +16,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from click.testing import Result
 from pydantic import BaseModel
+from typer.testing import CliRunner
 
+from vpd.cli import app
 from vpd.runpaths import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,3 +92,13 @@ def status_rows(text: str) -> dict[str, tuple[str, str]]:
             rows[cells[1]] = (cells[2], cells[3])
     assert list(rows) == list(STAGES), text
     return rows
+
+
+def invoke_vpd(*args: str, ok: bool = True) -> Result:
+    """``vpd ARGS...`` in this process (typer's CliRunner), on a 200-column console;
+    with ``ok`` the command must succeed. Faster than :func:`run_vpd`, which checks what
+    only a real process shows (exit code 2 for errors, stdout/stderr apart)."""
+    res = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typer.testing import CliRunner
-
 from tests.fake_openai_server import FakeOpenAIServer
-from tests.helpers import read_jsonl, write_jsonl
-from vpd.cli import app
+from tests.helpers import invoke_vpd, read_jsonl, write_jsonl
 from vpd.store import read_meta
-
-
-def _vpd(*args: str) -> str:
-    res = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
-    assert res.exit_code == 0, res.output
-    return res.output
 
 
 def test_shards_merge_into_what_one_run_writes_and_the_next_stage_reads_it(
@@ -28,12 +19,14 @@ def test_shards_merge_into_what_one_run_writes_and_the_next_stage_reads_it(
     with FakeOpenAIServer() as srv:
         opts = ["--backend", "openai", "--base-url", srv.base_url, "--k", "2", "--shots", "0"]
         for i, shard in enumerate(shards):
-            _vpd("sample", str(q), "--out", str(shard), *opts, "--shard", f"{i}/2", "--no-progress")
-        _vpd("sample", str(q), "--out", str(whole), *opts, "--no-progress")  # one machine
+            invoke_vpd(
+                "sample", str(q), "--out", str(shard), *opts, "--shard", f"{i}/2", "--no-progress"
+            )
+        invoke_vpd("sample", str(q), "--out", str(whole), *opts, "--no-progress")  # one machine
     parts = [{r["id"] for r in read_jsonl(s)} for s in shards]
     assert parts[0] and parts[1] and not parts[0] & parts[1]  # both shards got work
 
-    out = _vpd("merge", "--out", str(merged), *map(str, shards))
+    out = invoke_vpd("merge", "--out", str(merged), *map(str, shards)).output
     assert f"merged 2 files into {merged}: 12 new records, 0 duplicates skipped" in out
     by_id = {r["id"]: r for r in read_jsonl(merged)}
     assert len(by_id) == 12 and set(by_id) == parts[0] | parts[1]
@@ -43,12 +36,12 @@ def test_shards_merge_into_what_one_run_writes_and_the_next_stage_reads_it(
     assert {i: {**r, "latency_s": 0} for i, r in by_id.items()} == timeless
     assert read_meta(merged) == read_meta(whole)  # the config, without the shard
     # Merging again (e.g. after a shard was re-run) adds nothing.
-    out = _vpd("merge", "--out", str(merged), *map(str, shards))
+    out = invoke_vpd("merge", "--out", str(merged), *map(str, shards)).output
     assert "0 new records, 12 duplicates skipped" in out
 
     # The next stage runs on the merged file as on any samples file.
     ex = tmp_path / "executions.jsonl"
-    _vpd("execute", str(merged), "--questions", str(q), "--out", str(ex), "--workers", "1",
+    invoke_vpd("execute", str(merged), "--questions", str(q), "--out", str(ex), "--workers", "1",
          "--no-progress")  # fmt: skip
     execs = read_jsonl(ex)
     assert sorted(e["id"] for e in execs) == sorted(by_id)

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.fake_openai_server import FakeOpenAIServer
-from tests.helpers import read_jsonl, status_rows
+from tests.helpers import invoke_vpd, read_jsonl, status_rows
 from vpd.cli import app
 from vpd.errors import VpdError
 from vpd.pipeline import RunPaths, load_recipe, run_pipeline
@@ -140,9 +140,7 @@ def test_status_and_report_on_partial_run(tmp_path: Path) -> None:
 
 
 def _status(run: Path) -> dict[str, tuple[str, str]]:
-    res = CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "200"})
-    assert res.exit_code == 0, res.output
-    return status_rows(res.output)
+    return status_rows(invoke_vpd("status", str(run)).output)
 
 
 def test_status_counts_a_partial_stage_then_finished_ones(tmp_path: Path) -> None:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
-from tests.helpers import REPO
+from tests.helpers import REPO, invoke_vpd
 from vpd.cli import app
 
 SCALE = REPO / "recipes" / "scale"
@@ -61,8 +60,8 @@ def test_every_vpd_flag_exists(name: str) -> None:
         missing = [f for f in flags if f not in accepted]
         assert not missing, f"{name}: `vpd {cmd}` has no {missing}"
         # ... and `vpd CMD --help` shows them (the help is rendered from the same options).
-        res = CliRunner().invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
-        assert res.exit_code == 0 and all(f in res.output for f in flags), res.output
+        res = invoke_vpd(cmd, "--help")
+        assert all(f in res.output for f in flags), res.output
 
 
 def test_the_flag_reader_reads_continued_and_chained_commands() -> None:
