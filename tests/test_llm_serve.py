@@ -131,7 +131,7 @@ def test_serve_starts_llama_server_and_prints_the_url(tmp_path: Path, free_port:
     port = free_port
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vpd.cli", "serve", "--port", str(port), "--timeout", "30"],
+        vpd_argv("serve", "--port", str(port), "--timeout", "30"),
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -6,8 +6,6 @@ import hashlib
 import json
 import random
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from tests.helpers import run_vpd
 from vpd.cli import app
 from vpd.data import synth
 from vpd.data.synth import SynthConfig, generate, run_synth
@@ -319,12 +318,7 @@ def test_cli_synth_and_bad_flags(tmp_path: Path) -> None:
 
 def test_cli_user_error_is_one_line_exit_2(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
-    proc = subprocess.run(
-        [sys.executable, "-m", "vpd.cli", "data", "synth", "--out", str(tmp_path / "f")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_vpd("data", "synth", "--out", str(tmp_path / "f"), timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "directory" in lines[0]

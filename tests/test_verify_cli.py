@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
 
+from tests.helpers import run_vpd
 from tests.test_verify_stage import make_inputs
 from vpd.cli import app
 
@@ -40,20 +39,15 @@ def test_verify_then_rationalize_cli(tmp_path: Path) -> None:
 
 def test_bad_flags_are_one_line_errors(tmp_path: Path) -> None:
     p = make_inputs(tmp_path)
-    base = [sys.executable, "-m", "vpd.cli"]
     for extra, needle in (
         (["--policy", "best"], "--policy must be"),
         (["--metric", "bleu"], "--metric must be"),
         (["--shard", "3/2"], "--shard 3/2"),
     ):
-        cmd = base + ["verify", str(p["executions"]), "--samples", str(p["samples"]),
-                      "--questions", str(p["questions"]), "--out", str(tmp_path / "v.jsonl"),
-                      *extra]  # fmt: skip
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = run_vpd("verify", str(p["executions"]), "--samples", str(p["samples"]),
+                    "--questions", str(p["questions"]), "--out", str(tmp_path / "v.jsonl"),
+                    *extra)  # fmt: skip
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(
-        base + ["rationalize", str(tmp_path / "missing.jsonl"), "--questions",
-                str(p["questions"]), "--out", str(tmp_path / "s.jsonl")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    r = run_vpd("rationalize", str(tmp_path / "missing.jsonl"), "--questions",
+                str(p["questions"]), "--out", str(tmp_path / "s.jsonl"))  # fmt: skip
     assert r.returncode == 2 and "not found" in r.stderr
