@@ -14,9 +14,14 @@ long head (system prompt + API spec), each asked for ``n`` samples:
 - Weights stay in the model's dtype (bfloat16 on CPUs with AMX / AVX512-BF16 multiplies
   ~3x faster than fp32); scores and softmax are fp32.
 - Sampling is Gumbel-max with counter-based noise: the noise of a token is a hash of (the
-  row's seed, the step, the token id), so a row's draws never depend on which other rows
-  share its batch, and only tokens that can still win are looked at (the hash's noise is
-  bounded, so the candidate cut is exact, not a top-k approximation).
+  row's seed, the step, the token id), and only tokens that can still win are looked at
+  (the hash's noise is bounded, so the candidate cut is exact, not a top-k cut).
+- Reproducible whatever the batch: every kernel runs on fixed shapes (dense layers on
+  ``max_rows`` rows padded, attention over fixed cache lengths, the merge on padded rows),
+  and matrix kernels give a row the same bits whatever its neighbours when the shape is
+  the same. So with the same seed and ``max_rows`` a sample is the same bits in a resumed
+  run, in another order or beside other prompts (bfloat16 included). Another ``max_rows``
+  changes the shapes, and a rare near-tie between two tokens may then flip.
 
 The layers are the model's own modules (norms, projections, MLP, rotary embedding): the
 engine only replaces the attention bookkeeping and the scheduling. Architectures whose
@@ -41,7 +46,7 @@ _M32 = 0xFFFFFFFF
 # Noise from 32-bit uniforms in (0, 1) lies in [-log(-log(2^-33)), -log(-log(1 - 2^-33))]:
 # a token more than this below the best (in logit / temperature) can never be drawn.
 GUMBEL_SPAN = math.log(2.0**33) + math.log(math.log(2.0**33)) + 0.01
-_ROW_PAD = 8  # dense layers run on a multiple of this many rows (fewer kernel shapes)
+_ROW_PAD = 8  # dense layers run on (at least max_rows) rows rounded up to this
 
 
 def unsupported(model: Any) -> str | None:
@@ -332,7 +337,8 @@ class Engine:
         # Slots: enough for max_rows live rows, plus room for slots whose last rows drain.
         want = max(1, -(-self.max_rows // n))
         n_slots = min(want + max(1, want // 2), len(prompts))
-        buf = _Buffers(self, n_slots, n, max(len(p) for p in prompts) - plen, max_tokens)
+        seg_cap = -(-(max(len(p) for p in prompts) - plen) // 256) * 256
+        buf = _Buffers(self, n_slots, n, seg_cap, max_tokens)
         pending = deque(range(len(prompts)))
         live = 0
 
@@ -424,16 +430,17 @@ class Engine:
         n_slots = len(buf.slots)
         rows_cap = n_slots * n
         a_n = len(live)
-        m = -(-a_n // _ROW_PAD) * _ROW_PAD  # dense rows, padded with copies of the last
+        m = max(-(-a_n // _ROW_PAD), -(-self.max_rows // _ROW_PAD)) * _ROW_PAD
         pad = [live[-1]] * (m - a_n)
         rows = torch.tensor([r for r, _, _ in live], device=dev)
+        rows_m = torch.tensor([r for r, _, _ in live + pad], device=dev)
         # The token being fed is the row's last; its KV goes to own index len-1.
         t_idx = torch.tensor([len(row.tokens) - 1 for _, row, _ in live], device=dev)
         ids = torch.tensor([row.tokens[-1] for _, row, _ in live + pad], device=dev)
         pos = torch.tensor([plen + sl.seg_len + len(row.tokens) - 1 for _, row, sl in live + pad])
-        t_cur = int(t_idx.max()) + 1
+        t_cur = buf.own_k.shape[3]
         seg_len = torch.tensor([sl.seg_len for sl in buf.slots], device=dev)
-        s_cur = int(seg_len.max())
+        s_cur = buf.seg_k.shape[3]
         own_len = torch.zeros(rows_cap, dtype=torch.long, device=dev)
         own_len[rows] = t_idx + 1
         neg = float("-inf")
@@ -452,7 +459,8 @@ class Engine:
         for li, layer in enumerate(self.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            q = self._rotate(a.q_proj(h).view(m, self.n_heads, d), cos, sin)[:a_n]
+            qm = self._rotate(a.q_proj(h).view(m, self.n_heads, d), cos, sin)
+            q = qm[:a_n]
             k = self._rotate(a.k_proj(h).view(m, kvh, d), cos, sin)[:a_n]
             v = a.v_proj(h).view(m, kvh, d)[:a_n]
             own_k = buf.own_k[li, :rows_cap]
@@ -475,21 +483,21 @@ class Engine:
                 qf, own_k[:, :, :t_cur], own_v[:, :, :t_cur], attn_mask=own_mask,
                 scale=self.scale,
             )  # fmt: skip
-            outs = [o_s[rows], o_o[rows]]
-            lses = [l_s[rows], l_o[rows]]
+            # Merged over all m (padded) rows: the same shapes whatever the rows in flight,
+            # so no row's arithmetic depends on its neighbours.
+            outs = [o_s[rows_m], o_o[rows_m]]
+            lses = [l_s[rows_m], l_o[rows_m]]
             if p:
                 # Prefix pass: every live row's queries as one long query block.
                 kp, vp = pre[li]
-                qp = q4.permute(1, 0, 2, 3).reshape(1, kvh, a_n * g, d)
+                qp = qm.view(m, kvh, g, d).permute(1, 0, 2, 3).reshape(1, kvh, m * g, d)
                 o_p, l_p = flash(qp, kp[None], vp[None], scale=self.scale)
-                outs.append(o_p[0].view(kvh, a_n, g, d).transpose(0, 1))
-                lses.append(l_p[0].view(kvh, a_n, g).transpose(0, 1))
-            lse = torch.stack(lses)  # [parts, a_n, kvh, g]
+                outs.append(o_p[0].view(kvh, m, g, d).transpose(0, 1))
+                lses.append(l_p[0].view(kvh, m, g).transpose(0, 1))
+            lse = torch.stack(lses)  # [parts, m, kvh, g]
             w = torch.softmax(lse, dim=0)[..., None]
             o = sum(wi * oi.float() for wi, oi in zip(w, outs, strict=True))
-            o = o.to(self.dtype).reshape(a_n, self.n_heads * d)
-            if m > a_n:
-                o = torch.cat([o, o[-1:].expand(m - a_n, -1)])
+            o = o.to(self.dtype).reshape(m, self.n_heads * d)
             x = x + a.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(self.model.model.norm(x[:a_n])).float()
+        return self.model.lm_head(self.model.model.norm(x)).float()[:a_n]

@@ -5,11 +5,10 @@ shared prompt prefix encoded once, continuous batching of ``batch_size`` rows, c
 streamed as they finish. Other architectures fall back to ``model.generate``, one
 conversation at a time.
 
-Reproducibility: every sample draws from its own generator, seeded from its sample seed
-and its prompt, so the same seed gives the same program whatever else is in the batch, up
-to the rounding of batched matrix products (rows decoded beside different neighbours can
-round an ulp apart; in float32 that never flipped a token in our checks, in bfloat16 it
-rarely does: the numbers are in README's sampling section).
+Reproducibility: a sample's randomness comes from its sample seed and its prompt alone,
+and the engine keeps every kernel on fixed shapes, so the same seed and ``batch_size``
+give the same program whatever else is in the batch (a resumed run, another order,
+other questions), in bfloat16 too. Another ``batch_size`` or dtype may flip a near-tie.
 """
 
 from __future__ import annotations
