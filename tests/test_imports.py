@@ -14,7 +14,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "vpd"
 
-# DESIGN.md: cli -> pipeline/report -> stages -> tools/llm -> store/records/errors.
+# DESIGN.md: cli -> pipeline/report -> stages -> tools/llm/vlm -> store/records/errors.
 # A module may import its own layer or a lower one (higher number), never a higher one.
 LAYERS: dict[str, int] = {
     "cli": 0,
@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     ),
     "tools": 3,
     "llm": 3,
+    "vlm": 3,
     **dict.fromkeys(
         ["store", "records", "errors", "progress", "options", "metrics", "runpaths", "cache"]
         + ["net"],

