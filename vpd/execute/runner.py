@@ -17,6 +17,8 @@ from vpd.records import Execution, Question, Sample
 from vpd.store import StageOutput, parse_shard, read_records
 from vpd.tools.backends import get_backend
 from vpd.tools.server import ToolServer
+from vpd.tune.model import build_tiny_vlm
+from vpd.vlm import model_digest, resolve_model_dir
 
 
 class ExecuteConfig(BaseModel):
@@ -110,9 +112,27 @@ def _count_todo(path: Path, so: StageOutput) -> int:
     return n
 
 
+def resolve_tool_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Backend options with ``vqa: tiny`` (the tools' VLM mode with the embedded tiny VLM)
+    turned into that model's folder (built once per machine, cached)."""
+    opts = dict(options or {})
+    if opts.get("vqa") == "tiny":
+        opts["vqa"] = str(build_tiny_vlm())
+    return opts
+
+
+def vqa_digest(options: dict[str, Any]) -> str | None:
+    """A fingerprint of the tools' local VLM folder, so executions made with a model that
+    was re-trained into the same folder are not resumed as if nothing had changed."""
+    vqa = options.get("vqa")
+    if isinstance(vqa, str) and Path(vqa).is_dir():
+        return model_digest(resolve_model_dir(vqa))
+    return None
+
+
 def make_tool_server(backend: str, options: dict[str, Any] | None = None) -> ToolHandler:
     """The tool server for ``backend``, loaded once in this (the parent) process."""
-    return ToolServer(get_backend(backend, **(options or {})))
+    return ToolServer(get_backend(backend, **resolve_tool_options(options)))
 
 
 def _cache_stats(tools: Any) -> dict[str, Any]:
@@ -139,8 +159,13 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
     status: Counter[str] = Counter()
     inflight: dict[str, tuple[str, int]] = {}
     image_ok: dict[str, bool] = {}
+    tool_options = resolve_tool_options(cfg.tools)
+    fingerprint = cfg.fingerprint()
+    digest = vqa_digest(tool_options)
+    if digest is not None:
+        fingerprint["vqa_digest"] = digest
 
-    with StageOutput(cfg.out, cfg.fingerprint(), shard=shard, force=cfg.force) as so:
+    with StageOutput(cfg.out, fingerprint, shard=shard, force=cfg.force) as so:
         already = so.already
         todo = _count_todo(cfg.samples, so)
 
@@ -202,7 +227,7 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
             progress_bar("execute", total=todo, unit="programs", enabled=cfg.progress) as bar,
             SandboxPool(cfg.limits(), workers=cfg.workers, namespace=cfg.namespace) as pool,
         ):
-            tools = tools if tools is not None else make_tool_server(cfg.backend, cfg.tools)
+            tools = tools if tools is not None else make_tool_server(cfg.backend, tool_options)
             for res in pool.run(jobs(), tools):
                 write(record(res))
             layers = pool.layers

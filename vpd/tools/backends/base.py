@@ -12,13 +12,18 @@ those batches actually form.
 
 A backend signals a problem the program should see (bad argument, missing LLM) by raising
 :class:`ToolError`; its message becomes the exception text in the program.
+
+The ``vlm`` mode (:mod:`vpd.tools.backends.vlm`): a backend built with a VLM (``vqa=PATH``)
+sends the batches of the ops that VLM takes (``simple_query``, ``verify_property``,
+``best_text_match``) to it; the server only calls the batch methods, so every call of those
+ops goes to the VLM, while the single-item methods stay the backend's own answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -84,17 +89,31 @@ class ImageData:
         return self.rgb[rows, cols]
 
 
+class VlmAnswerer(Protocol):
+    """What a backend needs of its VLM (:class:`vpd.tools.backends.vlm.VlmTools` fits)."""
+
+    ops: frozenset[str]
+
+    def run(self, op: str, items: list[tuple[ImageData, Box | None, dict[str, Any]]]) -> list[Any]:
+        """Results of ``op`` for ``(image, patch, args)`` items, exceptions in place."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Backend:
     """Base class of tool backends. Subclasses implement the single-item methods.
 
     ``llm`` (any :class:`vpd.llm.base.LLM`) serves ``llm_query``; without one the op
-    fails with a clear message instead of inventing an answer.
+    fails with a clear message instead of inventing an answer. ``vlm``, when set, answers
+    the batches of the ops it takes (the ``vlm`` mode, see the module docstring).
     """
 
     name = "base"
 
-    def __init__(self, llm: LLM | None = None) -> None:
+    def __init__(self, llm: LLM | None = None, vlm: VlmAnswerer | None = None) -> None:
         self.llm = llm
+        self.vlm = vlm
 
     # ---------------------------------------------------------------- single items
     def detect(self, image: ImageData, box: Box | None, name: str) -> list[Box]:
@@ -146,17 +165,29 @@ class Backend:
     def verify_property_batch(
         self, items: list[tuple[ImageData, Box | None, str, str]]
     ) -> list[Any]:
+        vlm = self.vlm_for("verify_property")
+        if vlm is not None:
+            args = [(img, box, {"name": n, "prop": p}) for img, box, n, p in items]
+            return vlm.run("verify_property", args)
         return each_item(self.verify_property, items)
 
     def best_text_match_batch(
         self, items: list[tuple[ImageData, Box | None, list[str]]]
     ) -> list[Any]:
+        vlm = self.vlm_for("best_text_match")
+        if vlm is not None:
+            args = [(img, box, {"options": o}) for img, box, o in items]
+            return vlm.run("best_text_match", args)
         return each_item(self.best_text_match, items)
 
     def match_score_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
         return each_item(self.match_score, items)
 
     def answer_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
+        vlm = self.vlm_for("simple_query")
+        if vlm is not None:
+            args = [(img, box, {"question": q}) for img, box, q in items]
+            return vlm.run("simple_query", args)
         return each_item(self.answer, items)
 
     def depth_batch(self, items: list[tuple[ImageData, Box | None]]) -> list[Any]:
@@ -165,8 +196,24 @@ class Backend:
     def llm_query_batch(self, items: list[tuple[str, bool]]) -> list[Any]:
         return each_item(self.llm_query, items)
 
+    # ---------------------------------------------------------------- the vlm mode
+    def vlm_for(self, op: str) -> VlmAnswerer | None:
+        """The VLM that answers ``op``'s batches, or None (the backend's own method does)."""
+        return self.vlm if self.vlm is not None and op in self.vlm.ops else None
+
+    def ask_vlm(self, op: str, image: ImageData, box: Box | None, args: dict[str, Any]) -> Any:
+        """One VLM op on one patch, its error raised (for backends whose op IS the VLM)."""
+        if self.vlm is None:
+            raise ToolError(f"{op} needs a VLM (--tool-opt vqa=PATH)")
+        result = self.vlm.run(op, [(image, box, args)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
     def close(self) -> None:
         """Free models / LLM clients the backend owns."""
+        if self.vlm is not None:
+            self.vlm.close()
         if self.llm is not None:
             self.llm.close()
 

@@ -7,8 +7,10 @@ program set that never asks for depth never loads a depth model:
   boxes de-duplicated with non-maximum suppression (counting needs one box per object);
 - ``best_text_match``: zero-shot image classification (CLIP); ``match_score``: CLIP's
   image-text cosine similarity;
-- ``simple_query``: any image-text-to-text VLM, asked for a short answer;
-  ``verify_property``: the same VLM asked "Is the <name> <property>?" (yes/no);
+- ``simple_query`` / ``verify_property`` (and ``best_text_match`` when ``vqa_ops`` names
+  it): any image-text-to-text VLM (``vqa``), through the shared ``vlm`` tool mode
+  (:mod:`vpd.tools.backends.vlm`: the same questions and answer prompt as the ``synthetic``
+  backend's VLM mode and ``vpd sdvp``);
 - ``compute_depth``: monocular depth (Depth Anything V2 by default), one map per image,
   memoized; these models predict relative *inverse* depth, so the region's median is
   inverted to keep the API's "smaller = closer" (``inverse_depth: false`` for a metric
@@ -28,6 +30,7 @@ import numpy as np
 from vpd.errors import ToolsUnavailable
 from vpd.llm.base import LLM
 from vpd.tools.backends.base import Backend, ImageData, ToolError, each_item
+from vpd.tools.backends.vlm import make_vlm
 from vpd.tools.protocol import Box
 
 DEFAULTS = {
@@ -39,10 +42,10 @@ DEFAULTS = {
 TASKS = {
     "detector": "zero-shot-object-detection",
     "clip": "zero-shot-image-classification",
-    "vqa": "image-text-to-text",
     "depth": "depth-estimation",
 }
-ANSWER_HINT = " Answer with a single word or a short phrase."
+# best_text_match stays CLIP unless vqa_ops names it (ViperGPT's choice of tools).
+HF_VLM_OPS = "simple_query,verify_property"
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
@@ -77,6 +80,8 @@ class HFBackend(Backend):
         detector: str = DEFAULTS["detector"],
         clip: str = DEFAULTS["clip"],
         vqa: str = DEFAULTS["vqa"],
+        vqa_ops: str | list[str] = HF_VLM_OPS,
+        vqa_view: str = "crop",
         depth: str = DEFAULTS["depth"],
         device: str = "auto",
         dtype: str = "auto",
@@ -86,9 +91,18 @@ class HFBackend(Backend):
         batch_size: int = 8,
         inverse_depth: bool = True,
     ) -> None:
-        super().__init__(llm)
         if not 0.0 <= detect_threshold <= 1.0:
             raise ToolError(f"detect_threshold must be in [0, 1], got {detect_threshold}")
+        vlm = make_vlm(
+            vqa,
+            ops=vqa_ops,
+            view=vqa_view,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
+        super().__init__(llm, vlm)
         self.models = {"detector": detector, "clip": clip, "vqa": vqa, "depth": depth}
         self.device = device
         self.dtype = dtype
@@ -116,12 +130,6 @@ class HFBackend(Backend):
                 # Not the program's fault: stop the stage rather than fail every program.
                 model = self.models[role]
                 raise ToolsUnavailable(f"cannot load the {role} model {model!r}: {e}") from None
-            if role == "vqa":
-                # Batched generation with a decoder-only LM needs the padding on the left.
-                for owner in (self._pipes[role], getattr(self._pipes[role], "processor", None)):
-                    tok = getattr(owner, "tokenizer", None)
-                    if tok is not None:
-                        tok.padding_side = "left"
         return self._pipes[role]
 
     # ------------------------------------------------------------------ helpers
@@ -153,32 +161,16 @@ class HFBackend(Backend):
             out.append((left + x0, upper - y1, left + x1, upper - y0))
         return out
 
-    def _messages(self, crop: Any, question: str) -> list[dict[str, Any]]:
-        return [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "image": crop},
-                    {"type": "text", "text": question.strip() + ANSWER_HINT},
-                ],
-            }
-        ]
-
-    @staticmethod
-    def _short(text: str) -> str:
-        line = text.strip().splitlines()[0] if text.strip() else ""
-        return line.strip().rstrip(".").lower()
-
     # ------------------------------------------------------------------ single items
-    # detect / answer / verify_property are batches of one: one code path per op.
+    # detect is a batch of one: one code path per op. answer / verify_property are the VLM's.
     def detect(self, image: ImageData, box: Box | None, name: str) -> list[Box]:
         return _raise(self.detect_batch([(image, box, name)])[0])
 
     def answer(self, image: ImageData, box: Box | None, question: str) -> str:
-        return _raise(self.answer_batch([(image, box, question)])[0])
+        return self.ask_vlm("simple_query", image, box, {"question": question})
 
     def verify_property(self, image: ImageData, box: Box | None, name: str, prop: str) -> bool:
-        return _raise(self.verify_property_batch([(image, box, name, prop)])[0])
+        return self.ask_vlm("verify_property", image, box, {"name": name, "prop": prop})
 
     def best_text_match(self, image: ImageData, box: Box | None, options: list[str]) -> str:
         # Each item has its own labels, so the base class's per-item loop is the batch.
@@ -243,30 +235,6 @@ class HFBackend(Backend):
 
         return _batched(run, items)
 
-    def answer_batch(self, items: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
-        def run(batch: list[tuple[ImageData, Box | None, str]]) -> list[Any]:
-            msgs = [
-                self._messages(self._crop(img, box)[0], _text(q, "question"))
-                for img, box, q in batch
-            ]
-            outs = self._pipe("vqa")(
-                text=msgs,
-                max_new_tokens=self.max_new_tokens,
-                return_full_text=False,
-                batch_size=self.batch_size,
-            )
-            return [self._short(_generated(o)) for o in outs]
-
-        return _batched(run, items)
-
-    def verify_property_batch(
-        self, items: list[tuple[ImageData, Box | None, str, str]]
-    ) -> list[Any]:
-        asks = [(img, box, f"Is the {n} {p}? Answer yes or no.") for img, box, n, p in items]
-        return [
-            r if isinstance(r, Exception) else r.startswith("yes") for r in self.answer_batch(asks)
-        ]
-
     def close(self) -> None:
         self._pipes.clear()
         super().close()
@@ -301,13 +269,3 @@ def _pooled(emb: Any) -> Any:
     if hasattr(emb, "pooler_output"):
         return emb.pooler_output
     return emb
-
-
-def _generated(out: Any) -> str:
-    """The text of one image-text-to-text pipeline result (a dict or a one-item list)."""
-    if isinstance(out, list):
-        out = out[0] if out else {}
-    text = out.get("generated_text", "") if isinstance(out, dict) else ""
-    if isinstance(text, list):  # chat format: the last message is the reply
-        text = text[-1].get("content", "") if text else ""
-    return str(text)

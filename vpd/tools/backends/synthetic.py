@@ -29,6 +29,11 @@ left/right/above/below), or when it covers at least half of the region (a zoom-i
 reported (box, colour, shape, size) is then what is visible inside the region. Depth is estimated
 from apparent size (bigger = closer): ``1 - extent`` of the region's largest object, 1.0
 for an empty region. Limitation: touching objects of different colours merge into one.
+
+The ``vlm`` mode (``vqa=PATH``, see :mod:`vpd.tools.backends.vlm`): ``simple_query``,
+``verify_property`` and ``best_text_match`` (``vqa_ops`` picks which) are asked of that VLM
+instead; finding, counting and depth stay classical CV. That is where ``vpd sdvp`` distills
+a teacher into the tools.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import numpy as np
 
 from vpd.llm.base import LLM
 from vpd.tools.backends.base import Backend, ImageData, ToolError
+from vpd.tools.backends.vlm import VLM_OPS, make_vlm
 from vpd.tools.protocol import Box
 
 FG_THRESHOLD = 24  # max |channel - background| above which a pixel is foreground
@@ -329,8 +335,28 @@ class SyntheticBackend(Backend):
 
     name = "synthetic"
 
-    def __init__(self, llm: LLM | None = None) -> None:
-        super().__init__(llm)
+    def __init__(
+        self,
+        llm: LLM | None = None,
+        *,
+        vqa: str | None = None,
+        vqa_ops: str | list[str] = ",".join(VLM_OPS),
+        vqa_view: str = "crop",
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        max_new_tokens: int = 10,
+    ) -> None:
+        vlm = make_vlm(
+            vqa,
+            ops=vqa_ops,
+            view=vqa_view,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
+        super().__init__(llm, vlm)
 
     def detect(self, image: ImageData, box: Box | None, name: str) -> list[Box]:
         desc = parse_description(_text(name, "name"))
