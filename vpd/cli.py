@@ -653,6 +653,140 @@ def tune(
         print(json.dumps(summary, indent=2))
 
 
+# ----------------------------------------------------------------------------- sdvp
+
+
+@app.command()
+def sdvp(
+    executions: Path = typer.Argument(
+        ..., help="Executions JSONL whose traces give the sub-tasks."
+    ),
+    questions: Path = typer.Option(..., "--questions", help="Their questions JSONL (images)."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher VLM: folder, hub id, or tiny."),
+    out: Path = typer.Option(..., "--out", help="Output folder (sdvp.json is the report)."),
+    student: str = typer.Option("tiny", help="The tools' VLM to distil into (tune's init)."),
+    ops: str = typer.Option(
+        "simple_query,verify_property,best_text_match", help="Tool ops to distil (comma list)."
+    ),
+    view: str = typer.Option("pointer", help="What the teacher sees: pointer (box drawn) | crop."),
+    rewrite: bool = typer.Option(
+        True, "--rewrite/--no-rewrite", help="Visual pointer prompt: name the object (in the box)."
+    ),
+    ablation: bool = typer.Option(False, help="Also distil with the other adapter (ablation)."),
+    tool_view: str = typer.Option("crop", "--tool-view", help="What the tool shows its VLM."),
+    holdout_types: str = typer.Option(
+        None, "--holdout-types", help="Question types left out (cross-task check), comma list."
+    ),
+    eval_samples: Path = typer.Option(None, "--eval-samples", help="Held-out programs JSONL."),
+    eval_questions: Path = typer.Option(None, "--eval-questions", help="Their questions JSONL."),
+    backend: str = typer.Option("synthetic", help="Tool backend for the evaluation runs."),
+    tool_opt: list[str] = typer.Option(
+        None, "--tool-opt", help="Other backend option KEY=VALUE (repeatable)."
+    ),
+    tune_recipe: Path = typer.Option(None, "--tune-recipe", help="vpd tune options YAML."),
+    tune_set: list[str] = typer.Option(
+        None, "--tune-set", help="Override a tune option: key=value (repeatable)."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Teacher sub-tasks per batch."),
+    max_new_tokens: int = typer.Option(10, "--max-new-tokens", min=1, help="Answer tokens."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda (teacher and tools' VLM)."),
+    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16."),
+    limit: int = typer.Option(None, min=1, help="Distil at most N sub-tasks."),
+    workers: int = typer.Option(None, min=1, help="Programs run at once in the eval runs."),
+    until: str = typer.Option("eval", help="Stop after: collect|teacher|sft|tune|eval."),
+    force: bool = typer.Option(False, help="Start a step over if it holds other options."),
+    progress: bool = typer.Option(True, help="Show progress bars and the result table."),
+) -> None:
+    """Stepwise distillation (SDVP): distil a teacher into the tools' own VLM.
+
+    A teacher answers every VLM step (simple_query, verify_property,
+    best_text_match) of executed programs; the tools' VLM is tuned on those
+    answers, so the same programs answer better.
+
+    Steps: collect the sub-tasks from the traces; the teacher answers them
+    (Teacher Input Adapter: the region drawn as a box on the image, the
+    question naming the object); sft records for the student; vpd tune; the
+    held-out programs run and are verified with the tools' VLM before, after,
+    and with the teacher as the tool (report: OUT/sdvp.json). Re-running the
+    same command resumes every step.
+
+    Example:
+
+      vpd sdvp runs/demo/executions.jsonl --questions runs/demo/data/train.jsonl
+        --teacher runs/demo/model/final --out runs/demo/sdvp
+        --eval-samples test-samples.jsonl
+        --eval-questions runs/demo/data/test.jsonl
+        --tune-recipe recipes/tune-cpu.yaml --holdout-types yesno --ablation
+
+      vpd sdvp exec.jsonl --questions q.jsonl --teacher /models/teacher --out sdvp
+        --until teacher --batch-size 32 --device cuda
+    """
+    from vpd.progress import console
+    from vpd.sdvp import SdvpConfig, print_report, run_sdvp
+
+    choices = {
+        "view": ("pointer", "crop"),
+        "tool-view": ("crop", "pointer"),
+        "device": ("auto", "cpu", "cuda"),
+        "dtype": ("auto", "float32", "bfloat16", "float16"),
+        "until": ("collect", "teacher", "sft", "tune", "eval"),
+    }
+    for flag, value in (
+        ("view", view),
+        ("tool-view", tool_view),
+        ("device", device),
+        ("dtype", dtype),
+        ("until", until),
+    ):
+        if value not in choices[flag]:
+            _fail(f"--{flag} must be one of {', '.join(choices[flag])}, got {value!r}")
+    try:
+        cfg = SdvpConfig(
+            executions=executions,
+            questions=questions,
+            teacher=teacher,
+            out=out,
+            student=student,
+            ops=ops,
+            view=view,  # type: ignore[arg-type]
+            rewrite=rewrite,
+            ablation=ablation,
+            tool_view=tool_view,  # type: ignore[arg-type]
+            holdout_types=holdout_types or [],
+            eval_samples=eval_samples,
+            eval_questions=eval_questions,
+            backend=backend,
+            tools=_key_values(tool_opt or [], "--tool-opt"),
+            tune_recipe=tune_recipe,
+            tune=_key_values(tune_set or [], "--tune-set"),
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            device=device,  # type: ignore[arg-type]
+            dtype=dtype,  # type: ignore[arg-type]
+            limit=limit,
+            workers=workers,
+            until=until,  # type: ignore[arg-type]
+            force=force,
+            progress=progress,
+        )
+    except ValueError as e:  # pydantic ValidationError: one line, not a traceback
+        _fail(f"sdvp options: {_validation_message(e)}")
+    rep = run_sdvp(cfg)
+    if progress:
+        print_report(rep)
+    console().print(f"sdvp -> {out}: report in {out / 'sdvp.json'}")
+
+
+def _validation_message(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        return "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+            for err in errors()
+        )
+    return str(e)
+
+
 # ----------------------------------------------------------------------------- sample / serve
 
 

@@ -113,6 +113,36 @@ class Prediction(Record):
     raw: str = ""
 
 
+class SubTask(Record):
+    """One VLM sub-task of executed programs (`vpd sdvp`): a tool call asking a VLM.
+
+    ``id`` is a hash of (image, op, args, region), so the same call made by several programs
+    (the k samples of a question, or questions about the same image) is one sub-task.
+    """
+
+    image: str  # absolute path
+    op: str  # simple_query | verify_property | best_text_match
+    args: dict[str, Any] = Field(default_factory=dict)  # the call's arguments (no patch)
+    region: list[float] = Field(min_length=4, max_length=4)  # [l, lo, r, up] in 0..1, y up
+    question: str  # what the tool asks its VLM for this call
+    object: str | None = None  # the name the program found the region by, if any
+    qids: list[str] = Field(default_factory=list)  # questions whose programs made the call
+    qtypes: list[str] = Field(default_factory=list)
+    held_out: bool = False  # from a held-out question type: never distilled
+
+
+class TeacherAnswer(Record):
+    """The teacher's answer to one sub-task (``id`` = the sub-task's id)."""
+
+    op: str
+    question: str  # the tool's question (what the student will be asked)
+    teacher_question: str  # what the teacher was asked (the visual pointer prompt)
+    view: str  # crop | pointer: what the teacher saw
+    raw: str  # the teacher's generated text
+    answer: str | None = None  # the op's result as text (yes/no, an option, a short answer)
+    reason: str = ""  # why there is no usable answer
+
+
 class Reject(BaseModel):
     """A bad input line and why; written to ``<out>.rejects.jsonl``."""
 
