@@ -474,3 +474,61 @@ def test_cli_help_and_errors(
                 progress=False,
             )
         )
+
+
+# ----------------------------------------------------------------------------- vpd run
+
+
+def test_sdvp_stage_in_a_recipe_and_the_run_report(
+    synth_dir: Path, teacher_dir: Path, student_dir: Path, tmp_path: Path
+) -> None:
+    """`sdvp:` in a recipe: held-out programs for the test questions (already written here,
+    as if by the recipe's program writer), the run's tuned VLM as the teacher, the report's
+    `sdvp` section with before/after/teacher/held_out."""
+    import shutil
+
+    import yaml
+
+    from vpd.pipeline import run_pipeline
+    from vpd.report import progress_counts
+    from vpd.runpaths import RunPaths
+
+    recipe = {
+        "data": {"n": 40, "seed": 0, "progress": False},
+        "sample": {"k": 1},
+        "execute": {"progress": False},
+        "tune": {"init": str(student_dir), "lora": False, "batch_size": 4, "dtype": "float32"},
+        "sdvp": {
+            "holdout_types": ["yesno"],
+            "max_new_tokens": 3,
+            "device": "cpu",
+            "tune": {"max_steps": 2, "save_steps": 2},
+            "progress": False,
+        },
+    }
+    r = tmp_path / "recipe.yaml"
+    r.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    p = RunPaths(run)
+    run_pipeline(r, run, only=["data"], report=False)
+    train, test = _lines(p.train), _lines(p.test)
+    _write(p.samples, [s for s in _samples(train) if s["k"] == 0])
+    run_pipeline(r, run, only=["execute"], report=False)
+    shutil.copytree(teacher_dir, p.model / "final")  # stands in for the VPD-tuned VLM
+    p.sdvp.mkdir(parents=True)
+    _write(p.sdvp_samples, [s for s in _samples(test) if s["k"] == 0])
+
+    markers = run_pipeline(r, run, only=["sdvp"])
+    sample_summary, sdvp_summary = markers["sdvp"]["summary"]
+    assert sample_summary["written"] == 0  # the held-out programs were all there
+    assert sdvp_summary["teacher_model"] == str(p.model / "final")
+    assert sdvp_summary["student_model"] == str(student_dir)
+    rep = json.loads((run / "report.json").read_text())["sdvp"]
+    assert {"before", "after", "teacher", "held_out"} <= set(rep)
+    assert rep["held_out"]["types"] == ["yesno"] and rep["questions"] == len(test)
+    md = (run / "report.md").read_text()
+    assert "## SDVP: stepwise distillation into the tools" in md
+    assert "| question type | n | before | after | teacher |" in md and "cross-task check" in md
+    assert "sub-tasks" in progress_counts(p)["sdvp"]
+    again = run_pipeline(r, run, only=["sdvp"], report=False)  # finished: skipped
+    assert again["sdvp"]["finished"] == markers["sdvp"]["finished"]

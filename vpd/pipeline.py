@@ -32,7 +32,17 @@ from vpd.runpaths import STAGES, RunPaths, stage_outputs
 from vpd.tune.model import build_tiny_vlm
 
 # Fields the pipeline fills from the run directory; a recipe never sets them.
-_DERIVED = {"out", "questions", "samples", "executions", "verified", "sft", "train_questions"}
+_DERIVED = {
+    "out",
+    "questions",
+    "samples",
+    "executions",
+    "verified",
+    "sft",
+    "train_questions",
+    "eval_samples",
+    "eval_questions",
+}
 
 # ----------------------------------------------------------------------------- recipe
 
@@ -234,6 +244,50 @@ def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
     return str(init)
 
 
+def _sdvp(recipe: dict[str, Any], p: RunPaths) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """SDVP after VPD: programs for the test questions (the held-out programs, written by the
+    recipe's program writer), then `vpd sdvp` on the run's executions with the run's tuned
+    VLM as the teacher (``teacher: tuned``, the default) and the tools' VLM as the student
+    (``student``, default: the VLM the run tuned from), trained with the run's tune options
+    (``sdvp.tune`` overrides them)."""
+    o = _opts(recipe, "sdvp")
+    tune = dict(recipe.get("tune") or {})
+    init = tune.pop("init", "tiny")
+    sample = {**_opts(recipe, "sample"), **(o.pop("sample", None) or {})}
+    limit = o.pop("eval_limit", None)
+    if limit is not None:
+        sample["limit"] = limit
+    execute = _opts(recipe, "execute")
+    tools = {
+        k: v
+        for k, v in (execute.get("tools") or {}).items()
+        if k not in ("vqa", "vqa_ops", "vqa_view")  # the VLM mode is what sdvp sets
+    }
+    teacher = o.pop("teacher", "tuned")
+    fields: dict[str, Any] = {
+        "executions": p.executions,
+        "questions": p.train,
+        "out": p.sdvp,
+        "teacher": str(p.model / "final") if teacher == "tuned" else teacher,
+        "student": o.pop("student", init),
+        "eval_samples": p.sdvp_samples,
+        "eval_questions": p.test,
+        "backend": execute.get("backend", "synthetic"),
+        "tools": tools,
+        "tune": {**tune, **(o.pop("tune", None) or {})},
+        **o,
+    }
+    return [
+        (
+            "vpd.sample",
+            "SampleConfig",
+            "run_sample",
+            {**sample, "questions": p.test, "out": p.sdvp_samples},
+        ),
+        ("vpd.sdvp", "SdvpConfig", "run_sdvp", fields),
+    ]
+
+
 SPECS = {
     "data": StageSpec("data", _data),
     "sample": StageSpec("sample", _sample),
@@ -242,6 +296,7 @@ SPECS = {
     "rationalize": StageSpec("rationalize", _rationalize),
     "tune": StageSpec("tune", _tune),
     "eval": StageSpec("eval", _eval),
+    "sdvp": StageSpec("sdvp", _sdvp),
 }
 
 

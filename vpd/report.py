@@ -16,6 +16,8 @@ import yaml
 
 from vpd.runpaths import STAGES, RunPaths, stage_outputs
 from vpd.sample import SampleConfig
+from vpd.sdvp import markdown_report as sdvp_markdown
+from vpd.sdvp import report_path as sdvp_report_path
 from vpd.store import iter_ids
 
 
@@ -130,8 +132,18 @@ def progress_counts(p: RunPaths) -> dict[str, str]:
         "rationalize": f"{_count(p.sft)} sft records",
         "tune": _tune_progress(p),
         "eval": ", ".join(f"{w}: {_count(p.preds(w))}/{n_eval}" for w in ("untuned", "tuned")),
+        "sdvp": _sdvp_progress(p),
     }
     return counts
+
+
+def _sdvp_progress(p: RunPaths) -> str:
+    subs = _count(p.sdvp / "subtasks.jsonl")
+    answered = [f"{d.name}: {_count(d / 'teacher.jsonl')}" for d in sorted(p.sdvp.glob("*/"))]
+    answered = [a for a in answered if not a.endswith(": 0")]
+    if not subs:
+        return "no sub-tasks yet"
+    return f"{subs} sub-tasks; teacher answers " + (", ".join(answered) or "none yet")
 
 
 def _tune_progress(p: RunPaths) -> str:
@@ -268,6 +280,9 @@ def write_report(root: Path) -> dict[str, Path]:
         "examples": ex,
         "plots": plots,
     }
+    sdvp = _read_json(sdvp_report_path(p.sdvp))
+    if sdvp is not None:
+        report["sdvp"] = sdvp
     (p.root / "report.json").write_text(json.dumps(report, indent=2, default=str))
     md = p.root / "report.md"
     md.write_text(render_markdown(report), encoding="utf-8")
@@ -321,6 +336,9 @@ def render_markdown(r: dict[str, Any]) -> str:
                 bt = (base.get("per_type") or {}).get(t)
                 cells.append(_fmt_acc(bt if isinstance(bt, dict) else {"accuracy": bt}))
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    if r.get("sdvp"):
+        lines += ["", "## SDVP: stepwise distillation into the tools", ""]
+        lines += sdvp_markdown(r["sdvp"])
     if r["examples"]:
         lines += ["", "## Example rationales", ""]
         for e in r["examples"]:

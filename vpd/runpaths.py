@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("data", "sample", "execute", "verify", "rationalize", "tune", "eval")
+STAGES = ("data", "sample", "execute", "verify", "rationalize", "tune", "eval", "sdvp")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,16 @@ class RunPaths:
         return self.root / "eval" / f"{which}.jsonl"
 
     @property
+    def sdvp(self) -> Path:
+        """`vpd sdvp`'s folder (its report: ``sdvp/sdvp.json``)."""
+        return self.root / "sdvp"
+
+    @property
+    def sdvp_samples(self) -> Path:
+        """Programs for the test questions: SDVP's held-out programs."""
+        return self.sdvp / "test-samples.jsonl"
+
+    @property
     def stages(self) -> Path:
         return self.root / "stages"
 
@@ -67,4 +77,5 @@ def stage_outputs(stage: str, p: RunPaths) -> list[Path]:
         "rationalize": [p.sft],
         "tune": [p.model],
         "eval": [p.root / "eval"],
+        "sdvp": [p.sdvp],
     }[stage]
