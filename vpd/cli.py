@@ -18,7 +18,8 @@ app = typer.Typer(
     help=(
         "Visual Program Distillation: LLM-written programs over vision tools, "
         "distilled into a VLM.\n\n"
-        "Pipeline: data -> sample -> execute -> verify -> rationalize -> tune -> eval. "
+        "Pipeline: data -> sample -> execute -> verify -> rationalize -> tune -> eval "
+        "(-> sdvp: distil a teacher into the tools). "
         "Every stage reads and writes JSONL, and resumes where it stopped when run again."
     ),
     no_args_is_help=True,
