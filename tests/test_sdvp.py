@@ -204,6 +204,15 @@ def test_held_out_types_are_marked(executed: dict[str, Path]) -> None:
         ("What is this?", None, False, "What is this?"),
         ("How many dots are there?", None, True, "How many dots are there in the box?"),
         ("How many dots?", "square", True, "Look at the square in the box. How many dots?"),
+        ("What shape is this?", "shape", True, "What shape is the shape in the box?"),
+        (
+            "What is the shape of the star?",
+            "star",
+            True,
+            "What is the shape of the star in the box?",
+        ),
+        ("What color is the shape?", "red star", False, "What color is the red star?"),
+        ("What size is its left part?", None, True, "What size is its left part in the box?"),
     ],
 )
 def test_pointer_prompt(question: str, name: str | None, boxed: bool, want: str) -> None:

@@ -344,11 +344,9 @@ def pixel_box(region: list[float], size: tuple[int, int]) -> Box:
     return (round(left * w), round(lower * h), round(right * w), round(upper * h))
 
 
-_DEICTIC = (
-    r"\b(?:this|that)(?:\s+(?:object|shape|thing|one|item|region|patch|image|picture))?\b"
-    r"|\bthe\s+(?:object|shape|thing|item|region|patch|image|picture)\b"
-    r"|\bit\b"
-)
+_NOUNS = r"(?:object|shape|thing|one|item|region|patch|image|picture)"
+_PRONOUN = re.compile(rf"\b(?:this|that)(?:\s+{_NOUNS})?\b|\bit\b", re.IGNORECASE)
+_GENERIC = re.compile(rf"\bthe\s+{_NOUNS}\b", re.IGNORECASE)
 
 
 def pointer_prompt(question: str, name: str | None, boxed: bool = True) -> str:
@@ -356,18 +354,21 @@ def pointer_prompt(question: str, name: str | None, boxed: bool = True) -> str:
 
     "What color is it?" about a ``circle`` -> "What color is the circle in the box?"
     (``boxed``: the teacher sees the region as a box on the image; without it, "What
-    color is the circle?"). A question that already names the object gets "in the box"
-    after the name; one that points at nothing nameable keeps its words and, boxed, is
-    asked about the box.
+    color is the circle?"). In order: a pronoun ("it", "this", "that shape") becomes the
+    object; else a question that names the object gets "in the box" after the name; else a
+    generic "the object/shape" becomes the object; else, boxed, the question is asked
+    about the box.
     """
     q = " ".join(question.split())
     where = " in the box" if boxed else ""
-    if name:
-        named = re.search(rf"\b{re.escape(name)}\b", q, re.IGNORECASE)
-        if named:
-            return q[: named.end()] + where + q[named.end() :]
     target = f"the {name}" if name else ("the object" if boxed else "")
-    m = re.search(_DEICTIC, q, re.IGNORECASE)
+    m = _PRONOUN.search(q)
+    if m and target:
+        return q[: m.start()] + target + where + q[m.end() :]
+    named = re.search(rf"\b{re.escape(name)}\b", q, re.IGNORECASE) if name else None
+    if named:
+        return q[: named.end()] + where + q[named.end() :]
+    m = _GENERIC.search(q)
     if m and target:
         return q[: m.start()] + target + where + q[m.end() :]
     if not boxed:
