@@ -28,7 +28,7 @@ programs answer better with the distilled tools:
 5. ``eval``: the held-out programs (``eval_samples`` on ``eval_questions``) are executed and
    verified (``vpd execute`` / ``vpd verify``) with the tools' VLM before distillation
    (``before``), with the student (``after``), and with the teacher as the tool (``teacher``,
-   a ceiling); program accuracy (per question: the mean score of its programs) overall and
+   a ceiling, seeing the region as the teacher step showed it); program accuracy (per question: the mean score of its programs) overall and
    per question type, paired bootstrap intervals of each difference, and the cross-task
    check (``held_out``: accuracy on the held-out types must not drop beyond its interval).
    With ``ablation`` the other adapter (pointer vs crop without the pointer prompt, the
