@@ -238,3 +238,15 @@ def test_an_unloadable_vqa_model_stops_the_stage(tmp_path: Path) -> None:
     req = ToolRequest("simple_query", str(tmp_path / "scene.png"), None, {"question": "Hi?"})
     with pytest.raises(ToolsUnavailable):
         ToolServer(b).call_batch([req])
+
+
+def test_both_backends_ask_the_same_vlm_the_same_way(vlm_dir: Path) -> None:
+    img = _scene()
+    syn = get_backend("synthetic", vqa=str(vlm_dir), device="cpu")
+    hf = get_backend("hf", vqa=str(vlm_dir), device="cpu")
+    items = [(img, None, "What color is it?"), (img, (8, 40, 24, 56), "What shape?")]
+    assert hf.answer_batch(items) == syn.answer_batch(items)
+    assert hf.answer(img, None, "What color is it?") == syn.answer_batch(items[:1])[0]
+    props = [(img, None, "square", "red"), (img, (50, 4, 70, 24), "square", "blue")]
+    assert hf.verify_property_batch(props) == syn.verify_property_batch(props)
+    assert "best_text_match" not in hf.vlm.ops  # the hf backend keeps CLIP for it by default
