@@ -693,7 +693,9 @@ def sdvp(
     device: str = typer.Option("auto", help="auto|cpu|cuda (teacher and tools' VLM)."),
     dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16."),
     limit: int = typer.Option(None, min=1, help="Distil at most N sub-tasks."),
-    workers: int = typer.Option(None, min=1, help="Programs run at once in the eval runs."),
+    workers: int = typer.Option(
+        16, min=1, help="Programs at once in the eval runs (their VLM calls batch together)."
+    ),
     until: str = typer.Option("eval", help="Stop after: collect|teacher|sft|tune|eval."),
     force: bool = typer.Option(False, help="Start a step over if it holds other options."),
     progress: bool = typer.Option(True, help="Show progress bars and the result table."),

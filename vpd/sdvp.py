@@ -28,11 +28,12 @@ programs answer better with the distilled tools:
 5. ``eval``: the held-out programs (``eval_samples`` on ``eval_questions``) are executed and
    verified (``vpd execute`` / ``vpd verify``) with the tools' VLM before distillation
    (``before``), with the student (``after``), and with the teacher as the tool (``teacher``,
-   a ceiling, seeing the region as the teacher step showed it); program accuracy (per question: the mean score of its programs) overall and
-   per question type, paired bootstrap intervals of each difference, and the cross-task
-   check (``held_out``: accuracy on the held-out types must not drop beyond its interval).
-   With ``ablation`` the other adapter (pointer vs crop without the pointer prompt, the
-   paper's ablation) is distilled and evaluated too. Everything lands in ``DIR/sdvp.json``.
+   a ceiling, seeing the region as the teacher step showed it); program accuracy (per
+   question: the mean score of its programs) overall and per question type, paired
+   bootstrap intervals of each difference, and the cross-task check (``held_out``: accuracy
+   on the held-out types must not drop beyond its interval). With ``ablation`` the other
+   adapter (pointer vs crop without the pointer prompt, the paper's ablation) is distilled
+   and evaluated too. Everything lands in ``DIR/sdvp.json``.
 
 Every step resumes: the teacher and sft files follow the resume contract (StageOutput),
 ``vpd tune`` continues its checkpoints, ``vpd execute``/``vpd verify`` their outputs; a
@@ -120,7 +121,9 @@ class SdvpConfig(BaseModel):
     eval_questions: Path | None = None
     backend: str = "synthetic"
     tools: dict[str, Any] = Field(default_factory=dict, description="Other tool options.")
-    workers: int | None = Field(None, ge=1)
+    # Programs at once in the eval runs: their VLM calls reach the tool server together and
+    # are answered in one batch, so more programs than cores keep the VLM's batches full.
+    workers: int | None = Field(16, ge=1)
     timeout: float = Field(10.0, gt=0)
     bootstrap: int = Field(2000, ge=100)
     seed: int = 0
