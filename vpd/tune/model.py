@@ -13,7 +13,6 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.errors import VpdError
