@@ -209,7 +209,12 @@ def test_a_sandboxed_program_asks_the_parents_vlm(vlm_dir: Path, tmp_path: Path)
         progress=False,
     )
     run_execute(cfg, tools=server)
-    recs = [json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
+    # Written in the order the programs finished: look them up by id.
+    recs = sorted(
+        (json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()),
+        key=lambda r: r["id"],
+    )
+    assert [r["id"] for r in recs] == ["q0#0", "q0#1"]
     assert [r["status"] for r in recs] == ["ok", "ok"], recs
     # The model ran here, in the parent; both syntaxes asked it the same cached question.
     assert server.backend.vlm.calls == 1
