@@ -324,7 +324,9 @@ def collect_subtasks(
             if qtype not in sub.qtypes:
                 sub.qtypes.append(qtype)
             sub.held_out = sub.held_out or qtype in held
-    return list(subs.values())
+    # By id: executions are written in the order programs finish, so file order is not
+    # stable between runs; the id order is (and --limit takes an unbiased subset).
+    return sorted(subs.values(), key=lambda s: s.id)
 
 
 def write_subtasks(path: Path, subs: list[SubTask]) -> None:
@@ -407,9 +409,9 @@ def teacher_answer(op: str, args: dict[str, Any], reply: str) -> tuple[str | Non
 
 
 class _Images:
-    """A few decoded images (sub-tasks of one image come together)."""
+    """The last few decoded images (a sub-task's image is often another's too)."""
 
-    def __init__(self, size: int = 16) -> None:
+    def __init__(self, size: int = 64) -> None:
         self.size = size
         self._cache: OrderedDict[str, Image.Image] = OrderedDict()
 
