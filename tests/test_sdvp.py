@@ -491,9 +491,9 @@ def test_cli_help_and_errors(
 def test_sdvp_stage_in_a_recipe_and_the_run_report(
     synth_dir: Path, teacher_dir: Path, student_dir: Path, tmp_path: Path
 ) -> None:
-    """`sdvp:` in a recipe: held-out programs for the test questions (already written here,
-    as if by the recipe's program writer), the run's tuned VLM as the teacher, the report's
-    `sdvp` section with before/after/teacher/held_out."""
+    """`sdvp:` in a recipe: programs for train and test questions (already written here, as
+    if by the recipe's program writer; the train ones executed by the stage), the run's
+    tuned VLM as the teacher, the report's `sdvp` section with before/after/teacher/held_out."""
     import shutil
 
     import yaml
@@ -508,6 +508,7 @@ def test_sdvp_stage_in_a_recipe_and_the_run_report(
         "execute": {"progress": False},
         "tune": {"init": str(student_dir), "lora": False, "batch_size": 4, "dtype": "float32"},
         "sdvp": {
+            "train_limit": 20,
             "holdout_types": ["yesno"],
             "max_new_tokens": 3,
             "device": "cpu",
@@ -521,17 +522,18 @@ def test_sdvp_stage_in_a_recipe_and_the_run_report(
     p = RunPaths(run)
     run_pipeline(r, run, only=["data"], report=False)
     train, test = _lines(p.train), _lines(p.test)
-    _write(p.samples, [s for s in _samples(train) if s["k"] == 0])
-    run_pipeline(r, run, only=["execute"], report=False)
     shutil.copytree(teacher_dir, p.model / "final")  # stands in for the VPD-tuned VLM
     p.sdvp.mkdir(parents=True)
+    _write(p.sdvp / "train-samples.jsonl", [s for s in _samples(train[:20]) if s["k"] == 0])
     _write(p.sdvp_samples, [s for s in _samples(test) if s["k"] == 0])
 
     markers = run_pipeline(r, run, only=["sdvp"])
-    sample_summary, sdvp_summary = markers["sdvp"]["summary"]
-    assert sample_summary["written"] == 0  # the held-out programs were all there
+    train_sampled, executed, test_sampled, sdvp_summary = markers["sdvp"]["summary"]
+    assert train_sampled["written"] == test_sampled["written"] == 0  # all there already
+    assert executed["written"] == 20 and not p.executions.exists()
     assert sdvp_summary["teacher_model"] == str(p.model / "final")
     assert sdvp_summary["student_model"] == str(student_dir)
+    assert set(_lines(p.sdvp / "subtasks.jsonl")[0]["qids"]) <= {q["id"] for q in train[:20]}
     rep = json.loads((run / "report.json").read_text())["sdvp"]
     assert {"before", "after", "teacher", "held_out"} <= set(rep)
     assert rep["held_out"]["types"] == ["yesno"] and rep["questions"] == len(test)

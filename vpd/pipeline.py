@@ -245,27 +245,57 @@ def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
 
 
 def _sdvp(recipe: dict[str, Any], p: RunPaths) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """SDVP after VPD: programs for the test questions (the held-out programs, written by the
-    recipe's program writer), then `vpd sdvp` on the run's executions with the run's tuned
-    VLM as the teacher (``teacher: tuned``, the default) and the tools' VLM as the student
-    (``student``, default: the VLM the run tuned from), trained with the run's tune options
-    (``sdvp.tune`` overrides them)."""
+    """SDVP after VPD, with the run's tuned VLM as the teacher (``teacher: tuned``, the
+    default) and the tools' VLM as the student (``student``, default: the VLM the run tuned
+    from), trained with the run's tune options (``sdvp.tune`` overrides them).
+
+    Its programs are written by the recipe's program writer (``sdvp.sample`` overrides the
+    sample options): for the first ``eval_limit`` test questions (the held-out programs),
+    and, with ``train_limit``, for that many train questions, executed with the recipe's
+    tools, as the programs whose sub-tasks are distilled (without it: the run's own
+    executions)."""
     o = _opts(recipe, "sdvp")
     tune = dict(recipe.get("tune") or {})
     init = tune.pop("init", "tiny")
     sample = {**_opts(recipe, "sample"), **(o.pop("sample", None) or {})}
-    limit = o.pop("eval_limit", None)
-    if limit is not None:
-        sample["limit"] = limit
+    sample.pop("limit", None)
+    eval_limit, train_limit = o.pop("eval_limit", None), o.pop("train_limit", None)
     execute = _opts(recipe, "execute")
     tools = {
         k: v
         for k, v in (execute.get("tools") or {}).items()
         if k not in ("vqa", "vqa_ops", "vqa_view")  # the VLM mode is what sdvp sets
     }
+    jobs: list[tuple[str, str, str, dict[str, Any]]] = []
+    executions = p.executions
+    if train_limit is not None:
+        executions = p.sdvp / "train-executions.jsonl"
+        train_samples = p.sdvp / "train-samples.jsonl"
+        jobs += [
+            (
+                "vpd.sample",
+                "SampleConfig",
+                "run_sample",
+                {**sample, "questions": p.train, "out": train_samples, "limit": train_limit},
+            ),
+            (
+                "vpd.execute",
+                "ExecuteConfig",
+                "run_execute",
+                {**execute, "samples": train_samples, "questions": p.train, "out": executions},
+            ),
+        ]
+    jobs.append(
+        (
+            "vpd.sample",
+            "SampleConfig",
+            "run_sample",
+            {**sample, "questions": p.test, "out": p.sdvp_samples, "limit": eval_limit},
+        )
+    )
     teacher = o.pop("teacher", "tuned")
     fields: dict[str, Any] = {
-        "executions": p.executions,
+        "executions": executions,
         "questions": p.train,
         "out": p.sdvp,
         "teacher": str(p.model / "final") if teacher == "tuned" else teacher,
@@ -277,15 +307,8 @@ def _sdvp(recipe: dict[str, Any], p: RunPaths) -> list[tuple[str, str, str, dict
         "tune": {**tune, **(o.pop("tune", None) or {})},
         **o,
     }
-    return [
-        (
-            "vpd.sample",
-            "SampleConfig",
-            "run_sample",
-            {**sample, "questions": p.test, "out": p.sdvp_samples},
-        ),
-        ("vpd.sdvp", "SdvpConfig", "run_sdvp", fields),
-    ]
+    jobs.append(("vpd.sdvp", "SdvpConfig", "run_sdvp", fields))
+    return jobs
 
 
 SPECS = {
