@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import REPO, read_jsonl, vpd_argv, write_jsonl
 from tests.template_programs import viper_program, visprog_program
 from tests.test_eval import build_tiny_llava
 from vpd.errors import VpdError
@@ -38,17 +39,6 @@ from vpd.sdvp import (
     trace_subtasks,
 )
 from vpd.tools.backends.vlm import pointer_width, view_image
-
-REPO = str(Path(__file__).resolve().parent.parent)
-
-
-def _lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +75,8 @@ def executed(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     root = tmp_path_factory.mktemp("sdvp-exec")
     out = {}
     for split in ("train", "test"):
-        qs = _lines(synth_dir / f"{split}.jsonl")
-        samples = _write(root / f"{split}.samples.jsonl", _samples(qs, dup=split == "train"))
+        qs = read_jsonl(synth_dir / f"{split}.jsonl")
+        samples = write_jsonl(root / f"{split}.samples.jsonl", _samples(qs, dup=split == "train"))
         ex = root / f"{split}.executions.jsonl"
         run_execute(
             ExecuteConfig(
@@ -137,8 +127,8 @@ def test_trace_subtasks_name_the_object_the_region_was_found_by() -> None:
 def test_subtasks_from_viper_and_visprog_traces(executed: dict[str, Path]) -> None:
     ops = ["simple_query", "verify_property", "best_text_match"]
     subs = collect_subtasks(executed["train_executions"], executed["train_questions"], ops)
-    qs = {q["id"]: q for q in _lines(executed["train_questions"])}
-    execs = {e["id"]: Execution.model_validate(e) for e in _lines(executed["train_executions"])}
+    qs = {q["id"]: q for q in read_jsonl(executed["train_questions"])}
+    execs = {e["id"]: Execution.model_validate(e) for e in read_jsonl(executed["train_executions"])}
     assert subs and len({s.id for s in subs}) == len(subs)
     assert {s.op for s in subs} == set(ops)
     by_q: dict[str, list[SubTask]] = {}
@@ -170,8 +160,8 @@ def test_subtasks_from_viper_and_visprog_traces(executed: dict[str, Path]) -> No
         checked += 1
     assert checked >= 2
     # The k=2 duplicate of each ViperGPT program made the same calls: no new sub-task.
-    only_first = [e for e in _lines(executed["train_executions"]) if not e["id"].endswith("#2")]
-    path = _write(executed["train_executions"].with_name("nodup.jsonl"), only_first)
+    only_first = [e for e in read_jsonl(executed["train_executions"]) if not e["id"].endswith("#2")]
+    path = write_jsonl(executed["train_executions"].with_name("nodup.jsonl"), only_first)
     assert [s.id for s in collect_subtasks(path, executed["train_questions"], ops)] == [
         s.id for s in subs
     ]
@@ -296,7 +286,7 @@ def test_paired_bootstrap_and_cross_task_check(tmp_path: Path) -> None:
 
 def _many_subtasks(synth_dir: Path, tmp_path: Path, per_image: int) -> tuple[Path, Path]:
     """Executions whose traces hold ``per_image`` distinct simple_query calls per image."""
-    qs = _lines(synth_dir / "train.jsonl")
+    qs = read_jsonl(synth_dir / "train.jsonl")
     images = {}
     for q in qs:
         images.setdefault(q["image"], q)
@@ -312,7 +302,7 @@ def _many_subtasks(synth_dir: Path, tmp_path: Path, per_image: int) -> tuple[Pat
         ]
         rows.append({"id": f"{q['id']}#0", "qid": q["id"], "status": "ok", "trace": trace})
         assert n < 50
-    return _write(tmp_path / "exec.jsonl", rows), synth_dir / "train.jsonl"
+    return write_jsonl(tmp_path / "exec.jsonl", rows), synth_dir / "train.jsonl"
 
 
 def test_teacher_step_resumes_after_kill_9(
@@ -325,11 +315,9 @@ def test_teacher_step_resumes_after_kill_9(
     args = ["--questions", str(q), "--teacher", str(teacher_dir), "--out", str(out)]
     args += ["--until", "teacher", "--batch-size", "1", "--max-new-tokens", "3"]
     args += ["--device", "cpu", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": REPO}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vpd.cli", "sdvp", str(ex), *args],
+        vpd_argv("sdvp", str(ex), *args),
         cwd=REPO,
-        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -367,7 +355,7 @@ def test_teacher_step_resumes_after_kill_9(
     assert rep["already_done"] == n_before and rep["answered"] == total - n_before
     after = answers.read_bytes()
     assert after.startswith(complete)  # nothing written before the kill was lost or changed
-    recs = _lines(answers)
+    recs = read_jsonl(answers)
     assert len(recs) == total and len({r["id"] for r in recs}) == total
     assert all(r["teacher_question"] and r["view"] == "pointer" for r in recs)
     again = run_sdvp(cfg)["variants"]["pointer"]["teacher"]
@@ -401,10 +389,10 @@ def test_a_small_run_distils_and_reports(
     assert v["teacher"]["answered"] == rep["subtasks"]["distilled"] > 0
     assert rep["subtasks"]["held_out"] > 0
     # The student's records: vpd rationalize's answer format, on the tool's view and question.
-    sft = [Sft.model_validate(r) for r in _lines(out / "pointer" / "sft.jsonl")]
+    sft = [Sft.model_validate(r) for r in read_jsonl(out / "pointer" / "sft.jsonl")]
     assert len(sft) == v["sft"]["records"] > 0
-    subs = {s["id"]: s for s in _lines(out / "subtasks.jsonl")}
-    teach = {t["id"]: t for t in _lines(out / "pointer" / "teacher.jsonl")}
+    subs = {s["id"]: s for s in read_jsonl(out / "subtasks.jsonl")}
+    teach = {t["id"]: t for t in read_jsonl(out / "pointer" / "teacher.jsonl")}
     for r in sft:
         sub, t = subs[r.qid], teach[r.qid]
         assert r.task == "answer" and r.messages[0]["content"][0] == {"type": "image"}
@@ -476,7 +464,7 @@ def test_cli_help_and_errors(
     with pytest.raises(VpdError, match="no VLM sub-task"):
         run_sdvp(
             SdvpConfig(
-                executions=_write(tmp_path / "none.jsonl", []),
+                executions=write_jsonl(tmp_path / "none.jsonl", []),
                 questions=executed["train_questions"],
                 teacher="t",
                 out=tmp_path / "o2",
@@ -521,11 +509,11 @@ def test_sdvp_stage_in_a_recipe_and_the_run_report(
     run = tmp_path / "run"
     p = RunPaths(run)
     run_pipeline(r, run, only=["data"], report=False)
-    train, test = _lines(p.train), _lines(p.test)
+    train, test = read_jsonl(p.train), read_jsonl(p.test)
     shutil.copytree(teacher_dir, p.model / "final")  # stands in for the VPD-tuned VLM
     p.sdvp.mkdir(parents=True)
-    _write(p.sdvp / "train-samples.jsonl", [s for s in _samples(train[:20]) if s["k"] == 0])
-    _write(p.sdvp_samples, [s for s in _samples(test) if s["k"] == 0])
+    write_jsonl(p.sdvp / "train-samples.jsonl", [s for s in _samples(train[:20]) if s["k"] == 0])
+    write_jsonl(p.sdvp_samples, [s for s in _samples(test) if s["k"] == 0])
 
     markers = run_pipeline(r, run, only=["sdvp"])
     train_sampled, executed, test_sampled, sdvp_summary = markers["sdvp"]["summary"]
@@ -533,7 +521,7 @@ def test_sdvp_stage_in_a_recipe_and_the_run_report(
     assert executed["written"] == 20 and not p.executions.exists()
     assert sdvp_summary["teacher_model"] == str(p.model / "final")
     assert sdvp_summary["student_model"] == str(student_dir)
-    assert set(_lines(p.sdvp / "subtasks.jsonl")[0]["qids"]) <= {q["id"] for q in train[:20]}
+    assert set(read_jsonl(p.sdvp / "subtasks.jsonl")[0]["qids"]) <= {q["id"] for q in train[:20]}
     rep = json.loads((run / "report.json").read_text())["sdvp"]
     assert {"before", "after", "teacher", "held_out"} <= set(rep)
     assert rep["held_out"]["types"] == ["yesno"] and rep["questions"] == len(test)

@@ -8,13 +8,13 @@ program, and the errors a program or a user sees.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import read_jsonl, write_jsonl
 from tests.test_eval import build_tiny_llava
 from vpd.errors import ToolsUnavailable
 from vpd.tools.backends import get_backend
@@ -182,7 +182,7 @@ def test_a_sandboxed_program_asks_the_parents_vlm(vlm_dir: Path, tmp_path: Path)
 
     Image.fromarray(_scene().rgb).save(tmp_path / "scene.png")
     q = {"id": "q0", "image": "scene.png", "question": "What color is the square?"}
-    (tmp_path / "q.jsonl").write_text(json.dumps(q) + "\n")
+    write_jsonl(tmp_path / "q.jsonl", [q])
     program = (
         "def execute_command(image):\n"
         "    image_patch = ImagePatch(image)\n"
@@ -199,7 +199,7 @@ def test_a_sandboxed_program_asks_the_parents_vlm(vlm_dir: Path, tmp_path: Path)
         {"id": "q0#0", "qid": "q0", "k": 0, "program": program},
         {"id": "q0#1", "qid": "q0", "k": 1, "program": visprog, "syntax": "visprog"},
     ]
-    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(tmp_path / "s.jsonl", rows)
     server = ToolServer(get_backend("synthetic", vqa=str(vlm_dir), device="cpu"))
     cfg = ExecuteConfig(
         samples=tmp_path / "s.jsonl",
@@ -210,10 +210,7 @@ def test_a_sandboxed_program_asks_the_parents_vlm(vlm_dir: Path, tmp_path: Path)
     )
     run_execute(cfg, tools=server)
     # Written in the order the programs finished: look them up by id.
-    recs = sorted(
-        (json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()),
-        key=lambda r: r["id"],
-    )
+    recs = sorted(read_jsonl(tmp_path / "e.jsonl"), key=lambda r: r["id"])
     assert [r["id"] for r in recs] == ["q0#0", "q0#1"]
     assert [r["status"] for r in recs] == ["ok", "ok"], recs
     # The model ran here, in the parent; both syntaxes asked it the same cached question.
