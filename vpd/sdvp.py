@@ -456,7 +456,7 @@ def run_teacher(
     fp = {
         "stage": "sdvp-teacher",
         "version": TEACHER_VERSION,
-        "teacher": cfg.teacher,
+        # The model's content, not its path: a moved or copied run keeps its answers.
         "teacher_digest": _digest(teacher),
         "dtype": dtype,
         "view": variant.view,
