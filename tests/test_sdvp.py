@@ -363,6 +363,40 @@ def test_teacher_step_resumes_after_kill_9(
     assert answers.read_bytes() == after
 
 
+def test_teacher_shards_merge_into_one_answer_file(
+    synth_dir: Path, teacher_dir: Path, tmp_path: Path
+) -> None:
+    from vpd.store import merge
+
+    ex, q = _many_subtasks(synth_dir, tmp_path, per_image=2)
+    out = tmp_path / "sdvp"
+    common = dict(
+        executions=ex,
+        questions=q,
+        teacher=str(teacher_dir),
+        out=out,
+        until="teacher",
+        max_new_tokens=2,
+        device="cpu",
+        progress=False,
+    )
+    total = len(collect_subtasks(ex, q, ["simple_query"]))
+    got = [
+        run_sdvp(SdvpConfig(**common, shard=f"{i}/2"))["variants"]["pointer"]["teacher"]
+        for i in range(2)
+    ]
+    assert sum(g["answered"] for g in got) == total and all(g["answered"] for g in got)
+    parts = sorted((out / "pointer").glob("teacher.shard-*-of-2.jsonl"))
+    assert len(parts) == 2
+    merge(out / "pointer" / "teacher.jsonl", parts)
+    whole = run_sdvp(SdvpConfig(**common))["variants"]["pointer"]["teacher"]
+    assert whole["answered"] == 0 and whole["already_done"] == total  # the merge is resumed
+    with pytest.raises(ValueError, match="--shard splits the teacher step only"):
+        SdvpConfig(**{**common, "until": "eval"}, shard="0/2")
+    with pytest.raises(VpdError, match="--shard"):
+        run_sdvp(SdvpConfig(**common, shard="2/2"))
+
+
 # ----------------------------------------------------------------------------- a whole run
 
 

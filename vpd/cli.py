@@ -697,6 +697,9 @@ def sdvp(
         16, min=1, help="Programs at once in the eval runs (their VLM calls batch together)."
     ),
     until: str = typer.Option("eval", help="Stop after: collect|teacher|sft|tune|eval."),
+    shard: str = typer.Option(
+        None, help="Teacher step only: answer shard i/n of the sub-tasks (then vpd merge)."
+    ),
     force: bool = typer.Option(False, help="Start a step over if it holds other options."),
     progress: bool = typer.Option(True, help="Show progress bars and the result table."),
 ) -> None:
@@ -722,7 +725,9 @@ def sdvp(
         --tune-recipe recipes/tune-cpu.yaml --holdout-types yesno --ablation
 
       vpd sdvp exec.jsonl --questions q.jsonl --teacher /models/teacher --out sdvp
-        --until teacher --batch-size 32 --device cuda
+        --until teacher --batch-size 32 --device cuda --shard 0/4
+
+      vpd merge --out sdvp/pointer/teacher.jsonl sdvp/pointer/teacher.shard-*.jsonl
     """
     from vpd.progress import console
     from vpd.sdvp import SdvpConfig, print_report, run_sdvp
@@ -769,6 +774,7 @@ def sdvp(
             limit=limit,
             workers=workers,
             until=until,  # type: ignore[arg-type]
+            shard=shard,
             force=force,
             progress=progress,
         )

@@ -62,7 +62,7 @@ from vpd.execute import ExecuteConfig, run_execute
 from vpd.progress import console, progress_bar
 from vpd.rationalize import answer_record
 from vpd.records import Execution, Question, SubTask, TeacherAnswer, ToolCall
-from vpd.store import RejectWriter, StageOutput, read_records
+from vpd.store import RejectWriter, Shard, StageOutput, parse_shard, read_records
 from vpd.tools.backends.vlm import (
     VLM_OPS,
     match_option,
@@ -128,6 +128,10 @@ class SdvpConfig(BaseModel):
     bootstrap: int = Field(2000, ge=100)
     seed: int = 0
     until: Literal["collect", "teacher", "sft", "tune", "eval"] = "eval"
+    # The teacher step split over machines: each answers its share of the sub-tasks (by id
+    # hash) into <variant>/teacher.shard-I-of-N.jsonl; `vpd merge` joins them into
+    # <variant>/teacher.jsonl, and a run without --shard goes on from there.
+    shard: str | None = None
     force: bool = False
     progress: bool = True
 
@@ -150,6 +154,15 @@ class SdvpConfig(BaseModel):
         if bad or not v:
             raise ValueError(f"ops must be some of {', '.join(VLM_OPS)}, got {v}")
         return sorted(set(v), key=VLM_OPS.index)
+
+    @model_validator(mode="after")
+    def _shard_only_teaches(self) -> SdvpConfig:
+        if self.shard and self.until not in ("collect", "teacher"):
+            raise ValueError(
+                "--shard splits the teacher step only: run each shard with --until teacher, "
+                "join them with vpd merge, then run without --shard"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tune_options(self) -> SdvpConfig:
@@ -446,11 +459,19 @@ def _digest(path: str) -> str:
 # ----------------------------------------------------------------------------- steps
 
 
+def teacher_path(out: Path, variant: str, shard: Shard | None = None) -> Path:
+    name = (
+        "teacher.jsonl" if shard is None else f"teacher.shard-{shard.index}-of-{shard.count}.jsonl"
+    )
+    return Path(out) / variant / name
+
+
 def run_teacher(
     cfg: SdvpConfig, variant: Variant, subs: list[SubTask], teacher: str
 ) -> dict[str, Any]:
     """The teacher answers every distilled sub-task (resumable; batches synced to disk)."""
-    out = cfg.out / variant.name / "teacher.jsonl"
+    shard = parse_shard(cfg.shard)
+    out = teacher_path(cfg.out, variant.name, shard)
     device = resolve_device(cfg.device)
     dtype = auto_dtype(cfg.dtype, device)
     fp = {
@@ -466,8 +487,9 @@ def run_teacher(
         "max_new_tokens": cfg.max_new_tokens,
     }
     t0 = time.perf_counter()
-    with StageOutput(out, fp, force=cfg.force) as so:
-        todo = [s for s in subs if not so.done(s.id)]
+    with StageOutput(out, fp, shard=shard, force=cfg.force) as so:
+        mine = [s for s in subs if so.owns(s.id)]
+        todo = [s for s in mine if not so.done(s.id)]
         usable = 0
         if todo:
             model, processor = load_model(teacher, dtype, device)
@@ -513,7 +535,7 @@ def run_teacher(
         "file": str(out),
         "answered": written,
         "usable_new": usable,
-        "already_done": len(subs) - len(todo),
+        "already_done": len(mine) - len(todo),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
 
@@ -777,6 +799,7 @@ def _check_inputs(cfg: SdvpConfig) -> None:
         raise VpdError(f"--tune-recipe not found: {cfg.tune_recipe}")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise VpdError(f"--out must be a folder, got a file: {cfg.out}")
+    parse_shard(cfg.shard)  # a bad --shard fails before any work
 
 
 def run_sdvp(cfg: SdvpConfig) -> dict[str, Any]:
