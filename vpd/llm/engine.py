@@ -283,22 +283,6 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        n: int,
-        seeds: list[int | None],
-        temperature: float,
-        max_tokens: int,
-        stop: list[str],
-        eos_ids: set[int],
-    ) -> Iterator[RowResult]:
-        """Yield every (prompt, sample) as soon as it finishes; ``seeds[j]`` is sample j's."""
-        if not prompts:
-            return
-        with self.torch.inference_mode():
-            yield from self._generate(prompts, n, seeds, temperature, max_tokens, stop, eos_ids)
-
     def _split(self, prompts: list[list[int]]) -> int:
         """Length of the prefix every prompt shares (each keeps >= 1 own token)."""
         cached = self._prefix[0] if self._prefix is not None else ()
@@ -314,7 +298,7 @@ class Engine:
             lcp = i
         return max(0, lcp)
 
-    def _generate(
+    def generate(
         self,
         prompts: list[list[int]],
         n: int,
@@ -324,94 +308,20 @@ class Engine:
         stop: list[str],
         eos_ids: set[int],
     ) -> Iterator[RowResult]:
+        """Yield every (prompt, sample) as soon as it finishes; ``seeds[j]`` is sample j's.
+
+        The work runs under ``torch.inference_mode``, entered per step and left before
+        each yield, so the caller's code never runs in it.
+        """
+        if not prompts:
+            return
         torch = self.torch
-        n = max(1, n)
-        stop = [s for s in stop if s]
-        tail = max(8, 2 * max((len(s) for s in stop), default=1))
-        plen = self._split(prompts)
-        if plen:
-            pre = self._prefix_kv(prompts[0][:plen])
-        else:
-            empty = torch.zeros(self.n_kv, 0, self.head_dim, dtype=self.dtype, device=self.device)
-            pre = [(empty, empty)] * len(self.layers)
-        # Slots: enough for max_rows live rows, plus room for slots whose last rows drain.
-        want = max(1, -(-self.max_rows // n))
-        n_slots = min(want + max(1, want // 2), len(prompts))
-        seg_cap = -(-(max(len(p) for p in prompts) - plen) // 256) * 256
-        buf = _Buffers(self, n_slots, n, seg_cap, max_tokens)
-        pending = deque(range(len(prompts)))
-        live = 0
-
-        def finish(row: _Row, reason: str, slot: _Slot) -> RowResult:
-            row.done = True
-            text = self.tok.decode(row.tokens, skip_special_tokens=True)
-            return RowResult(
-                conv=row.conv, j=row.j, tokens=row.tokens, text=text, finish_reason=reason,
-                prompt_tokens=len(prompts[row.conv]),
-                latency_s=time.perf_counter() - slot.started,
-            )  # fmt: skip
-
-        def accept(row: _Row, token: int, slot: _Slot) -> RowResult | None:
-            """Append a sampled token; the row's result if that ended it."""
-            if token in eos_ids:
-                return finish(row, "stop", slot)
-            row.tokens.append(token)
-            if stop:
-                text = self.tok.decode(row.tokens[-tail:], skip_special_tokens=True)
-                if any(s in text for s in stop):
-                    return finish(row, "stop", slot)
-            if len(row.tokens) >= max_tokens:
-                return finish(row, "length", slot)
-            return None
-
-        while pending or live:
-            # Admit prompts while there is room: a free slot and live rows under the target.
-            while pending and len(buf.slots) < n_slots and live + n <= max(self.max_rows, n):
-                c = pending.popleft()
-                s = len(buf.slots)
-                seg = prompts[c][plen:]
-                kv, logits = self._encode(seg, plen, pre if plen else None)
-                for li, (k, v) in enumerate(kv):
-                    buf.seg_k[li, s, :, : len(seg)] = k
-                    buf.seg_v[li, s, :, : len(seg)] = v
-                rows = [
-                    _Row(c, j, row_seed(seeds[j] if j < len(seeds) else None, prompts[c]))
-                    for j in range(n)
-                ]
-                slot = _Slot(c, len(seg), time.perf_counter(), rows)
-                buf.slots.append(slot)
-                first = sample_tokens(
-                    logits.expand(n, -1), [r.seed for r in rows], [0] * n, temperature
-                )
-                for row, tok in zip(rows, first, strict=True):
-                    res = accept(row, tok, slot)
-                    if res is not None:
-                        yield res
-                    else:
-                        live += 1
-                if all(r.done for r in rows):
-                    buf.free(s)
-            if not live:
-                continue
-            step_rows = [
-                (s * n + r.j, r, sl)
-                for s, sl in enumerate(buf.slots)
-                for r in sl.rows
-                if not r.done
-            ]
-            logits = self._step(step_rows, pre, buf, plen)
-            toks = sample_tokens(
-                logits, [r.seed for _, r, _ in step_rows],
-                [len(r.tokens) for _, r, _ in step_rows], temperature,
-            )  # fmt: skip
-            for (_, row, slot), tok in zip(step_rows, toks, strict=True):
-                res = accept(row, tok, slot)
-                if res is not None:
-                    live -= 1
-                    yield res
-            for s in range(len(buf.slots) - 1, -1, -1):
-                if all(r.done for r in buf.slots[s].rows):
-                    buf.free(s)
+        with torch.inference_mode():
+            run = _Call(self, prompts, max(1, n), seeds, temperature, max_tokens, stop, eos_ids)
+        while run.pending or run.live:
+            with torch.inference_mode():
+                done = run.advance()
+            yield from done
 
     def _step(
         self, live: list[tuple[int, _Row, _Slot]], pre: list[tuple[Any, Any]], buf: _Buffers,
@@ -501,3 +411,106 @@ class Engine:
             x = x + a.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.lm_head(self.model.model.norm(x)).float()[:a_n]
+
+
+class _Call:
+    """The state of one ``Engine.generate`` call: waiting prompts, slots, live rows."""
+
+    def __init__(
+        self, eng: Engine, prompts: list[list[int]], n: int, seeds: list[int | None],
+        temperature: float, max_tokens: int, stop: list[str], eos_ids: set[int],
+    ) -> None:  # fmt: skip
+        self.eng, self.prompts, self.n, self.seeds = eng, prompts, n, seeds
+        self.temperature, self.max_tokens, self.eos = temperature, max_tokens, eos_ids
+        self.stop = [s for s in stop if s]
+        # A stop string spans a few tokens at most: decode only a row's tail to look.
+        self.tail = max(8, 2 * max((len(s) for s in self.stop), default=1))
+        self.plen = eng._split(prompts)
+        if self.plen:
+            self.pre = eng._prefix_kv(prompts[0][: self.plen])
+        else:
+            kw = {"dtype": eng.dtype, "device": eng.device}
+            empty = eng.torch.zeros(eng.n_kv, 0, eng.head_dim, **kw)
+            self.pre = [(empty, empty)] * len(eng.layers)
+        # Slots: enough for max_rows live rows, plus room for slots whose last rows drain.
+        want = max(1, -(-eng.max_rows // n))
+        self.n_slots = min(want + max(1, want // 2), len(prompts))
+        seg_cap = -(-(max(len(p) for p in prompts) - self.plen) // 256) * 256
+        self.buf = _Buffers(eng, self.n_slots, n, seg_cap, max_tokens)
+        self.pending = deque(range(len(prompts)))
+        self.live = 0
+
+    def advance(self) -> list[RowResult]:
+        """Admit what fits, decode one step; the rows that finished."""
+        done: list[RowResult] = []
+        self._admit(done)
+        if not self.live:
+            return done
+        n, buf = self.n, self.buf
+        rows = [
+            (s * n + r.j, r, sl) for s, sl in enumerate(buf.slots) for r in sl.rows if not r.done
+        ]
+        logits = self.eng._step(rows, self.pre, buf, self.plen)
+        toks = sample_tokens(
+            logits, [r.seed for _, r, _ in rows], [len(r.tokens) for _, r, _ in rows],
+            self.temperature,
+        )  # fmt: skip
+        for (_, row, slot), tok in zip(rows, toks, strict=True):
+            self._accept(row, tok, slot, done)
+        for s in range(len(buf.slots) - 1, -1, -1):
+            if all(r.done for r in buf.slots[s].rows):
+                buf.free(s)
+        return done
+
+    def _admit(self, done: list[RowResult]) -> None:
+        """Admit waiting prompts while a slot is free and live rows stay under ``max_rows``:
+        encode each one's segment, draw its rows' first tokens."""
+        n, buf, eng = self.n, self.buf, self.eng
+        while (
+            self.pending and len(buf.slots) < self.n_slots and self.live + n <= max(eng.max_rows, n)
+        ):
+            c = self.pending.popleft()
+            s = len(buf.slots)
+            seg = self.prompts[c][self.plen :]
+            kv, logits = eng._encode(seg, self.plen, self.pre if self.plen else None)
+            for li, (k, v) in enumerate(kv):
+                buf.seg_k[li, s, :, : len(seg)] = k
+                buf.seg_v[li, s, :, : len(seg)] = v
+            seeds = [row_seed(self.seeds[j] if j < len(self.seeds) else None, self.prompts[c])
+                     for j in range(n)]  # fmt: skip
+            slot = _Slot(c, len(seg), time.perf_counter(), [_Row(c, j, seeds[j]) for j in range(n)])
+            buf.slots.append(slot)
+            first = sample_tokens(logits.expand(n, -1), seeds, [0] * n, self.temperature)
+            self.live += n
+            for row, tok in zip(slot.rows, first, strict=True):
+                self._accept(row, tok, slot, done)
+            if all(r.done for r in slot.rows):
+                buf.free(s)
+
+    def _accept(self, row: _Row, token: int, slot: _Slot, done: list[RowResult]) -> None:
+        """Append a sampled token to a live row; end the row on EOS, stop string or length."""
+        reason = None
+        if token in self.eos:
+            reason = "stop"
+        else:
+            row.tokens.append(token)
+            if self.stop:
+                text = self.eng.tok.decode(row.tokens[-self.tail :], skip_special_tokens=True)
+                reason = "stop" if any(s in text for s in self.stop) else None
+            if reason is None and len(row.tokens) >= self.max_tokens:
+                reason = "length"
+        if reason is None:
+            return
+        row.done = True
+        self.live -= 1
+        done.append(
+            RowResult(
+                conv=row.conv,
+                j=row.j,
+                tokens=row.tokens,
+                text=self.eng.tok.decode(row.tokens, skip_special_tokens=True),
+                finish_reason=reason,
+                prompt_tokens=len(self.prompts[row.conv]),
+                latency_s=time.perf_counter() - slot.started,
+            )  # fmt: skip
+        )
