@@ -128,7 +128,7 @@ def test_status_and_report_on_partial_run(tmp_path: Path) -> None:
     rep = json.loads((run / "report.json").read_text())
     assert rep["funnel"]["questions_train"] + rep["funnel"]["questions_test"] == 10
     states = {s["stage"]: s["state"] for s in rep["stages"]}
-    assert states["data"] == "done" and states["sample"] == "not started"
+    assert states == {"data": "done"}  # the only stage this recipe has
     assert (run / "report.md").read_text().startswith("# VPD run report")
     assert (run / "funnel.png").exists()
 
@@ -136,7 +136,7 @@ def test_status_and_report_on_partial_run(tmp_path: Path) -> None:
     train, test = len(read_jsonl(RunPaths(run).train)), len(read_jsonl(RunPaths(run).test))
     assert rows["data"] == ("done", f"{train} train / {test} test questions")
     assert train + test == 10
-    assert [state for state, _ in rows.values()] == ["done"] + ["not started"] * (len(rows) - 1)
+    assert list(rows) == ["data"]
 
 
 def _status(run: Path) -> dict[str, tuple[str, str]]:
@@ -166,8 +166,7 @@ def test_status_counts_a_partial_stage_then_finished_ones(tmp_path: Path) -> Non
     assert rows["sample"] == ("partial", "4/6 programs")
     assert rows["execute"] == ("not started", "0/4 programs")
     assert rows["verify"] == ("not started", "0/4 samples")
-    assert rows["tune"] == ("not started", "no checkpoint yet")
-    assert rows["eval"] == ("not started", f"untuned: 0/{test}, tuned: 0/{test}")
+    assert list(rows) == ["data", "sample", "execute", "verify"]  # the recipe's stages
 
     # A working server: sampling resumes (the 2 missing programs), execute and verify run.
     with FakeOpenAIServer() as srv:
@@ -178,7 +177,6 @@ def test_status_counts_a_partial_stage_then_finished_ones(tmp_path: Path) -> Non
     assert rows["sample"] == ("done", "6/6 programs")
     assert rows["execute"] == ("done", "6/6 programs")
     assert rows["verify"] == ("done", "6/6 samples")
-    assert rows["rationalize"] == ("not started", "0 sft records")
 
 
 def test_status_rejects_non_run_dirs(tmp_path: Path) -> None:

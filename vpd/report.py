@@ -81,8 +81,12 @@ def funnel(p: RunPaths) -> dict[str, Any]:
 
 
 def stage_table(p: RunPaths) -> list[dict[str, Any]]:
+    """One row per stage the run's recipe has (all stages where no recipe is saved)."""
+    recipe = _run_recipe(p)
     rows = []
     for stage in STAGES:
+        if recipe and stage not in recipe:
+            continue  # e.g. sdvp in a plain VPD run: never started, nor expected to
         m = _read_json(p.marker(stage))
         started = any(
             o.exists() or any(o.parent.glob(o.name + ".*")) for o in stage_outputs(stage, p)
