@@ -113,6 +113,52 @@ def test_sampling_replays_and_does_not_depend_on_the_batch(tok, dtype) -> None:
     assert run([0, 1, 2, 3, 4], [17, 18, 19]) != full
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_logits_are_the_same_bits_whatever_n_neighbours_and_order(tok, dtype) -> None:
+    """The invariance itself, not just its tokens: every decoding step of a (prompt, seed)
+    gives bit-identical logits whether it is sampled with n=3 beside other prompts, alone
+    with n=1 (a resumed question asks only for its missing samples), or in another order.
+    One kv head per query head: n=1 then means 1-row kernels, which round differently."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(4)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=1024)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    prompts = _prompts(tok)
+    head = len(tok("You write Python programs about images. " * 4)["input_ids"])
+
+    def logits(subset: list[int], seeds: list[int]) -> dict:
+        eng = Engine(model, tok, max_rows=8)
+        step, seen = eng._step, {}
+
+        def spy(live, *a, **k):
+            out = step(live, *a, **k)
+            for (_, row, _), lg in zip(live, out, strict=True):
+                seen[(subset[row.conv], row.seed, len(row.tokens))] = lg.clone()
+            return out
+
+        eng._step = spy
+        ps = [prompts[i] for i in subset]
+        list(eng.generate(ps, len(seeds), seeds, 1.0, 8, [], set(), prefix_len=head))
+        return seen
+
+    full = logits([0, 1, 2, 3], [7, 8, 9])
+    for subset, seeds in (([2], [8]), ([3, 1], [9, 7]), ([1, 0, 3, 2], [8])):
+        part = logits(subset, seeds)
+        assert part and all(torch.equal(v, full[key]) for key, v in part.items()), subset
+
+
+def test_prefix_len_must_be_shared_by_every_prompt(tok) -> None:
+    eng = Engine(_tiny("llama", len(tok)), tok, max_rows=4)
+    a, b = tok("alpha beta gamma")["input_ids"], tok("zeta eta")["input_ids"]
+    with pytest.raises(ValueError, match="prefix_len"):
+        list(eng.generate([a, b], 1, [0], 0.0, 4, [], set(), prefix_len=2))
+    with pytest.raises(ValueError, match="prefix_len"):
+        list(eng.generate([a], 1, [0], 0.0, 4, [], set(), prefix_len=len(a)))  # no own token
+
+
 def test_stop_string_eos_and_length_end_rows(tok) -> None:
     model = _tiny("llama", len(tok), seed=3)
     prompt = _prompts(tok)[0]

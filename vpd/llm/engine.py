@@ -19,9 +19,11 @@ long head (system prompt + API spec), each asked for ``n`` samples:
 - Reproducible whatever the batch: every kernel runs on fixed shapes (dense layers on
   ``max_rows`` rows padded, attention over fixed cache lengths, the merge on padded rows),
   and matrix kernels give a row the same bits whatever its neighbours when the shape is
-  the same. So with the same seed and ``max_rows`` a sample is the same bits in a resumed
-  run, in another order or beside other prompts (bfloat16 included). Another ``max_rows``
-  changes the shapes, and a rare near-tie between two tokens may then flip.
+  the same. So with the same seed, ``max_rows`` and ``prefix_len`` (where the shared head
+  ends, given by the caller as a function of the prompt alone) a sample is the same bits
+  in a resumed run, in another order or beside other prompts (bfloat16 included).
+  Another ``max_rows`` or head changes the arithmetic, and a rare near-tie between two
+  tokens may then flip.
 
 The layers are the model's own modules (norms, projections, MLP, rotary embedding): the
 engine only replaces the attention bookkeeping and the scheduling. Architectures whose
@@ -47,6 +49,7 @@ _M32 = 0xFFFFFFFF
 # a token more than this below the best (in logit / temperature) can never be drawn.
 GUMBEL_SPAN = math.log(2.0**33) + math.log(math.log(2.0**33)) + 0.01
 _ROW_PAD = 8  # dense layers run on (at least max_rows) rows rounded up to this
+_SEG_N = 8  # a slot's samples attend its segment as a block padded to a multiple of this
 
 
 def unsupported(model: Any) -> str | None:
@@ -307,17 +310,33 @@ class Engine:
         max_tokens: int,
         stop: list[str],
         eos_ids: set[int],
+        prefix_len: int | None = None,
     ) -> Iterator[RowResult]:
         """Yield every (prompt, sample) as soon as it finishes; ``seeds[j]`` is sample j's.
+
+        ``prefix_len``: the head every prompt shares (e.g. the system message), encoded
+        once. Give it for reproducible samples: where a prompt's head ends changes its
+        arithmetic, so it must depend on the prompt alone. ``None`` takes the longest
+        prefix the prompts of this call share, which depends on which prompts they are.
 
         The work runs under ``torch.inference_mode``, entered per step and left before
         each yield, so the caller's code never runs in it.
         """
         if not prompts:
             return
+        if prefix_len is not None:
+            head = prompts[0][:prefix_len]
+            if prefix_len < 0 or any(
+                len(p) <= prefix_len or p[:prefix_len] != head for p in prompts
+            ):
+                raise ValueError(
+                    "prefix_len: every prompt must start with the same head and go on past it"
+                )
         torch = self.torch
         with torch.inference_mode():
-            run = _Call(self, prompts, max(1, n), seeds, temperature, max_tokens, stop, eos_ids)
+            run = _Call(
+                self, prompts, max(1, n), seeds, temperature, max_tokens, stop, eos_ids, prefix_len
+            )
         while run.pending or run.live:
             with torch.inference_mode():
                 done = run.advance()
@@ -339,6 +358,7 @@ class Engine:
         n = buf.n
         n_slots = len(buf.slots)
         rows_cap = n_slots * n
+        n_seg = -(-n // _SEG_N) * _SEG_N
         a_n = len(live)
         m = max(-(-a_n // _ROW_PAD), -(-self.max_rows // _ROW_PAD)) * _ROW_PAD
         pad = [live[-1]] * (m - a_n)
@@ -380,14 +400,22 @@ class Engine:
             q4 = q.view(a_n, kvh, g, d)
             qf = q4.new_zeros(rows_cap, kvh, g, d)
             qf[rows] = q4
-            # Segment pass: [slot, kv head, n * g queries, d] against the slot's segment.
-            qs = qf.view(n_slots, n, kvh, g, d).transpose(1, 2).reshape(n_slots, kvh, n * g, d)
+            # Segment pass: [slot, kv head, queries, d] against the slot's segment, the n
+            # samples' queries padded to a multiple of _SEG_N samples. A kernel's rounding
+            # may depend on its shape, and n varies (a resumed question asks only for its
+            # missing samples), so the shape must not.
+            qs = qf.view(n_slots, n, kvh, g, d)
+            if n_seg > n:
+                qs = torch.cat([qs, qs.new_zeros(n_slots, n_seg - n, kvh, g, d)], 1)
+            qs = qs.transpose(1, 2).reshape(n_slots, kvh, n_seg * g, d)
             o_s, l_s = flash(
                 qs, buf.seg_k[li, :n_slots, :, :s_cur], buf.seg_v[li, :n_slots, :, :s_cur],
                 attn_mask=seg_mask, scale=self.scale,
             )  # fmt: skip
-            o_s = o_s.view(n_slots, kvh, n, g, d).transpose(1, 2).reshape(rows_cap, kvh, g, d)
-            l_s = l_s.view(n_slots, kvh, n, g).transpose(1, 2).reshape(rows_cap, kvh, g)
+            o_s = o_s.view(n_slots, kvh, n_seg, g, d)[:, :, :n].transpose(1, 2)
+            o_s = o_s.reshape(rows_cap, kvh, g, d)
+            l_s = l_s.view(n_slots, kvh, n_seg, g)[:, :, :n].transpose(1, 2)
+            l_s = l_s.reshape(rows_cap, kvh, g)
             # Own pass: [row, kv head, g queries, d] against the row's generated tokens.
             o_o, l_o = flash(
                 qf, own_k[:, :, :t_cur], own_v[:, :, :t_cur], attn_mask=own_mask,
@@ -419,13 +447,14 @@ class _Call:
     def __init__(
         self, eng: Engine, prompts: list[list[int]], n: int, seeds: list[int | None],
         temperature: float, max_tokens: int, stop: list[str], eos_ids: set[int],
+        prefix_len: int | None,
     ) -> None:  # fmt: skip
         self.eng, self.prompts, self.n, self.seeds = eng, prompts, n, seeds
         self.temperature, self.max_tokens, self.eos = temperature, max_tokens, eos_ids
         self.stop = [s for s in stop if s]
         # A stop string spans a few tokens at most: decode only a row's tail to look.
         self.tail = max(8, 2 * max((len(s) for s in self.stop), default=1))
-        self.plen = eng._split(prompts)
+        self.plen = eng._split(prompts) if prefix_len is None else prefix_len
         if self.plen:
             self.pre = eng._prefix_kv(prompts[0][: self.plen])
         else:

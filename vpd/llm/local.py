@@ -8,7 +8,9 @@ conversation at a time.
 Reproducibility: a sample's randomness comes from its sample seed and its prompt alone,
 and the engine keeps every kernel on fixed shapes, so the same seed and ``batch_size``
 give the same program whatever else is in the batch (a resumed run, another order,
-other questions), in bfloat16 too. Another ``batch_size`` or dtype may flip a near-tie.
+other questions), in bfloat16 too: the shared head encoded once is the system message,
+which each prompt determines alone (not the longest prefix a batch happens to share).
+Another ``batch_size`` or dtype may flip a near-tie.
 """
 
 from __future__ import annotations
@@ -218,6 +220,7 @@ class LocalLLM:
         self.engine = (
             Engine(self.model, self.tok, cfg.batch_size) if not unsupported(self.model) else None
         )
+        self._heads: dict[str, list[int]] = {}
 
     def _token_id(self, token: str) -> int | None:
         tid = self.tok.convert_tokens_to_ids(token)
@@ -228,6 +231,20 @@ class LocalLLM:
             flat_content(messages), tokenize=False, add_generation_prompt=True
         )
         return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def head_len(self, messages: Messages, ids: list[int]) -> int:
+        """How many of ``ids`` (the prompt of ``messages``) are its first message, a system
+        message as the chat template renders it: the head a sampler's requests share, and
+        a function of this prompt alone (so its samples do not depend on the others')."""
+        flat = flat_content(messages)
+        if len(flat) < 2 or flat[0].get("role") != "system":
+            return 0
+        key = json.dumps(flat[0], sort_keys=True)
+        if key not in self._heads:
+            text = self.tok.apply_chat_template(flat[:1], tokenize=False)
+            self._heads[key] = self.tok(text, add_special_tokens=False)["input_ids"]
+        head = self._heads[key]
+        return len(head) if len(ids) > len(head) and ids[: len(head)] == head else 0
 
     def generate(self, batch: list[Messages], params: GenParams) -> list[list[Completion]]:
         out: list[list[Completion]] = [[] for _ in batch]
@@ -244,26 +261,36 @@ class LocalLLM:
         if self.engine is None:
             yield from self._naive(prompts, params, seeds)
             return
+        # One engine call per distinct head (a sampler's requests all share one).
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (m, ids) in enumerate(zip(batch, prompts, strict=True)):
+            groups.setdefault(tuple(ids[: self.head_len(m, ids)]), []).append(i)
         with quiet_transformers():
-            for r in self.engine.generate(
-                prompts, params.n, seeds, params.temperature, params.max_tokens,
-                params.stop, self.eos,
-            ):  # fmt: skip
-                text, stopped = cut_at_stop(r.text, params.stop)
-                yield (
-                    r.conv,
-                    Completion(
-                        text=text,
-                        prompt_tokens=r.prompt_tokens,
-                        completion_tokens=len(r.tokens),
-                        latency_s=r.latency_s,
-                        seed=seeds[r.j],
-                        finish_reason="stop"
-                        if (stopped or r.finish_reason == "stop")
-                        else "length",
-                        index=r.j,
-                    ),
-                )
+            for head, idx in groups.items():
+                ps = [prompts[i] for i in idx]
+                yield from self._engine_stream(self.engine, ps, idx, len(head), params, seeds)
+
+    def _engine_stream(
+        self, engine: Engine, prompts: list[list[int]], idx: list[int], head: int,
+        params: GenParams, seeds: list[int | None],
+    ) -> Iterator[tuple[int, Completion]]:  # fmt: skip
+        for r in engine.generate(
+            prompts, params.n, seeds, params.temperature, params.max_tokens, params.stop,
+            self.eos, prefix_len=head,
+        ):  # fmt: skip
+            text, stopped = cut_at_stop(r.text, params.stop)
+            yield (
+                idx[r.conv],
+                Completion(
+                    text=text,
+                    prompt_tokens=r.prompt_tokens,
+                    completion_tokens=len(r.tokens),
+                    latency_s=r.latency_s,
+                    seed=seeds[r.j],
+                    finish_reason="stop" if (stopped or r.finish_reason == "stop") else "length",
+                    index=r.j,
+                ),
+            )
 
     def _naive(
         self, prompts: list[list[int]], params: GenParams, seeds: list[int | None]
