@@ -1,10 +1,15 @@
-"""Training throughput and peak memory of `vpd tune` on CPU: LoRA vs full fine-tuning.
+"""Training throughput and peak memory of `vpd tune` on CPU: LoRA vs full fine-tuning,
+or the tiny VLM with fewer language-model layers.
 
-Runs the embedded tiny VLM (SmolLM2-135M + small SigLIP, 49 image tokens) for a few
-optimizer steps on generated shape images, each configuration in its own process so its
-peak RSS is its own, and prints examples/s, peak RSS and the LoRA/full ratios.
+Runs the embedded tiny VLM (SmolLM2-135M + the pretrained SigLIP tower, 64 image tokens)
+for a few optimizer steps on generated shape images, each configuration in its own process
+so its peak RSS is its own, and prints examples/s, peak RSS and the ratios, all measured in
+the same run.
 
     .venv/bin/python bench/bench_tune.py --steps 6 --batch-size 8
+    .venv/bin/python bench/bench_tune.py --compare 30:dense,30:sparse,12:sparse --steps 6
+        # LoRA on the tiny VLM: LM layers, and logits over the vocabulary everywhere (dense,
+        # the model's own loss) or only where a label is (sparse, vpd tune's default)
     .venv/bin/python bench/bench_tune.py --init /tmp/tiny-llava --steps 4   # any HF VLM
 """
 
@@ -78,6 +83,7 @@ def child(args: argparse.Namespace) -> None:
         save_steps=10_000,
         merge=False,
         progress=False,
+        sparse_logits=not args.dense,
     )
     s = run_tune(cfg)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -88,6 +94,51 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({**s, "peak_rss_mb": round(rss_mb)}), flush=True)
 
 
+def run_child(
+    args: argparse.Namespace, mode: str, sft: Path, out: Path, layers: int | None, dense: bool
+) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--sft", str(sft), "--out", str(out)]
+    cmd += ["--init", args.init, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+    if layers:
+        cmd += ["--tiny-lm-layers", str(layers)]
+    if dense:
+        cmd.append("--dense")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+    r = json.loads(line[len("RESULT ") :])
+    r["best_ex_s"] = args.batch_size / max(r["best_step_s"], 1e-9)
+    return r
+
+
+def compare(args: argparse.Namespace, specs: list[str]) -> None:
+    """LoRA throughput of the tiny VLM per configuration; ratios against the first."""
+    from vpd.tune.model import build_tiny_vlm
+
+    configs = []
+    for spec in specs:
+        layers, _, kind = spec.partition(":")
+        if kind not in ("dense", "sparse") or not layers.isdigit():
+            sys.exit(f"--compare: expected LAYERS:dense or LAYERS:sparse, got {spec!r}")
+        configs.append((spec, None if int(layers) == 30 else int(layers), kind == "dense"))
+    for _, layers, _ in configs:  # build outside the timed children
+        build_tiny_vlm(lm_layers=layers)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sft = make_sft(Path(tmp) / "data", args.examples)
+        for i, (spec, layers, dense) in enumerate(configs):
+            results[spec] = run_child(args, "lora", sft, Path(tmp) / f"c{i}", layers, dense)
+    print(f"tiny VLM, LoRA, steps: {args.steps}  batch: {args.batch_size}  (CPU, fp32)")
+    print(f"{'config':>10} {'ex/s mean':>9} {'ex/s best':>9} {'peak RSS MB':>12} {'vs first':>9}")
+    base = results[specs[0]]
+    for spec, r in results.items():
+        print(
+            f"{spec:>10} {r['examples_per_s']:9.2f} {r['best_ex_s']:9.2f} {r['peak_rss_mb']:12d} "
+            f"x{r['best_ex_s'] / max(base['best_ex_s'], 1e-9):8.2f}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", default="tiny")
@@ -95,6 +146,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--layers", help="init=tiny: compare these LM layer counts (LoRA), e.g. 30,12")
     ap.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
     ap.add_argument("--sft", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -102,6 +154,9 @@ def main() -> None:
     if args.child:
         args.mode = args.child
         child(args)
+        return
+    if args.compare:
+        compare(args, args.compare.split(","))
         return
     if args.init == "tiny":  # build once, outside the timed children
         from vpd.tune.model import build_tiny_vlm

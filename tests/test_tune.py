@@ -319,3 +319,30 @@ def test_resume_continues_the_same_loss_curve(tiny_dir, sft, tmp_path):
         run_tune(cfg.model_copy(update={"lr": 2e-3}))
     s = run_tune(cfg.model_copy(update={"lr": 2e-3, "force": True, "max_steps": 1}))
     assert s["steps"] == 1 and list(tmp_path.glob("out.*.bak"))
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3", "paligemma"])
+def test_sparse_logits_give_the_models_own_loss_and_gradients(family, tiny_dir, sft, tmp_path):
+    """`vpd tune` projects onto the vocabulary only where a label is: same loss, same
+    gradients as the model's own loss over every position."""
+    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments
+
+    from vpd.tune.model import load_processor
+    from vpd.tune.train import processor_pad_id, sparse_logits_trainer
+
+    init = tiny_dir(family)
+    proc = load_processor(init)
+    proc.tokenizer.padding_side = "right"
+    ds, _ = prepare(sft, proc, progress=False, model_type=family)
+    batch = Collator(processor_pad_id(proc))([ds[i] for i in range(4)])
+    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
+    got = {}
+    for name, cls in (("own", Trainer), ("sparse", sparse_logits_trainer(Trainer))):
+        model = AutoModelForImageTextToText.from_pretrained(init)
+        loss = cls(model=model, args=args).compute_loss(model, dict(batch), num_items_in_batch=n)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        got[name] = (float(loss), grads)
+    assert got["own"][0] == pytest.approx(got["sparse"][0], rel=1e-5)
+    assert torch.allclose(got["own"][1], got["sparse"][1], atol=1e-6)

@@ -477,7 +477,7 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
 
     ckpt = last_checkpoint(out) if cfg.resume else None
     resume_step = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
-    trainer = Trainer(
+    trainer = (sparse_logits_trainer(Trainer) if cfg.sparse_logits else Trainer)(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -537,6 +537,52 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
         os.replace(tmp, out / "summary.json")
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def sparse_logits_trainer(base: Any) -> Any:
+    """HF Trainer whose loss projects onto the vocabulary only where a label is.
+
+    A VLM example is mostly prompt and image tokens (label -100), yet the model computes
+    logits over its whole vocabulary (49k rows for SmolLM2) at every position; the
+    language-model head is then a large share of a CPU step. Passing ``logits_to_keep``
+    (the positions whose next token is labelled, in any row of the batch) computes the same
+    loss, the mean cross-entropy over labelled tokens, from those positions alone.
+    """
+    import inspect
+
+    import torch.nn.functional as F
+
+    class SparseLogitsTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN202
+            labels = inputs.get("labels")
+            if labels is None or not _accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            shift = labels[:, 1:]
+            keep = (shift != tdata.IGNORE_INDEX).any(dim=0).nonzero().flatten()
+            outputs = model(**inputs, logits_to_keep=keep)
+            target = shift[:, keep]
+            logits = outputs.logits.float()
+            total = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                target.reshape(-1).to(logits.device),
+                ignore_index=tdata.IGNORE_INDEX,
+                reduction="sum",
+            )
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                # As the model's own loss: normalized over the accumulated batch's tokens.
+                loss = total / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            else:
+                loss = total / (target != tdata.IGNORE_INDEX).sum().clamp(min=1)
+            return (loss, outputs) if return_outputs else loss
+
+    def _accepts_logits_to_keep(model: Any) -> bool:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+
+    return SparseLogitsTrainer
 
 
 class _Null:
