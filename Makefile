@@ -6,7 +6,10 @@ STAMP := $(VENV)/.vpd-setup
 RECIPE ?= recipes/demo-cpu.yaml
 RUN_DIR ?= runs/demo-cpu
 
-.PHONY: setup test test-fast lint full-pipeline bench clean
+ABLATION_RECIPE ?= recipes/ablation-cpu.yaml
+ABLATION_DIR ?= runs/ablation-cpu
+
+.PHONY: setup test test-fast lint full-pipeline ablation bench clean
 
 # Idempotent: re-installs only when pyproject.toml changed since the last setup.
 # torch is pinned and installed first so pip never pulls a multi-GB CUDA build.
@@ -33,6 +36,10 @@ lint: $(STAMP)
 
 full-pipeline: $(STAMP)
 	$(BIN)/vpd run $(RECIPE) --run-dir $(RUN_DIR)
+
+# Every arm of the VPD ablation (untuned, labels, vpd, programs, majority) on one test split.
+ablation: $(STAMP)
+	$(BIN)/vpd run $(ABLATION_RECIPE) --run-dir $(ABLATION_DIR)
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -89,7 +89,7 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     assert sum(r["task"] == "answer" for r in sft) == train_q
     assert (run / "model" / "final" / "config.json").exists()
     test_q = len(read_jsonl(run / "data" / "test.jsonl"))
-    for which in ("untuned", "tuned"):
+    for which in ("untuned", "vpd"):
         preds = read_jsonl(run / "eval" / f"{which}.jsonl")
         assert len(preds) == min(6, test_q) > 0
         assert (run / "eval" / f"{which}.jsonl.report.json").exists()
@@ -100,8 +100,9 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     assert f["samples"] == 16 and f["questions_train"] == train_q
     assert sum(f["executions"].values()) == 16
     assert f["kept"] == sum(v["kept"] for v in verified)
-    assert set(rep["accuracy"]) == {"untuned", "tuned"}
-    assert all(s["state"] == "done" for s in rep["stages"])
+    assert set(rep["accuracy"]) == {"untuned", "vpd", "majority"}
+    in_recipe = {"data", "sample", "execute", "verify", "rationalize", "tune", "eval"}
+    assert {s["stage"] for s in rep["stages"] if s["state"] == "done"} == in_recipe
     md = (run / "report.md").read_text()
     assert "## Funnel" in md and "## Test accuracy" in md
     for png in ("funnel.png", "loss.png", "accuracy.png"):
@@ -118,11 +119,12 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     assert st.returncode == 0, st.stderr
     rows = status_rows(st.stderr)
     assert {state for state, _ in rows.values()} == {"done"}
-    assert "sdvp" not in rows  # not in the recipe, so not listed
+    for stage in ("labels", "programs", "sdvp"):  # not in the recipe, so not listed
+        assert stage not in rows
     assert rows["data"][1] == f"{train_q} train / {test_q} test questions"
     assert rows["sample"][1] == rows["execute"][1] == "16/16 programs"
     assert rows["verify"][1] == "16/16 samples"
     assert rows["rationalize"][1] == f"{len(sft)} sft records"
     assert rows["tune"][1] == "final model saved"
     n = min(6, test_q)
-    assert rows["eval"][1] == f"untuned: {n}/{n}, tuned: {n}/{n}"
+    assert rows["eval"][1] == f"untuned: {n}/{n}, vpd: {n}/{n}"

@@ -77,7 +77,11 @@ def test_pretraining_scenes_are_never_a_runs_scenes() -> None:
         scene, _ = synth.scene_and_image(rng, 256, 1, 8)
         return [(o["shape"], o["color"], o["size"], o["x"], o["y"]) for o in scene["objects"]]
 
-    ours = {tuple(objects(vision.scene_rng(s, 0, i))) for s in ("train", "probe-test") for i in range(40)}
+    ours = {
+        tuple(objects(vision.scene_rng(s, 0, i)))
+        for s in ("train", "probe-test")
+        for i in range(40)
+    }
     for seed in range(3):
         for i in range(40):
             assert tuple(objects(random.Random(f"vpd-synth/{seed}/{i}"))) not in ours

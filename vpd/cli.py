@@ -46,7 +46,7 @@ def run(
     ),
     only: list[str] = typer.Option([], "--only", help="Run only these stages (repeatable)."),
     force: bool = typer.Option(
-        False, help="Re-run stages whose options changed, and all after them."
+        False, help="Re-run stages whose options changed, and the stages that read them."
     ),
 ) -> None:
     """Run the whole pipeline from one recipe; re-run the same command to resume.
@@ -56,6 +56,8 @@ def run(
       vpd run recipes/demo-cpu.yaml --run-dir runs/demo
 
       vpd run recipes/demo-cpu.yaml --set sample.k=3 --set tune.max_steps=50 --force
+
+      vpd run recipes/ablation-cpu.yaml --run-dir runs/ablation   # every arm of the ablation
     """
     from vpd.pipeline import STAGES, run_pipeline
 

@@ -34,9 +34,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vpd.errors import VpdError
+from vpd.execute.runner import ExecuteConfig, run_execute
 from vpd.metrics import METRICS, normalize_answer, resolve_metric, score_answer
 from vpd.progress import console, progress_bar
-from vpd.records import Prediction, Question
+from vpd.records import Execution, Prediction, Question
+from vpd.sample import SampleConfig, run_sample
 from vpd.store import RejectWriter, StageOutput, parse_shard, read_records
 from vpd.vlm import (
     ANSWER_SUFFIX,
@@ -175,6 +177,26 @@ def majority_answers(train: list[Question]) -> tuple[dict[str, str], str | None]
     return best, (overall.most_common(1)[0][0] if overall else None)
 
 
+def majority_predictions(
+    train: list[Question], questions: list[Question], metric: str = "auto"
+) -> dict[str, tuple[str, str | None, float]]:
+    """Per scorable question: ``(qtype, the majority guess, its score)``, where the guess is
+    the train set's most common answer for the question's type (a type absent from train
+    falls back to the overall most common answer)."""
+    best, fallback = majority_answers(train)
+    out: dict[str, tuple[str, str | None, float]] = {}
+    for q in questions:
+        if not has_gold(q):
+            continue
+        guess = best.get(qtype_of(q), fallback)
+        out[q.id] = (
+            qtype_of(q),
+            guess,
+            score_answer(guess, q, metric) if guess is not None else 0.0,
+        )
+    return out
+
+
 def majority_baseline(
     train: list[Question], questions: list[Question], metric: str = "auto"
 ) -> dict[str, Any]:
@@ -184,13 +206,8 @@ def majority_baseline(
     """
     best, fallback = majority_answers(train)
     per: dict[str, list[float]] = {}
-    for q in questions:
-        if not has_gold(q):
-            continue
-        guess = best.get(qtype_of(q), fallback)
-        per.setdefault(qtype_of(q), []).append(
-            score_answer(guess, q, metric) if guess is not None else 0.0
-        )
+    for qtype, _, score in majority_predictions(train, questions, metric).values():
+        per.setdefault(qtype, []).append(score)
     scores = [s for v in per.values() for s in v]
     return {
         "accuracy": _mean(scores),
@@ -205,6 +222,80 @@ def majority_baseline(
 
 def _mean(xs: list[float]) -> float | None:
     return round(sum(xs) / len(xs), 6) if xs else None
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def paired_bootstrap(
+    a: list[float],
+    b: list[float],
+    *,
+    n_boot: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Mean difference ``a - b`` over paired items (the same questions) and its percentile
+    bootstrap interval: resample the questions with replacement ``n_boot`` times, take the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled mean differences.
+    Pairing keeps what both arms get right or wrong together out of the interval's width.
+    Deterministic for a ``seed``."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError(f"paired scores differ in length: {len(a)} vs {len(b)}")
+    if not 0 < level < 1:
+        raise ValueError("level must be in (0, 1)")
+    n = len(a)
+    if n == 0:
+        return {"diff": None, "lo": None, "hi": None, "n": 0, "level": level}
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // n)  # bounded memory for large question sets
+    for start in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - start)
+        means[start : start + k] = d[rng.integers(0, n, size=(k, n))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {
+        "diff": round(float(d.mean()), 6),
+        "lo": round(float(lo), 6),
+        "hi": round(float(hi), 6),
+        "n": n,
+        "level": level,
+        "excludes_zero": bool(lo > 0 or hi < 0),
+    }
+
+
+ArmScores = dict[str, tuple[str, float]]  # question id -> (question type, score)
+
+
+def compare_arms(
+    a: ArmScores, b: ArmScores, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
+    """``a - b`` on the questions both arms answered: overall and per question type, each
+    with its paired bootstrap interval."""
+    common = sorted(set(a) & set(b))
+    groups: dict[str, list[str]] = {ALL_TYPES: common}
+    for qid in common:
+        groups.setdefault(f"type:{a[qid][0]}", []).append(qid)
+    out: dict[str, Any] = {}
+    for name, ids in groups.items():
+        res = paired_bootstrap(
+            [a[q][1] for q in ids], [b[q][1] for q in ids], n_boot=n_boot, level=level, seed=seed
+        )
+        out[name.removeprefix("type:") if name != ALL_TYPES else ALL_TYPES] = res
+    per_type = {k: v for k, v in out.items() if k != ALL_TYPES}
+    return {"all": out[ALL_TYPES], "per_type": dict(sorted(per_type.items()))}
+
+
+def arm_scores(preds: list[dict[str, Any]]) -> ArmScores:
+    """Per-question scores of prediction records (unscored ones left out)."""
+    return {
+        p["id"]: (p.get("qtype") or ALL_TYPES, float(p["score"]))
+        for p in preds
+        if p.get("score") is not None
+    }
 
 
 # ----------------------------------------------------------------------------- reading
@@ -390,7 +481,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
         # The report covers every prediction of this eval set, resumed ones included.
         wanted = {q.id: q for q in questions}
-        preds = [p for p in _read_preds(cfg.out) if p["id"] in wanted]
+        preds = [p for p in read_preds(cfg.out) if p["id"] in wanted]
         baseline = None
         if cfg.train_questions is not None:
             # Bad train lines only weaken the baseline; why each was dropped goes beside --out.
@@ -401,6 +492,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             baseline["train_rejected"] = train_rejects.count
         new = len(todo) - decode_errors
         wall = time.time() - t0
+        # Seconds per question of this invocation (model loading included, as a user waits
+        # for it); a rerun with nothing left to do keeps the figure of the run that did it.
+        old = _read_report(report_path(cfg.out)) if new == 0 else None
+        s_per_q = round(wall / new, 4) if new else (old or {}).get("s_per_question")
         rep = build_report(
             preds,
             baseline,
@@ -421,6 +516,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 "wall_s": round(wall, 3),
                 "generate_s": round(gen_s, 3),
                 "examples_per_s": round(new / gen_s, 3) if gen_s > 0 else None,
+                "s_per_question": s_per_q,
                 **gen_info,
             },
         )
@@ -477,7 +573,15 @@ def _predict(
     return out
 
 
-def _read_preds(path: Path) -> list[dict[str, Any]]:
+def _read_report(path: Path) -> dict[str, Any] | None:
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rep if isinstance(rep, dict) else None
+
+
+def read_preds(path: Path) -> list[dict[str, Any]]:
     """Complete prediction lines of ``path`` (a torn tail from a kill is skipped)."""
     out = []
     if not path.exists():
@@ -493,3 +597,143 @@ def _read_preds(path: Path) -> list[dict[str, Any]]:
             if isinstance(rec, dict) and isinstance(rec.get("id"), str):
                 out.append(rec)
     return out
+
+
+# ----------------------------------------------------------------------------- programs arm
+
+
+class ProgramsConfig(BaseModel):
+    """The program pipeline answering test questions itself (the teacher VPD distills):
+    the sampler's LLM writes ONE program per question, greedily (k=1, temperature 0), the
+    sandbox runs it with the tools, and its answer is scored like a VLM's. The ``sample``
+    and ``execute`` options are those stages' own (``vpd run`` copies the recipe's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    questions: Path
+    out: Path  # a folder: samples.jsonl, executions.jsonl, preds.jsonl, report.json
+    sample: dict[str, Any] = Field(default_factory=dict)
+    execute: dict[str, Any] = Field(default_factory=dict)
+    limit: int | None = Field(default=None, ge=1)  # the first N questions (file order)
+    metric: str = "auto"
+    force: bool = False
+    progress: bool = True
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v != "auto" and v not in METRICS:
+            raise ValueError(f"metric must be auto or one of {', '.join(METRICS)}, got {v!r}")
+        return v
+
+
+# One greedy program per question: what a user of the program pipeline would run.
+_GREEDY = {"k": 1, "temperature": 0.0}
+# Sample-stage options that describe which questions are sampled, or how many programs:
+# the arm sets these itself.
+_ARM_OWNS = {"questions", "out", "k", "temperature", "limit", "shard", "force", "progress"}
+
+
+def programs_paths(out: Path) -> dict[str, Path]:
+    out = Path(out)
+    return {
+        "samples": out / "samples.jsonl",
+        "executions": out / "executions.jsonl",
+        "preds": out / "preds.jsonl",
+        "report": out / "report.json",
+        "timing": out / "timing.json",
+    }
+
+
+def run_programs(cfg: ProgramsConfig) -> dict[str, Any]:
+    """Sample, execute and score one greedy program per question (resumable: the sample and
+    execute stages resume themselves); returns the report (also ``OUT/report.json``)."""
+    if not cfg.questions.exists():
+        raise VpdError(f"--questions file not found: {cfg.questions}")
+    paths = programs_paths(cfg.out)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    s_opts = {k: v for k, v in cfg.sample.items() if k not in _ARM_OWNS}
+    e_opts = {k: v for k, v in cfg.execute.items() if k not in _ARM_OWNS | {"samples"}}
+    timing = _read_report(paths["timing"]) or {}
+    if cfg.force:
+        timing = {}
+
+    def timed(stage: str, fn: Any, conf: Any) -> dict[str, Any]:
+        t = time.perf_counter()
+        summary = fn(conf)
+        # Seconds and items of every invocation that did work add up over resumes.
+        if summary.get("written"):
+            timing[f"{stage}_s"] = timing.get(f"{stage}_s", 0.0) + time.perf_counter() - t
+            timing[stage] = timing.get(stage, 0) + int(summary["written"])
+            tmp = paths["timing"].with_suffix(".tmp")
+            tmp.write_text(json.dumps(timing), encoding="utf-8")
+            tmp.replace(paths["timing"])
+        return summary
+
+    common = {"force": cfg.force, "progress": cfg.progress}
+    sample_cfg = SampleConfig(
+        questions=cfg.questions,
+        out=paths["samples"],
+        limit=cfg.limit,
+        **_GREEDY,
+        **s_opts,
+        **common,
+    )
+    sampled = timed("sample", run_sample, sample_cfg)
+    exec_cfg = ExecuteConfig(
+        samples=paths["samples"],
+        questions=cfg.questions,
+        out=paths["executions"],
+        **e_opts,
+        **common,
+    )
+    executed = timed("execute", run_execute, exec_cfg)
+
+    questions = _read_questions(cfg.questions, None)[: cfg.limit]
+    answers: dict[str, Execution] = {}
+    for e in read_records(paths["executions"], Execution):
+        answers[e.qid] = e
+    preds: list[Prediction] = []
+    statuses: Counter[str] = Counter()
+    for q in questions:
+        if not has_gold(q):
+            continue
+        e = answers.get(q.id)
+        status = e.status if e is not None else "missing"
+        statuses[status] += 1
+        answer = e.answer if e is not None and e.status == "ok" else None
+        preds.append(
+            Prediction(
+                id=q.id,
+                qid=q.id,
+                prediction="" if answer is None else str(answer),
+                # A program that failed answers nothing: wrong, as for a VLM that says nothing.
+                score=score_answer(answer, q, cfg.metric) if answer is not None else 0.0,
+                qtype=qtype_of(q),
+                metric=resolve_metric(q, cfg.metric),
+                raw=status if e is None or e.status != "ok" else "",
+            )
+        )
+    tmp = paths["preds"].with_suffix(".tmp")
+    tmp.write_text("".join(p.model_dump_json() + "\n" for p in preds), encoding="utf-8")
+    tmp.replace(paths["preds"])
+    per_item = [timing[f"{st}_s"] / timing[st] for st in ("sample", "execute") if timing.get(st)]
+    rep = build_report(
+        [p.model_dump() for p in preds],
+        None,
+        {
+            "questions_file": str(cfg.questions),
+            "questions": len(questions),
+            "statuses": dict(sorted(statuses.items())),
+            "sample_s": round(timing.get("sample_s", 0.0), 3),
+            "execute_s": round(timing.get("execute_s", 0.0), 3),
+            # k=1: a sample and an execution per question; LLM and sandbox start-up included.
+            "s_per_question": round(sum(per_item), 4) if per_item else None,
+            "sample_summary": sampled,
+            "execute_summary": {k: v for k, v in executed.items() if k != "sandbox_layers"},
+        },
+    )
+    tmp = paths["report"].with_suffix(".tmp")
+    tmp.write_text(json.dumps(rep, indent=2, default=str), encoding="utf-8")
+    tmp.replace(paths["report"])
+    return rep

@@ -6,7 +6,14 @@ resume contract itself; on top of that a finished stage leaves a marker
 (``<run>/stages/<stage>.json``: config fingerprint, summary, wall time), so a re-run
 skips finished stages at once and resumes the unfinished one. A marker whose
 config differs from the recipe is an error (as for any stage output) unless
-``--force``, which re-runs that stage and everything after it.
+``--force``, which re-runs that stage and every stage that reads its output
+(``vpd.runpaths.DEPENDS``).
+
+Besides VPD's chain, a recipe may hold the ablation's arms, each measured on the same
+test split: ``labels`` (the VLM tuned on human labels only), ``eval`` (the untuned, labels
+and vpd VLMs answer directly) and ``programs`` (the program pipeline itself, one greedy
+program per question); the report adds the per-type majority baseline and the paired
+bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from vpd.errors import ConfigMismatch, VpdError
 from vpd.options import split_option
 from vpd.progress import console
 from vpd.report import write_report
-from vpd.runpaths import STAGES, RunPaths, stage_outputs
+from vpd.runpaths import STAGES, RunPaths, stage_outputs, upstream
 from vpd.tune.model import build_tiny_vlm
 
 # Fields the pipeline fills from the run directory; a recipe never sets them.
@@ -47,17 +54,37 @@ _DERIVED = {
 # ----------------------------------------------------------------------------- recipe
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a YAML recipe and apply ``stage.key=value`` overrides (values parsed as YAML)."""
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One recipe file, with ``extends: BASE.yaml`` resolved: the base's sections, each
+    updated key by key with this file's (a section set to ``null`` is dropped)."""
     path = Path(path)
     if not path.exists():
         raise VpdError(f"recipe not found: {path}")
+    if path.resolve() in seen:
+        raise VpdError(f"recipe {path}: `extends` loops back to itself")
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise VpdError(f"recipe {path} is not valid YAML: {e}") from None
     if not isinstance(recipe, dict):
         raise VpdError(f"recipe {path} must be a mapping of stage -> options")
+    base_name = recipe.pop("extends", None)
+    if base_name is None:
+        return recipe
+    base = _read_recipe(path.parent / str(base_name), (*seen, path.resolve()))
+    for key, value in recipe.items():
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML recipe and apply ``stage.key=value`` overrides (values parsed as YAML)."""
+    recipe = _read_recipe(Path(path))
     unknown = set(recipe) - set(STAGES) - {"name", "run_dir", "description"}
     if unknown:
         raise VpdError(f"recipe {path}: unknown sections {sorted(unknown)}; known: {STAGES}")
@@ -208,31 +235,80 @@ def _tune(recipe, p):
     return [("vpd.tune", "TuneConfig", "run_tune", {"sft": p.sft, "out": p.model, **o})]
 
 
+# Options of the `labels` section that are not tune options.
+_LABELS_OWN = ("budget",)
+
+
+def _labels(recipe, p):
+    """The labels arm: answers with human labels only, tuned like the vpd arm.
+
+    Budget ``steps`` (default): as many optimizer steps (and examples) as the vpd arm took,
+    so the arms differ only in what they learn from, not in compute; ``epochs``: the same
+    epochs as the vpd arm, fewer steps since it has no rationale records.
+    """
+    o = _opts(recipe, "labels")
+    budget = o.pop("budget", "steps")
+    if budget not in ("steps", "epochs"):
+        raise VpdError(f"labels.budget must be steps or epochs, got {budget!r}")
+    tune = {**_opts(recipe, "tune"), **o}
+    if budget == "steps" and int(tune.get("max_steps", -1) or -1) <= 0:
+        summary = _read_json(p.model / "summary.json")
+        if "tune" not in recipe or not summary or not summary.get("steps"):
+            raise VpdError(
+                "labels.budget=steps takes the vpd arm's step count: the recipe needs a tune "
+                "stage that has finished (or set labels.budget: epochs)"
+            )
+        tune["max_steps"] = int(summary["steps"])
+    return [
+        (
+            "vpd.tune.labels",
+            "LabelsConfig",
+            "run_labels",
+            {"questions": p.train, "out": p.sft_labels},
+        ),
+        (
+            "vpd.tune",
+            "TuneConfig",
+            "run_tune",
+            {**tune, "sft": p.sft_labels, "out": p.model_labels},
+        ),
+    ]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _eval(recipe, p):
+    """One eval per VLM arm on the test split: untuned, labels (if that arm is in the
+    recipe), vpd (the tune stage's model)."""
     o = _opts(recipe, "eval")
     base = o.pop("base_model", None)
+    untuned = o.pop("untuned", True) is not False
     common = {"questions": p.test, "train_questions": p.train, **o}
-    jobs = []
-    if o.pop("untuned", True) is not False:
-        jobs.append(
-            (
-                "vpd.evaluate",
-                "EvalConfig",
-                "run_eval",
-                {"model": base or _untuned_model(recipe, p), "out": p.preds("untuned"), **common},
-            )
-        )
-    jobs.append(
-        (
-            "vpd.evaluate",
-            "EvalConfig",
-            "run_eval",
-            {"model": p.model / "final", "out": p.preds("tuned"), **common},
-        )
-    )
-    for job in jobs:
-        job[3].pop("untuned", None)
-    return jobs
+    models = {}
+    if untuned:
+        models["untuned"] = base or _untuned_model(recipe, p)
+    if "labels" in recipe:
+        models["labels"] = p.model_labels / "final"
+    models["vpd"] = p.model / "final"
+    return [
+        ("vpd.evaluate", "EvalConfig", "run_eval", {"model": m, "out": p.preds(arm), **common})
+        for arm, m in models.items()
+    ]
+
+
+def _programs(recipe, p):
+    """The programs arm: the sample stage's LLM and the execute stage's tools, one greedy
+    program per test question (``programs.sample`` / ``programs.execute`` override them)."""
+    o = _opts(recipe, "programs")
+    sample = {**_opts(recipe, "sample"), **(o.pop("sample", None) or {})}
+    execute = {**_opts(recipe, "execute"), **(o.pop("execute", None) or {})}
+    fields = {"questions": p.test, "out": p.programs, "sample": sample, "execute": execute, **o}
+    return [("vpd.evaluate", "ProgramsConfig", "run_programs", fields)]
 
 
 def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
@@ -318,7 +394,9 @@ SPECS = {
     "verify": StageSpec("verify", _verify),
     "rationalize": StageSpec("rationalize", _rationalize),
     "tune": StageSpec("tune", _tune),
+    "labels": StageSpec("labels", _labels),
     "eval": StageSpec("eval", _eval),
+    "programs": StageSpec("programs", _programs),
     "sdvp": StageSpec("sdvp", _sdvp),
 }
 
@@ -360,8 +438,8 @@ def run_pipeline(
     """Run (or resume) every stage of a recipe; returns the per-stage markers.
 
     ``force``: a stage whose options changed is re-run from scratch, and so is every
-    stage after it (they consumed its old output); old outputs go to ``<run>/archive``.
-    Any stage that runs (not skipped) makes the later ones run again too.
+    stage that reads its output (they consumed the old one); old outputs go to
+    ``<run>/archive``. Any stage that runs (not skipped) makes its readers run again too.
     """
     recipe = load_recipe(recipe_path, overrides)
     root = Path(run_dir or recipe.get("run_dir") or f"runs/{Path(recipe_path).stem}")
@@ -372,26 +450,27 @@ def run_pipeline(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stages = [s for s in STAGES if (not only or s in only) and s in recipe]
     markers: dict[str, Any] = {}
-    rerun_rest = False
+    ran: set[str] = set()  # stages that ran (not skipped) in this invocation
     for stage in stages:
         jobs = SPECS[stage].configs(recipe, paths)
         cfg_fp = _fingerprint(_portable([(m, c, f, fields) for m, c, f, fields in jobs], str(root)))
         marker = paths.marker(stage)
+        # A stage whose input was just (re)made describes an older input: it runs again.
+        stale = bool(upstream(stage) & ran)
         if marker.exists():
             old = json.loads(marker.read_text(encoding="utf-8"))
-            if old.get("fingerprint") == cfg_fp and not rerun_rest:
+            if old.get("fingerprint") == cfg_fp and not stale:
                 con.print(f"[green]✓[/green] {stage}: done (skipped)")
                 markers[stage] = old
                 continue
-            if not force and not rerun_rest:
+            if not force and not stale:
                 raise VpdError(
                     f"stage {stage} in {root} was run with other options; restore the "
                     "recipe, use another --run-dir, or --force to re-run it and what follows "
                     "(old outputs are kept under archive/)"
                 )
-        if rerun_rest or marker.exists():
+        if stale or marker.exists():
             _archive(stage, paths, stamp)
-            rerun_rest = True
         con.rule(f"[bold]{stage}")
         t0 = time.time()
         try:
@@ -401,7 +480,6 @@ def run_pipeline(
                 raise
             # A half-done stage under old options: set it aside and start it over.
             _archive(stage, paths, stamp)
-            rerun_rest = True
             summaries = _run_jobs(stage, jobs)
         wall = time.time() - t0
         rec = {
@@ -415,10 +493,10 @@ def run_pipeline(
         tmp.write_text(json.dumps(rec, indent=2, default=str), encoding="utf-8")
         os.replace(tmp, marker)
         markers[stage] = rec
-        # This stage's output may be new, so a later stage's marker (even one whose options
-        # match) describes an older input: re-run those too, e.g. after a --force of this
-        # stage was killed half-way and then resumed without --force.
-        rerun_rest = True
+        # This stage's output may be new, so the markers of the stages that read it (even
+        # ones whose options match) describe an older input: they run again, e.g. after a
+        # --force of this stage was killed half-way and then resumed without --force.
+        ran.add(stage)
         con.print(f"[green]✓[/green] {stage}: finished in {wall:.1f}s")
     if report:
         out = write_report(root)

@@ -1,8 +1,18 @@
-"""Run report: the funnel, stage timings, accuracy before/after tuning, examples, plots.
+"""Run report: the funnel, stage timings, the ablation's accuracy, examples, plots.
 
 Everything is read back from the run directory's files (not from in-memory
 summaries), so the report is right after any number of kills and resumes, and can
 be re-made at any time with ``vpd status RUN_DIR --report``.
+
+``report.json``:
+- ``accuracy.<arm>`` for each arm measured on the test split (``untuned``, ``labels``,
+  ``vpd``, ``programs``, ``majority``): ``accuracy``, ``n``, ``per_type`` and
+  ``s_per_question`` (wall seconds per question, model loading included);
+- ``comparisons``: ``"vpd - labels"``, ``"vpd - majority"``... each the mean difference
+  on the questions both arms answered, overall and per question type, with its paired
+  bootstrap 95% interval (``vpd.evaluate.paired_bootstrap``, seed 0, 10,000 resamples);
+- ``speed``: the VLM's seconds per question next to the program pipeline's, and the ratio;
+- ``vision``: what the tiny VLM's pretrained tower sees (its probe), when it is the model.
 """
 
 from __future__ import annotations
@@ -14,11 +24,25 @@ from typing import Any
 
 import yaml
 
-from vpd.runpaths import STAGES, RunPaths, stage_outputs
+from vpd.evaluate import (
+    ArmScores,
+    arm_scores,
+    compare_arms,
+    majority_baseline,
+    majority_predictions,
+    read_preds,
+)
+from vpd.records import Question
+from vpd.runpaths import ARMS, STAGES, VLM_ARMS, RunPaths, stage_outputs
 from vpd.sample import SampleConfig
 from vpd.sdvp import markdown_report as sdvp_markdown
 from vpd.sdvp import report_path as sdvp_report_path
-from vpd.store import iter_ids
+from vpd.store import iter_ids, read_records
+
+# The comparisons the report makes when both arms are there: VPD against its ablations,
+# and the usual instruction tuning against the trivial baseline.
+COMPARISONS = (("vpd", "labels"), ("vpd", "majority"), ("labels", "majority"), ("vpd", "programs"))
+BOOTSTRAP = {"n_boot": 10_000, "level": 0.95, "seed": 0}
 
 
 def _jsonl(path: Path):
@@ -134,8 +158,15 @@ def progress_counts(p: RunPaths) -> dict[str, str]:
         "execute": f"{_count(p.executions)}/{ns} programs",
         "verify": f"{_count(p.verified)}/{ns} samples",
         "rationalize": f"{_count(p.sft)} sft records",
-        "tune": _tune_progress(p),
-        "eval": ", ".join(f"{w}: {_count(p.preds(w))}/{n_eval}" for w in ("untuned", "tuned")),
+        "tune": _tune_progress(p.model),
+        "labels": _tune_progress(p.model_labels),
+        "eval": ", ".join(
+            f"{w}: {_count(_vlm_preds(p, w))}/{n_eval}"
+            for w in VLM_ARMS
+            if _vlm_preds(p, w).exists()
+        )
+        or "no predictions yet",
+        "programs": f"{_count(p.programs / 'preds.jsonl')} scored test questions",
         "sdvp": _sdvp_progress(p),
     }
     return counts
@@ -150,21 +181,98 @@ def _sdvp_progress(p: RunPaths) -> str:
     return f"{subs} sub-tasks; teacher answers " + (", ".join(answered) or "none yet")
 
 
-def _tune_progress(p: RunPaths) -> str:
-    final = p.model / "final"
+def _tune_progress(model: Path) -> str:
+    final = model / "final"
     if final.exists():
         return "final model saved"
-    ckpts = sorted(p.model.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1]))
+    ckpts = sorted(model.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1]))
     return f"last checkpoint: {ckpts[-1].name}" if ckpts else "no checkpoint yet"
 
 
-def accuracy(p: RunPaths) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for which in ("untuned", "tuned"):
-        rep = _read_json(Path(str(p.preds(which)) + ".report.json"))
-        if rep:
-            out[which] = rep
+def _arm(rep: dict[str, Any]) -> dict[str, Any]:
+    """The fields every arm reports (see the module docstring)."""
+    out = {
+        "accuracy": rep.get("accuracy"),
+        "n": rep.get("n"),
+        "per_type": {
+            t: {"accuracy": v.get("accuracy"), "n": v.get("n")}
+            for t, v in (rep.get("per_type") or {}).items()
+        },
+        "s_per_question": rep.get("s_per_question"),
+    }
+    for k in ("model", "statuses", "sample_s", "execute_s", "wall_s", "train_questions"):
+        if k in rep:
+            out[k] = rep[k]
     return out
+
+
+def _vlm_preds(p: RunPaths, arm: str) -> Path:
+    # Runs made before the ablation named the vpd arm's answers eval/tuned.jsonl.
+    if arm == "vpd" and not p.preds("vpd").exists() and p.preds("tuned").exists():
+        return p.preds("tuned")
+    return p.preds(arm)
+
+
+def _questions(path: Path) -> list[Question]:
+    return list(read_records(path, Question)) if path.exists() else []
+
+
+def arm_results(p: RunPaths) -> tuple[dict[str, Any], dict[str, ArmScores]]:
+    """``(accuracy per arm, per-question scores per arm)`` from the run's files."""
+    acc: dict[str, Any] = {}
+    scores: dict[str, ArmScores] = {}
+    for arm in VLM_ARMS:
+        preds = _vlm_preds(p, arm)
+        rep = _read_json(Path(str(preds) + ".report.json"))
+        if rep:
+            acc[arm] = _arm(rep)
+            scores[arm] = arm_scores(list(read_preds(preds)))
+    rep = _read_json(p.programs / "report.json")
+    if rep:
+        acc["programs"] = _arm(rep)
+        scores["programs"] = arm_scores(list(read_preds(p.programs / "preds.jsonl")))
+    train, test = _questions(p.train), _questions(p.test)
+    if train and test and acc:
+        acc["majority"] = {**_arm(majority_baseline(train, test)), "s_per_question": 0.0}
+        scores["majority"] = {
+            qid: (qtype, score)
+            for qid, (qtype, _, score) in majority_predictions(train, test).items()
+        }
+    return {a: acc[a] for a in ARMS if a in acc}, scores
+
+
+def accuracy(p: RunPaths) -> dict[str, Any]:
+    return arm_results(p)[0]
+
+
+def comparisons(scores: dict[str, ArmScores]) -> dict[str, Any]:
+    """Paired bootstrap intervals of the differences in :data:`COMPARISONS`."""
+    out = {}
+    for a, b in COMPARISONS:
+        if a in scores and b in scores:
+            out[f"{a} - {b}"] = {"a": a, "b": b, **compare_arms(scores[a], scores[b], **BOOTSTRAP)}
+    return out
+
+
+def speed(acc: dict[str, Any]) -> dict[str, Any]:
+    """Seconds per question of each arm that computes something, and programs / vpd."""
+    out: dict[str, Any] = {
+        a: acc[a]["s_per_question"]
+        for a in ARMS
+        if a in acc and a != "majority" and acc[a].get("s_per_question")
+    }
+    if out.get("vpd") and out.get("programs"):
+        out["programs_over_vpd"] = round(out["programs"] / out["vpd"], 2)
+    return out
+
+
+def vision(p: RunPaths) -> dict[str, Any] | None:
+    """The probe of the tiny VLM's pretrained tower, when the run tuned the tiny VLM."""
+    init = str((_read_json(p.model / "summary.json") or {}).get("init", ""))
+    if not init.startswith("tiny (") or not init.endswith(")"):
+        return None
+    probe = _read_json(Path(init[len("tiny (") : -1]) / "vision_probe.json")
+    return {"model": init[len("tiny (") : -1], "probe": probe} if probe else None
 
 
 def examples(p: RunPaths, n: int = 3) -> list[dict[str, str]]:
@@ -236,17 +344,17 @@ def _plots(p: RunPaths, fun: dict[str, Any], acc: dict[str, Any]) -> list[str]:
 
     series = _per_type_series(acc)
     if series:
-        types = sorted({t for s in series.values() for t in s})
-        fig, ax = plt.subplots(figsize=(8, 3.5))
+        types = ["all"] + sorted({t for v in series.values() for t in v} - {"all"})
+        fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(types)), 3.8))
         width = 0.8 / len(series)
-        for i, (label, s) in enumerate(series.items()):
+        for i, (label, sr) in enumerate(series.items()):
             xs = [j + i * width for j in range(len(types))]
-            ax.bar(xs, [s.get(t, 0) for t in types], width=width, label=label)
+            ax.bar(xs, [sr.get(t, 0) for t in types], width=width, label=label)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types, rotation=20)
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
-        ax.legend()
-        ax.set_title("test accuracy per question type")
+        ax.legend(fontsize=8, ncol=len(series))
+        ax.set_title("test accuracy per question type, each arm on the same test split")
         fig.tight_layout()
         fig.savefig(p.root / "accuracy.png", dpi=100)
         plt.close(fig)
@@ -256,15 +364,11 @@ def _plots(p: RunPaths, fun: dict[str, Any], acc: dict[str, Any]) -> list[str]:
 
 def _per_type_series(acc: dict[str, Any]) -> dict[str, dict[str, float]]:
     series: dict[str, dict[str, float]] = {}
-    for which, rep in acc.items():
-        per = rep.get("per_type") or {}
-        series[which] = {t: float(v.get("accuracy", 0)) for t, v in per.items()}
-        base = rep.get("majority_baseline") or {}
-        if base.get("per_type") and "majority" not in series:
-            series["majority"] = {
-                t: float(v.get("accuracy", 0) if isinstance(v, dict) else v)
-                for t, v in base["per_type"].items()
-            }
+    for arm, rep in acc.items():
+        if rep.get("accuracy") is None:
+            continue
+        per = {t: float(v["accuracy"]) for t, v in (rep.get("per_type") or {}).items()}
+        series[arm] = {"all": float(rep["accuracy"]), **per}
     return series
 
 
@@ -273,7 +377,7 @@ def write_report(root: Path) -> dict[str, Path]:
     p = RunPaths(Path(root))
     fun = funnel(p)
     stages = stage_table(p)
-    acc = accuracy(p)
+    acc, scores = arm_results(p)
     ex = examples(p)
     plots = _plots(p, fun, acc)
     report = {
@@ -281,6 +385,9 @@ def write_report(root: Path) -> dict[str, Path]:
         "funnel": fun,
         "stages": stages,
         "accuracy": acc,
+        "comparisons": comparisons(scores),
+        "speed": speed(acc),
+        "vision": vision(p),
         "examples": ex,
         "plots": plots,
     }
@@ -293,10 +400,79 @@ def write_report(root: Path) -> dict[str, Path]:
     return {"json": p.root / "report.json", "md": md}
 
 
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * float(x):.1f}%"
+
+
 def _fmt_acc(rep: dict[str, Any] | None) -> str:
-    if not rep or rep.get("accuracy") is None:
-        return "-"
-    return f"{100 * float(rep['accuracy']):.1f}%"
+    return _pct((rep or {}).get("accuracy"))
+
+
+def _pts(x: Any) -> str:
+    return "-" if x is None else f"{100 * float(x):+.1f}"
+
+
+_ARM_TEXT = {
+    "untuned": "the tiny VLM before tuning",
+    "labels": "tuned on the answer task with human labels only",
+    "vpd": "tuned on VPD's mix (answer + rationale where a program was kept, labels elsewhere)",
+    "programs": "the program pipeline: one greedy program per question, run with the tools",
+    "majority": "the training split's most common answer for the question's type",
+}
+
+
+def accuracy_markdown(r: dict[str, Any]) -> list[str]:
+    """The ablation's tables: accuracy per arm and type, the intervals, the speeds."""
+    acc = r["accuracy"]
+    if not acc:
+        return []
+    lines = ["## Test accuracy", ""]
+    arms = list(acc)
+    types = sorted({t for rep in acc.values() for t in (rep.get("per_type") or {})})
+    lines += ["| type | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    lines.append("| **all** | " + " | ".join(f"**{_fmt_acc(acc[a])}**" for a in arms) + " |")
+    lines.append("| questions | " + " | ".join(str(acc[a].get("n") or 0) for a in arms) + " |")
+    for t in types:
+        cells = []
+        for a in arms:
+            v = (acc[a].get("per_type") or {}).get(t)
+            cells.append(f"{_fmt_acc(v)} ({v['n']})" if v else "-")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"- `{a}`: {_ARM_TEXT.get(a, a)}" for a in arms] + [""]
+    comps = r.get("comparisons") or {}
+    if comps:
+        lines += [
+            "## VPD against its ablations",
+            "",
+            "Difference in accuracy (points) on the questions both arms answered, with its "
+            "paired bootstrap 95% interval (questions resampled; seed 0, 10,000 resamples). "
+            "An interval that excludes 0 is marked *.",
+            "",
+            "| comparison | type | n | difference | 95% interval |",
+            "|---|---|---|---|---|",
+        ]
+        for name, c in comps.items():
+            rows = [("**all**", c["all"])] + list(c["per_type"].items())
+            for t, v in rows:
+                mark = " *" if v.get("excludes_zero") else ""
+                lines.append(
+                    f"| {name} | {t} | {v['n']} | {_pts(v['diff'])}{mark} | "
+                    f"[{_pts(v['lo'])}, {_pts(v['hi'])}] |"
+                )
+        lines.append("")
+    sp = r.get("speed") or {}
+    if sp:
+        lines += ["## Seconds per question", "", "| arm | s / question |", "|---|---|"]
+        lines += [f"| {a} | {v:.3f} |" for a, v in sp.items() if a in acc]
+        if "programs_over_vpd" in sp:
+            lines += [
+                "",
+                f"The distilled VLM answers **{sp['programs_over_vpd']:.1f}x** faster per "
+                "question than the program pipeline it learned from (wall time on this "
+                "machine, loading included).",
+            ]
+        lines.append("")
+    return lines
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -322,33 +498,28 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["", "## Stages", "", "| stage | state | wall (s) | throughput |", "|---|---|---|---|"]
     for s in r["stages"]:
         lines.append(f"| {s['stage']} | {s['state']} | {s.get('wall_s', '-')} | {_throughput(s)} |")
-    acc = r["accuracy"]
-    if acc:
-        lines += ["", "## Test accuracy", ""]
-        types = sorted({t for rep in acc.values() for t in (rep.get("per_type") or {})})
-        base = next(
-            (rep.get("majority_baseline") for rep in acc.values() if rep.get("majority_baseline")),
-            None,
-        )
-        cols = list(acc) + (["majority"] if base else [])
-        lines += ["| type | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        row = ["**all**"] + [_fmt_acc(acc[c]) for c in acc] + ([_fmt_acc(base)] if base else [])
-        lines.append("| " + " | ".join(row) + " |")
-        for t in types:
-            cells = [_fmt_acc((acc[c].get("per_type") or {}).get(t)) for c in acc]
-            if base:
-                bt = (base.get("per_type") or {}).get(t)
-                cells.append(_fmt_acc(bt if isinstance(bt, dict) else {"accuracy": bt}))
-            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += [""] + accuracy_markdown(r)
+    vis = (r.get("vision") or {}).get("probe")
+    if vis:
+        a = vis.get("accuracy") or {}
+        lines += [
+            "## What the vision tower sees",
+            "",
+            "Linear probes on the frozen features of the tiny VLM's pretrained tower, "
+            f"{vis.get('test_objects')} objects in {vis.get('test_scenes')} unseen scenes: "
+            + ", ".join(f"{k} {_pct(v)}" for k, v in a.items())
+            + ".",
+            "",
+        ]
     if r.get("sdvp"):
         lines += ["", "## SDVP: stepwise distillation into the tools", ""]
         lines += sdvp_markdown(r["sdvp"])
     if r["examples"]:
-        lines += ["", "## Example rationales", ""]
+        lines += ["## Example rationales", ""]
         for e in r["examples"]:
             lines += [f"**{e['id']}**: {e['prompt']}", "", f"> {e['rationale']}", ""]
     if r["plots"]:
-        lines += ["", "## Plots", ""] + [f"![{x}]({x})" for x in r["plots"]]
+        lines += ["## Plots", ""] + [f"![{x}]({x})" for x in r["plots"]]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,305 @@
+"""The VPD ablation: comparison statistics, each arm's data, the programs arm, the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.fake_openai_server import FakeOpenAIServer
+from vpd.evaluate import (
+    ProgramsConfig,
+    compare_arms,
+    majority_predictions,
+    paired_bootstrap,
+    run_programs,
+)
+from vpd.pipeline import SPECS, load_recipe, run_pipeline
+from vpd.rationalize import ANSWER_SUFFIX, RationalizeConfig, run_rationalize
+from vpd.records import Question
+from vpd.report import write_report
+from vpd.runpaths import DEPENDS, STAGES, RunPaths, upstream
+from vpd.store import read_records
+from vpd.tune.labels import LabelsConfig, run_labels
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_bootstrap_of_a_constant_difference_is_that_constant() -> None:
+    r = paired_bootstrap([1, 1, 0, 1], [0, 0, -1, 0], n_boot=500)
+    assert r["diff"] == r["lo"] == r["hi"] == 1.0 and r["n"] == 4 and r["excludes_zero"]
+
+
+def test_bootstrap_interval_by_hand() -> None:
+    # Differences (1, 0): a resample's mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4,
+    # so the 2.5% and 97.5% quantiles are 0 and 1.
+    r = paired_bootstrap([1, 1], [0, 1], n_boot=20_000, seed=1)
+    assert (r["diff"], r["lo"], r["hi"]) == (0.5, 0.0, 1.0) and not r["excludes_zero"]
+    # Differences (1, 0, 0, 0): the mean is K/4, K ~ Binomial(4, 1/4); P(K = 0) = 0.32 >
+    # 0.025 and P(K <= 2) = 0.949 < 0.975 <= P(K <= 3) = 0.996: interval [0, 0.75].
+    r = paired_bootstrap([1, 0, 0, 0], [0, 0, 0, 0], n_boot=20_000, seed=2)
+    assert (r["diff"], r["lo"], r["hi"]) == (0.25, 0.0, 0.75)
+    # 90% interval of the same: P(K <= 2) = 0.949 >= 0.95? no -> still 0.75 at 95%, but
+    # at level 0.8 the 90% quantile is K = 2 (P(K <= 1) = 0.738 < 0.9 <= 0.949).
+    r = paired_bootstrap([1, 0, 0, 0], [0, 0, 0, 0], n_boot=20_000, level=0.8, seed=2)
+    assert (r["lo"], r["hi"]) == (0.0, 0.5)
+
+
+def test_bootstrap_is_seeded_and_checks_its_input() -> None:
+    a = [1, 0, 1, 1, 0, 1, 0, 1, 1, 1]
+    b = [0, 0, 1, 0, 1, 0, 0, 1, 0, 0]
+    assert paired_bootstrap(a, b, seed=7) == paired_bootstrap(a, b, seed=7)
+    assert paired_bootstrap(a, b, seed=7)["diff"] == 0.4
+    assert paired_bootstrap([], [])["diff"] is None
+    with pytest.raises(ValueError, match="length"):
+        paired_bootstrap([1], [1, 0])
+
+
+def test_compare_arms_pairs_questions_and_splits_by_type() -> None:
+    a = {"q1": ("count", 1.0), "q2": ("count", 1.0), "q3": ("color", 0.0), "q4": ("color", 1.0)}
+    b = {"q1": ("count", 0.0), "q2": ("count", 1.0), "q3": ("color", 0.0), "q9": ("color", 1.0)}
+    c = compare_arms(a, b, n_boot=2000)
+    assert c["all"]["n"] == 3 and c["all"]["diff"] == pytest.approx(1 / 3, abs=1e-6)
+    assert c["per_type"]["count"]["n"] == 2 and c["per_type"]["count"]["diff"] == 0.5
+    assert c["per_type"]["color"] == {**c["per_type"]["color"], "diff": 0.0, "lo": 0.0, "hi": 0.0}
+
+
+def test_majority_predictions_score_each_question() -> None:
+    def q(i: str, t: str, a: str) -> Question:
+        return Question(id=i, image="x.png", question="?", answers=[a], meta={"qtype": t})
+
+    train = [q("t1", "count", "2"), q("t2", "count", "2"), q("t3", "count", "3")]
+    test = [q("a", "count", "2"), q("b", "count", "5"), q("c", "exists", "yes")]
+    got = majority_predictions(train, test)
+    assert got["a"] == ("count", "2", 1.0) and got["b"] == ("count", "2", 0.0)
+    assert got["c"][0] == "exists" and got["c"][2] == 0.0  # falls back to the overall "2"
+
+
+# ----------------------------------------------------------------------------- arm data
+
+
+def _verified(p: RunPaths, keep: dict[str, str]) -> None:
+    """Kept programs for the questions of ``keep`` (qid -> answer), one traced call each."""
+    rows = []
+    for qid, ans in keep.items():
+        call = {"name": "find", "args": {"name": "circle"}, "result": "[[0.1, 0.1, 0.2, 0.2]]"}
+        rows.append(
+            {
+                "id": f"{qid}#0",
+                "qid": qid,
+                "answer": ans,
+                "score": 1.0,
+                "kept": True,
+                "reason": "correct",
+                "program": "def execute_command(image): ...",
+                "trace": [call],
+            }
+        )
+    p.verified.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_each_arm_trains_on_its_own_data(synth_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    p = RunPaths(tmp_path / "run")
+    shutil.copytree(synth_dir, p.data_dir)
+    train = list(read_records(p.train, Question))
+    keep = {q.id: q.answers[0] for q in train[:3]}
+    _verified(p, keep)
+    run_rationalize(
+        RationalizeConfig(
+            verified=p.verified, questions=p.train, out=p.sft, add_labelled=True, progress=False
+        )
+    )
+    p.sft_labels.parent.mkdir(parents=True)
+    s = run_labels(LabelsConfig(questions=p.train, out=p.sft_labels, progress=False))
+    assert s["answer_records"] == len(train)
+
+    labels = _lines(p.sft_labels)
+    vpd = _lines(p.sft)
+    # labels: one answer per training question, its human label, and no rationale at all.
+    assert {r["task"] for r in labels} == {"answer"}
+    assert sorted(r["id"] for r in labels) == sorted(f"{q.id}/answer" for q in train)
+    by_q = {q.id: q for q in train}
+    for r in labels:
+        q = by_q[r["qid"]]
+        assert r["messages"][0]["content"][1]["text"] == f"{q.question}\n{ANSWER_SUFFIX}"
+        assert r["messages"][1]["content"][0]["text"] == q.answers[0]
+    # vpd: VPD's mix, exactly: the same answers, plus a rationale per kept question.
+    assert sorted(r["id"] for r in vpd) == sorted(
+        [f"{q.id}/answer" for q in train] + [f"{qid}/rationale" for qid in keep]
+    )
+    answers = {
+        r["id"]: r["messages"][1]["content"][0]["text"] for r in vpd if r["task"] == "answer"
+    }
+    assert answers == {r["id"]: r["messages"][1]["content"][0]["text"] for r in labels}
+    # Re-running writes nothing new (the resume contract).
+    assert (
+        run_labels(LabelsConfig(questions=p.train, out=p.sft_labels, progress=False))[
+            "answer_records"
+        ]
+        == 0
+    )
+
+    # The pipeline tunes the vpd arm on rationalize's output, the labels arm on labels'.
+    recipe = {
+        "data": {},
+        "rationalize": {"add_labelled": True},
+        "tune": {"epochs": 1},
+        "labels": {},
+    }
+    (job,) = SPECS["tune"].configs(recipe, p)
+    assert job[3]["sft"] == p.sft and job[3]["out"] == p.model
+    p.model.mkdir()
+    (p.model / "summary.json").write_text(json.dumps({"steps": 17}))
+    made, tuned = SPECS["labels"].configs(recipe, p)
+    assert made[3] == {"questions": p.train, "out": p.sft_labels}
+    assert tuned[3]["sft"] == p.sft_labels and tuned[3]["out"] == p.model_labels
+    assert tuned[3]["max_steps"] == 17  # the same step budget as the vpd arm
+    recipe["labels"] = {"budget": "epochs"}
+    assert "max_steps" not in SPECS["labels"].configs(recipe, p)[1][3]
+
+
+def test_labels_budget_needs_the_vpd_arm(tmp_path: Path) -> None:
+    from vpd.errors import VpdError
+
+    with pytest.raises(VpdError, match="budget"):
+        SPECS["labels"].configs({"data": {}, "labels": {}}, RunPaths(tmp_path))
+    with pytest.raises(VpdError, match="steps or epochs"):
+        SPECS["labels"].configs({"labels": {"budget": "tokens"}}, RunPaths(tmp_path))
+
+
+def test_arms_rerun_only_after_what_they_read() -> None:
+    assert set(DEPENDS) == set(STAGES)
+    assert upstream("programs") == {"data"}  # re-tuning never re-runs the teacher
+    assert {"tune", "rationalize", "sample", "data"} <= upstream("labels")
+    assert {"labels", "tune", "data"} <= upstream("eval")
+
+
+# ----------------------------------------------------------------------------- programs arm
+
+
+def _answer_yes(messages, seed, i) -> str:  # noqa: ANN001
+    text = messages[-1]["content"]
+    last = [ln for ln in str(text).splitlines() if ln.strip()][-1]
+    if "How many" in last:  # a program that fails: scores 0, not skipped
+        return "```python\ndef execute_command(image):\n    return 1 / 0\n```"
+    return "```python\ndef execute_command(image):\n    return 'yes'\n```"
+
+
+def test_programs_arm_scores_one_greedy_program_per_question(synth_dir: Path, tmp_path: Path):
+    test = list(read_records(synth_dir / "test.jsonl", Question))
+    with FakeOpenAIServer(reply=_answer_yes) as server:
+        cfg = ProgramsConfig(
+            questions=synth_dir / "test.jsonl",
+            out=tmp_path / "programs",
+            sample={
+                "shots": 0,
+                "llm": {"backend": "openai", "base_urls": [server.base_url]},
+                "k": 5,
+            },
+            execute={"backend": "synthetic", "workers": 1},
+            limit=6,
+            progress=False,
+        )
+        rep = run_programs(cfg)
+        calls = len(server.requests)
+    first = test[:6]
+    want = [1.0 if q.answers[0] == "yes" and "How many" not in q.question else 0.0 for q in first]
+    assert rep["n"] == 6 and rep["accuracy"] == pytest.approx(sum(want) / 6, abs=1e-6)
+    samples = _lines(tmp_path / "programs" / "samples.jsonl")
+    assert len(samples) == 6 and {s["k"] for s in samples} == {0}  # k=1 whatever sample says
+    assert {s["temperature"] for s in samples} == {0.0}  # greedy
+    assert rep["s_per_question"] > 0 and sum(rep["statuses"].values()) == 6
+    preds = _lines(tmp_path / "programs" / "preds.jsonl")
+    assert [p["score"] for p in preds] == want
+    # Resuming does not ask the LLM again and keeps the timing of the run that did the work.
+    with FakeOpenAIServer(reply=_answer_yes) as server:
+        cfg.sample["llm"]["base_urls"] = [server.base_url]
+        again = run_programs(cfg)
+        assert not server.requests
+    assert calls > 0 and again["s_per_question"] == rep["s_per_question"]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fake_eval(p: RunPaths, arm: str, scores: dict[str, float], test: list[Question], s: float):
+    p.preds(arm).parent.mkdir(parents=True, exist_ok=True)
+    qt = {q.id: q.meta["qtype"] for q in test}
+    rows = [
+        {"id": qid, "qid": qid, "prediction": "x", "score": v, "qtype": qt[qid]}
+        for qid, v in scores.items()
+    ]
+    p.preds(arm).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    per: dict[str, list[float]] = {}
+    for r in rows:
+        per.setdefault(r["qtype"], []).append(r["score"])
+    rep = {
+        "accuracy": sum(scores.values()) / len(scores),
+        "n": len(scores),
+        "per_type": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in per.items()},
+        "s_per_question": s,
+    }
+    Path(str(p.preds(arm)) + ".report.json").write_text(json.dumps(rep))
+
+
+def test_report_holds_every_arm_the_intervals_and_the_speeds(synth_dir: Path, tmp_path: Path):
+    import shutil
+
+    p = RunPaths(tmp_path / "run")
+    shutil.copytree(synth_dir, p.data_dir)
+    test = list(read_records(p.test, Question))
+    ids = [q.id for q in test]
+    _fake_eval(p, "untuned", dict.fromkeys(ids, 0.0), test, 0.5)
+    _fake_eval(p, "labels", {q: float(i % 2) for i, q in enumerate(ids)}, test, 0.5)
+    _fake_eval(p, "vpd", dict.fromkeys(ids, 1.0), test, 0.4)
+    p.programs.mkdir()
+    shutil.copy(p.preds("labels"), p.programs / "preds.jsonl")
+    rep = json.loads(Path(str(p.preds("labels")) + ".report.json").read_text())
+    (p.programs / "report.json").write_text(json.dumps({**rep, "s_per_question": 6.0}))
+
+    write_report(p.root)
+    r = json.loads((p.root / "report.json").read_text())
+    assert list(r["accuracy"]) == ["untuned", "labels", "vpd", "programs", "majority"]
+    for arm in r["accuracy"].values():
+        assert {"accuracy", "n", "per_type", "s_per_question"} <= set(arm)
+    assert r["accuracy"]["vpd"]["accuracy"] == 1.0
+    maj = majority_predictions(list(read_records(p.train, Question)), test)
+    want = sum(s for _, _, s in maj.values()) / len(maj)
+    assert r["accuracy"]["majority"]["accuracy"] == pytest.approx(want, abs=1e-6)
+    c = r["comparisons"]
+    assert {"vpd - labels", "vpd - majority", "labels - majority", "vpd - programs"} == set(c)
+    assert c["vpd - majority"]["all"]["diff"] == pytest.approx(1 - want, abs=1e-6)
+    assert c["vpd - labels"]["all"]["n"] == len(ids)
+    assert set(c["vpd - labels"]["per_type"]) == {q.meta["qtype"] for q in test}
+    assert r["speed"]["programs_over_vpd"] == 15.0
+    md = (p.root / "report.md").read_text()
+    assert "## VPD against its ablations" in md and "| vpd - labels | **all** |" in md
+    assert "15.0x" in md
+    assert (p.root / "accuracy.png").stat().st_size > 1000
+
+
+def test_shipped_ablation_recipes_run_every_arm() -> None:
+    root = Path(__file__).parents[1] / "recipes"
+    full = load_recipe(root / "ablation-cpu.yaml")
+    assert {"labels", "eval", "programs"} <= set(full)
+    demo = load_recipe(root / "demo-cpu.yaml")
+    assert "programs" in demo and "eval" in demo
+    assert yaml.safe_load((root / "ablation-cpu.yaml").read_text())["data"] == demo["data"]
+
+
+def test_run_pipeline_rejects_an_unknown_budget(tmp_path: Path) -> None:
+    from vpd.errors import VpdError
+
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"data": {"n": 10, "progress": False}, "labels": {"budget": 3}}))
+    with pytest.raises(VpdError, match="budget"):
+        run_pipeline(r, tmp_path / "run", report=False)
