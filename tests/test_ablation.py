@@ -13,9 +13,9 @@ from vpd.evaluate import (
     ProgramsConfig,
     compare_arms,
     majority_predictions,
-    paired_bootstrap,
     run_programs,
 )
+from vpd.metrics import paired_bootstrap
 from vpd.pipeline import SPECS, load_recipe, run_pipeline
 from vpd.rationalize import ANSWER_SUFFIX, RationalizeConfig, run_rationalize
 from vpd.records import Question

@@ -25,12 +25,12 @@ from tests.helpers import REPO, read_jsonl, vpd_argv, write_jsonl
 from tests.template_programs import viper_program, visprog_program
 from tests.test_eval import build_tiny_llava
 from vpd.errors import VpdError
+from vpd.metrics import paired_bootstrap
 from vpd.records import Execution, Sft, SubTask, ToolCall
 from vpd.sdvp import (
     SdvpConfig,
     build_report,
     collect_subtasks,
-    paired_bootstrap,
     pixel_box,
     pointer_prompt,
     run_sdvp,
@@ -255,9 +255,10 @@ def test_teacher_answers_become_op_results() -> None:
 
 
 def test_paired_bootstrap_and_cross_task_check(tmp_path: Path) -> None:
-    assert paired_bootstrap([0, 1, 0, 1], [0, 1, 0, 1]) == (0.0, 0.0)
-    lo, hi = paired_bootstrap([0.0] * 30, [1.0] * 20 + [0.0] * 10)
-    assert 0.4 < lo <= hi < 0.9
+    same = paired_bootstrap([0, 1, 0, 1], [0, 1, 0, 1])
+    assert (same["lo"], same["hi"]) == (0.0, 0.0)
+    r = paired_bootstrap([1.0] * 20 + [0.0] * 10, [0.0] * 30, n_boot=2000)
+    assert 0.4 < r["lo"] <= r["hi"] < 0.9
     cfg = SdvpConfig(
         executions=tmp_path / "e",
         questions=tmp_path / "q",

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vpd.errors import VpdError
 from vpd.execute.runner import ExecuteConfig, run_execute
-from vpd.metrics import METRICS, normalize_answer, resolve_metric, score_answer
+from vpd.metrics import METRICS, normalize_answer, paired_bootstrap, resolve_metric, score_answer
 from vpd.progress import console, progress_bar
 from vpd.records import Execution, Prediction, Question
 from vpd.sample import SampleConfig, run_sample
@@ -225,46 +225,6 @@ def _mean(xs: list[float]) -> float | None:
 
 
 # ----------------------------------------------------------------------------- comparisons
-
-
-def paired_bootstrap(
-    a: list[float],
-    b: list[float],
-    *,
-    n_boot: int = 10_000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Mean difference ``a - b`` over paired items (the same questions) and its percentile
-    bootstrap interval: resample the questions with replacement ``n_boot`` times, take the
-    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled mean differences.
-    Pairing keeps what both arms get right or wrong together out of the interval's width.
-    Deterministic for a ``seed``."""
-    import numpy as np
-
-    if len(a) != len(b):
-        raise ValueError(f"paired scores differ in length: {len(a)} vs {len(b)}")
-    if not 0 < level < 1:
-        raise ValueError("level must be in (0, 1)")
-    n = len(a)
-    if n == 0:
-        return {"diff": None, "lo": None, "hi": None, "n": 0, "level": level}
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    chunk = max(1, 2_000_000 // n)  # bounded memory for large question sets
-    for start in range(0, n_boot, chunk):
-        k = min(chunk, n_boot - start)
-        means[start : start + k] = d[rng.integers(0, n, size=(k, n))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return {
-        "diff": round(float(d.mean()), 6),
-        "lo": round(float(lo), 6),
-        "hi": round(float(hi), 6),
-        "n": n,
-        "level": level,
-        "excludes_zero": bool(lo > 0 or hi < 0),
-    }
 
 
 ArmScores = dict[str, tuple[str, float]]  # question id -> (question type, score)

@@ -10,7 +10,7 @@ be re-made at any time with ``vpd status RUN_DIR --report``.
   ``s_per_question`` (wall seconds per question, model loading included);
 - ``comparisons``: ``"vpd - labels"``, ``"vpd - majority"``... each the mean difference
   on the questions both arms answered, overall and per question type, with its paired
-  bootstrap 95% interval (``vpd.evaluate.paired_bootstrap``, seed 0, 10,000 resamples);
+  bootstrap 95% interval (``vpd.metrics.paired_bootstrap``, seed 0, 10,000 resamples);
 - ``speed``: the VLM's seconds per question next to the program pipeline's, and the ratio;
 - ``vision``: what the tiny VLM's pretrained tower sees (its probe), when it is the model.
 """

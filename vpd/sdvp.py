@@ -52,13 +52,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vpd.errors import VpdError
 from vpd.evaluate import qtype_of
 from vpd.execute import ExecuteConfig, run_execute
+from vpd.metrics import paired_bootstrap
 from vpd.progress import console, progress_bar
 from vpd.rationalize import answer_record
 from vpd.records import Execution, Question, SubTask, TeacherAnswer, ToolCall
@@ -684,21 +684,6 @@ def evaluate_tools(cfg: SdvpConfig, name: str, vqa: str, view: str) -> dict[str,
     return scores
 
 
-def paired_bootstrap(
-    a: list[float], b: list[float], n: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """95% interval of mean(b) - mean(a) over questions resampled with replacement (paired:
-    each resample keeps a question's two scores together)."""
-    if not a:
-        return (0.0, 0.0)
-    x = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(n, len(x)))
-    means = x[idx].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return (round(float(lo), 4), round(float(hi), 4))
-
-
 def _acc(per_q: dict[str, float], qids: list[str]) -> float | None:
     return round(sum(per_q[q] for q in qids) / len(qids), 4) if qids else None
 
@@ -719,6 +704,10 @@ def accuracy_table(
     }
 
 
+def _interval(r: dict[str, Any]) -> list[float]:
+    return [round(r["lo"], 4), round(r["hi"], 4)] if r["n"] else [0.0, 0.0]
+
+
 def compare(
     base: dict[str, float], other: dict[str, float], qids: list[str], cfg: SdvpConfig
 ) -> dict[str, Any]:
@@ -729,7 +718,7 @@ def compare(
     return {
         "n": len(qids),
         "diff": diff,
-        "ci95": list(paired_bootstrap(a, b, cfg.bootstrap, cfg.seed)),
+        "ci95": _interval(paired_bootstrap(b, a, n_boot=cfg.bootstrap, seed=cfg.seed)),
     }
 
 
