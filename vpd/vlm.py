@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vpd.errors import VpdError
+from vpd.progress import quiet_transformers
 
 # The two VPD tasks' instructions (``vpd rationalize`` writes them, `vpd eval` asks them).
 ANSWER_SUFFIX = "Answer the question using a single word or phrase."
@@ -89,9 +90,10 @@ def resolve_model_dir(path_or_name: str | Path) -> str:
 def load_processor(path_or_name: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(
-        resolve_model_dir(path_or_name), trust_remote_code=trust_remote_code
-    )
+    with quiet_transformers():  # e.g. "SiglipImageProcessor requires torchvision"
+        return AutoProcessor.from_pretrained(
+            resolve_model_dir(path_or_name), trust_remote_code=trust_remote_code
+        )
 
 
 def load_vlm(

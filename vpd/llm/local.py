@@ -20,7 +20,6 @@ import hashlib
 import importlib.util
 import json
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from vpd.errors import VpdError
 from vpd.llm.base import Completion, GenParams, Messages
 from vpd.llm.config import LLMConfig
 from vpd.llm.engine import Engine, row_seed, unsupported
+from vpd.progress import quiet_transformers
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -100,26 +100,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No third-party progress bars or warnings while loading/running: vpd shows its own."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def flat_content(messages: Messages) -> Messages:

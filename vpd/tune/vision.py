@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.data.synth import COLORS, SHAPES, SIZES, scene_and_image
 from vpd.errors import VpdError
-from vpd.progress import progress_bar
+from vpd.progress import progress_bar, quiet_transformers
 
 # Bump when the pretraining code changes what it builds (the recipe alone is hashed too).
 VISION_VERSION = 1
@@ -125,12 +125,13 @@ def image_processor(recipe: VisionRecipe) -> Any:
     """The processor the tower is trained with; the tiny VLM saves this very one."""
     from transformers import SiglipImageProcessor
 
-    return SiglipImageProcessor(
-        size={"height": recipe.image_size, "width": recipe.image_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        do_convert_rgb=True,
-    )
+    with quiet_transformers():  # its "requires torchvision, falling back to PIL" notice
+        return SiglipImageProcessor(
+            size={"height": recipe.image_size, "width": recipe.image_size},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+            do_convert_rgb=True,
+        )
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -495,7 +496,8 @@ def _build_into(folder: Path, recipe: VisionRecipe, progress: bool) -> None:
     t_probe = time.time()
     report, preds = run_probe(tower, recipe)
     probe_s = time.time() - t_probe
-    tower.save_pretrained(folder)
+    with quiet_transformers():  # no "Writing model shards" bar of its own
+        tower.save_pretrained(folder)
     image_processor(recipe).save_pretrained(folder)
     save_file(
         {k: v.contiguous() for k, v in heads.state_dict().items()},
