@@ -120,16 +120,18 @@ def load_vlm(
         )
         if not base_name:
             raise VpdError(f"{src}: adapter_config.json names no base model")
-        base = AutoModelForImageTextToText.from_pretrained(
-            base_name, dtype=tdtype, trust_remote_code=trust_remote_code
-        )
-        model = PeftModel.from_pretrained(base, src).merge_and_unload()
+        with quiet_transformers():
+            base = AutoModelForImageTextToText.from_pretrained(
+                base_name, dtype=tdtype, trust_remote_code=trust_remote_code
+            )
+            model = PeftModel.from_pretrained(base, src).merge_and_unload()
         proc_src = src if (p / "tokenizer_config.json").exists() else base_name
         processor = load_processor(proc_src, trust_remote_code)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(
-            src, dtype=tdtype, trust_remote_code=trust_remote_code
-        )
+        with quiet_transformers():
+            model = AutoModelForImageTextToText.from_pretrained(
+                src, dtype=tdtype, trust_remote_code=trust_remote_code
+            )
         processor = load_processor(src, trust_remote_code)
     return model.to(device).eval(), processor
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.net import free_port
-from vpd.progress import console, progress_bar
+from vpd.progress import console, progress_bar, quiet_transformers
 from vpd.store import RejectWriter
 from vpd.tune import data as tdata
 from vpd.tune.config import TuneConfig, deepspeed_config_path, dump_json
@@ -404,10 +404,14 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
         return {**{k: v for k, v in done.items() if k != "config"}, "skipped": True}
 
     import torch
-    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments, set_seed
 
     out = cfg.out
     cuda = _cuda()
+    if not cuda:
+        # DeepSpeed, imported by transformers, warns on stderr when it has to guess the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments, set_seed
+
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
@@ -467,13 +471,14 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
     # time, before Trainer would seed, and two runs of one command must start identical.
     set_seed(cfg.seed)
     # Weights load in fp32; bf16/fp16 come from autocast (or DeepSpeed), the usual recipe.
-    model = AutoModelForImageTextToText.from_pretrained(
-        init_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()
-    model, trainable = setup_trainable(model, cfg)
+    with quiet_transformers():  # its loading bar and deprecation notices; vpd shows its own
+        model = AutoModelForImageTextToText.from_pretrained(
+            init_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        )
+        model.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model, trainable = setup_trainable(model, cfg)
 
     ckpt = last_checkpoint(out) if cfg.resume else None
     resume_step = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
@@ -628,9 +633,10 @@ def _merge_lora(init_path: str, adapter: Path, final: Path, cfg: TuneConfig) -> 
     # Training is over: on rank 0 alone the base must load whole, not through ZeRO-3's
     # partitioned init (whose collectives would wait forever for the other ranks).
     unset_hf_deepspeed_config()
-    base = AutoModelForImageTextToText.from_pretrained(
-        init_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    merged.config.use_cache = True
-    merged.save_pretrained(str(final))
+    with quiet_transformers():
+        base = AutoModelForImageTextToText.from_pretrained(
+            init_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        )
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        merged.config.use_cache = True
+        merged.save_pretrained(str(final))
