@@ -70,6 +70,7 @@ def _arm(name: str, llm: Any, questions: Path, tmp: Path, a: argparse.Namespace)
         shots=3,
         max_tokens=128,
         prompt=a.prompt,
+        seed=a.seed,
         progress=False,
         llm=LLMConfig(backend="local", batch_size=a.rows, dtype=a.dtype),
     )
@@ -100,8 +101,9 @@ def main() -> None:
     ap.add_argument("--baseline-questions", type=int, default=None, help="default: --questions")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--rows", type=int, default=64, help="engine rows in flight (batch_size)")
-    ap.add_argument("--prompt", default="viper/v2")
+    ap.add_argument("--prompt", default="viper/v1", help="prompt version (the demo's: viper/v1)")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (both arms)")
     ap.add_argument("--skip-baseline", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:

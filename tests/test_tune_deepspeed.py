@@ -92,5 +92,6 @@ def test_tiny_default_trains_and_generates(tmp_path):
     )
     s = run_tune(cfg)
     assert s["steps"] == 2 and s["method"] == "lora"
-    assert set(s["trained_parts"]) == {"vision", "projector", "lm"}
+    # The pretrained tower stays frozen (freeze: auto); the projector and LoRA on the LM train.
+    assert set(s["trained_parts"]) == {"projector", "lm"}
     _generate(tmp_path / "out" / "final")
