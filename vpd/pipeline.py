@@ -36,6 +36,7 @@ from vpd.options import split_option
 from vpd.progress import console
 from vpd.report import write_report
 from vpd.runpaths import STAGES, RunPaths, stage_outputs, upstream
+from vpd.store import read_json
 from vpd.tune.model import build_tiny_vlm
 
 # Fields the pipeline fills from the run directory; a recipe never sets them.
@@ -252,7 +253,7 @@ def _labels(recipe, p):
         raise VpdError(f"labels.budget must be steps or epochs, got {budget!r}")
     tune = {**_opts(recipe, "tune"), **o}
     if budget == "steps" and int(tune.get("max_steps", -1) or -1) <= 0:
-        summary = _read_json(p.model / "summary.json")
+        summary = read_json(p.model / "summary.json")
         if "tune" not in recipe or not summary or not summary.get("steps"):
             raise VpdError(
                 "labels.budget=steps takes the vpd arm's step count: the recipe needs a tune "
@@ -273,13 +274,6 @@ def _labels(recipe, p):
             {**tune, "sft": p.sft_labels, "out": p.model_labels},
         ),
     ]
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _eval(recipe, p):

@@ -37,7 +37,7 @@ from vpd.runpaths import ARMS, STAGES, VLM_ARMS, RunPaths, stage_outputs
 from vpd.sample import SampleConfig
 from vpd.sdvp import markdown_report as sdvp_markdown
 from vpd.sdvp import report_path as sdvp_report_path
-from vpd.store import iter_ids, read_records
+from vpd.store import iter_ids, read_json, read_records
 
 # The comparisons the report makes when both arms are there: VPD against its ablations,
 # and the usual instruction tuning against the trivial baseline.
@@ -61,13 +61,6 @@ def _count(path: Path) -> int:
     return sum(1 for _ in iter_ids(path))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def funnel(p: RunPaths) -> dict[str, Any]:
     """Counts at each step from questions to sft records."""
     train_q = _count(p.train)
@@ -85,7 +78,7 @@ def funnel(p: RunPaths) -> dict[str, Any]:
             kept += 1
             kept_q.add(v.get("qid"))
     sft: Counter[str] = Counter(r.get("task", "?") for r in _jsonl(p.sft))
-    verify_funnel = _read_json(Path(str(p.verified) + ".funnel.json"))
+    verify_funnel = read_json(Path(str(p.verified) + ".funnel.json"))
     out = {
         "questions_train": train_q,
         "questions_test": _count(p.test),
@@ -111,7 +104,7 @@ def stage_table(p: RunPaths) -> list[dict[str, Any]]:
     for stage in STAGES:
         if recipe and stage not in recipe:
             continue  # e.g. sdvp in a plain VPD run: never started, nor expected to
-        m = _read_json(p.marker(stage))
+        m = read_json(p.marker(stage))
         started = any(
             o.exists() or any(o.parent.glob(o.name + ".*")) for o in stage_outputs(stage, p)
         )
@@ -223,11 +216,11 @@ def arm_results(p: RunPaths) -> tuple[dict[str, Any], dict[str, ArmScores]]:
     scores: dict[str, ArmScores] = {}
     for arm in VLM_ARMS:
         preds = _vlm_preds(p, arm)
-        rep = _read_json(Path(str(preds) + ".report.json"))
+        rep = read_json(Path(str(preds) + ".report.json"))
         if rep:
             acc[arm] = _arm(rep)
             scores[arm] = arm_scores(list(read_preds(preds)))
-    rep = _read_json(p.programs / "report.json")
+    rep = read_json(p.programs / "report.json")
     if rep:
         acc["programs"] = _arm(rep)
         scores["programs"] = arm_scores(list(read_preds(p.programs / "preds.jsonl")))
@@ -268,10 +261,10 @@ def speed(acc: dict[str, Any]) -> dict[str, Any]:
 
 def vision(p: RunPaths) -> dict[str, Any] | None:
     """The probe of the tiny VLM's pretrained tower, when the run tuned the tiny VLM."""
-    init = str((_read_json(p.model / "summary.json") or {}).get("init", ""))
+    init = str((read_json(p.model / "summary.json") or {}).get("init", ""))
     if not init.startswith("tiny (") or not init.endswith(")"):
         return None
-    probe = _read_json(Path(init[len("tiny (") : -1]) / "vision_probe.json")
+    probe = read_json(Path(init[len("tiny (") : -1]) / "vision_probe.json")
     return {"model": init[len("tiny (") : -1], "probe": probe} if probe else None
 
 
@@ -391,7 +384,7 @@ def write_report(root: Path) -> dict[str, Path]:
         "examples": ex,
         "plots": plots,
     }
-    sdvp = _read_json(sdvp_report_path(p.sdvp))
+    sdvp = read_json(sdvp_report_path(p.sdvp))
     if sdvp is not None:
         report["sdvp"] = sdvp
     (p.root / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -456,6 +456,14 @@ def ensure_meta(out: Path, config: dict[str, Any], force: bool = False) -> None:
         os.replace(tmp, mp)
 
 
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A small JSON file (a marker, a summary, a report), or None if missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def read_meta(out: Path) -> dict[str, Any] | None:
     mp = meta_path(Path(out))
     if not mp.exists():

@@ -30,7 +30,7 @@ from typing import Any
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.net import free_port
 from vpd.progress import console, progress_bar, quiet_transformers
-from vpd.store import RejectWriter
+from vpd.store import RejectWriter, read_json
 from vpd.tune import data as tdata
 from vpd.tune.config import TuneConfig, deepspeed_config_path, dump_json
 from vpd.tune.model import build_tiny_vlm, load_processor, resolve_model_dir
@@ -112,13 +112,6 @@ def _wait_for(path: Path, timeout: float = 600.0) -> None:
 # ----------------------------------------------------------------------------- run state
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(set(old) | set(new))
     parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
@@ -144,7 +137,7 @@ def _prepare_out(cfg: TuneConfig, fp: dict[str, Any]) -> dict[str, Any] | None:
     if out.exists() and not out.is_dir():
         raise VpdError(f"--out must be a folder, got a file: {out}")
     meta_file = out / "vpd_tune.json"
-    old = _read_json(meta_file)
+    old = read_json(meta_file)
     has_state = last_checkpoint(out) is not None or (out / "final").exists()
     if old is not None and old.get("config") != fp and has_state:
         if not cfg.force:
@@ -156,7 +149,7 @@ def _prepare_out(cfg: TuneConfig, fp: dict[str, Any]) -> dict[str, Any] | None:
         if _rank() == 0:
             out.rename(out.with_name(f"{out.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak"))
         old = None
-    summary = _read_json(out / "summary.json")
+    summary = read_json(out / "summary.json")
     if summary is not None and summary.get("config") == fp and (out / "final").exists():
         return summary
     if not cfg.resume and has_state and old is not None:
@@ -174,7 +167,7 @@ def _prepare_out(cfg: TuneConfig, fp: dict[str, Any]) -> dict[str, Any] | None:
         os.replace(tmp, meta_file)
     else:
         t0 = time.time()
-        while (_read_json(meta_file) or {}).get("config") != fp:
+        while (read_json(meta_file) or {}).get("config") != fp:
             if time.time() - t0 > 120:
                 raise VpdError(f"rank {_rank()}: rank 0 did not prepare {out}")
             time.sleep(0.2)
@@ -604,7 +597,7 @@ def processor_pad_id(processor: Any) -> int:
 
 
 def _model_type(path: str) -> str:
-    cfg = _read_json(Path(path) / "config.json") or {}
+    cfg = read_json(Path(path) / "config.json") or {}
     return str(cfg.get("model_type", ""))
 
 
