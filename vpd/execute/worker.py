@@ -87,8 +87,11 @@ def _safe_math() -> types.SimpleNamespace:
     return _flatten_module(math)
 
 
-class _Budget(Exception):
-    """Raised in the program when it exceeds a budget; recorded even if it is swallowed."""
+class _Budget(BaseException):
+    """Raised in the program when it exceeds a budget; recorded even if it is swallowed.
+
+    Not an ``Exception``: a program's ``except Exception`` must not turn a spent budget
+    into a loop that only the wall-clock timeout ends."""
 
 
 class _State:
