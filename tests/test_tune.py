@@ -346,3 +346,78 @@ def test_sparse_logits_give_the_models_own_loss_and_gradients(family, tiny_dir, 
         got[name] = (float(loss), grads)
     assert got["own"][0] == pytest.approx(got["sparse"][0], rel=1e-5)
     assert torch.allclose(got["own"][1], got["sparse"][1], atol=1e-6)
+
+
+def test_length_grouped_batches_use_screening_lengths_and_replay_each_epoch(tiny_dir, tmp_path):
+    """Batches hold examples of similar length (less padding), every example once per
+    epoch, the lengths come from screening (no second encoding pass), and an epoch's order
+    depends only on seed and epoch, so a resumed run sees the same batches."""
+    from transformers import Trainer, TrainingArguments
+
+    from vpd.tune.model import load_processor
+    from vpd.tune.train import length_grouped_trainer
+
+    long = [
+        {
+            "id": f"long{i}",
+            "image": f"{i}.png",
+            "task": "rationale",
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How?"}]},
+                {"role": "assistant", "content": "I look. " * (10 + i)},
+            ],
+        }
+        for i in range(32)
+    ]
+    path = write_sft(tmp_path / "d", n=32, extra=long)
+    proc = load_processor(tiny_dir("llava"))
+    ds, _ = prepare(path, proc, progress=False)
+    assert ds.lengths == [len(ds[i]["input_ids"]) for i in range(len(ds))]
+
+    def epoch(trainer, e):
+        sampler = trainer._get_train_sampler()
+        sampler.set_epoch(e)
+        return list(sampler)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "o"),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        seed=3,
+    )
+    trainer = length_grouped_trainer(Trainer)(
+        model=torch.nn.Linear(1, 1), args=args, train_dataset=ds
+    )
+    order = epoch(trainer, 0)
+    assert sorted(order) == list(range(len(ds)))
+
+    def padding(order):
+        batches = [[ds.lengths[i] for i in order[b : b + 4]] for b in range(0, len(order), 4)]
+        return sum(max(b) * len(b) - sum(b) for b in batches)
+
+    # 32 short and 32 long examples: far less padding than in a random order.
+    shuffled = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    assert padding(order) < padding(shuffled) / 2, (padding(order), padding(shuffled))
+    fresh = length_grouped_trainer(Trainer)(
+        model=torch.nn.Linear(1, 1), args=args, train_dataset=ds
+    )
+    assert epoch(fresh, 0) == order and epoch(fresh, 1) == epoch(trainer, 1)
+    assert epoch(trainer, 1) != order
+
+
+def test_resume_in_a_later_epoch_replays_that_epochs_batches(tiny_dir, sft, tmp_path):
+    init = tiny_dir("llava")
+    out = tmp_path / "out"
+    # 8 examples, batch 2: 4 steps an epoch; a kill after checkpoint-6 resumes in epoch 2.
+    cfg = _cfg(sft, out, init, max_steps=8, save_steps=2, lr=1e-3)
+    run_tune(cfg)
+    full = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+    for p in ("checkpoint-8", "final", "adapter"):
+        shutil.rmtree(out / p)
+    (out / "summary.json").unlink()
+    s = run_tune(cfg)
+    assert s["resumed_from_step"] == 6 and s["steps"] == 8
+    again = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+    for a, b in zip(full, again, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-3 * max(1.0, abs(a["loss"])), (a, b)

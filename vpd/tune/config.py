@@ -39,6 +39,9 @@ class TuneConfig(BaseModel):
     max_length: int = Field(512, ge=16)
     truncation: Literal["drop", "truncate"] = "drop"
     task_weights: dict[str, float] = Field(default_factory=dict)
+    # Batches of examples of similar length (short answers apart from long rationales):
+    # far less padding per step; LLaVA's recipes do the same (group_by_modality_length).
+    group_by_length: bool = True
     # optimisation
     epochs: float = Field(1.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs

@@ -267,11 +267,19 @@ class ChatEncoder:
 
 
 class SftDataset:
-    """Map-style dataset of pre-screened examples, encoded lazily (images read per item)."""
+    """Map-style dataset of pre-screened examples, encoded lazily (images read per item).
 
-    def __init__(self, examples: list[Example], encoder: ChatEncoder) -> None:
+    ``lengths[i]`` is example i's token count, known from screening, so a length-grouped
+    sampler needs no second encoding pass."""
+
+    def __init__(
+        self, examples: list[Example], encoder: ChatEncoder, lengths: list[int] | None = None
+    ) -> None:
         self.examples = examples
         self.encoder = encoder
+        if lengths is not None and len(lengths) != len(examples):
+            raise VpdError("SftDataset: one length per example")
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -303,6 +311,7 @@ def prepare(
     stats.records = len(examples)
     kept: list[Example] = []
     lengths: list[int] = []
+    length_of: dict[int, int] = {}  # by object: mix_tasks repeats the same Example objects
     # One encoding pass so drops are known (and counted) before training starts.
     with progress_bar("tune: screening examples", len(examples), "ex", progress) as bar:
         for ex in examples:
@@ -321,6 +330,7 @@ def prepare(
             else:
                 stats.truncated += status == "truncated"
                 lengths.append(len(feats["input_ids"]))
+                length_of[id(ex)] = lengths[-1]
                 kept.append(ex)
             bar.advance()
     if not kept:
@@ -337,7 +347,7 @@ def prepare(
     stats.examples = len(mixed)
     stats.max_tokens = max(lengths)
     stats.mean_tokens = round(sum(lengths) / len(lengths), 1)
-    return SftDataset(mixed, encoder), stats
+    return SftDataset(mixed, encoder, [length_of[id(ex)] for ex in mixed]), stats
 
 
 class Collator:

@@ -475,7 +475,8 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
 
     ckpt = last_checkpoint(out) if cfg.resume else None
     resume_step = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
-    trainer = (sparse_logits_trainer(Trainer) if cfg.sparse_logits else Trainer)(
+    base = sparse_logits_trainer(Trainer) if cfg.sparse_logits else Trainer
+    trainer = (length_grouped_trainer(base) if cfg.group_by_length else base)(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -581,6 +582,38 @@ def sparse_logits_trainer(base: Any) -> Any:
         return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
     return SparseLogitsTrainer
+
+
+def length_grouped_trainer(base: Any) -> Any:
+    """HF Trainer whose batches hold examples of similar length (transformers'
+    ``LengthGroupedSampler``: random mega-batches, sorted inside), with the lengths known
+    from screening (``SftDataset.lengths``) instead of a second encoding pass over the data.
+    Each epoch's order is drawn from ``seed + epoch``, so a resumed run replays it exactly."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class EpochSeededSampler(LengthGroupedSampler):
+        def __init__(self, batch: int, lengths: list[int], seed: int) -> None:
+            super().__init__(batch, lengths=lengths, generator=torch.Generator())
+            self.seed = seed
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch: int) -> None:
+            self.generator.manual_seed(self.seed + int(epoch))
+
+    class LengthGroupedTrainer(base):
+        def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            lengths = getattr(dataset, "lengths", None)
+            if lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            return EpochSeededSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths,
+                self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            )
+
+    return LengthGroupedTrainer
 
 
 class _Null:
