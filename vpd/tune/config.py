@@ -31,7 +31,8 @@ class TuneConfig(BaseModel):
     sft: Path
     out: Path
     init: str = "tiny"  # "tiny" (embedded default) or a HF VLM folder / hub id
-    # init=tiny only: keep the first N of SmolLM2's 30 layers (faster CPU runs; None: all)
+    # init=tiny only: keep the first N of SmolLM2's 30 layers (None: all). For smoke tests:
+    # the cut LM is broken (12 layers: next-token loss 24 vs 4.4) until tuning repairs it.
     tiny_lm_layers: int | None = Field(None, ge=1, le=30)
     chat_template: Path | None = None  # Jinja file for processors that ship none
     trust_remote_code: bool = False
