@@ -5,11 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vpd-setup
 RECIPE ?= recipes/demo-cpu.yaml
 RUN_DIR ?= runs/demo-cpu
+SDVP_RECIPE ?= recipes/sdvp-cpu.yaml
 
 ABLATION_RECIPE ?= recipes/ablation-cpu.yaml
 ABLATION_DIR ?= runs/ablation-cpu
 
-.PHONY: setup test test-fast lint full-pipeline ablation bench clean
+.PHONY: setup test test-fast lint full-pipeline ablation sdvp bench clean
 
 # Idempotent: re-installs only when pyproject.toml changed since the last setup.
 # torch is pinned and installed first so pip never pulls a multi-GB CUDA build.
@@ -40,6 +41,11 @@ full-pipeline: $(STAMP)
 # Every arm of the VPD ablation (untuned, labels, vpd, programs, majority) on one test split.
 ablation: $(STAMP)
 	$(BIN)/vpd run $(ABLATION_RECIPE) --run-dir $(ABLATION_DIR)
+
+# SDVP on top of the demo: distils the tools' VLM from the demo's tuned VLM (run it after
+# full-pipeline; the demo's finished stages are reused).
+sdvp: $(STAMP)
+	$(BIN)/vpd run $(SDVP_RECIPE) --run-dir $(RUN_DIR)
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
