@@ -507,6 +507,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r.get("sdvp"):
         lines += ["", "## SDVP: stepwise distillation into the tools", ""]
         lines += sdvp_markdown(r["sdvp"])
+        lines.append("")  # its notes end in a list: a heading right after would join it
     if r["examples"]:
         lines += ["## Example rationales", ""]
         for e in r["examples"]:
