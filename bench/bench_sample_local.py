@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=40)
     ap.add_argument("--baseline-questions", type=int, default=None, help="default: --questions")
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--rows", type=int, default=64, help="engine rows in flight (batch_size)")
+    ap.add_argument("--rows", type=int, default=128, help="engine rows in flight (the demo's)")
     ap.add_argument("--prompt", default="viper/v1", help="prompt version (the demo's: viper/v1)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (both arms)")
