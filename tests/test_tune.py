@@ -295,25 +295,39 @@ def test_lora_merge_matches_adapter_and_changes_weights(tiny_dir, sft, tmp_path)
     assert not torch.allclose(m_logits, b_logits, atol=1e-4)
 
 
+def _losses(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+
+
+def _kill_after_checkpoint_and_resume(cfg, out: Path, last: int) -> tuple[dict, list[dict]]:
+    """Remove what a kill right after the checkpoint before ``last`` would not have written
+    (the last checkpoint, the outputs, the summary; the loss log keeps its later steps), run
+    the same config again; return its summary and the loss log."""
+    for p in (f"checkpoint-{last}", "final", "adapter"):
+        shutil.rmtree(out / p)
+    (out / "summary.json").unlink()
+    return run_tune(cfg), _losses(out)
+
+
+def _assert_same_losses(full: list[dict], again: list[dict]) -> None:
+    for a, b in zip(full, again, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-3 * max(1.0, abs(a["loss"])), (a, b)
+
+
 def test_resume_continues_the_same_loss_curve(tiny_dir, sft, tmp_path):
     init = tiny_dir("llava")
     out = tmp_path / "out"
     cfg = _cfg(sft, out, init, max_steps=4, save_steps=2, lr=1e-3)
     run_tune(cfg)
-    full = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+    full = _losses(out)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     # Finished: the same command does nothing.
     assert run_tune(cfg)["skipped"] is True
     # Simulate a kill right after checkpoint-2: later state gone, loss log holds steps past it.
-    for p in ("checkpoint-4", "final", "adapter"):
-        shutil.rmtree(out / p)
-    (out / "summary.json").unlink()
-    s = run_tune(cfg)
+    s, again = _kill_after_checkpoint_and_resume(cfg, out, last=4)
     assert s["resumed_from_step"] == 2 and s["steps"] == 4
-    again = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [1, 2, 3, 4]
-    for a, b in zip(full, again, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-3 * max(1.0, abs(a["loss"])), (a, b)
+    _assert_same_losses(full, again)
     # Other options on the same folder: refused, unless --force (old run kept as .bak).
     with pytest.raises(ConfigMismatch):
         run_tune(cfg.model_copy(update={"lr": 2e-3}))
@@ -412,12 +426,7 @@ def test_resume_in_a_later_epoch_replays_that_epochs_batches(tiny_dir, sft, tmp_
     # 8 examples, batch 2: 4 steps an epoch; a kill after checkpoint-6 resumes in epoch 2.
     cfg = _cfg(sft, out, init, max_steps=8, save_steps=2, lr=1e-3)
     run_tune(cfg)
-    full = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
-    for p in ("checkpoint-8", "final", "adapter"):
-        shutil.rmtree(out / p)
-    (out / "summary.json").unlink()
-    s = run_tune(cfg)
+    full = _losses(out)
+    s, again = _kill_after_checkpoint_and_resume(cfg, out, last=8)
     assert s["resumed_from_step"] == 6 and s["steps"] == 8
-    again = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
-    for a, b in zip(full, again, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-3 * max(1.0, abs(a["loss"])), (a, b)
+    _assert_same_losses(full, again)

@@ -311,7 +311,6 @@ def prepare(
     stats.records = len(examples)
     kept: list[Example] = []
     lengths: list[int] = []
-    length_of: dict[int, int] = {}  # by object: mix_tasks repeats the same Example objects
     # One encoding pass so drops are known (and counted) before training starts.
     with progress_bar("tune: screening examples", len(examples), "ex", progress) as bar:
         for ex in examples:
@@ -330,7 +329,6 @@ def prepare(
             else:
                 stats.truncated += status == "truncated"
                 lengths.append(len(feats["input_ids"]))
-                length_of[id(ex)] = lengths[-1]
                 kept.append(ex)
             bar.advance()
     if not kept:
@@ -347,6 +345,8 @@ def prepare(
     stats.examples = len(mixed)
     stats.max_tokens = max(lengths)
     stats.mean_tokens = round(sum(lengths) / len(lengths), 1)
+    # By object: mix_tasks repeats or drops the very Example objects it was given.
+    length_of = {id(ex): n for ex, n in zip(kept, lengths, strict=True)}
     return SftDataset(mixed, encoder, [length_of[id(ex)] for ex in mixed]), stats
 
 
