@@ -39,7 +39,7 @@ from vpd.metrics import METRICS, normalize_answer, paired_bootstrap, resolve_met
 from vpd.progress import console, progress_bar
 from vpd.records import Execution, Prediction, Question
 from vpd.sample import SampleConfig, run_sample
-from vpd.store import RejectWriter, StageOutput, parse_shard, read_records
+from vpd.store import RejectWriter, StageOutput, parse_shard, read_json, read_records
 from vpd.vlm import (
     ANSWER_SUFFIX,
     EDGE_PUNCT,
@@ -534,10 +534,7 @@ def _predict(
 
 
 def _read_report(path: Path) -> dict[str, Any] | None:
-    try:
-        rep = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    rep = read_json(path)
     return rep if isinstance(rep, dict) else None
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from vpd.errors import VpdError
 from vpd.progress import quiet_transformers
+from vpd.store import read_json
 
 # The two VPD tasks' instructions (``vpd rationalize`` writes them, `vpd eval` asks them).
 ANSWER_SUFFIX = "Answer the question using a single word or phrase."
@@ -229,10 +230,8 @@ def resolve_model(model: str) -> str:
 
 
 def model_type_of(path: Path) -> str | None:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    cfg = read_json(path / "config.json")
+    return cfg.get("model_type") if isinstance(cfg, dict) else None
 
 
 def first_line(e: BaseException) -> str:

@@ -50,6 +50,7 @@ from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.data.synth import COLORS, SHAPES, SIZES, scene_and_image
 from vpd.errors import VpdError
 from vpd.progress import progress_bar, quiet_transformers
+from vpd.store import read_json
 
 # Bump when the pretraining code changes what it builds (the recipe alone is hashed too).
 VISION_VERSION = 1
@@ -541,10 +542,7 @@ def load_tower(folder: Path) -> Any:
 
 def probe_report(folder: Path) -> dict[str, Any] | None:
     """The probe results stored with a built tower (None if it has none)."""
-    try:
-        return json.loads((Path(folder) / "probe.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return read_json(Path(folder) / "probe.json")
 
 
 def main() -> None:
