@@ -126,7 +126,10 @@ def test_a_rows_logits_are_the_same_bits_whatever_n_neighbours_and_order(tok, dt
                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                       max_position_embeddings=1024)  # fmt: skip
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    prompts = _prompts(tok)
+    # A long own part beside short ones: attention spans the longest live segment and
+    # generated part, so whether this prompt is in flight changes those spans (32 -> 96+
+    # keys), and 40 tokens take the generated part from 32 to 64 keys.
+    prompts = _prompts(tok) + [_prompts(tok)[0] + tok(" red blue" * 40)["input_ids"]]
     head = len(tok("You write Python programs about images. " * 4)["input_ids"])
 
     def logits(subset: list[int], seeds: list[int]) -> dict:
@@ -141,13 +144,59 @@ def test_a_rows_logits_are_the_same_bits_whatever_n_neighbours_and_order(tok, dt
 
         eng._step = spy
         ps = [prompts[i] for i in subset]
-        list(eng.generate(ps, len(seeds), seeds, 1.0, 8, [], set(), prefix_len=head))
+        list(eng.generate(ps, len(seeds), seeds, 1.0, 40, [], set(), prefix_len=head))
         return seen
 
-    full = logits([0, 1, 2, 3], [7, 8, 9])
+    full = logits([0, 1, 2, 3, 4], [7, 8, 9])
     for subset, seeds in (([2], [8]), ([3, 1], [9, 7]), ([1, 0, 3, 2], [8])):
         part = logits(subset, seeds)
         assert part and all(torch.equal(v, full[key]) for key, v in part.items()), subset
+
+
+def test_flash_attention_bits_ignore_masked_keys_past_the_longest_row() -> None:
+    """What the engine's shrinking attention spans (bfloat16) rely on: torch's CPU flash
+    kernel gives a row the same output and log-sum-exp bits for any key span that is a
+    multiple of 16 and covers the row's unmasked keys (short spans are one block, long ones
+    512-key blocks). If a torch upgrade breaks this, samples would depend on their
+    neighbours. (Its float32 path does not have it, so float32 keeps full spans.)"""
+    dtype = torch.bfloat16
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    g = torch.Generator().manual_seed(0)
+    b, q_len, cap = 12, 24, 1024
+    q = torch.randn(b, 3, q_len, 64, generator=g).to(dtype)
+    k = torch.randn(b, 3, cap, 64, generator=g).to(dtype)
+    v = torch.randn(b, 3, cap, 64, generator=g).to(dtype)
+    for hi in (20, 100, 300, 511, 600):
+        lens = torch.randint(max(1, hi - 90), hi + 1, (b,), generator=g)
+
+        def attend(span: int, lens: torch.Tensor = lens) -> tuple:
+            mask = torch.zeros(b, span, dtype=dtype).masked_fill(
+                torch.arange(span)[None] >= lens[:, None], float("-inf")
+            )[:, None, None, :]
+            return flash(q, k[:, :, :span], v[:, :, :span], attn_mask=mask, scale=0.125)[:2]
+
+        ref = attend(cap)
+        for span in range(-(-hi // 16) * 16, cap, 16):
+            out = attend(span)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), (hi, span)
+
+
+def test_the_candidate_cut_draws_what_the_full_vocabulary_would() -> None:
+    """Gumbel-max over the candidates equals Gumbel-max over every token, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 3000, generator=g) * 4
+    logits[:8, :50] = logits[:8, :1].clone()  # exact ties among the best tokens
+    seeds, steps = list(range(100, 164)), [i % 7 for i in range(64)]
+    tokens = torch.arange(logits.shape[1])
+    for temp in (0.2, 0.5, 1.0, 1.7):
+        got = sample_tokens(logits, seeds, steps, temp)
+
+        def full(r: int, temp: float = temp) -> int:
+            noise = gumbel_noise(torch.tensor(seeds[r]), torch.tensor(steps[r]), tokens)
+            return int(torch.argmax((logits[r] / temp).double() + noise))
+
+        want = [full(r) for r in range(64)]
+        assert got == want, temp
 
 
 def test_prefix_len_must_be_shared_by_every_prompt(tok) -> None:

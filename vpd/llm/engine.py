@@ -17,10 +17,12 @@ long head (system prompt + API spec), each asked for ``n`` samples:
   row's seed, the step, the token id), and only tokens that can still win are looked at
   (the hash's noise is bounded, so the candidate cut is exact, not a top-k cut).
 - Reproducible whatever the batch: every kernel runs on fixed shapes (dense layers on
-  ``max_rows`` rows padded, attention over fixed cache lengths, the merge on padded rows),
-  and matrix kernels give a row the same bits whatever its neighbours when the shape is
-  the same. So with the same seed, ``max_rows`` and ``prefix_len`` (where the shared head
-  ends, given by the caller as a function of the prompt alone) a sample is the same bits
+  ``max_rows`` rows padded, the merge on padded rows) or on shapes that do not change a
+  row's bits (attention spans the longest live row's keys, rounded up to 32, in bfloat16;
+  fixed cache lengths in float32), and matrix kernels give a row the same bits whatever
+  its neighbours when the shape is the same. So with the same seed, ``max_rows`` and
+  ``prefix_len`` (where the shared head ends, given by the caller as a function of the
+  prompt alone) a sample is the same bits
   in a resumed run, in another order or beside other prompts (bfloat16 included).
   Another ``max_rows`` or head changes the arithmetic, and a rare near-tie between two
   tokens may then flip.
@@ -50,6 +52,12 @@ _M32 = 0xFFFFFFFF
 GUMBEL_SPAN = math.log(2.0**33) + math.log(math.log(2.0**33)) + 0.01
 _ROW_PAD = 8  # dense layers run on (at least max_rows) rows rounded up to this
 _SEG_N = 8  # a slot's samples attend its segment as a block padded to a multiple of this
+_KV_ALIGN = 32  # attention key lengths are multiples of this (the kernel's bits need 16)
+
+
+def _align(n: int) -> int:
+    """``n`` rounded up to a multiple of ``_KV_ALIGN``."""
+    return -(-n // _KV_ALIGN) * _KV_ALIGN
 
 
 def unsupported(model: Any) -> str | None:
@@ -114,12 +122,15 @@ def sample_tokens(logits: Any, seeds: list[int], steps: list[int], temperature: 
     if temperature <= 0:
         return logits.argmax(-1).tolist()
     dev = logits.device
-    scaled = logits / temperature
-    cand = scaled >= scaled.amax(-1, keepdim=True) - GUMBEL_SPAN
+    # The cut in logit units, a little looser than GUMBEL_SPAN (rounding of the division):
+    # the extra tokens cannot win, and only the candidates are divided, not the vocab.
+    top = logits.amax(-1, keepdim=True)
+    cand = logits >= top - (GUMBEL_SPAN + 0.01) * temperature
     r_idx, t_idx = cand.nonzero(as_tuple=True)
     seed_t = torch.tensor(seeds, dtype=torch.int64, device=dev)
     step_t = torch.tensor(steps, dtype=torch.int64, device=dev)
-    vals = scaled[r_idx, t_idx].double() + gumbel_noise(seed_t[r_idx], step_t[r_idx], t_idx)
+    scaled = logits[r_idx, t_idx] / temperature
+    vals = scaled.double() + gumbel_noise(seed_t[r_idx], step_t[r_idx], t_idx)
     best = torch.full((len(seeds),), -math.inf, dtype=torch.float64, device=dev)
     best.scatter_reduce_(0, r_idx, vals, "amax")
     win = vals == best[r_idx]
@@ -368,9 +379,17 @@ class Engine:
         t_idx = torch.tensor([len(row.tokens) - 1 for _, row, _ in live], device=dev)
         ids = torch.tensor([row.tokens[-1] for _, row, _ in live + pad], device=dev)
         pos = torch.tensor([plen + sl.seg_len + len(row.tokens) - 1 for _, row, sl in live + pad])
-        t_cur = buf.own_k.shape[3]
-        seg_len = torch.tensor([sl.seg_len for sl in buf.slots], device=dev)
-        s_cur = buf.seg_k.shape[3]
+        # In bfloat16, attention runs over the longest live segment / generated part (in
+        # _KV_ALIGN steps), not the buffers' capacity: there the flash kernel gives a row
+        # the same bits for any multiple of 16 masked keys past its length
+        # (tests/test_llm_engine.py), so this saves work without changing a sample. Its
+        # float32 path's bits do depend on the span, so float32 keeps the capacity.
+        seg_lens = [sl.seg_len for sl in buf.slots]
+        seg_len = torch.tensor(seg_lens, device=dev)
+        t_cur, s_cur = buf.own_k.shape[3], buf.seg_k.shape[3]
+        if self.dtype == torch.bfloat16:
+            t_cur = _align(max(len(row.tokens) for _, row, _ in live))
+            s_cur = _align(max(seg_lens))
         own_len = torch.zeros(rows_cap, dtype=torch.long, device=dev)
         own_len[rows] = t_idx + 1
         neg = float("-inf")
@@ -438,7 +457,7 @@ class Engine:
             o = o.to(self.dtype).reshape(m, self.n_heads * d)
             x = x + a.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(self.model.model.norm(x)).float()[:a_n]
+        return self.model.lm_head(self.model.model.norm(x))[:a_n].float()
 
 
 class _Call:
@@ -465,7 +484,7 @@ class _Call:
         want = max(1, -(-eng.max_rows // n))
         self.n_slots = min(want + max(1, want // 2), len(prompts))
         seg_cap = -(-(max(len(p) for p in prompts) - self.plen) // 256) * 256
-        self.buf = _Buffers(eng, self.n_slots, n, seg_cap, max_tokens)
+        self.buf = _Buffers(eng, self.n_slots, n, seg_cap, _align(max_tokens))
         self.pending = deque(range(len(prompts)))
         self.live = 0
 
