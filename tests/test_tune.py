@@ -22,6 +22,7 @@ from vpd.tune.data import (
     IGNORE_INDEX,
     Collator,
     Example,
+    group_turns,
     mix_tasks,
     parse_task_weights,
     prepare,
@@ -117,6 +118,58 @@ def test_mix_tasks_repeats_and_subsamples_deterministically():
         e.id for e in mixed
     ]
     assert mix_tasks(exs, {"rationale": 0}, seed=1) == exs[:10]
+
+
+def _qa(qid: str, image: str, question: str, answer: str, task: str = "answer") -> dict:
+    user = [{"type": "image"}, {"type": "text", "text": question}]
+    return {"id": qid, "image": image, "task": task, "messages": [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]}  # fmt: skip
+
+
+def test_turns_per_image_joins_each_images_answers_into_labelled_turns(tiny_dir, tmp_path):
+    from vpd.tune.model import load_processor
+
+    folder = tmp_path / "mt"
+    write_sft(folder, n=2)  # draws 0.png and 1.png
+    recs = [
+        _qa("a0", "0.png", "What color is the circle?", "red"),
+        _qa("b0", "1.png", "How many circles?", "7"),
+        _qa("a1", "0.png", "Is there a star?", "no"),
+        _qa("r0", "0.png", "How many circles?", "I count them: 1.", task="rationale"),
+        _qa("a2", "0.png", "What shape is it?", "circle"),
+    ]
+    path = folder / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    proc = load_processor(tiny_dir("llava"))
+    single, _ = prepare(path, proc, progress=False)
+    assert [e.id for e in single.examples] == ["a0", "b0", "a1", "r0", "a2"]
+    ds, stats = prepare(path, proc, progress=False, turns_per_image=2)
+    assert stats.records == 5
+    # Image 0's answers in file order, two per conversation, where its first question was;
+    # the rationale and the other image's answer pass through.
+    assert [e.id for e in ds.examples] == ["a0+1", "a2", "b0", "r0"]
+    conv = ds.examples[0]
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"] * 2
+    tok = proc.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    feats = ds[0]
+    ids, labels = feats["input_ids"], feats["labels"]
+    # The image's tokens once (the first turn's), and exactly the two answers labelled.
+    assert int((ids == image_id).sum()) == int((single[0]["input_ids"] == image_id).sum())
+    labelled = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+    spans: list[list[int]] = []  # runs of consecutive labelled positions
+    for j in labelled:
+        if spans and j == spans[-1][-1] + 1:
+            spans[-1].append(j)
+        else:
+            spans.append([j])
+    texts = [tok.decode(ids[sp[0] : sp[-1] + 1]).strip() for sp in spans]
+    assert len(texts) == 2 and texts[0].startswith("red") and texts[1].startswith("no")
+    prompt = tok.decode(ids[: spans[1][0]])
+    assert prompt.index("What color") < prompt.index("red") < prompt.index("Is there a star")
+    assert group_turns(single.examples, 1) == single.examples
 
 
 @pytest.mark.parametrize("family", FAMILIES)

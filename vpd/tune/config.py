@@ -43,6 +43,9 @@ class TuneConfig(BaseModel):
     # Batches of examples of similar length (short answers apart from long rationales):
     # far less padding per step; LLaVA's recipes do the same (group_by_modality_length).
     group_by_length: bool = True
+    # Up to N single-turn answer examples of one image joined into one multi-turn
+    # conversation (LLaVA's data layout): the image is encoded once for N questions.
+    turns_per_image: int = Field(1, ge=1)
     # optimisation
     epochs: float = Field(1.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs

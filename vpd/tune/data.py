@@ -14,6 +14,12 @@ fits and some answer remains, else drops. Both are counted, and drops go to the 
 
 Task mixing: ``task_weights={"answer": 1, "rationale": 0.5}`` repeats/sub-samples each task's
 examples to ``round(weight * count)``, deterministically by ``seed``.
+
+Turns per image (``turns_per_image=N``): the single-turn ``answer`` examples of one image are
+joined, up to N at a time, into one multi-turn conversation (the image in the first turn
+only, each answer a labelled turn), as LLaVA's instruction data is. The image's tokens are
+then encoded once for N questions instead of N times. Other tasks stay as they are, and
+task weights count conversations.
 """
 
 from __future__ import annotations
@@ -155,6 +161,52 @@ def read_sft(path: Path, rejects: RejectWriter | None = None) -> list[Example]:
         Example(rec.id, rec.task, image_path(rec), normalize_messages(rec.messages))
         for rec in read_records(path, Sft, rejects=rejects, check=check)
     ]
+
+
+def _single_answer_turn(ex: Example) -> bool:
+    """One user turn holding the image first, then one assistant turn."""
+    if ex.task != "answer" or [m["role"] for m in ex.messages] != ["user", "assistant"]:
+        return False
+    content = ex.messages[0]["content"]
+    return (
+        isinstance(content, list)
+        and bool(content)
+        and content[0].get("type") == "image"
+        and _n_images(ex.messages) == 1
+    )
+
+
+def group_turns(examples: list[Example], per_image: int) -> list[Example]:
+    """Join the single-turn answer examples of each image, ``per_image`` at a time, into
+    multi-turn conversations (file order kept; the others pass through unchanged)."""
+    if per_image <= 1:
+        return list(examples)
+    by_image: dict[Path, list[Example]] = {}
+    out: list[Example | Path] = []
+    for ex in examples:
+        if _single_answer_turn(ex):
+            if ex.image not in by_image:
+                by_image[ex.image] = []
+                out.append(ex.image)  # the conversations take the first question's place
+            by_image[ex.image].append(ex)
+        else:
+            out.append(ex)
+    joined: list[Example] = []
+    for item in out:
+        if isinstance(item, Example):
+            joined.append(item)
+            continue
+        group = by_image[item]
+        for i in range(0, len(group), per_image):
+            part = group[i : i + per_image]
+            messages = list(part[0].messages)
+            for ex in part[1:]:
+                user, answer = ex.messages
+                text_only = [c for c in user["content"] if c.get("type") != "image"]
+                messages += [{**user, "content": text_only}, answer]
+            ex_id = part[0].id if len(part) == 1 else f"{part[0].id}+{len(part) - 1}"
+            joined.append(Example(ex_id, "answer", item, messages))
+    return joined
 
 
 def mix_tasks(examples: list[Example], weights: dict[str, float], seed: int) -> list[Example]:
@@ -302,13 +354,16 @@ def prepare(
     model_type: str = "",
     rejects: RejectWriter | None = None,
     progress: bool = True,
+    turns_per_image: int = 1,
 ) -> tuple[SftDataset, DataStats]:
-    """Read, validate, length-screen and mix the SFT file; return the dataset and counts."""
+    """Read, validate, join turns, length-screen and mix the SFT file; return the dataset
+    and counts (``records``: SFT lines read; the rest count conversations)."""
     stats = DataStats()
     encoder = ChatEncoder(processor, max_length, truncation, model_type)
     examples = read_sft(path, rejects)
     stats.rejected = rejects.count if rejects is not None else 0
     stats.records = len(examples)
+    examples = group_turns(examples, turns_per_image)
     kept: list[Example] = []
     lengths: list[int] = []
     # One encoding pass so drops are known (and counted) before training starts.

@@ -456,6 +456,7 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
             truncation=cfg.truncation,
             task_weights=cfg.task_weights,
             seed=cfg.seed,
+            turns_per_image=cfg.turns_per_image,
             model_type=_model_type(init_path),
             rejects=rejects if _rank() == 0 else None,
             progress=cfg.progress and _rank() == 0,
