@@ -22,8 +22,8 @@ long head (system prompt + API spec), each asked for ``n`` samples:
   fixed cache lengths in float32), and matrix kernels give a row the same bits whatever
   its neighbours when the shape is the same. So with the same seed, ``max_rows`` and
   ``prefix_len`` (where the shared head ends, given by the caller as a function of the
-  prompt alone) a sample is the same bits
-  in a resumed run, in another order or beside other prompts (bfloat16 included).
+  prompt alone) a sample is the same bits in a resumed run, in another order or beside
+  other prompts (bfloat16 included).
   Another ``max_rows`` or head changes the arithmetic, and a rare near-tie between two
   tokens may then flip.
 
