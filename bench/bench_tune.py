@@ -10,6 +10,8 @@ the same run.
     .venv/bin/python bench/bench_tune.py --compare 30:dense,30:sparse,12:sparse --steps 6
         # LoRA on the tiny VLM: LM layers, and logits over the vocabulary everywhere (dense,
         # the model's own loss) or only where a label is (sparse, vpd tune's default)
+    .venv/bin/python bench/bench_tune.py --compare 30:sparse:0.05,30:sparse:0 --steps 6
+        # LoRA dropout 0.05 (the library default) against none (the CPU recipes)
     .venv/bin/python bench/bench_tune.py --init /tmp/tiny-llava --steps 4   # any HF VLM
 """
 
@@ -84,6 +86,7 @@ def child(args: argparse.Namespace) -> None:
         merge=False,
         progress=False,
         sparse_logits=not args.dense,
+        lora_dropout=args.lora_dropout,
     )
     s = run_tune(cfg)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -95,10 +98,12 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(
-    args: argparse.Namespace, mode: str, sft: Path, out: Path, layers: int | None, dense: bool
-) -> dict:
+    args: argparse.Namespace, mode: str, sft: Path, out: Path, layers: int | None, dense: bool,
+    dropout: float = 0.05,
+) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--child", mode, "--sft", str(sft), "--out", str(out)]
     cmd += ["--init", args.init, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+    cmd += ["--lora-dropout", str(dropout)]
     if layers:
         cmd += ["--tiny-lm-layers", str(layers)]
     if dense:
@@ -118,23 +123,28 @@ def compare(args: argparse.Namespace, specs: list[str]) -> None:
 
     configs = []
     for spec in specs:
-        layers, _, kind = spec.partition(":")
-        if kind not in ("dense", "sparse") or not layers.isdigit():
-            sys.exit(f"--compare: expected LAYERS:dense or LAYERS:sparse, got {spec!r}")
-        configs.append((spec, None if int(layers) == 30 else int(layers), kind == "dense"))
-    for _, layers, _ in configs:  # build outside the timed children
+        layers, kind, *rest = spec.split(":") + [""]
+        try:
+            dropout = float(rest[0]) if rest[0] else 0.05
+        except ValueError:
+            dropout = -1.0
+        if kind not in ("dense", "sparse") or not layers.isdigit() or not 0 <= dropout < 1:
+            sys.exit(f"--compare: expected LAYERS:dense|sparse[:LORA_DROPOUT], got {spec!r}")
+        configs.append((spec, None if int(layers) == 30 else int(layers), kind == "dense", dropout))
+    for _, layers, _, _ in configs:  # build outside the timed children
         build_tiny_vlm(lm_layers=layers)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         sft = make_sft(Path(tmp) / "data", args.examples)
-        for i, (spec, layers, dense) in enumerate(configs):
-            results[spec] = run_child(args, "lora", sft, Path(tmp) / f"c{i}", layers, dense)
+        for i, (spec, layers, dense, dropout) in enumerate(configs):
+            out = Path(tmp) / f"c{i}"
+            results[spec] = run_child(args, "lora", sft, out, layers, dense, dropout)
     print(f"tiny VLM, LoRA, steps: {args.steps}  batch: {args.batch_size}  (CPU, fp32)")
-    print(f"{'config':>10} {'ex/s mean':>9} {'ex/s best':>9} {'peak RSS MB':>12} {'vs first':>9}")
+    print(f"{'config':>15} {'ex/s mean':>9} {'ex/s best':>9} {'peak RSS MB':>12} {'vs first':>9}")
     base = results[specs[0]]
     for spec, r in results.items():
         print(
-            f"{spec:>10} {r['examples_per_s']:9.2f} {r['best_ex_s']:9.2f} {r['peak_rss_mb']:12d} "
+            f"{spec:>15} {r['examples_per_s']:9.2f} {r['best_ex_s']:9.2f} {r['peak_rss_mb']:12d} "
             f"x{r['best_ex_s'] / max(base['best_ex_s'], 1e-9):8.2f}"
         )
 
@@ -146,7 +156,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--examples", type=int, default=64)
-    ap.add_argument("--layers", help="init=tiny: compare these LM layer counts (LoRA), e.g. 30,12")
+    ap.add_argument(
+        "--compare",
+        help="init=tiny, LoRA: compare LAYERS:dense|sparse[:LORA_DROPOUT] configurations, "
+        "e.g. 30:sparse,12:sparse or 30:sparse:0.05,30:sparse:0",
+    )
+    ap.add_argument("--lora-dropout", type=float, default=0.05)
+    ap.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
     ap.add_argument("--sft", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
