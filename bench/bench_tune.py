@@ -99,7 +99,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(
     args: argparse.Namespace, mode: str, sft: Path, out: Path, layers: int | None, dense: bool,
-    dropout: float = 0.05,
+    dropout: float,
 ) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--child", mode, "--sft", str(sft), "--out", str(out)]
     cmd += ["--init", args.init, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
@@ -123,12 +123,16 @@ def compare(args: argparse.Namespace, specs: list[str]) -> None:
 
     configs = []
     for spec in specs:
-        layers, kind, *rest = spec.split(":") + [""]
-        try:
-            dropout = float(rest[0]) if rest[0] else 0.05
+        parts = spec.split(":")
+        layers, kind = parts[0], parts[1] if len(parts) > 1 else ""
+        try:  # no third part: --lora-dropout
+            dropout = float(parts[2]) if len(parts) == 3 else args.lora_dropout
         except ValueError:
             dropout = -1.0
-        if kind not in ("dense", "sparse") or not layers.isdigit() or not 0 <= dropout < 1:
+        if (
+            len(parts) not in (2, 3) or kind not in ("dense", "sparse") or not layers.isdigit()
+            or not 0 <= dropout < 1
+        ):  # fmt: skip
             sys.exit(f"--compare: expected LAYERS:dense|sparse[:LORA_DROPOUT], got {spec!r}")
         configs.append((spec, None if int(layers) == 30 else int(layers), kind == "dense", dropout))
     for _, layers, _, _ in configs:  # build outside the timed children
@@ -161,7 +165,9 @@ def main() -> None:
         help="init=tiny, LoRA: compare LAYERS:dense|sparse[:LORA_DROPOUT] configurations, "
         "e.g. 30:sparse,12:sparse or 30:sparse:0.05,30:sparse:0",
     )
-    ap.add_argument("--lora-dropout", type=float, default=0.05)
+    ap.add_argument(
+        "--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: the library's)"
+    )
     ap.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
     ap.add_argument("--sft", help=argparse.SUPPRESS)
@@ -182,37 +188,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sft = make_sft(Path(tmp) / "data", args.examples)
         for mode in ("full", "lora"):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                mode,
-                "--sft",
-                str(sft),
-                "--out",
-                str(Path(tmp) / mode),
-                "--init",
-                args.init,
-                "--steps",
-                str(args.steps),
-                "--batch-size",
-                str(args.batch_size),
-            ]
-            if args.tiny_lm_layers:
-                cmd += ["--tiny-lm-layers", str(args.tiny_lm_layers)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-            results[mode] = json.loads(line[len("RESULT ") :])
+            out = Path(tmp) / mode
+            results[mode] = run_child(
+                args, mode, sft, out, args.tiny_lm_layers, False, args.lora_dropout
+            )
     layers = f" ({args.tiny_lm_layers} LM layers)" if args.tiny_lm_layers else ""
     print(f"model: {args.init}{layers}  steps: {args.steps}  batch: {args.batch_size}  (CPU, fp32)")
     print(
         f"{'mode':6} {'ex/s mean':>9} {'ex/s best':>9} {'best s/step':>11} "
         f"{'peak RSS MB':>12} {'trainable':>12}"
     )
-    for r in results.values():
-        r["best_ex_s"] = args.batch_size / max(r["best_step_s"], 1e-9)
     for mode, r in results.items():
         print(
             f"{mode:6} {r['examples_per_s']:9.2f} {r['best_ex_s']:9.2f} {r['best_step_s']:11.2f} "
