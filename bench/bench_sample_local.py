@@ -1,9 +1,12 @@
 """Local sampling: vpd's engine vs the naive Hugging Face loop, measured in the same run.
 
 Both sample k programs per question for the first demo questions (recipes/demo-cpu.yaml's
-data: synth, n=1000, seed 0), with the same prompt, model, dtype, temperature and stop
-string. The baseline is what a user writes first: one question at a time,
-``model.generate(..., num_return_sequences=k)`` (``vpd.llm.local.naive_generate``).
+data: synth, n=1000, seed 0), with the same prompt, model, temperature and stop string.
+The baseline is what a user writes first: one question at a time,
+``model.generate(..., num_return_sequences=k)`` (``vpd.llm.local.naive_generate``), on the
+model as ``from_pretrained`` loads it (float32, transformers' default, as the issue that
+set the target measured it) and, with ``--baseline-dtype float32,same``, also on the
+engine's own weights (bfloat16 where the CPU has AMX / AVX512-BF16).
 Then both sets of programs are executed with the synthetic tools and verified, and the
 share of questions with at least one correct program (the quality VPD needs) is printed
 next to programs/s and generated tokens/s, with the ratio.
@@ -11,6 +14,7 @@ next to programs/s and generated tokens/s, with the ratio.
     .venv/bin/python bench/bench_sample_local.py                 # 40 questions, k=5
     .venv/bin/python bench/bench_sample_local.py --baseline-questions 10   # quicker baseline
     .venv/bin/python bench/bench_sample_local.py --prompt viper/v1 --dtype float32
+    .venv/bin/python bench/bench_sample_local.py --baseline-dtype float32,same  # two baselines
 """
 
 from __future__ import annotations
@@ -104,8 +108,16 @@ def main() -> None:
     ap.add_argument("--prompt", default="viper/v1", help="prompt version (the demo's: viper/v1)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (both arms)")
+    ap.add_argument(
+        "--baseline-dtype", default="float32",
+        help="dtype(s) of the naive loop's model, comma-separated; 'same' = the engine's "
+        "(default float32: what from_pretrained gives)",
+    )  # fmt: skip
     ap.add_argument("--skip-baseline", action="store_true")
     a = ap.parse_args()
+    base_dtypes = [x.strip() for x in a.baseline_dtype.split(",") if x.strip()]
+    if not base_dtypes or any(x not in ("same", "float32", "bfloat16") for x in base_dtypes):
+        ap.error("--baseline-dtype: a comma-separated list of float32, bfloat16, same")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         qs = _questions(tmp, a.questions)
@@ -113,11 +125,18 @@ def main() -> None:
         print(f"model {local.name} ({local.dtype}), prompt {a.prompt}, k={a.k}, rows {a.rows}")
         eng = _arm("engine", local, qs, tmp, a)
         rows = [("vpd engine", eng)]
+        bases = []
         if not a.skip_baseline:
             nb = a.baseline_questions or a.questions
             bq = _questions(tmp, nb) if nb != a.questions else qs
-            base = _arm("naive", NaiveHF(local), bq, tmp, a)
-            rows.insert(0, ("naive HF generate", base))
+            for dt in base_dtypes:
+                dt = local.dtype if dt == "same" else dt
+                model = (
+                    local if dt == local.dtype else LocalLLM(LLMConfig(backend="local", dtype=dt))
+                )
+                name = f"naive HF ({dt})"
+                bases.append((name, _arm(f"naive-{dt}", NaiveHF(model), bq, tmp, a)))
+            rows = bases + rows
         print(f"{'':20} {'questions':>9} {'programs':>8} {'wall s':>8} {'programs/s':>10} "
               f"{'gen tok/s':>9} {'q with a correct program':>25}")  # fmt: skip
         for name, r in rows:
@@ -126,8 +145,8 @@ def main() -> None:
             )
             print(f"{name:20} {r['questions']:9d} {r['programs']:8d} {r['wall']:8.1f} "
                   f"{r['prog_s']:10.2f} {r['tok_s']:9.1f} {share:>25}")  # fmt: skip
-        if not a.skip_baseline:
-            print(f"speed-up: {eng['prog_s'] / base['prog_s']:.1f}x programs/s, "
+        for name, base in bases:
+            print(f"speed-up over {name}: {eng['prog_s'] / base['prog_s']:.1f}x programs/s, "
                   f"{eng['tok_s'] / base['tok_s']:.1f}x generated tokens/s")  # fmt: skip
 
 

@@ -153,6 +153,27 @@ def test_a_rows_logits_are_the_same_bits_whatever_n_neighbours_and_order(tok, dt
         assert part and all(torch.equal(v, full[key]) for key, v in part.items()), subset
 
 
+def test_prepacked_weights_give_the_plain_layers_bits(tok) -> None:
+    """bfloat16 runs the dense layers on weights packed once for oneDNN (faster on CPU);
+    the samples are the plain layers' samples, bit for bit."""
+    model = _tiny("qwen2", len(tok), seed=3).to(torch.bfloat16)  # biases too
+    prompts = _prompts(tok)
+    packed = Engine(model, tok, max_rows=8)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN: the engine runs the plain layers")
+    assert len(packed._packed) == 1 + 7 * len(model.model.layers)  # lm_head + 7 a layer
+    plain = Engine(model, tok, max_rows=8)
+    plain._packed = {}
+
+    def run(eng: Engine) -> dict:
+        return {
+            (r.conv, r.j): r.tokens for r in eng.generate(prompts, 3, [1, 2, 3], 1.0, 24, [], set())
+        }
+
+    got = run(packed)
+    assert len(got) == 12 and got == run(plain)
+
+
 def test_flash_attention_bits_ignore_masked_keys_past_the_longest_row() -> None:
     """What the engine's shrinking attention spans (bfloat16) rely on: torch's CPU flash
     kernel gives a row the same output and log-sum-exp bits for any key span that is a
@@ -181,11 +202,14 @@ def test_flash_attention_bits_ignore_masked_keys_past_the_longest_row() -> None:
             assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), (hi, span)
 
 
-def test_the_candidate_cut_draws_what_the_full_vocabulary_would() -> None:
+@pytest.mark.parametrize("vocab", [3000, 3072])  # token by token; by 128-token blocks
+def test_the_candidate_cut_draws_what_the_full_vocabulary_would(vocab: int) -> None:
     """Gumbel-max over the candidates equals Gumbel-max over every token, bit for bit."""
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(64, 3000, generator=g) * 4
+    logits = torch.randn(64, vocab, generator=g) * 4
     logits[:8, :50] = logits[:8, :1].clone()  # exact ties among the best tokens
+    logits[9] = 0.5  # a flat row: every token is a candidate
+    logits[10, 2999] = 40.0  # one token far ahead, in the last block
     seeds, steps = list(range(100, 164)), [i % 7 for i in range(64)]
     tokens = torch.arange(logits.shape[1])
     for temp in (0.2, 0.5, 1.0, 1.7):
