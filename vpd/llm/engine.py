@@ -227,6 +227,8 @@ class Engine:
         self.model = model
         self.tok = tokenizer
         self.max_rows = max(1, int(max_rows))
+        # Rows the dense layers of a step run on (at least; see _ROW_PAD).
+        self.dense_rows = -(-self.max_rows // _ROW_PAD) * _ROW_PAD
         cfg = model.config
         self.layers = list(model.model.layers)
         attn = self.layers[0].self_attn
@@ -262,7 +264,7 @@ class Engine:
             a, mlp = layer.self_attn, layer.mlp
             mods += [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
             mods += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        rows = -(-self.max_rows // _ROW_PAD) * _ROW_PAD
+        rows = self.dense_rows
         packed: dict[Any, Any] = {}
         gen = torch.Generator(device=self.device).manual_seed(0)
         try:
@@ -440,7 +442,7 @@ class Engine:
         rows_cap = n_slots * n
         n_seg = -(-n // _SEG_N) * _SEG_N
         a_n = len(live)
-        m = max(-(-a_n // _ROW_PAD), -(-self.max_rows // _ROW_PAD)) * _ROW_PAD
+        m = max(-(-a_n // _ROW_PAD) * _ROW_PAD, self.dense_rows)
         pad = [live[-1]] * (m - a_n)
         rows = torch.tensor([r for r, _, _ in live], device=dev)
         rows_m = torch.tensor([r for r, _, _ in live + pad], device=dev)
