@@ -57,6 +57,9 @@ def write_sft(folder: Path, n: int = 8, extra: list[dict] | None = None) -> Path
         lines.append(
             {
                 "id": f"q{i}",
+                # An answer and the next record's rationale are one question's (the
+                # question layout groups them); the records layout ignores qid.
+                "qid": f"q{i - i % 2}",
                 "image": f"{i}.png",
                 "task": task,
                 "messages": [
@@ -143,9 +146,9 @@ def test_turns_per_image_joins_each_images_answers_into_labelled_turns(tiny_dir,
     path = folder / "sft.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     proc = load_processor(tiny_dir("llava"))
-    single, _ = prepare(path, proc, progress=False)
+    single, _ = prepare(path, proc, progress=False, layout="records")
     assert [e.id for e in single.examples] == ["a0", "b0", "a1", "r0", "a2"]
-    ds, stats = prepare(path, proc, progress=False, turns_per_image=2)
+    ds, stats = prepare(path, proc, progress=False, layout="records", turns_per_image=2)
     assert stats.records == 5
     # Image 0's answers in file order, two per conversation, where its first question was;
     # the rationale and the other image's answer pass through.
@@ -179,7 +182,9 @@ def test_labels_cover_exactly_the_assistant_tokens(family, tiny_dir, sft):
     path = tiny_dir(family)
     proc = load_processor(path)
     mtype = json.loads((path / "config.json").read_text())["model_type"]
-    ds, stats = prepare(sft, proc, max_length=512, model_type=mtype, progress=False)
+    ds, stats = prepare(
+        sft, proc, max_length=512, model_type=mtype, progress=False, layout="records"
+    )
     assert stats.records == 8 and stats.dropped_too_long == 0
     tok = proc.tokenizer
     image_ids = {
@@ -245,7 +250,9 @@ def test_screening_rejects_bad_records_and_counts_long_ones(tmp_path, tiny_dir):
     proc = load_processor(tiny_dir("llava"))
     rej_path = tmp_path / "rej.jsonl"
     with RejectWriter(rej_path) as rej:
-        ds, stats = prepare(path, proc, max_length=128, rejects=rej, progress=False)
+        ds, stats = prepare(
+            path, proc, max_length=128, rejects=rej, progress=False, layout="records"
+        )
     assert len(ds) == 4 and stats.dropped_too_long == 1 and stats.rejected == 4
     reasons = {
         json.loads(x).get("id"): json.loads(x)["reason"] for x in rej_path.read_text().splitlines()
@@ -255,7 +262,9 @@ def test_screening_rejects_bad_records_and_counts_long_ones(tmp_path, tiny_dir):
     assert "max_length" in reasons["long"]
     assert "task" in reasons["badtask"]
     # truncate keeps the long one, cut to max_length, still ending in labelled answer tokens
-    ds2, stats2 = prepare(path, proc, max_length=128, truncation="truncate", progress=False)
+    ds2, stats2 = prepare(
+        path, proc, max_length=128, truncation="truncate", progress=False, layout="records"
+    )
     assert len(ds2) == 5 and stats2.truncated == 1
     item = next(ds2[i] for i in range(len(ds2)) if ds2.examples[i].id == "long")
     assert len(item["input_ids"]) == 128 and item["labels"][-1] != IGNORE_INDEX
@@ -335,7 +344,7 @@ def test_lora_merge_matches_adapter_and_changes_weights(tiny_dir, sft, tmp_path)
     init = tiny_dir("llava")
     out = tmp_path / "out"
     run_tune(_cfg(sft, out, init, lr=5e-3))
-    ds, _ = prepare(sft, load_vlm(out / "final")[1], progress=False)
+    ds, _ = prepare(sft, load_vlm(out / "final")[1], progress=False, layout="records")
     batch = Collator(0)([ds[0]])
     batch.pop("labels")
     merged = AutoModelForImageTextToText.from_pretrained(out / "final").eval()
@@ -400,7 +409,7 @@ def test_sparse_logits_give_the_models_own_loss_and_gradients(family, tiny_dir, 
     init = tiny_dir(family)
     proc = load_processor(init)
     proc.tokenizer.padding_side = "right"
-    ds, _ = prepare(sft, proc, progress=False, model_type=family)
+    ds, _ = prepare(sft, proc, progress=False, layout="records", model_type=family)
     batch = Collator(processor_pad_id(proc))([ds[i] for i in range(4)])
     n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
@@ -438,7 +447,7 @@ def test_length_grouped_batches_use_screening_lengths_and_replay_each_epoch(tiny
     ]
     path = write_sft(tmp_path / "d", n=32, extra=long)
     proc = load_processor(tiny_dir("llava"))
-    ds, _ = prepare(path, proc, progress=False)
+    ds, _ = prepare(path, proc, progress=False, layout="records")
     assert ds.lengths == [len(ds[i]["input_ids"]) for i in range(len(ds))]
 
     def epoch(trainer, e):

@@ -36,9 +36,17 @@ class TuneConfig(BaseModel):
     tiny_lm_layers: int | None = Field(None, ge=1, le=30)
     chat_template: Path | None = None  # Jinja file for processors that ship none
     trust_remote_code: bool = False
+    # Validation SFT (answer records of held-out training images): its loss after every
+    # epoch goes to loss.jsonl/loss.png, to choose epochs and learning rate on it.
+    val: Path | None = None
     # data
     max_length: int = Field(512, ge=16)
     truncation: Literal["drop", "truncate"] = "drop"
+    # question: one example per question, its tasks' losses each averaged over its own
+    # tokens and summed (VPD's objective); records: one example per SFT record.
+    layout: Literal["question", "records"] = "question"
+    # question layout: each task's loss weight (rationale=0: the labels arm); records
+    # layout: how often each task's records are repeated/sub-sampled.
     task_weights: dict[str, float] = Field(default_factory=dict)
     # Batches of examples of similar length (short answers apart from long rationales):
     # far less padding per step; LLaVA's recipes do the same (group_by_modality_length).
@@ -136,6 +144,8 @@ class TuneConfig(BaseModel):
         d["deepspeed"] = _deepspeed_identity(self.deepspeed)
         if self.chat_template is not None:
             d["chat_template"] = _file_identity(self.chat_template)
+        if self.val is not None:
+            d["val"] = _file_identity(self.val)
         return d
 
 

@@ -12,14 +12,25 @@ Too-long examples (``max_length`` tokens): ``truncation="drop"`` (default) leave
 ``"truncate"`` cuts the answer's tail when the whole prompt (with every image token) still
 fits and some answer remains, else drops. Both are counted, and drops go to the rejects file.
 
-Task mixing: ``task_weights={"answer": 1, "rationale": 0.5}`` repeats/sub-samples each task's
-examples to ``round(weight * count)``, deterministically by ``seed``.
+Layouts (``layout``):
 
-Turns per image (``turns_per_image=N``): the single-turn ``answer`` examples of one image are
-joined, up to N at a time, into one multi-turn conversation (the image in the first turn
-only, each answer a labelled turn), as LLaVA's instruction data is. The image's tokens are
-then encoded once for N questions instead of N times. Other tasks stay as they are, and
-task weights count conversations.
+- ``question`` (default; VPD's, Hu et al. 2024 Sec. 3): the records of one question (``qid``)
+  form ONE example holding one sequence per task: its ``answer`` record and, where a program
+  was kept, its ``rationale`` record(s). The loss sums each task's cross-entropy averaged over
+  its own tokens (:mod:`vpd.tune.loss`), ``task_weights`` scaling each term; a task of weight
+  0 is left out, so ``rationale=0`` trains on exactly the same examples, in the same order,
+  without the rationale term (the ``labels`` arm). Every example needs an answer record (one
+  without is rejected), and examples are grouped by the length of their answer sequence, the
+  same in both arms.
+- ``records``: every record its own example; ``task_weights={"answer": 1, "rationale": 0.5}``
+  repeats/sub-samples each task's examples to ``round(weight * count)``, deterministically by
+  ``seed``.
+
+Turns per image (``turns_per_image=N``, ``records`` layout): the single-turn ``answer``
+examples of one image are joined, up to N at a time, into one multi-turn conversation (the
+image in the first turn only, each answer a labelled turn), as LLaVA's instruction data is.
+The image's tokens are then encoded once for N questions instead of N times. Other tasks
+stay as they are, and task weights count conversations.
 """
 
 from __future__ import annotations
@@ -33,8 +44,9 @@ from vpd.errors import VpdError
 from vpd.progress import progress_bar
 from vpd.records import Sft
 from vpd.store import RejectWriter, read_records
+from vpd.tune.loss import IGNORE_INDEX, row_weights
 
-IGNORE_INDEX = -100
+LAYOUTS = ("question", "records")
 # Sequence-shaped keys padded along the token axis; everything else is image-side.
 _SEQ_PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX}
 _SEQ_KEYS_ZERO = ("token_type_ids", "mm_token_type_ids")
@@ -126,6 +138,32 @@ class Example:
     task: str
     image: Path
     messages: list[dict[str, Any]]
+    qid: str = ""
+
+
+def record_qid(rec: Sft) -> str:
+    """The question a record belongs to: its ``qid`` key, else its id before the task
+    (``<qid>/answer``, ``<qid>/rationale[/k]``)."""
+    qid = getattr(rec, "qid", None)
+    if isinstance(qid, str) and qid:
+        return qid
+    for tail in ("/answer", "/rationale"):
+        if tail in rec.id:
+            return rec.id.rsplit(tail, 1)[0]
+    return rec.id
+
+
+@dataclass
+class QuestionExample:
+    """One question's training example: one sequence per task (answer first)."""
+
+    id: str
+    image: Path
+    parts: list[Example]
+
+    @property
+    def tasks(self) -> list[str]:
+        return [p.task for p in self.parts]
 
 
 @dataclass
@@ -158,9 +196,34 @@ def read_sft(path: Path, rejects: RejectWriter | None = None) -> list[Example]:
         return None
 
     return [
-        Example(rec.id, rec.task, image_path(rec), normalize_messages(rec.messages))
+        Example(
+            rec.id, rec.task, image_path(rec), normalize_messages(rec.messages), record_qid(rec)
+        )
         for rec in read_records(path, Sft, rejects=rejects, check=check)
     ]
+
+
+def group_questions(
+    examples: list[Example], weights: dict[str, float]
+) -> tuple[list[QuestionExample], list[Example]]:
+    """One example per question (first-appearance order), its answer sequence first, then
+    its other tasks in file order; tasks of weight 0 are left out. Returns ``(examples,
+    records of questions without an answer record)``."""
+    by_qid: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_qid.setdefault(ex.qid or ex.id, []).append(ex)
+    groups: list[QuestionExample] = []
+    orphans: list[Example] = []
+    for qid, recs in by_qid.items():
+        answers = [r for r in recs if r.task == "answer"]
+        if not answers:
+            orphans.extend(recs)
+            continue
+        if len(answers) > 1:  # one answer per question; extra ones go with the orphans
+            orphans.extend(answers[1:])
+        others = [r for r in recs if r.task != "answer" and weights.get(r.task, 1.0) > 0]
+        groups.append(QuestionExample(qid, answers[0].image, [answers[0], *others]))
+    return groups, orphans
 
 
 def _single_answer_turn(ex: Example) -> bool:
@@ -274,7 +337,22 @@ class ChatEncoder:
 
         with Image.open(ex.image) as im:
             image = im.convert("RGB")
-        messages = ex.messages
+        try:
+            return self.encode_messages(ex.messages, image)
+        except VpdError as e:
+            raise VpdError(f"{ex.id}: {e}") from None
+
+    def encode_image(self, messages: list[dict[str, Any]], image: Any) -> dict[str, Any]:
+        """Features of a conversation about an in-memory image (it must fit)."""
+        feats, status = self.encode_messages(messages, image)
+        if feats is None:
+            raise VpdError(f"longer than max_length={self.max_length} tokens")
+        return feats
+
+    def encode_messages(
+        self, messages: list[dict[str, Any]], image: Any
+    ) -> tuple[dict[str, Any] | None, str]:
+        """``encode`` for a conversation and its (PIL) image."""
         full_text = self._render(messages, gen=False)
         n_img = _n_images(messages)
         feats = self._encode(full_text, [image] * n_img)
@@ -288,7 +366,7 @@ class ChatEncoder:
             labels[start:end] = ids[start:end]
         labelled = (labels != IGNORE_INDEX).nonzero()
         if len(labelled) == 0:
-            raise VpdError(f"{ex.id}: the chat template rendered no assistant tokens")
+            raise VpdError("the chat template rendered no assistant tokens")
         status = "ok"
         if len(ids) > self.max_length:
             first_label = int(labelled[0])
@@ -343,6 +421,33 @@ class SftDataset:
         return feats
 
 
+class QuestionDataset:
+    """Map-style dataset of per-question examples: item i is the list of ``(task, features)``
+    of its sequences, encoded lazily. ``lengths[i]`` is its ANSWER sequence's token count
+    (the same with and without rationales, so both arms group batches alike)."""
+
+    def __init__(
+        self, examples: list[QuestionExample], encoder: ChatEncoder, lengths: list[int]
+    ) -> None:
+        if len(lengths) != len(examples):
+            raise VpdError("QuestionDataset: one length per example")
+        self.examples = examples
+        self.encoder = encoder
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for part in self.examples[i].parts:
+            feats, _ = self.encoder.encode(part)
+            if feats is None:  # screened out in prepare(); only reachable if files changed
+                raise VpdError(f"example {part.id} no longer fits max_length")
+            out.append((part.task, feats))
+        return out
+
+
 def prepare(
     path: Path,
     processor: Any,
@@ -355,37 +460,22 @@ def prepare(
     rejects: RejectWriter | None = None,
     progress: bool = True,
     turns_per_image: int = 1,
-) -> tuple[SftDataset, DataStats]:
-    """Read, validate, join turns, length-screen and mix the SFT file; return the dataset
-    and counts (``records``: SFT lines read; the rest count conversations)."""
+    layout: str = "question",
+) -> tuple[SftDataset | QuestionDataset, DataStats]:
+    """Read, validate, group (by question or image turns), length-screen (and, in the
+    ``records`` layout, mix) the SFT file; return the dataset and counts (``records``: SFT
+    lines read; ``examples``: training examples, i.e. questions or conversations)."""
+    if layout not in LAYOUTS:
+        raise VpdError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     stats = DataStats()
     encoder = ChatEncoder(processor, max_length, truncation, model_type)
     examples = read_sft(path, rejects)
     stats.rejected = rejects.count if rejects is not None else 0
     stats.records = len(examples)
+    if layout == "question":
+        return _prepare_questions(examples, encoder, task_weights or {}, stats, rejects, progress)
     examples = group_turns(examples, turns_per_image)
-    kept: list[Example] = []
-    lengths: list[int] = []
-    # One encoding pass so drops are known (and counted) before training starts.
-    with progress_bar("tune: screening examples", len(examples), "ex", progress) as bar:
-        for ex in examples:
-            try:
-                feats, status = encoder.encode(ex)
-            except (OSError, ValueError) as e:  # unreadable image, processor refusal
-                if rejects is not None:
-                    rejects.write(0, f"cannot encode: {e}".splitlines()[0], ex.id, ex.id)
-                stats.rejected += 1
-                bar.advance()
-                continue
-            if feats is None:
-                stats.dropped_too_long += 1
-                if rejects is not None:
-                    rejects.write(0, f"longer than max_length={max_length} tokens", ex.id, ex.id)
-            else:
-                stats.truncated += status == "truncated"
-                lengths.append(len(feats["input_ids"]))
-                kept.append(ex)
-            bar.advance()
+    kept, lengths = _screen(examples, encoder, stats, rejects, progress)
     if not kept:
         raise VpdError(
             f"no usable training examples in {path} ({stats.records} read, "
@@ -403,6 +493,83 @@ def prepare(
     # By object: mix_tasks repeats or drops the very Example objects it was given.
     length_of = {id(ex): n for ex, n in zip(kept, lengths, strict=True)}
     return SftDataset(mixed, encoder, [length_of[id(ex)] for ex in mixed]), stats
+
+
+def _screen(
+    examples: list[Example],
+    encoder: ChatEncoder,
+    stats: DataStats,
+    rejects: RejectWriter | None,
+    progress: bool,
+) -> tuple[list[Example], list[int]]:
+    """One encoding pass so drops are known (and counted) before training starts: the
+    examples that fit and their token counts."""
+    kept: list[Example] = []
+    lengths: list[int] = []
+    with progress_bar("tune: screening examples", len(examples), "ex", progress) as bar:
+        for ex in examples:
+            try:
+                feats, status = encoder.encode(ex)
+            except (OSError, ValueError) as e:  # unreadable image, processor refusal
+                if rejects is not None:
+                    rejects.write(0, f"cannot encode: {e}".splitlines()[0], ex.id, ex.id)
+                stats.rejected += 1
+                bar.advance()
+                continue
+            if feats is None:
+                stats.dropped_too_long += 1
+                if rejects is not None:
+                    rejects.write(
+                        0, f"longer than max_length={encoder.max_length} tokens", ex.id, ex.id
+                    )
+            else:
+                stats.truncated += status == "truncated"
+                lengths.append(len(feats["input_ids"]))
+                kept.append(ex)
+            bar.advance()
+    return kept, lengths
+
+
+def _prepare_questions(
+    examples: list[Example],
+    encoder: ChatEncoder,
+    weights: dict[str, float],
+    stats: DataStats,
+    rejects: RejectWriter | None,
+    progress: bool,
+) -> tuple[QuestionDataset, DataStats]:
+    """The ``question`` layout: group, then screen every sequence; an example whose answer
+    does not fit is dropped whole, a rationale that does not fit is dropped alone."""
+    if weights.get("answer", 1.0) <= 0:
+        raise VpdError("the question layout needs the answer task: its weight must be > 0")
+    groups, orphans = group_questions(examples, weights)
+    for ex in orphans:
+        stats.rejected += 1
+        if rejects is not None:
+            why = "a second answer record" if ex.task == "answer" else "no answer record"
+            rejects.write(0, f"{why} for question {ex.qid} (question layout)", ex.id, ex.id)
+    parts = [p for g in groups for p in g.parts]
+    kept, lengths = _screen(parts, encoder, stats, rejects, progress)
+    length_of = {id(p): n for p, n in zip(kept, lengths, strict=True)}
+    out: list[QuestionExample] = []
+    answer_lengths: list[int] = []
+    for g in groups:
+        fits = [p for p in g.parts if id(p) in length_of]
+        if not fits or fits[0] is not g.parts[0]:
+            continue  # the answer itself was dropped: so is the question
+        out.append(QuestionExample(g.id, g.image, fits))
+        answer_lengths.append(length_of[id(fits[0])])
+        for p in fits:
+            stats.per_task[p.task] = stats.per_task.get(p.task, 0) + 1
+    if not out:
+        raise VpdError(
+            f"no usable training examples ({stats.records} records read, {stats.rejected} "
+            f"rejected, {stats.dropped_too_long} longer than max_length={encoder.max_length})"
+        )
+    stats.examples = len(out)
+    stats.max_tokens = max(lengths)
+    stats.mean_tokens = round(sum(lengths) / len(lengths), 1)
+    return QuestionDataset(out, encoder, answer_lengths), stats
 
 
 class Collator:
@@ -428,6 +595,30 @@ class Collator:
             else:
                 out[key] = _cat_padded(values)
         return out
+
+
+class TaskCollator:
+    """Batches ``question``-layout examples: the sequences of each task are padded together
+    (answers apart from the longer rationales) and carry their loss weight
+    (:func:`vpd.tune.loss.row_weights`). Returns ``{task: {input_ids, ..., row_weight}}``."""
+
+    def __init__(self, pad_token_id: int, weights: dict[str, float]) -> None:
+        self.pad = Collator(pad_token_id)
+        self.weights = weights
+
+    def __call__(self, batch: list[list[tuple[str, dict[str, Any]]]]) -> dict[str, Any]:
+        import torch
+
+        weights = row_weights([[task for task, _ in ex] for ex in batch], self.weights)
+        rows: dict[str, list[dict[str, Any]]] = {}
+        row_w: dict[str, list[float]] = {}
+        flat = [seq for ex in batch for seq in ex]
+        for (task, feats), w in zip(flat, weights, strict=True):
+            rows.setdefault(task, []).append(feats)
+            row_w.setdefault(task, []).append(w)
+        return {
+            task: {**self.pad(rows[task]), "row_weight": torch.tensor(row_w[task])} for task in rows
+        }
 
 
 def _cat_padded(values: list[Any]) -> Any:

@@ -33,6 +33,12 @@ from vpd.progress import console, progress_bar, quiet_transformers
 from vpd.store import RejectWriter, read_json
 from vpd.tune import data as tdata
 from vpd.tune.config import TuneConfig, deepspeed_config_path, dump_json
+from vpd.tune.loss import (
+    IGNORE_INDEX,
+    accepts_logits_to_keep,
+    labelled_logits,
+    weighted_rows_loss,
+)
 from vpd.tune.model import build_tiny_vlm, load_processor, resolve_model_dir
 from vpd.tune.tiny import PALIGEMMA_CHAT_TEMPLATE
 
@@ -283,14 +289,18 @@ def _callbacks(cfg: TuneConfig, resume_step: int) -> list[Any]:
             loss_file.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
+            # Training rows carry "loss"; the validation rows after each epoch "eval_loss".
+            if not state.is_world_process_zero or not logs:
+                return
+            if "loss" not in logs and "eval_loss" not in logs:
                 return
             rec = {
                 "step": state.global_step,
                 "epoch": round(state.epoch or 0.0, 4),
                 "time": round(time.time(), 3),
             }
-            rec.update({k: logs[k] for k in ("loss", "learning_rate", "grad_norm") if k in logs})
+            keys = ("loss", "learning_rate", "grad_norm", "eval_loss")
+            rec.update({k: logs[k] for k in keys if k in logs})
             with open(loss_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
 
@@ -339,13 +349,24 @@ def plot_loss(loss_file: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in loss_file.read_text(encoding="utf-8").splitlines() if x.strip()]
-    if not rows:
+    rows = read_loss_log(loss_file)
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "eval_loss" in r]
+    if not train and not val:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="training")
+    if val:
+        ax.plot(
+            [r["step"] for r in val],
+            [r["eval_loss"] for r in val],
+            marker="o",
+            lw=1.5,
+            label="validation (after each epoch)",
+        )
+        ax.legend(fontsize=8)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
@@ -357,7 +378,7 @@ def plot_loss(loss_file: Path, png: Path) -> None:
 
 def _init_path(cfg: TuneConfig) -> str:
     if cfg.init == "tiny":
-        return str(build_tiny_vlm(seed=cfg.seed, lm_layers=cfg.tiny_lm_layers))
+        return str(build_tiny_vlm(lm_layers=cfg.tiny_lm_layers))
 
     path = resolve_model_dir(cfg.init)
     p = Path(path)
@@ -436,6 +457,8 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
         deepspeed=ds_path,
         report_to="none",
         remove_unused_columns=False,
+        eval_strategy="epoch" if cfg.val is not None else "no",
+        per_device_eval_batch_size=cfg.batch_size,
         dataloader_num_workers=cfg.num_workers,
         disable_tqdm=True,
         use_cpu=not cuda,
@@ -448,19 +471,33 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
+    prep = {
+        "processor": processor,
+        "max_length": cfg.max_length,
+        "truncation": cfg.truncation,
+        "seed": cfg.seed,
+        "turns_per_image": cfg.turns_per_image,
+        "model_type": _model_type(init_path),
+        "layout": cfg.layout,
+        "progress": cfg.progress and _rank() == 0,
+    }
     with RejectWriter(out / "sft.rejects.jsonl") if _rank() == 0 else _Null() as rejects:
         dataset, stats = tdata.prepare(
             Path(cfg.sft),
-            processor,
-            max_length=cfg.max_length,
-            truncation=cfg.truncation,
             task_weights=cfg.task_weights,
-            seed=cfg.seed,
-            turns_per_image=cfg.turns_per_image,
-            model_type=_model_type(init_path),
             rejects=rejects if _rank() == 0 else None,
-            progress=cfg.progress and _rank() == 0,
+            **prep,
         )
+    val_set = None
+    if cfg.val is not None:
+        # The answer task alone: the one both arms share, and the one evaluated.
+        with RejectWriter(out / "val.rejects.jsonl") if _rank() == 0 else _Null() as rejects:
+            val_set, _ = tdata.prepare(
+                Path(cfg.val),
+                task_weights={"rationale": 0.0} if cfg.layout == "question" else {"answer": 1.0},
+                rejects=rejects if _rank() == 0 else None,
+                **{**prep, "turns_per_image": 1},
+            )
     # Seed before the model exists: LoRA's A matrices (and any new heads) are drawn at wrap
     # time, before Trainer would seed, and two runs of one command must start identical.
     set_seed(cfg.seed)
@@ -476,12 +513,18 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
 
     ckpt = last_checkpoint(out) if cfg.resume else None
     resume_step = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
-    base = sparse_logits_trainer(Trainer) if cfg.sparse_logits else Trainer
+    if cfg.layout == "question":
+        base = question_trainer(Trainer)
+        collator = tdata.TaskCollator(processor_pad_id(processor), cfg.task_weights)
+    else:
+        base = sparse_logits_trainer(Trainer) if cfg.sparse_logits else Trainer
+        collator = tdata.Collator(processor_pad_id(processor))
     trainer = (length_grouped_trainer(base) if cfg.group_by_length else base)(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=tdata.Collator(processor_pad_id(processor)),
+        eval_dataset=val_set,
+        data_collator=collator,
         callbacks=_callbacks(cfg, resume_step),
     )
     _drop_tqdm_printer(trainer)
@@ -527,6 +570,7 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
             "resumed_from_step": resume_step,
             "train_loss": round(float(result.training_loss), 4),
             "final_loss": _last_loss(out / "loss.jsonl"),
+            "val_loss": val_losses(out / "loss.jsonl"),
             "train_s": round(train_s, 1),  # the optimisation loop alone
             "wall_s": round(run_s, 1),  # + data screening, loading, saving, merging
             "examples_per_s": round(examples_seen / max(train_s, 1e-9), 2),
@@ -540,7 +584,8 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
 
 
 def sparse_logits_trainer(base: Any) -> Any:
-    """HF Trainer whose loss projects onto the vocabulary only where a label is.
+    """HF Trainer (``records`` layout) whose loss projects onto the vocabulary only where a
+    label is.
 
     A VLM example is mostly prompt and image tokens (label -100), yet the model computes
     logits over its whole vocabulary (49k rows for SmolLM2) at every position; the
@@ -548,25 +593,19 @@ def sparse_logits_trainer(base: Any) -> Any:
     (the positions whose next token is labelled, in any row of the batch) computes the same
     loss, the mean cross-entropy over labelled tokens, from those positions alone.
     """
-    import inspect
-
     import torch.nn.functional as F
 
     class SparseLogitsTrainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN202
             labels = inputs.get("labels")
-            if labels is None or not _accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
+            if labels is None or not accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            shift = labels[:, 1:]
-            keep = (shift != tdata.IGNORE_INDEX).any(dim=0).nonzero().flatten()
-            outputs = model(**inputs, logits_to_keep=keep)
-            target = shift[:, keep]
-            logits = outputs.logits.float()
+            logits, target, outputs = labelled_logits(model, inputs, labels)
             total = F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]),
-                target.reshape(-1).to(logits.device),
-                ignore_index=tdata.IGNORE_INDEX,
+                target.reshape(-1),
+                ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
             if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
@@ -575,14 +614,41 @@ def sparse_logits_trainer(base: Any) -> Any:
                 if self.args.average_tokens_across_devices:
                     loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             else:
-                loss = total / (target != tdata.IGNORE_INDEX).sum().clamp(min=1)
+                loss = total / (target != IGNORE_INDEX).sum().clamp(min=1)
             return (loss, outputs) if return_outputs else loss
 
-    def _accepts_logits_to_keep(model: Any) -> bool:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
-
     return SparseLogitsTrainer
+
+
+def question_trainer(base: Any) -> Any:
+    """HF Trainer for the ``question`` layout (VPD's objective, :mod:`vpd.tune.loss`): each
+    batch is ``{task: padded sequences + row_weight}``; the loss is the sum over tasks of
+    the row-weighted per-sequence mean cross-entropies, i.e. the mean over the batch's
+    examples of ``sum_t w_t * L_t``. Trainer divides it by the accumulation steps."""
+
+    class QuestionTrainer(base):
+        # Our loss is a per-example mean, not a token sum over the accumulated batch.
+        loss_is_scaled_for_ga = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN202, ARG002
+            total = None
+            outputs = None
+            for group in inputs.values():
+                feats = {k: v for k, v in group.items() if k not in ("labels", "row_weight")}
+                logits, target, outputs = labelled_logits(model, feats, group["labels"])
+                term = weighted_rows_loss(logits, target, group["row_weight"])
+                total = term if total is None else total + term
+            return (total, outputs) if return_outputs else total
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: ANN001, ANN202, ARG002
+            import torch
+
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+    return QuestionTrainer
 
 
 def length_grouped_trainer(base: Any) -> Any:
@@ -635,11 +701,34 @@ def _model_type(path: str) -> str:
     return str(cfg.get("model_type", ""))
 
 
+def read_loss_log(loss_file: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``loss.jsonl`` (training rows carry ``loss``, validation rows
+    ``eval_loss``); a torn or foreign line is skipped."""
+    if not Path(loss_file).exists():
+        return []
+    rows = []
+    for line in Path(loss_file).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def val_losses(loss_file: Path) -> list[dict[str, float]]:
+    """``[{"epoch", "step", "loss"}]``: the validation loss after each epoch."""
+    return [
+        {"epoch": round(r["epoch"], 2), "step": r["step"], "loss": round(r["eval_loss"], 4)}
+        for r in read_loss_log(loss_file)
+        if "eval_loss" in r
+    ]
+
+
 def _last_loss(loss_file: Path) -> float | None:
-    if not loss_file.exists():
-        return None
-    lines = [x for x in loss_file.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return round(float(json.loads(lines[-1])["loss"]), 4) if lines else None
+    train = [r for r in read_loss_log(loss_file) if "loss" in r]
+    return round(float(train[-1]["loss"]), 4) if train else None
 
 
 def _drop_tqdm_printer(trainer: Any) -> None:
