@@ -116,6 +116,13 @@ def data_synth(
     test_frac: float = typer.Option(
         0.2, "--test-frac", min=0.0, max=0.95, help="Fraction of IMAGES held out as test."
     ),
+    val_frac: float = typer.Option(
+        0.0,
+        "--val-frac",
+        min=0.0,
+        max=0.95,
+        help="Fraction of IMAGES held out of training as validation (val.jsonl).",
+    ),
     size: int = typer.Option(256, "--size", min=96, max=2048, help="Image side, px."),
     questions_per_scene: int = typer.Option(
         5, "--questions-per-scene", min=1, max=20, help="Questions per image."
@@ -141,6 +148,7 @@ def data_synth(
         n=n,
         seed=seed,
         test_frac=test_frac,
+        val_frac=val_frac,
         size=size,
         questions_per_scene=questions_per_scene,
         force=force,
@@ -148,8 +156,9 @@ def data_synth(
     )
     s = run_synth(cfg)
     state = "already complete, kept" if s["skipped"] else f"written in {s['wall_s']}s"
+    val = f" / {s['val']} val" if s.get("val") else ""
     console().print(
-        f"synth {out}: {s['questions']} questions ({s['train']} train / {s['test']} test) "
+        f"synth {out}: {s['questions']} questions ({s['train']} train{val} / {s['test']} test) "
         f"on {s['images']} images; {state}"
     )
 

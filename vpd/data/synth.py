@@ -640,6 +640,9 @@ class SynthConfig(BaseModel):
     n: int = Field(200, ge=1, description="number of questions (train + test)")
     seed: int = 0
     test_frac: float = Field(0.2, ge=0.0, lt=1.0)
+    # Validation: this fraction of ALL images, taken from the training images (the test
+    # split stays what it is without it), written to val.jsonl: settings are chosen on it.
+    val_frac: float = Field(0.0, ge=0.0, lt=1.0)
     size: int = Field(256, ge=96, le=2048, description="image width = height, px")
     questions_per_scene: int = Field(5, ge=1, le=20)
     min_objects: int = Field(3, ge=1, le=10)
@@ -651,15 +654,20 @@ class SynthConfig(BaseModel):
     def _check(self) -> SynthConfig:
         if self.min_objects > self.max_objects:
             raise ValueError("min_objects must be <= max_objects")
+        if self.test_frac + self.val_frac >= 1:
+            raise ValueError("test_frac + val_frac must leave training images (< 1)")
         return self
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change the output bytes."""
-        return {
+        fp = {
             "generator": "vpd.data.synth/1",
             **self.model_dump(include={"n", "seed", "test_frac", "size", "questions_per_scene"}),
             "objects": [self.min_objects, self.max_objects],
         }
+        if self.val_frac:  # a set made without validation keeps its fingerprint
+            fp["val_frac"] = self.val_frac
+        return fp
 
 
 def _scene_rng(seed: int, index: int) -> random.Random:
@@ -676,6 +684,17 @@ def _test_scenes(seed: int, n_scenes: int, test_frac: float) -> set[int]:
     return set(order[:k])
 
 
+def _val_scenes(seed: int, n_scenes: int, val_frac: float, test: set[int]) -> set[int]:
+    """Validation images: drawn from the non-test ones by their own shuffle, so the test
+    split is the same with or without a validation split."""
+    k = round(val_frac * n_scenes)
+    if k == 0:
+        return set()
+    rest = [i for i in range(n_scenes) if i not in test]
+    random.Random(f"vpd-synth-val/{seed}").shuffle(rest)
+    return set(rest[: min(k, len(rest) - 1)])
+
+
 def _write_png(img: Image.Image, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     img.save(tmp, format="PNG")
@@ -689,6 +708,7 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise VpdError(f"--out must be a directory, got a file: {out}")
     train, test, done = out / "train.jsonl", out / "test.jsonl", out / "synth.done.json"
+    val = out / "val.jsonl"
     fp = cfg.fingerprint()
     if train.exists() and not meta_path(train).exists() and not cfg.force:
         raise VpdError(
@@ -704,6 +724,7 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
         and done.exists()
         and train.exists()
         and test.exists()
+        and (val.exists() or not cfg.val_frac)
         and json.loads(done.read_text(encoding="utf-8")).get("config") == old
     ):
         summary = json.loads(done.read_text(encoding="utf-8"))["summary"]
@@ -714,6 +735,7 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
         cfg.n,
         cfg.seed,
         test_frac=cfg.test_frac,
+        val_frac=cfg.val_frac,
         size=cfg.size,
         questions_per_scene=cfg.questions_per_scene,
         min_objects=cfg.min_objects,
@@ -732,6 +754,7 @@ def generate(
     seed: int = 0,
     *,
     test_frac: float = 0.2,
+    val_frac: float = 0.0,
     size: int = 256,
     questions_per_scene: int = 5,
     min_objects: int = 3,
@@ -741,7 +764,8 @@ def generate(
     """Write ``n`` questions over ``ceil(n / questions_per_scene)`` scenes into ``out_dir``.
 
     Always (re)writes; :func:`run_synth` adds the resume check and the meta file.
-    Returns ``{"questions", "train", "test", "images", "qtypes", "out"}``.
+    Returns ``{"questions", "train", "test", "images", "qtypes", "out"}`` (and ``"val"``
+    with ``val_frac``).
     """
     if n < 1:
         raise VpdError("--n must be >= 1")
@@ -750,8 +774,10 @@ def generate(
     img_dir.mkdir(parents=True, exist_ok=True)
     n_scenes = math.ceil(n / questions_per_scene)
     test_ids = _test_scenes(seed, n_scenes, test_frac)
-    files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in ("train", "test")}  # noqa: SIM115
-    counts = {"train": 0, "test": 0}
+    val_ids = _val_scenes(seed, n_scenes, val_frac, test_ids)
+    splits = ("train", "test", "val") if val_ids else ("train", "test")
+    files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in splits}  # noqa: SIM115
+    counts = dict.fromkeys(splits, 0)
     per_type = dict.fromkeys(QTYPES, 0)
     made = 0
     t0 = time.time()
@@ -765,7 +791,7 @@ def generate(
                 want = min(questions_per_scene, n - made)
                 g0 = s * questions_per_scene  # global index: qtypes rotate over the set
                 qtypes = [QTYPES[(g0 + j) % len(QTYPES)] for j in range(want)]
-                split = "test" if s in test_ids else "train"
+                split = "test" if s in test_ids else "val" if s in val_ids else "train"
                 for j, qa in enumerate(questions_for_scene(scene, rng, want, qtypes)):
                     rec = Question(
                         id=f"synth{seed}-s{s:06d}-q{j}",
@@ -790,15 +816,15 @@ def generate(
     finally:
         for f in files.values():
             f.close()
-    for s in ("train", "test"):
+    for s in splits:
         os.replace(out / f"{s}.jsonl.tmp", out / f"{s}.jsonl")
     wall = time.time() - t0
+    total = sum(counts.values())
     return {
         "out": str(out),
-        "questions": counts["train"] + counts["test"],
-        "train": counts["train"],
-        "test": counts["test"],
+        "questions": total,
+        **counts,
         "images": n_scenes,
         "qtypes": per_type,
-        "questions_per_s": round((counts["train"] + counts["test"]) / max(wall, 1e-9), 1),
+        "questions_per_s": round(total / max(wall, 1e-9), 1),
     }
