@@ -35,7 +35,7 @@ def _tiny_model(out: Path) -> tuple[Path, str]:
         from tests.test_eval import build_tiny_llava
 
         return build_tiny_llava(out), "tests' tiny LLaVA (vpd.tune.model not importable)"
-    return Path(build_tiny_vlm(out, seed=0)), "vpd.tune.model.build_tiny_vlm"
+    return Path(build_tiny_vlm(out)), "vpd.tune.model.build_tiny_vlm"
 
 
 def main() -> None:

@@ -691,7 +691,7 @@ def test_eval_the_pipelines_tiny_vlm(synth_dir: Path, tmp_path_factory: pytest.T
     from vpd.tune.model import build_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny-vlm-run")
-    build_tiny_vlm(root / "model" / "final", seed=0)
+    build_tiny_vlm(root / "model" / "final")
     one = run_eval(_cfg(root / "model", synth_dir, root / "b1.jsonl", limit=6, max_new_tokens=6))
     three = run_eval(
         _cfg(root / "model", synth_dir, root / "b3.jsonl", limit=6, max_new_tokens=6, batch_size=3)

@@ -448,7 +448,7 @@ def model_path(name: str, tune: dict[str, Any] | None = None) -> str:
     """A VLM folder for ``name``; ``tiny`` is the embedded tiny VLM as ``vpd tune`` builds it."""
     if name == "tiny":
         t = tune or {}
-        return str(build_tiny_vlm(seed=t.get("seed", 0), lm_layers=t.get("tiny_lm_layers")))
+        return str(build_tiny_vlm(lm_layers=t.get("tiny_lm_layers")))
     return resolve_model(name)
 
 

