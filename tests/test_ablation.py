@@ -148,11 +148,23 @@ def test_each_arm_trains_on_its_own_data(synth_dir: Path, tmp_path: Path) -> Non
         == 0
     )
 
-    # The pipeline tunes the vpd arm on rationalize's output, the labels arm on labels'.
+    # VPD's objective (the question layout, the default): the labels arm tunes on the vpd
+    # arm's very file, the rationale term weighed 0.
+    recipe = {"data": {}, "rationalize": {"add_labelled": True}, "tune": {"epochs": 1}}
+    recipe["labels"] = {}
+    ((_, _, _, vpd_job),) = SPECS["tune"].configs(recipe, p)
+    ((_, _, _, lab_job),) = SPECS["labels"].configs(recipe, p)
+    assert vpd_job["sft"] == lab_job["sft"] == p.sft
+    assert lab_job["out"] == p.model_labels and lab_job["task_weights"] == {"rationale": 0.0}
+    assert {k: v for k, v in lab_job.items() if k not in ("out", "task_weights")} == {
+        k: v for k, v in vpd_job.items() if k != "out"
+    }
+
+    # The records layout: the vpd arm on rationalize's output, the labels arm on labels'.
     recipe = {
         "data": {},
         "rationalize": {"add_labelled": True},
-        "tune": {"epochs": 1},
+        "tune": {"epochs": 1, "layout": "records"},
         "labels": {},
     }
     (job,) = SPECS["tune"].configs(recipe, p)
@@ -170,10 +182,62 @@ def test_each_arm_trains_on_its_own_data(synth_dir: Path, tmp_path: Path) -> Non
 def test_labels_budget_needs_the_vpd_arm(tmp_path: Path) -> None:
     from vpd.errors import VpdError
 
+    records = {"layout": "records"}
     with pytest.raises(VpdError, match="budget"):
-        SPECS["labels"].configs({"data": {}, "labels": {}}, RunPaths(tmp_path))
+        SPECS["labels"].configs({"data": {}, "tune": records, "labels": {}}, RunPaths(tmp_path))
     with pytest.raises(VpdError, match="steps or epochs"):
         SPECS["labels"].configs({"labels": {"budget": "tokens"}}, RunPaths(tmp_path))
+
+
+def test_seeds_tune_and_evaluate_each_vlm_arm_once_per_seed(tmp_path: Path) -> None:
+    p = RunPaths(tmp_path)
+    recipe = {"seeds": [0, 1, 2], "data": {"val_frac": 0.1}, "tune": {"epochs": 1}}
+    recipe.update({"labels": {}, "eval": {}})
+    made, *tunes = SPECS["tune"].configs(recipe, p)
+    assert made[2] == "run_labels" and made[3] == {"questions": p.val, "out": p.sft_val}
+    assert [(j[3]["seed"], j[3]["out"]) for j in tunes] == [
+        (0, p.model), (1, tmp_path / "model-seed1"), (2, tmp_path / "model-seed2")
+    ]  # fmt: skip
+    assert all(j[3]["val"] == p.sft_val for j in tunes)
+    labels = SPECS["labels"].configs(recipe, p)
+    lab = p.model_labels
+    assert [j[3]["out"] for j in labels] == [
+        lab, lab.with_name("model-seed1"), lab.with_name("model-seed2")
+    ]  # fmt: skip
+    evals = SPECS["eval"].configs({**recipe, "eval": {"untuned": False}}, p)
+    assert [(j[3]["model"], j[3]["out"]) for j in evals] == [
+        (p.model_labels / "final", p.preds("labels")),
+        (p.model_labels.with_name("model-seed1") / "final", p.preds("labels", 1)),
+        (p.model_labels.with_name("model-seed2") / "final", p.preds("labels", 2)),
+        (p.model / "final", p.preds("vpd")),
+        (tmp_path / "model-seed1" / "final", p.preds("vpd", 1)),
+        (tmp_path / "model-seed2" / "final", p.preds("vpd", 2)),
+    ]
+    from vpd.errors import VpdError
+
+    for bad in ([0, 0], [], ["a"], 3):
+        with pytest.raises(VpdError, match="seeds"):
+            SPECS["tune"].configs({**recipe, "seeds": bad}, p)
+
+
+def test_pooled_seeds_average_each_questions_score_then_resample_questions() -> None:
+    from vpd.evaluate import pool_seeds
+
+    # Two seeds of arm a, two of b, on three questions (q3 missing from a's seed 1).
+    a = [{"q1": ("count", 1.0), "q2": ("count", 0.0), "q3": ("exists", 1.0)},
+         {"q1": ("count", 0.0), "q2": ("count", 1.0)}]  # fmt: skip
+    pooled = pool_seeds(a)
+    assert pooled == {"q1": ("count", 0.5), "q2": ("count", 0.5)}  # every seed's questions
+    b = pool_seeds([{"q1": ("count", 0.0), "q2": ("count", 0.0)}] * 2)
+    r = compare_arms(pooled, b, n_boot=20_000, seed=0)
+    # Differences (0.5, 0.5): a constant, so the interval is that constant.
+    assert (r["all"]["diff"], r["all"]["lo"], r["all"]["hi"]) == (0.5, 0.5, 0.5)
+    # Differences (1, 0) after pooling (seeds (1, 1) and (0, 0)): the mean of a resample
+    # is 0, 0.5 or 1, so the 95% interval is [0, 1], as for one seed with those scores.
+    c = pool_seeds([{"q1": ("t", 1.0), "q2": ("t", 0.0)}, {"q1": ("t", 1.0), "q2": ("t", 0.0)}])
+    z = pool_seeds([{"q1": ("t", 0.0), "q2": ("t", 0.0)}] * 2)
+    r = compare_arms(c, z, n_boot=20_000, seed=1)["all"]
+    assert (r["diff"], r["lo"], r["hi"]) == (0.5, 0.0, 1.0)
 
 
 def test_arms_rerun_only_after_what_they_read() -> None:
@@ -231,14 +295,22 @@ def test_programs_arm_scores_one_greedy_program_per_question(synth_dir: Path, tm
 # ----------------------------------------------------------------------------- report
 
 
-def _fake_eval(p: RunPaths, arm: str, scores: dict[str, float], test: list[Question], s: float):
-    p.preds(arm).parent.mkdir(parents=True, exist_ok=True)
+def _fake_eval(
+    p: RunPaths,
+    arm: str,
+    scores: dict[str, float],
+    test: list[Question],
+    s: float,
+    seed: int | None = None,
+) -> None:
+    out = p.preds(arm, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
     qt = {q.id: q.meta["qtype"] for q in test}
     rows = [
         {"id": qid, "qid": qid, "prediction": "x", "score": v, "qtype": qt[qid]}
         for qid, v in scores.items()
     ]
-    p.preds(arm).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     per: dict[str, list[float]] = {}
     for r in rows:
         per.setdefault(r["qtype"], []).append(r["score"])
@@ -248,7 +320,7 @@ def _fake_eval(p: RunPaths, arm: str, scores: dict[str, float], test: list[Quest
         "per_type": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in per.items()},
         "s_per_question": s,
     }
-    Path(str(p.preds(arm)) + ".report.json").write_text(json.dumps(rep))
+    Path(str(out) + ".report.json").write_text(json.dumps(rep))
 
 
 def test_report_holds_every_arm_the_intervals_and_the_speeds(synth_dir: Path, tmp_path: Path):
@@ -285,6 +357,39 @@ def test_report_holds_every_arm_the_intervals_and_the_speeds(synth_dir: Path, tm
     assert "## VPD against its ablations" in md and "| vpd - labels | **all** |" in md
     assert "15.0x" in md
     assert (p.root / "accuracy.png").stat().st_size > 1000
+    for arm in ("labels", "vpd", "majority"):  # each bar's 95% interval
+        lo, hi = r["accuracy"][arm]["interval"]
+        assert lo <= r["accuracy"][arm]["accuracy"] <= hi
+
+
+def test_report_pools_the_seeds_of_each_tuned_arm(synth_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    p = RunPaths(tmp_path / "run")
+    shutil.copytree(synth_dir, p.data_dir)
+    (p.root / "recipe.yaml").write_text(yaml.safe_dump({"seeds": [0, 1], "data": {}}))
+    test = list(read_records(p.test, Question))
+    ids = [q.id for q in test]
+    n = len(ids)
+    # vpd: seed 0 right on every question, seed 1 on the first half; labels: none right.
+    _fake_eval(p, "vpd", dict.fromkeys(ids, 1.0), test, 0.4)
+    _fake_eval(p, "vpd", {q: float(i < n // 2) for i, q in enumerate(ids)}, test, 0.4, seed=1)
+    for seed in (None, 1):
+        _fake_eval(p, "labels", dict.fromkeys(ids, 0.0), test, 0.4, seed=seed)
+    write_report(p.root)
+    r = json.loads((p.root / "report.json").read_text())
+    vpd = r["accuracy"]["vpd"]
+    want = (1.0 + (n // 2) / n) / 2
+    assert vpd["accuracy"] == pytest.approx(want, abs=1e-6)
+    assert [s["seed"] for s in vpd["seeds"]] == [0, 1]
+    assert vpd["seeds"][1]["accuracy"] == pytest.approx((n // 2) / n, abs=1e-6)
+    c = r["comparisons"]["vpd - labels"]
+    assert c["pooled"]["all"]["diff"] == c["all"]["diff"] == pytest.approx(want, abs=1e-6)
+    assert c["pooled"]["seeds"] == [0, 1]
+    assert c["seeds"]["0"]["diff"] == 1.0 and c["seeds"]["0"]["lo"] == 1.0
+    assert c["seeds"]["1"]["diff"] == pytest.approx((n // 2) / n, abs=1e-6)
+    md = (p.root / "report.md").read_text()
+    assert "seeds pooled" in md and "all, seed 1" in md and "seed 0 100.0%" in md
 
 
 def test_shipped_ablation_recipes_run_every_arm() -> None:

@@ -249,6 +249,29 @@ def compare_arms(
     return {"all": out[ALL_TYPES], "per_type": dict(sorted(per_type.items()))}
 
 
+def pool_seeds(runs: list[ArmScores]) -> ArmScores:
+    """One arm tuned at several seeds as one: each question's score averaged over the
+    seeds (on the questions every seed answered), so a paired bootstrap that resamples
+    questions carries the seed-to-seed spread inside each question's score."""
+    if not runs:
+        return {}
+    common = set(runs[0]).intersection(*runs[1:])
+    return {
+        q: (runs[0][q][0], sum(r[q][1] for r in runs) / len(runs)) for q in sorted(common)
+    }
+
+
+def accuracy_interval(
+    scores: ArmScores, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of an arm's mean score (questions resampled)."""
+    if not scores:
+        return None
+    vals = [v for _, v in scores.values()]
+    res = paired_bootstrap(vals, [0.0] * len(vals), n_boot=n_boot, level=level, seed=seed)
+    return res["lo"], res["hi"]
+
+
 def arm_scores(preds: list[dict[str, Any]]) -> ArmScores:
     """Per-question scores of prediction records (unscored ones left out)."""
     return {

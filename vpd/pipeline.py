@@ -35,7 +35,7 @@ from vpd.errors import ConfigMismatch, VpdError
 from vpd.options import split_option
 from vpd.progress import console
 from vpd.report import write_report
-from vpd.runpaths import STAGES, RunPaths, stage_outputs, upstream
+from vpd.runpaths import STAGES, RunPaths, recipe_seeds, stage_outputs, upstream
 from vpd.store import read_json
 from vpd.tune.model import build_tiny_vlm
 
@@ -86,7 +86,7 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a YAML recipe and apply ``stage.key=value`` overrides (values parsed as YAML)."""
     recipe = _read_recipe(Path(path))
-    unknown = set(recipe) - set(STAGES) - {"name", "run_dir", "description"}
+    unknown = set(recipe) - set(STAGES) - {"name", "run_dir", "description", "seeds"}
     if unknown:
         raise VpdError(f"recipe {path}: unknown sections {sorted(unknown)}; known: {STAGES}")
     for ov in overrides or []:
@@ -231,9 +231,40 @@ def _rationalize(recipe, p):
     ]
 
 
+def _has_val(recipe: dict[str, Any]) -> bool:
+    data = recipe.get("data") or {}
+    return bool(data.get("val_frac")) or bool(data.get("val"))
+
+
+def _arm_tunes(recipe, p, arm: str, sft: Path, extra: dict[str, Any]):
+    """One tune job per seed of a VLM arm, each with the validation set when there is one."""
+    tune = {**_opts(recipe, "tune"), **extra}
+    if _has_val(recipe):
+        tune["val"] = p.sft_val
+    first, *_ = all_seeds = recipe_seeds(recipe)
+    return [
+        (
+            "vpd.tune",
+            "TuneConfig",
+            "run_tune",
+            {**tune, "seed": s, "sft": sft, "out": p.arm_model(arm, s, s == first)},
+        )
+        for s in all_seeds
+    ]
+
+
 def _tune(recipe, p):
-    o = _opts(recipe, "tune")
-    return [("vpd.tune", "TuneConfig", "run_tune", {"sft": p.sft, "out": p.model, **o})]
+    jobs = []
+    if _has_val(recipe):
+        jobs.append(
+            (
+                "vpd.tune.labels",
+                "LabelsConfig",
+                "run_labels",
+                {"questions": p.val, "out": p.sft_val},
+            )
+        )
+    return jobs + _arm_tunes(recipe, p, "vpd", p.sft, {})
 
 
 # Options of the `labels` section that are not tune options.
@@ -243,15 +274,22 @@ _LABELS_OWN = ("budget",)
 def _labels(recipe, p):
     """The labels arm: answers with human labels only, tuned like the vpd arm.
 
-    Budget ``steps`` (default): as many optimizer steps (and examples) as the vpd arm took,
-    so the arms differ only in what they learn from, not in compute; ``epochs``: the same
-    epochs as the vpd arm, fewer steps since it has no rationale records.
+    In the ``question`` layout (VPD's objective, the default) it is the vpd arm's very
+    training file with the rationale term weighed 0: the same examples, in the same order,
+    for the same number of steps, so the two arms differ only in the rationale loss.
+
+    In the ``records`` layout it tunes on its own file of label records; budget ``steps``
+    (default): as many optimizer steps (and examples) as the vpd arm took; ``epochs``: the
+    same epochs as the vpd arm, fewer steps since it has no rationale records.
     """
     o = _opts(recipe, "labels")
     budget = o.pop("budget", "steps")
     if budget not in ("steps", "epochs"):
         raise VpdError(f"labels.budget must be steps or epochs, got {budget!r}")
     tune = {**_opts(recipe, "tune"), **o}
+    if tune.get("layout", "question") == "question":
+        weights = {**(tune.get("task_weights") or {}), "rationale": 0.0}
+        return _arm_tunes(recipe, p, "labels", p.sft, {**o, "task_weights": weights})
     if budget == "steps" and int(tune.get("max_steps", -1) or -1) <= 0:
         summary = read_json(p.model / "summary.json")
         if "tune" not in recipe or not summary or not summary.get("steps"):
@@ -267,11 +305,8 @@ def _labels(recipe, p):
             "run_labels",
             {"questions": p.train, "out": p.sft_labels},
         ),
-        (
-            "vpd.tune",
-            "TuneConfig",
-            "run_tune",
-            {**tune, "sft": p.sft_labels, "out": p.model_labels},
+        *_arm_tunes(
+            recipe, p, "labels", p.sft_labels, {k: tune[k] for k in (*o, "max_steps") if k in tune}
         ),
     ]
 
@@ -283,15 +318,18 @@ def _eval(recipe, p):
     base = o.pop("base_model", None)
     untuned = o.pop("untuned", True) is not False
     common = {"questions": p.test, "train_questions": p.train, **o}
-    models = {}
+    jobs = []
     if untuned:
-        models["untuned"] = base or _untuned_model(recipe, p)
-    if "labels" in recipe:
-        models["labels"] = p.model_labels / "final"
-    models["vpd"] = p.model / "final"
+        model = base or _untuned_model(recipe, p)
+        jobs.append(("untuned", model, p.preds("untuned")))
+    first, *_ = all_seeds = recipe_seeds(recipe)
+    for arm in ("labels", "vpd") if "labels" in recipe else ("vpd",):
+        for s in all_seeds:
+            out = p.preds(arm) if s == first else p.preds(arm, s)
+            jobs.append((arm, p.arm_model(arm, s, s == first) / "final", out))
     return [
-        ("vpd.evaluate", "EvalConfig", "run_eval", {"model": m, "out": p.preds(arm), **common})
-        for arm, m in models.items()
+        ("vpd.evaluate", "EvalConfig", "run_eval", {"model": m, "out": out, **common})
+        for _, m, out in jobs
     ]
 
 
@@ -310,7 +348,7 @@ def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
     if init == "tiny":
         # The very model `vpd tune --init tiny` starts from (same builder, same seed, cached).
         tune = recipe.get("tune") or {}
-        return str(build_tiny_vlm(seed=tune.get("seed", 0), lm_layers=tune.get("tiny_lm_layers")))
+        return str(build_tiny_vlm(lm_layers=tune.get("tiny_lm_layers")))
     return str(init)
 
 
@@ -405,7 +443,8 @@ def _archive(stage: str, p: RunPaths, stamp: str) -> None:
         if not out.parent.exists():
             continue
         for f in out.parent.iterdir():
-            if f == out or f.name.startswith(out.name + "."):
+            # Side files (name.*) and the other seeds' folders (name-seedN) go too.
+            if f == out or f.name.startswith((out.name + ".", out.name + "-seed")):
                 dest.mkdir(parents=True, exist_ok=True)
                 f.rename(dest / f.name)
     p.marker(stage).unlink(missing_ok=True)

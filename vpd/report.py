@@ -24,16 +24,19 @@ from typing import Any
 
 import yaml
 
+from vpd.errors import VpdError
 from vpd.evaluate import (
     ArmScores,
+    accuracy_interval,
     arm_scores,
     compare_arms,
     majority_baseline,
     majority_predictions,
+    pool_seeds,
     read_preds,
 )
 from vpd.records import Question
-from vpd.runpaths import ARMS, STAGES, VLM_ARMS, RunPaths, stage_outputs
+from vpd.runpaths import ARMS, STAGES, VLM_ARMS, RunPaths, recipe_seeds, stage_outputs
 from vpd.sample import SampleConfig
 from vpd.sdvp import markdown_report as sdvp_markdown
 from vpd.sdvp import report_path as sdvp_report_path
@@ -210,16 +213,68 @@ def _questions(path: Path) -> list[Question]:
     return list(read_records(path, Question)) if path.exists() else []
 
 
-def arm_results(p: RunPaths) -> tuple[dict[str, Any], dict[str, ArmScores]]:
-    """``(accuracy per arm, per-question scores per arm)`` from the run's files."""
-    acc: dict[str, Any] = {}
-    scores: dict[str, ArmScores] = {}
-    for arm in VLM_ARMS:
-        preds = _vlm_preds(p, arm)
+def _seed_runs(p: RunPaths, arm: str, seeds: list[int]) -> list[tuple[int, Path, dict]]:
+    """``(seed, predictions, their report)`` of a VLM arm at each seed it was evaluated."""
+    runs = []
+    for i, s in enumerate(seeds if arm != "untuned" else seeds[:1]):
+        preds = _vlm_preds(p, arm) if i == 0 else p.preds(arm, s)
         rep = read_json(Path(str(preds) + ".report.json"))
         if rep:
-            acc[arm] = _arm(rep)
-            scores[arm] = arm_scores(list(read_preds(preds)))
+            runs.append((s, preds, rep))
+    return runs
+
+
+def _pooled_arm(runs: list[tuple[int, Path, dict]]) -> dict[str, Any]:
+    """An arm tuned at several seeds: the mean of its seeds' accuracies (overall and per
+    type; the same as pooling every seed's answers) and each seed's own."""
+    arms = [_arm(rep) for _, _, rep in runs]
+    out = dict(arms[0])
+
+    def mean(vals: list[Any]) -> float | None:
+        vals = [v for v in vals if v is not None]
+        return round(sum(vals) / len(vals), 6) if vals else None
+
+    out["accuracy"] = mean([a["accuracy"] for a in arms])
+    out["s_per_question"] = mean([a.get("s_per_question") for a in arms])
+    out["per_type"] = {
+        t: {"accuracy": mean([a["per_type"].get(t, {}).get("accuracy") for a in arms]), "n": v["n"]}
+        for t, v in arms[0]["per_type"].items()
+    }
+    out["seeds"] = [
+        {
+            "seed": s,
+            "accuracy": a["accuracy"],
+            "per_type": {t: v["accuracy"] for t, v in a["per_type"].items()},
+        }
+        for (s, _, _), a in zip(runs, arms, strict=True)
+    ]
+    return out
+
+
+def arm_results(
+    p: RunPaths,
+) -> tuple[dict[str, Any], dict[str, ArmScores], dict[str, dict[int, ArmScores]]]:
+    """``(accuracy per arm, per-question scores per arm, per-seed scores per tuned arm)``
+    from the run's files. An arm tuned at several seeds (the recipe's ``seeds``) scores
+    each question by its mean over the seeds."""
+    acc: dict[str, Any] = {}
+    scores: dict[str, ArmScores] = {}
+    by_seed: dict[str, dict[int, ArmScores]] = {}
+    try:
+        seeds = recipe_seeds(_run_recipe(p))
+    except VpdError:
+        seeds = [0]
+    for arm in VLM_ARMS:
+        runs = _seed_runs(p, arm, seeds)
+        if not runs:
+            continue
+        by_seed[arm] = {s: arm_scores(list(read_preds(preds))) for s, preds, _ in runs}
+        if len(runs) == 1:
+            acc[arm] = _arm(runs[0][2])
+            scores[arm] = by_seed[arm][runs[0][0]]
+        else:
+            acc[arm] = _pooled_arm(runs)
+            scores[arm] = pool_seeds(list(by_seed[arm].values()))
     rep = read_json(p.programs / "report.json")
     if rep:
         acc["programs"] = _arm(rep)
@@ -231,20 +286,62 @@ def arm_results(p: RunPaths) -> tuple[dict[str, Any], dict[str, ArmScores]]:
             qid: (qtype, score)
             for qid, (qtype, _, score) in majority_predictions(train, test).items()
         }
-    return {a: acc[a] for a in ARMS if a in acc}, scores
+    for arm, sc in scores.items():  # each bar's 95% interval (questions resampled)
+        if arm in acc and sc:
+            lo_hi = accuracy_interval(sc, **BOOTSTRAP)
+            acc[arm]["interval"] = list(lo_hi) if lo_hi else None
+    return {a: acc[a] for a in ARMS if a in acc}, scores, by_seed
 
 
 def accuracy(p: RunPaths) -> dict[str, Any]:
     return arm_results(p)[0]
 
 
-def comparisons(scores: dict[str, ArmScores]) -> dict[str, Any]:
-    """Paired bootstrap intervals of the differences in :data:`COMPARISONS`."""
+def comparisons(
+    scores: dict[str, ArmScores], by_seed: dict[str, dict[int, ArmScores]] | None = None
+) -> dict[str, Any]:
+    """Paired bootstrap intervals of the differences in :data:`COMPARISONS`. Where both arms
+    were tuned at the same several seeds, ``all``/``per_type`` are the pooled comparison
+    (per-question scores averaged over seeds), also under ``pooled``, and ``seeds`` holds
+    each seed's own (vpd at seed s against labels at seed s)."""
     out = {}
+    by_seed = by_seed or {}
     for a, b in COMPARISONS:
-        if a in scores and b in scores:
-            out[f"{a} - {b}"] = {"a": a, "b": b, **compare_arms(scores[a], scores[b], **BOOTSTRAP)}
+        if a not in scores or b not in scores:
+            continue
+        res = {"a": a, "b": b, **compare_arms(scores[a], scores[b], **BOOTSTRAP)}
+        common = sorted(set(by_seed.get(a, {})) & set(by_seed.get(b, {})))
+        if len(common) > 1:
+            res["pooled"] = {"all": res["all"], "per_type": res["per_type"], "seeds": common}
+            res["seeds"] = {
+                str(s): compare_arms(by_seed[a][s], by_seed[b][s], **BOOTSTRAP)["all"]
+                for s in common
+            }
+        out[f"{a} - {b}"] = res
     return out
+
+
+def tune_summary(p: RunPaths) -> dict[str, Any] | None:
+    """The vpd arm's validation loss after each epoch (``val_loss``), and every tuned
+    arm's and seed's (``arms``), from their ``summary.json``."""
+    try:
+        seeds = recipe_seeds(_run_recipe(p))
+    except VpdError:
+        seeds = [0]
+    arms: dict[str, dict[str, Any]] = {}
+    for arm in ("vpd", "labels"):
+        for i, s in enumerate(seeds):
+            summ = read_json(p.arm_model(arm, s, i == 0) / "summary.json")
+            if summ:
+                arms.setdefault(arm, {})[str(s)] = {
+                    "val_loss": summ.get("val_loss") or [],
+                    "steps": summ.get("steps"),
+                    "train_s": summ.get("train_s"),
+                }
+    if not arms:
+        return None
+    first = next(iter((arms.get("vpd") or {}).values()), {})
+    return {"val_loss": first.get("val_loss", []), "arms": arms}
 
 
 def speed(acc: dict[str, Any]) -> dict[str, Any]:
@@ -337,22 +434,57 @@ def _plots(p: RunPaths, fun: dict[str, Any], acc: dict[str, Any]) -> list[str]:
 
     series = _per_type_series(acc)
     if series:
-        types = ["all"] + sorted({t for v in series.values() for t in v} - {"all"})
-        fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(types)), 3.8))
-        width = 0.8 / len(series)
-        for i, (label, sr) in enumerate(series.items()):
-            xs = [j + i * width for j in range(len(types))]
-            ax.bar(xs, [sr.get(t, 0) for t in types], width=width, label=label)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types, rotation=20)
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8, ncol=len(series))
-        ax.set_title("test accuracy per question type, each arm on the same test split")
-        fig.tight_layout()
-        fig.savefig(p.root / "accuracy.png", dpi=100)
-        plt.close(fig)
+        _accuracy_figure(acc, series, p.root / "accuracy.png")
         made.append("accuracy.png")
     return made
+
+
+def _accuracy_figure(acc: dict[str, Any], series: dict[str, dict[str, float]], png: Path) -> None:
+    """Left: each arm's test accuracy with its 95% interval as an error bar, its seeds as
+    dots; right: accuracy per question type (seeds as dots)."""
+    import matplotlib.pyplot as plt
+
+    arms = list(series)
+    colors = {a: f"C{i}" for i, a in enumerate(arms)}
+    types = sorted({t for v in series.values() for t in v} - {"all"})
+    fig, (ax0, ax1) = plt.subplots(
+        1, 2, figsize=(max(10, 1.6 * len(types) + 4), 4), gridspec_kw={"width_ratios": [1, 3]}
+    )
+    for i, arm in enumerate(arms):
+        rep = acc[arm]
+        y = series[arm]["all"]
+        iv = rep.get("interval")
+        err = [[y - iv[0]], [iv[1] - y]] if iv else None
+        ax0.bar(i, y, color=colors[arm], yerr=err, capsize=4, alpha=0.85)
+        ax0.text(i, (iv[1] if iv else y) + 0.01, f"{100 * y:.1f}", ha="center", fontsize=8)
+        for seed in rep.get("seeds") or []:
+            ax0.plot(i, seed["accuracy"], "o", color="black", ms=3)
+    ax0.set_xticks(range(len(arms)), arms, rotation=20)
+    ax0.set_ylim(0, 1)
+    ax0.set_ylabel("test accuracy")
+    ax0.set_title("all questions (95% interval; dots: seeds)", fontsize=9)
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        xs = [j + i * width for j in range(len(types))]
+        ax1.bar(
+            xs, [series[arm].get(t, 0) for t in types], width=width, label=arm, color=colors[arm]
+        )
+        for seed in acc[arm].get("seeds") or []:
+            ys = [seed["per_type"].get(t) for t in types]
+            ax1.plot(
+                [x for x, v in zip(xs, ys, strict=True) if v is not None],
+                [v for v in ys if v is not None],
+                "o",
+                color="black",
+                ms=2,
+            )
+    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types, rotation=20)
+    ax1.set_ylim(0, 1)
+    ax1.legend(fontsize=8, ncol=len(arms))
+    ax1.set_title("per question type, each arm on the same test split", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def _per_type_series(acc: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -370,7 +502,7 @@ def write_report(root: Path) -> dict[str, Path]:
     p = RunPaths(Path(root))
     fun = funnel(p)
     stages = stage_table(p)
-    acc, scores = arm_results(p)
+    acc, scores, by_seed = arm_results(p)
     ex = examples(p)
     plots = _plots(p, fun, acc)
     report = {
@@ -378,7 +510,8 @@ def write_report(root: Path) -> dict[str, Path]:
         "funnel": fun,
         "stages": stages,
         "accuracy": acc,
-        "comparisons": comparisons(scores),
+        "comparisons": comparisons(scores, by_seed),
+        "tune": tune_summary(p),
         "speed": speed(acc),
         "vision": vision(p),
         "examples": ex,
@@ -431,6 +564,12 @@ def accuracy_markdown(r: dict[str, Any]) -> list[str]:
             v = (acc[a].get("per_type") or {}).get(t)
             cells.append(f"{_fmt_acc(v)} ({v['n']})" if v else "-")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    seeded = [a for a in arms if acc[a].get("seeds")]
+    if seeded:
+        lines.append("")
+        for a in seeded:
+            each = ", ".join(f"seed {x['seed']} {_pct(x['accuracy'])}" for x in acc[a]["seeds"])
+            lines.append(f"`{a}` is the mean of its seeds: {each}.")
     lines += [""] + [f"- `{a}`: {_ARM_TEXT.get(a, a)}" for a in arms] + [""]
     comps = r.get("comparisons") or {}
     if comps:
@@ -446,12 +585,31 @@ def accuracy_markdown(r: dict[str, Any]) -> list[str]:
         ]
         for name, c in comps.items():
             rows = [("**all**", c["all"])] + list(c["per_type"].items())
+            if c.get("seeds"):  # pooled over seeds first, then each seed alone
+                rows = (
+                    [("**all** (seeds pooled)", c["all"])]
+                    + [(f"all, seed {s}", v) for s, v in c["seeds"].items()]
+                    + list(c["per_type"].items())
+                )
             for t, v in rows:
                 mark = " *" if v.get("excludes_zero") else ""
                 lines.append(
                     f"| {name} | {t} | {v['n']} | {_pts(v['diff'])}{mark} | "
                     f"[{_pts(v['lo'])}, {_pts(v['hi'])}] |"
                 )
+        lines.append("")
+    val = (r.get("tune") or {}).get("arms") or {}
+    if val:
+        lines += [
+            "## Validation loss after each epoch",
+            "",
+            "| arm | seed | " + "loss by epoch |",
+            "|---|---|---|",
+        ]
+        for arm, runs in val.items():
+            for seed, v in runs.items():
+                losses = ", ".join(f"{x['loss']:.4f} ({x['epoch']:g})" for x in v["val_loss"])
+                lines.append(f"| {arm} | {seed} | {losses or '-'} |")
         lines.append("")
     sp = r.get("speed") or {}
     if sp:

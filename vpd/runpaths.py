@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from vpd.errors import VpdError
 
 STAGES = (
     "data",
@@ -38,6 +41,19 @@ VLM_ARMS = ("untuned", "labels", "vpd")
 ARMS = (*VLM_ARMS, "programs", "majority")
 
 
+def recipe_seeds(recipe: dict[str, Any]) -> list[int]:
+    """The tuning seeds of a recipe's VLM arms (``seeds: [0, 1, 2]`` at its top level;
+    default: the tune section's one seed). The first is the run's main model."""
+    raw = recipe.get("seeds")
+    if raw is None:
+        return [int((recipe.get("tune") or {}).get("seed", 0))]
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, int) for x in raw):
+        raise VpdError(f"recipe `seeds` must be a list of integers, got {raw!r}")
+    if len(set(raw)) != len(raw):
+        raise VpdError(f"recipe `seeds` repeats a seed: {raw}")
+    return list(raw)
+
+
 def upstream(stage: str) -> set[str]:
     """Every stage ``stage`` reads from, directly or not."""
     seen: set[str] = set()
@@ -69,6 +85,16 @@ class RunPaths:
         return self.data_dir / "test.jsonl"
 
     @property
+    def val(self) -> Path:
+        """Validation questions (held-out training images): settings are chosen on them."""
+        return self.data_dir / "val.jsonl"
+
+    @property
+    def sft_val(self) -> Path:
+        """The validation questions as answer records: `vpd tune` scores its loss per epoch."""
+        return self.root / "sft-val.jsonl"
+
+    @property
     def samples(self) -> Path:
         return self.root / "samples.jsonl"
 
@@ -86,8 +112,14 @@ class RunPaths:
 
     @property
     def model(self) -> Path:
-        """The vpd arm's tuned model (``final/`` inside)."""
+        """The vpd arm's tuned model (``final/`` inside), at the run's first seed."""
         return self.root / "model"
+
+    def arm_model(self, arm: str, seed: int, first: bool) -> Path:
+        """A VLM arm's tuned model folder at ``seed`` (``first``: the run's first seed, the
+        one a single-seed run tunes): ``model``, ``model-seed1``, ``labels/model``..."""
+        base = self.model if arm == "vpd" else self.model_labels
+        return base if first else base.with_name(f"{base.name}-seed{seed}")
 
     @property
     def sft_labels(self) -> Path:
@@ -103,8 +135,10 @@ class RunPaths:
         """The programs arm's folder (samples, executions, preds, report)."""
         return self.root / "programs"
 
-    def preds(self, which: str) -> Path:
-        return self.root / "eval" / f"{which}.jsonl"
+    def preds(self, which: str, seed: int | None = None) -> Path:
+        """A VLM arm's answers on the test split (``seed``: one of the other seeds')."""
+        name = which if seed is None else f"{which}-seed{seed}"
+        return self.root / "eval" / f"{name}.jsonl"
 
     @property
     def sdvp(self) -> Path:
@@ -132,7 +166,7 @@ def stage_outputs(stage: str, p: RunPaths) -> list[Path]:
         "execute": [p.executions],
         "verify": [p.verified],
         "rationalize": [p.sft],
-        "tune": [p.model],
+        "tune": [p.model, p.sft_val],
         "labels": [p.root / "labels"],
         "eval": [p.root / "eval"],
         "programs": [p.programs],
