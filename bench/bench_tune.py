@@ -1,17 +1,18 @@
-"""Training throughput and peak memory of `vpd tune` on CPU: LoRA vs full fine-tuning,
-or the tiny VLM with fewer language-model layers.
+"""Training throughput and peak memory of `vpd tune` on CPU: LoRA vs full fine-tuning, or
+variants of the tiny VLM and of the tuning (dtype, image tokens, LM layers, logits).
 
-Runs the embedded tiny VLM (SmolLM2-135M + the pretrained SigLIP tower, 64 image tokens)
-for a few optimizer steps on generated shape images, each configuration in its own process
-so its peak RSS is its own, and prints examples/s, peak RSS and the ratios, all measured in
-the same run.
+Runs the embedded tiny VLM (SmolLM2-135M + the pretrained tower + a 16-token resampler) for
+a few optimizer steps on generated shape images in VPD's layout (every question an answer,
+every other one a rationale too), each configuration in its own process so its peak RSS is
+its own, and prints examples/s, peak RSS and the ratios, all measured in the same run.
 
     .venv/bin/python bench/bench_tune.py --steps 6 --batch-size 8
-    .venv/bin/python bench/bench_tune.py --compare 30:dense,30:sparse,12:sparse --steps 6
-        # LoRA on the tiny VLM: LM layers, and logits over the vocabulary everywhere (dense,
-        # the model's own loss) or only where a label is (sparse, vpd tune's default)
-    .venv/bin/python bench/bench_tune.py --compare 30:sparse:0.05,30:sparse:0 --steps 6
-        # LoRA dropout 0.05 (the library default) against none (the CPU recipes)
+    .venv/bin/python bench/bench_tune.py --compare dtype=float32 dtype=bfloat16 --steps 6
+        # bf16 autocast (AVX512-BF16) against fp32, the tiny VLM, LoRA
+    .venv/bin/python bench/bench_tune.py --compare latents=64 latents=16 --steps 6
+        # image tokens: a resampler of 64 latents (as many as the tower's patches) vs 16
+    .venv/bin/python bench/bench_tune.py --compare logits=dense logits=sparse dropout=0.05
+        # variant keys: dtype, latents, layers (LM layers), logits (dense|sparse), dropout
     .venv/bin/python bench/bench_tune.py --init /tmp/tiny-llava --steps 4   # any HF VLM
 """
 
@@ -26,14 +27,34 @@ import sys
 import tempfile
 from pathlib import Path
 
+# What a --compare variant may set, with its default (the CPU recipes' settings).
+VARIANT_KEYS = {"dtype": "float32", "latents": 16, "layers": 30, "logits": "sparse", "dropout": 0.0}
+
 
 def make_sft(folder: Path, n: int, seed: int = 0) -> Path:
-    """n short answer/rationale records over drawn circle images (like the synthetic scenes)."""
+    """n questions over drawn circle images, VPD's layout: an answer record each, and a
+    rationale record for every other one (like a kept program's)."""
     from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
     (folder / "img").mkdir(parents=True, exist_ok=True)
     path = folder / "sft.jsonl"
+
+    def rec(qid: str, task: str, i: int, text: str) -> dict:
+        return {
+            "id": f"{qid}/{task}",
+            "qid": qid,
+            "image": f"img/{i}.png",
+            "task": task,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": text}]},
+            ],
+        }
+
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
             k = rng.randint(1, 5)
@@ -43,29 +64,11 @@ def make_sft(folder: Path, n: int, seed: int = 0) -> Path:
                 x, y = rng.randint(0, 210), rng.randint(0, 210)
                 d.ellipse([x, y, x + 40, y + 40], fill=rng.choice(["red", "blue", "green"]))
             im.save(folder / "img" / f"{i}.png")
-            task = "answer" if i % 2 else "rationale"
-            text = (
-                str(k)
-                if task == "answer"
-                else f"I look for circles with find('circle'). It returns {k} patches. "
-                f"So the answer is {k}."
-            )
-            rec = {
-                "id": f"b{i}",
-                "image": f"img/{i}.png",
-                "task": task,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image"},
-                            {"type": "text", "text": "How many circles?"},
-                        ],
-                    },
-                    {"role": "assistant", "content": [{"type": "text", "text": text}]},
-                ],
-            }
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec(f"b{i}", "answer", i, str(k))) + "\n")
+            if i % 2 == 0:
+                boxes = ", ".join("[0.12, 0.30, 0.25, 0.43]" for _ in range(k))
+                why = f"I look for a circle and find {k} at {boxes}. So the answer is {k}."
+                f.write(json.dumps(rec(f"b{i}", "rationale", i, why)) + "\n")
     return path
 
 
@@ -87,11 +90,13 @@ def child(args: argparse.Namespace) -> None:
         progress=False,
         sparse_logits=not args.dense,
         lora_dropout=args.lora_dropout,
+        dtype=args.dtype,
     )
     s = run_tune(cfg)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # Fastest step (steps 2..N): on a shared machine the mean mostly measures the neighbours.
     rows = [json.loads(x) for x in (Path(args.out) / "loss.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
     gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False)]
     s["best_step_s"] = round(min(gaps), 2) if gaps else s["train_s"]
     print("RESULT " + json.dumps({**s, "peak_rss_mb": round(rss_mb)}), flush=True)
@@ -99,11 +104,11 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(
     args: argparse.Namespace, mode: str, sft: Path, out: Path, layers: int | None, dense: bool,
-    dropout: float,
+    dropout: float, dtype: str = "float32", init: str | None = None,
 ) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--child", mode, "--sft", str(sft), "--out", str(out)]
-    cmd += ["--init", args.init, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-    cmd += ["--lora-dropout", str(dropout)]
+    cmd += ["--init", init or args.init, "--steps", str(args.steps)]
+    cmd += ["--batch-size", str(args.batch_size), "--lora-dropout", str(dropout), "--dtype", dtype]
     if layers:
         cmd += ["--tiny-lm-layers", str(layers)]
     if dense:
@@ -117,38 +122,58 @@ def run_child(
     return r
 
 
-def compare(args: argparse.Namespace, specs: list[str]) -> None:
-    """LoRA throughput of the tiny VLM per configuration; ratios against the first."""
-    from vpd.tune.model import build_tiny_vlm
-
-    configs = []
-    for spec in specs:
-        parts = spec.split(":")
-        layers, kind = parts[0], parts[1] if len(parts) > 1 else ""
-        try:  # no third part: --lora-dropout
-            dropout = float(parts[2]) if len(parts) == 3 else args.lora_dropout
+def parse_variant(spec: str) -> dict:
+    """``"dtype=bfloat16,latents=64"`` -> the full variant (unset keys at their default)."""
+    out = dict(VARIANT_KEYS)
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key not in VARIANT_KEYS:
+            sys.exit(f"--compare: expected KEY=VALUE with KEY in {sorted(VARIANT_KEYS)}: {spec!r}")
+        try:
+            out[key] = type(VARIANT_KEYS[key])(value)
         except ValueError:
-            dropout = -1.0
-        if (
-            len(parts) not in (2, 3) or kind not in ("dense", "sparse") or not layers.isdigit()
-            or not 0 <= dropout < 1
-        ):  # fmt: skip
-            sys.exit(f"--compare: expected LAYERS:dense|sparse[:LORA_DROPOUT], got {spec!r}")
-        configs.append((spec, None if int(layers) == 30 else int(layers), kind == "dense", dropout))
-    for _, layers, _, _ in configs:  # build outside the timed children
-        build_tiny_vlm(lm_layers=layers)
+            sys.exit(f"--compare {spec}: {key} must be a {type(VARIANT_KEYS[key]).__name__}")
+    if out["dtype"] not in ("float32", "bfloat16") or out["logits"] not in ("dense", "sparse"):
+        sys.exit(f"--compare {spec}: dtype float32|bfloat16, logits dense|sparse")
+    if not 0 <= out["dropout"] < 1 or not 1 <= out["layers"] <= 30 or out["latents"] < 1:
+        sys.exit(f"--compare {spec}: dropout in [0, 1), layers in 1..30, latents >= 1")
+    return out
+
+
+def variant_model(v: dict) -> str:
+    """The tiny VLM of a variant: the default one, or one with another number of image
+    tokens (its resampler barely trained: these runs time steps, they measure no accuracy)."""
+    from vpd.tune.model import build_tiny_vlm
+    from vpd.tune.resampler import DEFAULT_RESAMPLER
+
+    layers = None if v["layers"] == 30 else v["layers"]
+    if v["latents"] == DEFAULT_RESAMPLER.latents:
+        return str(build_tiny_vlm(lm_layers=layers))
+    quick = DEFAULT_RESAMPLER.model_copy(
+        update={"latents": v["latents"], "steps": 1, "scenes": 8, "probe_scenes": 2}
+    )
+    return str(build_tiny_vlm(lm_layers=layers, resampler=quick, align=None))
+
+
+def compare(args: argparse.Namespace, specs: list[str]) -> None:
+    """LoRA throughput of the tiny VLM per variant; ratios against the first."""
+    variants = [(spec, parse_variant(spec)) for spec in specs]
+    inits = {spec: variant_model(v) for spec, v in variants}  # built outside the timed runs
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         sft = make_sft(Path(tmp) / "data", args.examples)
-        for i, (spec, layers, dense, dropout) in enumerate(configs):
+        for i, (spec, v) in enumerate(variants):
             out = Path(tmp) / f"c{i}"
-            results[spec] = run_child(args, "lora", sft, out, layers, dense, dropout)
-    print(f"tiny VLM, LoRA, steps: {args.steps}  batch: {args.batch_size}  (CPU, fp32)")
-    print(f"{'config':>15} {'ex/s mean':>9} {'ex/s best':>9} {'peak RSS MB':>12} {'vs first':>9}")
+            results[spec] = run_child(
+                args, "lora", sft, out, None, v["logits"] == "dense", v["dropout"],
+                v["dtype"], inits[spec],
+            )  # fmt: skip
+    print(f"tiny VLM, LoRA, steps: {args.steps}  batch: {args.batch_size} questions  (CPU)")
+    print(f"{'variant':>28} {'q/s mean':>9} {'q/s best':>9} {'peak RSS MB':>12} {'vs first':>9}")
     base = results[specs[0]]
     for spec, r in results.items():
         print(
-            f"{spec:>15} {r['examples_per_s']:9.2f} {r['best_ex_s']:9.2f} {r['peak_rss_mb']:12d} "
+            f"{spec:>28} {r['examples_per_s']:9.2f} {r['best_ex_s']:9.2f} {r['peak_rss_mb']:12d} "
             f"x{r['best_ex_s'] / max(base['best_ex_s'], 1e-9):8.2f}"
         )
 
@@ -162,9 +187,11 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument(
         "--compare",
-        help="init=tiny, LoRA: compare LAYERS:dense|sparse[:LORA_DROPOUT] configurations, "
-        "e.g. 30:sparse,12:sparse or 30:sparse:0.05,30:sparse:0",
+        nargs="+",
+        help="init=tiny, LoRA: variants to compare, each KEY=VALUE[,KEY=VALUE] with keys "
+        f"{', '.join(VARIANT_KEYS)}, e.g. dtype=float32 dtype=bfloat16",
     )
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument(
         "--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: the library's)"
     )
@@ -178,7 +205,7 @@ def main() -> None:
         child(args)
         return
     if args.compare:
-        compare(args, args.compare.split(","))
+        compare(args, args.compare)
         return
     if args.init == "tiny":  # build once, outside the timed children
         from vpd.tune.model import build_tiny_vlm
