@@ -174,32 +174,54 @@ def test_prepacked_weights_give_the_plain_layers_bits(tok) -> None:
     assert len(got) == 12 and got == run(plain)
 
 
-def test_flash_attention_bits_ignore_masked_keys_past_the_longest_row() -> None:
-    """What the engine's shrinking attention spans (bfloat16) rely on: torch's CPU flash
-    kernel gives a row the same output and log-sum-exp bits for any key span that is a
-    multiple of 16 and covers the row's unmasked keys (short spans are one block, long ones
-    512-key blocks). If a torch upgrade breaks this, samples would depend on their
-    neighbours. (Its float32 path does not have it, so float32 keeps full spans.)"""
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_attention_bits_ignore_masked_key_blocks_past_the_longest_row(dtype) -> None:
+    """What the engine's shrinking attention spans rely on: torch's CPU flash kernel gives a
+    row the same output and log-sum-exp bits for any key span that is a multiple of its
+    512-key block and covers the row's unmasked keys (whole masked blocks add nothing), for
+    a capacity that is not a multiple of 512 too. Spans that are multiples of 16 only do not
+    have it on every CPU (AVX512 without AMX: 208-368 keys). If a torch upgrade breaks this,
+    samples would depend on their neighbours."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     g = torch.Generator().manual_seed(0)
-    b, q_len, cap = 12, 24, 1024
-    q = torch.randn(b, 3, q_len, 64, generator=g).to(dtype)
-    k = torch.randn(b, 3, cap, 64, generator=g).to(dtype)
-    v = torch.randn(b, 3, cap, 64, generator=g).to(dtype)
-    for hi in (20, 100, 300, 511, 600):
-        lens = torch.randint(max(1, hi - 90), hi + 1, (b,), generator=g)
+    b, cap = 6, 2048
+    for q_len in (8, 24, 72):  # the engine's query blocks are multiples of 8
+        q = torch.randn(b, 3, q_len, 64, generator=g).to(dtype)
+        k = torch.randn(b, 3, cap, 64, generator=g).to(dtype)
+        v = torch.randn(b, 3, cap, 64, generator=g).to(dtype)
+        for hi in (5, 100, 300, 511, 512, 600, 1500):
+            lens = torch.randint(max(1, hi - 90), hi + 1, (b,), generator=g)
 
-        def attend(span: int, lens: torch.Tensor = lens) -> tuple:
-            mask = torch.zeros(b, span, dtype=dtype).masked_fill(
-                torch.arange(span)[None] >= lens[:, None], float("-inf")
-            )[:, None, None, :]
-            return flash(q, k[:, :, :span], v[:, :, :span], attn_mask=mask, scale=0.125)[:2]
+            def attend(span: int, lens: torch.Tensor = lens, qkv: tuple = (q, k, v)) -> tuple:
+                mask = torch.zeros(b, span, dtype=dtype).masked_fill(
+                    torch.arange(span)[None] >= lens[:, None], float("-inf")
+                )[:, None, None, :]
+                q_, k_, v_ = qkv
+                return flash(q_, k_[:, :, :span], v_[:, :, :span], attn_mask=mask, scale=0.125)[:2]
 
-        ref = attend(cap)
-        for span in range(-(-hi // 16) * 16, cap, 16):
-            out = attend(span)
-            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), (hi, span)
+            ref = attend(cap)
+            for span in [*range(-(-hi // 512) * 512, cap, 512), 1800]:
+                if span >= hi:
+                    out = attend(span)
+                    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), (hi, span)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_attention_bits_ignore_the_batch_size_for_query_blocks_of_8(dtype) -> None:
+    """The own pass's batch is the rows in the buffers, which depends on the neighbours: the
+    kernel must give a batch element the same bits whatever the batch size. It does for
+    query counts that are multiples of 8, which is why the engine pads them (in float32,
+    odd query counts do not have it on AVX512 without AMX)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    g = torch.Generator().manual_seed(1)
+    for heads, q_len in ((1, 8), (3, 8), (3, 16)):
+        q = torch.randn(40, heads, q_len, 64, generator=g).to(dtype)
+        k = torch.randn(40, heads, 512, 64, generator=g).to(dtype)
+        v = torch.randn(40, heads, 512, 64, generator=g).to(dtype)
+        ref = flash(q, k, v, scale=0.125)
+        for n in (1, 2, 3, 5, 16):
+            out = flash(q[:n], k[:n], v[:n], scale=0.125)
+            assert torch.equal(out[0], ref[0][:n]) and torch.equal(out[1], ref[1][:n]), (q_len, n)
 
 
 @pytest.mark.parametrize("vocab", [3000, 3072])  # token by token; by 128-token blocks

@@ -19,8 +19,8 @@ long head (system prompt + API spec), each asked for ``n`` samples:
   (the hash's noise is bounded, so the candidate cut is exact, not a top-k cut).
 - Reproducible whatever the batch: every kernel runs on fixed shapes (dense layers on
   ``max_rows`` rows padded, the merge on padded rows) or on shapes that do not change a
-  row's bits (attention spans the longest live row's keys, rounded up to 32, in bfloat16;
-  fixed cache lengths in float32), and matrix kernels give a row the same bits whatever
+  row's bits (attention spans the longest live row's keys, rounded up to the kernel's
+  512-key block), and matrix kernels give a row the same bits whatever
   its neighbours when the shape is the same. So with the same seed, ``max_rows`` and
   ``prefix_len`` (where the shared head ends, given by the caller as a function of the
   prompt alone) a sample is the same bits in a resumed run, in another order or beside
@@ -54,7 +54,14 @@ GUMBEL_SPAN = math.log(2.0**33) + math.log(math.log(2.0**33)) + 0.01
 _ROW_PAD = 8  # dense layers run on (at least max_rows) rows rounded up to this
 _SEG_N = 8  # a slot's samples attend its segment as a block padded to a multiple of this
 _VOCAB_BLOCK = 128  # sampling scans the vocabulary in blocks of this many tokens
-_KV_ALIGN = 32  # attention key lengths are multiples of this (the kernel's bits need 16)
+# Attention key spans (and the KV buffers) are multiples of this: torch's CPU flash kernel
+# works through keys in blocks of 512, and a block wholly past a row's keys adds exactly
+# nothing, so a row's bits do not depend on how many such blocks follow. Within a block
+# they can depend on its length (AVX512 without AMX: spans of 208-368 keys round otherwise).
+_KV_ALIGN = 512
+# The own pass's queries per row are padded to a multiple of this: its float32 path gives
+# odd query counts bits that depend on the batch size (AVX512 without AMX).
+_Q_PAD = 8
 
 
 def _align(n: int) -> int:
@@ -450,17 +457,14 @@ class Engine:
         t_idx = torch.tensor([len(row.tokens) - 1 for _, row, _ in live], device=dev)
         ids = torch.tensor([row.tokens[-1] for _, row, _ in live + pad], device=dev)
         pos = torch.tensor([plen + sl.seg_len + len(row.tokens) - 1 for _, row, sl in live + pad])
-        # In bfloat16, attention runs over the longest live segment / generated part (in
-        # _KV_ALIGN steps), not the buffers' capacity: there the flash kernel gives a row
-        # the same bits for any multiple of 16 masked keys past its length
-        # (tests/test_llm_engine.py), so this saves work without changing a sample. Its
-        # float32 path's bits do depend on the span, so float32 keeps the capacity.
+        # Attention runs over the longest live segment / generated part, rounded up to the
+        # flash kernel's key block (_KV_ALIGN), not the buffers' capacity: a row gets the
+        # same bits for any number of wholly masked blocks past its keys
+        # (tests/test_llm_engine.py), so this saves work without changing a sample.
         seg_lens = [sl.seg_len for sl in buf.slots]
         seg_len = torch.tensor(seg_lens, device=dev)
-        t_cur, s_cur = buf.own_k.shape[3], buf.seg_k.shape[3]
-        if self.dtype == torch.bfloat16:
-            t_cur = _align(max(len(row.tokens) for _, row, _ in live))
-            s_cur = _align(max(seg_lens))
+        t_cur = min(buf.own_k.shape[3], _align(max(len(row.tokens) for _, row, _ in live)))
+        s_cur = min(buf.seg_k.shape[3], _align(max(seg_lens)))
         own_len = torch.zeros(rows_cap, dtype=torch.long, device=dev)
         own_len[rows] = t_idx + 1
         neg = float("-inf")
@@ -507,10 +511,13 @@ class Engine:
             l_s = l_s.view(n_slots, kvh, n_seg, g)[:, :, :n].transpose(1, 2)
             l_s = l_s.reshape(rows_cap, kvh, g)
             # Own pass: [row, kv head, g queries, d] against the row's generated tokens.
+            g_own = -(-g // _Q_PAD) * _Q_PAD
+            qo = qf if g_own == g else torch.cat([qf, qf.new_zeros(rows_cap, kvh, g_own - g, d)], 2)
             o_o, l_o = flash(
-                qf, own_k[:, :, :t_cur], own_v[:, :, :t_cur], attn_mask=own_mask,
+                qo, own_k[:, :, :t_cur], own_v[:, :, :t_cur], attn_mask=own_mask,
                 scale=self.scale,
             )  # fmt: skip
+            o_o, l_o = o_o[:, :, :g], l_o[:, :, :g]
             # Merged over all m (padded) rows: the same shapes whatever the rows in flight,
             # so no row's arithmetic depends on its neighbours.
             outs = [o_s[rows_m], o_o[rows_m]]
@@ -554,7 +561,7 @@ class _Call:
         # Slots: enough for max_rows live rows, plus room for slots whose last rows drain.
         want = max(1, -(-eng.max_rows // n))
         self.n_slots = min(want + max(1, want // 2), len(prompts))
-        seg_cap = -(-(max(len(p) for p in prompts) - self.plen) // 256) * 256
+        seg_cap = _align(max(len(p) for p in prompts) - self.plen)
         self.buf = _Buffers(eng, self.n_slots, n, seg_cap, _align(max_tokens))
         self.pending = deque(range(len(prompts)))
         self.live = 0
