@@ -22,9 +22,24 @@ from typer.testing import CliRunner
 
 from vpd.cli import app
 from vpd.runpaths import STAGES
+from vpd.tune.align import AlignRecipe
+from vpd.tune.model import TinyBuild
+from vpd.tune.resampler import ResamplerRecipe
+from vpd.tune.vision import VisionRecipe
 
 REPO = Path(__file__).resolve().parent.parent
 VPD = [sys.executable, "-m", "vpd.cli"]  # the CLI of this checkout (PYTHONPATH wins)
+
+# The tiny VLM's three build stages at toy sizes (seconds, not the default's minutes): for
+# tests of the paths around the model, where what it learned does not matter.
+SMALL_TINY = TinyBuild(
+    vision=VisionRecipe(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64,
+                        layers=1, heads=2, steps=2, batch_size=4, probe_train_scenes=12,
+                        probe_test_scenes=8),
+    resampler=ResamplerRecipe(latents=4, heads=2, head_dim=16, kv_heads=1, scenes=16, steps=2,
+                              batch_size=4, probe_scenes=4),
+    align=AlignRecipe(captions=4, batch_size=2, probe_scenes=2),
+)  # fmt: skip
 
 M = TypeVar("M", bound=BaseModel)
 

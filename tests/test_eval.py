@@ -686,12 +686,15 @@ def test_cli_help_has_example() -> None:
 
 @pytest.mark.slow
 def test_eval_the_pipelines_tiny_vlm(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The default VLM (SmolLM2 + SigLIP, `vpd tune --init tiny`), given as a tune output
-    folder: its final/ is found, its ChatML template used, batching changes nothing."""
+    """The default VLM's family (SmolLM2 + tower + resampler, `vpd tune --init tiny`; its
+    build stages at toy sizes), given as a tune output folder: its final/ is found, its
+    ChatML template used, batching changes nothing."""
+    from tests.helpers import SMALL_TINY
     from vpd.tune.model import build_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny-vlm-run")
-    build_tiny_vlm(root / "model" / "final")
+    b = SMALL_TINY
+    build_tiny_vlm(root / "model" / "final", None, b.vision, b.resampler, b.align, False)
     one = run_eval(_cfg(root / "model", synth_dir, root / "b1.jsonl", limit=6, max_new_tokens=6))
     three = run_eval(
         _cfg(root / "model", synth_dir, root / "b3.jsonl", limit=6, max_new_tokens=6, batch_size=3)

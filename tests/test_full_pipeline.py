@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import read_jsonl, run_vpd, status_rows, vpd_argv
+from tests.helpers import SMALL_TINY, read_jsonl, run_vpd, status_rows, vpd_argv
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,14 @@ RECIPE = {
     "execute": {"backend": "synthetic", "timeout": 10, "workers": 2},
     "verify": {"policy": "all"},
     "rationalize": {"mode": "template", "add_labelled": True},
-    "tune": {"init": "tiny", "max_steps": 3, "batch_size": 4, "max_length": 256, "lr": 1e-4},
+    "tune": {
+        "init": "tiny",
+        "tiny_build": SMALL_TINY.model_dump(mode="json"),  # the build's stages at toy sizes
+        "max_steps": 3,
+        "batch_size": 4,
+        "max_length": 256,
+        "lr": 1e-4,
+    },
     "eval": {"batch_size": 6, "max_new_tokens": 6, "limit": 6},
 }
 

@@ -10,26 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import SMALL_TINY
 from vpd.tune import align, model, resampler
-from vpd.tune.align import AlignRecipe, caption, parse_caption, place, score_caption
-from vpd.tune.resampler import ResamplerRecipe, match, object_targets, set_loss
-from vpd.tune.vision import VisionRecipe
+from vpd.tune.align import caption, parse_caption, place, score_caption
+from vpd.tune.config import TuneConfig
+from vpd.tune.resampler import match, object_targets, set_loss
 
-VISION = VisionRecipe(
-    image_size=64,
-    patch_size=16,
-    hidden_size=32,
-    intermediate_size=64,
-    layers=1,
-    heads=2,
-    steps=2,
-    batch_size=4,
-    probe_train_scenes=12,
-    probe_test_scenes=8,
-)
-RESAMPLER = ResamplerRecipe(latents=4, heads=2, head_dim=16, kv_heads=1, scenes=16, steps=2,
-                            batch_size=4, probe_scenes=4)  # fmt: skip
-ALIGN = AlignRecipe(captions=4, batch_size=2, probe_scenes=2)
+VISION, RESAMPLER, ALIGN = SMALL_TINY.vision, SMALL_TINY.resampler, SMALL_TINY.align
 
 SCENE = {
     "width": 256,
@@ -135,6 +122,16 @@ def test_stage1_cache_built_once_reused_and_rebuilt_when_its_recipe_changes(
     third = build(resampler=RESAMPLER.model_copy(update={"steps": 3}))
     assert third not in (folder, other) and calls == {"connector": 2, "align": 3}
     assert build() == folder and calls["align"] == 3  # the first one is still there
+
+    # A recipe's tune.tiny_build picks the stages: align: null skips stage 1, and the build
+    # reports the latents the LM is handed (scaled to its word embeddings, image-dependent).
+    cfg = TuneConfig(sft=cache / "s.jsonl", out=cache / "o", tiny_lm_layers=1,
+                     tiny_build={**SMALL_TINY.model_dump(), "align": None})  # fmt: skip
+    bare = cfg.tiny_build.build(cfg.tiny_lm_layers, progress=False)
+    assert bare not in (folder, other, third) and calls == {"connector": 2, "align": 3}
+    info = json.loads((bare / "tiny_vlm.json").read_text())
+    assert "align" not in info and "caption_probe" not in info
+    assert 0 < info["latents_pretrained"]["cross_image_cos"] < 1
 
 
 def test_tiny_vlm_is_a_stock_idefics2_with_one_token_per_latent(cache: Path) -> None:

@@ -256,9 +256,7 @@ def pool_seeds(runs: list[ArmScores]) -> ArmScores:
     if not runs:
         return {}
     common = set(runs[0]).intersection(*runs[1:])
-    return {
-        q: (runs[0][q][0], sum(r[q][1] for r in runs) / len(runs)) for q in sorted(common)
-    }
+    return {q: (runs[0][q][0], sum(r[q][1] for r in runs) / len(runs)) for q in sorted(common)}
 
 
 def accuracy_interval(

@@ -37,7 +37,7 @@ from vpd.progress import console
 from vpd.report import write_report
 from vpd.runpaths import STAGES, RunPaths, recipe_seeds, stage_outputs, upstream
 from vpd.store import read_json
-from vpd.tune.model import build_tiny_vlm
+from vpd.tune.model import TinyBuild
 
 # Fields the pipeline fills from the run directory; a recipe never sets them.
 _DERIVED = {
@@ -348,7 +348,8 @@ def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
     if init == "tiny":
         # The very model `vpd tune --init tiny` starts from (same builder, same seed, cached).
         tune = recipe.get("tune") or {}
-        return str(build_tiny_vlm(lm_layers=tune.get("tiny_lm_layers")))
+        build = TinyBuild.model_validate(tune.get("tiny_build") or {})
+        return str(build.build(tune.get("tiny_lm_layers")))
     return str(init)
 
 

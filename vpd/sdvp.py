@@ -73,7 +73,7 @@ from vpd.tools.backends.vlm import (
 )
 from vpd.tools.protocol import Box
 from vpd.tune import load_tune_config, run_tune
-from vpd.tune.model import build_tiny_vlm
+from vpd.tune.model import TinyBuild
 from vpd.verify import VerifyConfig, run_verify
 from vpd.vlm import (
     ANSWER_SUFFIX,
@@ -448,7 +448,8 @@ def model_path(name: str, tune: dict[str, Any] | None = None) -> str:
     """A VLM folder for ``name``; ``tiny`` is the embedded tiny VLM as ``vpd tune`` builds it."""
     if name == "tiny":
         t = tune or {}
-        return str(build_tiny_vlm(lm_layers=t.get("tiny_lm_layers")))
+        build = TinyBuild.model_validate(t.get("tiny_build") or {})
+        return str(build.build(t.get("tiny_lm_layers")))
     return resolve_model(name)
 
 

@@ -47,6 +47,11 @@ class AlignRecipe(BaseModel):
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(10, ge=0)
     bf16: bool = True  # autocast where the CPU has bf16 dot products (else ignored)
+    # The resampler's set loss (its pretrained heads, frozen) kept beside the caption loss:
+    # trained on captions alone, the connector collapsed to nearly the same tokens for
+    # every image (0.99 cosine between two images' latents), the easiest way to lower a
+    # frozen LM's loss; with it the latents keep what the heads read.
+    keep_weight: float = Field(1.0, ge=0)
     probe_scenes: int = Field(100, ge=1)
     seed: int = 0
 
@@ -128,10 +133,13 @@ def align_on_captions(
     processor: Any,
     vision: VisionRecipe,
     recipe: AlignRecipe,
+    keep: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the connector (in place; the tower and the LM frozen) to make the LM say the
     captions of ``recipe.captions`` fresh scenes; returns the loss curve and timings.
+    ``keep(latents [B, K, width], scenes) -> loss``: what the latents must still encode,
+    added with ``recipe.keep_weight``.
     (Captions listing the objects in the order of the image tokens that hold them, by the
     resampler's heads, were tried: 1.15 after 50 steps, against 0.95 left to right.)"""
     import torch
@@ -165,12 +173,20 @@ def align_on_captions(
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits, target, _ = labelled_logits(model, batch, labels)
             loss = weighted_rows_loss(logits, target, torch.full((n,), 1.0 / n))
+            kept = None
+            if keep is not None and recipe.keep_weight:
+                lat = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+                kept = keep(torch.stack(list(lat)).float(), [sc for sc, _ in pairs])
+                loss = loss + recipe.keep_weight * kept
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            curve.append({"step": step, "loss": round(float(loss.detach()), 4)})
+            row = {"step": step, "loss": round(float(loss.detach()), 4)}
+            if kept is not None:
+                row["keep"] = round(float(kept.detach()), 4)
+            curve.append(row)
             bar.advance()
     model.eval()
     for p in model.parameters():

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vpd.errors import VpdError
 from vpd.options import split_option
 from vpd.tune.data import parse_task_weights
+from vpd.tune.model import TinyBuild
 
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 PARTS = ("vision", "projector", "lm")
@@ -34,6 +35,7 @@ class TuneConfig(BaseModel):
     # init=tiny only: keep the first N of SmolLM2's 30 layers (None: all). For smoke tests:
     # the cut LM is broken (12 layers: next-token loss 24 vs 4.4) until tuning repairs it.
     tiny_lm_layers: int | None = Field(None, ge=1, le=30)
+    tiny_build: TinyBuild = Field(default_factory=TinyBuild)  # init=tiny: its build stages
     chat_template: Path | None = None  # Jinja file for processors that ship none
     trust_remote_code: bool = False
     # Validation SFT (answer records of held-out training images): its loss after every

@@ -29,11 +29,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.errors import VpdError
 from vpd.progress import quiet_transformers
 from vpd.tune.align import DEFAULT_ALIGN, AlignRecipe, align_on_captions, caption_probe
-from vpd.tune.resampler import DEFAULT_RESAMPLER, ResamplerRecipe, pretrain_connector
+from vpd.tune.resampler import (
+    DEFAULT_RESAMPLER,
+    ResamplerRecipe,
+    latent_stats,
+    object_targets,
+    pretrain_connector,
+    set_loss,
+)
+from vpd.tune.resampler import N_HEAD as RESAMPLER_HEADS
 from vpd.tune.vision import (
     DEFAULT_RECIPE,
     VisionRecipe,
@@ -43,6 +53,7 @@ from vpd.tune.vision import (
 from vpd.vlm import load_processor, load_vlm, resolve_model_dir
 
 __all__ = [
+    "TinyBuild",
     "build_tiny_vlm",
     "cache_root",
     "load_processor",
@@ -53,7 +64,7 @@ __all__ = [
 
 IMAGE_TOKEN = "<image>"
 # Bump when the tiny model's recipe changes so stale caches are not reused.
-TINY_VERSION = 4
+TINY_VERSION = 5
 
 # ChatML (SmolLM2's own format) with an image slot: content may be a string or a list of
 # {"type": "image"} / {"type": "text"} parts, as in vpd.records.Sft messages.
@@ -248,6 +259,22 @@ def build_tiny_vlm(
     return out
 
 
+class TinyBuild(BaseModel):
+    """The recipes of the tiny VLM's one-time build stages (``tune.tiny_build`` in a recipe):
+    e.g. ``{align: null}`` skips LLaVA's stage 1, ``{resampler: {steps: 300}}`` shortens
+    the connector's pretraining. Each changed stage is rebuilt (and cached) on its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vision: VisionRecipe = DEFAULT_RECIPE
+    resampler: ResamplerRecipe = DEFAULT_RESAMPLER
+    align: AlignRecipe | None = DEFAULT_ALIGN
+
+    def build(self, lm_layers: int | None = None, progress: bool = True) -> Path:
+        """:func:`build_tiny_vlm` with these recipes (the cached folder)."""
+        return build_tiny_vlm(None, lm_layers, self.vision, self.resampler, self.align, progress)
+
+
 def tiny_processor(tok: Any, vision: VisionRecipe, resampler: ResamplerRecipe) -> Any:
     """Idefics2's processor for the tiny VLM: one 128 px image, ``latents`` image tokens."""
     from transformers import Idefics2ImageProcessor, Idefics2Processor
@@ -293,6 +320,13 @@ def _build_tiny_into(
     inner.vision_model.load_state_dict(_vision_model(config, tower).state_dict())
     inner.connector.load_state_dict(load_file(str(connector / "connector.safetensors")))
     inner.text_model.load_state_dict(lm.model.state_dict())
+    # Hand the LM image tokens on the scale of its word embeddings (the latents come out of
+    # the set-loss pretraining at about 1.0 RMS, SmolLM2's embeddings at about 0.13).
+    words = float(lm.get_input_embeddings().weight.detach().pow(2).mean(-1).sqrt().mean())
+    before = latent_stats(inner.connector, inner.vision_model, vision, resampler.seed)
+    latents = before["rms"]
+    with torch.no_grad():
+        inner.connector.perceiver_resampler.norm.weight.mul_(words / latents)
     model.lm_head.weight.data.copy_(lm.lm_head.weight.data)
     model.tie_weights()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -300,9 +334,25 @@ def _build_tiny_into(
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
     processor = tiny_processor(tok, vision, resampler)
-    info: dict[str, Any] = {"lm_layers": lm_layers}
+    info: dict[str, Any] = {
+        "lm_layers": lm_layers,
+        "word_rms": round(words, 4),
+        "latents_pretrained": before,
+    }
     if align is not None:
-        info["align"] = align_on_captions(model, processor, vision, align, progress)
+        heads = torch.nn.Linear(config.text_config.hidden_size, RESAMPLER_HEADS)
+        heads.load_state_dict(load_file(str(connector / "heads.safetensors")))
+        heads.requires_grad_(False)
+        unscale = latents / words  # the heads read the latents at their pretraining scale
+
+        def keep(lat: Any, scenes: list[dict[str, Any]]) -> Any:
+            targets = [object_targets(sc) for sc in scenes]
+            return set_loss(heads(lat * unscale), targets, resampler.object_weight)
+
+        info["align"] = align_on_captions(model, processor, vision, align, keep, progress)
+        info["latents_aligned"] = latent_stats(
+            inner.connector, inner.vision_model, vision, resampler.seed
+        )
         torch.manual_seed(align.seed)
         info["caption_probe"] = caption_probe(
             model, processor, vision, align.probe_scenes, align.seed
