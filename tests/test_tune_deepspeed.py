@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import SMALL_TINY
 from tests.test_tune import write_sft
 from vpd.tune.model import load_vlm
 from vpd.tune.tiny import build_tiny_family
@@ -89,6 +90,7 @@ def test_tiny_default_trains_and_generates(tmp_path):
         max_steps=2,
         batch_size=2,
         progress=False,
+        tiny_build=SMALL_TINY,  # the build's stages at toy sizes: the recipe is under test
     )
     s = run_tune(cfg)
     assert s["steps"] == 2 and s["method"] == "lora"

@@ -19,12 +19,12 @@ long head (system prompt + API spec), each asked for ``n`` samples:
   (the hash's noise is bounded, so the candidate cut is exact, not a top-k cut).
 - Reproducible whatever the batch: every kernel runs on fixed shapes (dense layers on
   ``max_rows`` rows padded, the merge on padded rows) or on shapes that do not change a
-  row's bits (attention spans the longest live row's keys, rounded up to the kernel's
-  512-key block), and matrix kernels give a row the same bits whatever
-  its neighbours when the shape is the same. So with the same seed, ``max_rows`` and
-  ``prefix_len`` (where the shared head ends, given by the caller as a function of the
-  prompt alone) a sample is the same bits in a resumed run, in another order or beside
-  other prompts (bfloat16 included).
+  row's bits (a segment's attention spans the longest live segment, rounded up to the
+  kernel's 512-key block; the generated part its capacity), and matrix kernels give a
+  row the same bits whatever its neighbours when the shape is the same. So with the
+  same seed, ``max_rows`` and ``prefix_len`` (where the shared head ends, given by the
+  caller as a function of the prompt alone) a sample is the same bits in a resumed run,
+  in another order or beside other prompts (bfloat16 included).
   Another ``max_rows`` or head changes the arithmetic, and a rare near-tie between two
   tokens may then flip.
 
@@ -54,19 +54,23 @@ GUMBEL_SPAN = math.log(2.0**33) + math.log(math.log(2.0**33)) + 0.01
 _ROW_PAD = 8  # dense layers run on (at least max_rows) rows rounded up to this
 _SEG_N = 8  # a slot's samples attend its segment as a block padded to a multiple of this
 _VOCAB_BLOCK = 128  # sampling scans the vocabulary in blocks of this many tokens
-# Attention key spans (and the KV buffers) are multiples of this: torch's CPU flash kernel
-# works through keys in blocks of 512, and a block wholly past a row's keys adds exactly
-# nothing, so a row's bits do not depend on how many such blocks follow. Within a block
-# they can depend on its length (AVX512 without AMX: spans of 208-368 keys round otherwise).
+# A prompt segment's attention span (and the segment buffer) is a multiple of this: torch's
+# CPU flash kernel works through keys in blocks of 512, and a block wholly past a row's
+# keys adds exactly nothing, so a row's bits do not depend on how many such blocks follow.
+# Within a block they can depend on its length (AVX512 without AMX: 208-368 keys round
+# otherwise), so a span that varies with the neighbours must not cut a block short.
 _KV_ALIGN = 512
+# The generated part's span is its fixed capacity, max_tokens rounded up to this: a
+# function of the call's options alone, so it needs no whole blocks.
+_OWN_ALIGN = 32
 # The own pass's queries per row are padded to a multiple of this: its float32 path gives
 # odd query counts bits that depend on the batch size (AVX512 without AMX).
 _Q_PAD = 8
 
 
-def _align(n: int) -> int:
-    """``n`` rounded up to a multiple of ``_KV_ALIGN``."""
-    return -(-n // _KV_ALIGN) * _KV_ALIGN
+def _align(n: int, to: int = _KV_ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``to``."""
+    return -(-n // to) * to
 
 
 def unsupported(model: Any) -> str | None:
@@ -457,13 +461,14 @@ class Engine:
         t_idx = torch.tensor([len(row.tokens) - 1 for _, row, _ in live], device=dev)
         ids = torch.tensor([row.tokens[-1] for _, row, _ in live + pad], device=dev)
         pos = torch.tensor([plen + sl.seg_len + len(row.tokens) - 1 for _, row, sl in live + pad])
-        # Attention runs over the longest live segment / generated part, rounded up to the
-        # flash kernel's key block (_KV_ALIGN), not the buffers' capacity: a row gets the
-        # same bits for any number of wholly masked blocks past its keys
-        # (tests/test_llm_engine.py), so this saves work without changing a sample.
+        # The segment pass runs over the longest live segment, rounded up to the flash
+        # kernel's key block (_KV_ALIGN), not the buffer's capacity: a row gets the same
+        # bits for any number of wholly masked blocks past its keys
+        # (tests/test_llm_engine.py), so this saves work without changing a sample. The
+        # own pass spans its fixed capacity.
         seg_lens = [sl.seg_len for sl in buf.slots]
         seg_len = torch.tensor(seg_lens, device=dev)
-        t_cur = min(buf.own_k.shape[3], _align(max(len(row.tokens) for _, row, _ in live)))
+        t_cur = buf.own_k.shape[3]
         s_cur = min(buf.seg_k.shape[3], _align(max(seg_lens)))
         own_len = torch.zeros(rows_cap, dtype=torch.long, device=dev)
         own_len[rows] = t_idx + 1
@@ -562,7 +567,7 @@ class _Call:
         want = max(1, -(-eng.max_rows // n))
         self.n_slots = min(want + max(1, want // 2), len(prompts))
         seg_cap = _align(max(len(p) for p in prompts) - self.plen)
-        self.buf = _Buffers(eng, self.n_slots, n, seg_cap, _align(max_tokens))
+        self.buf = _Buffers(eng, self.n_slots, n, seg_cap, _align(max_tokens, _OWN_ALIGN))
         self.pending = deque(range(len(prompts)))
         self.live = 0
 
