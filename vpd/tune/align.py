@@ -56,9 +56,6 @@ class AlignRecipe(BaseModel):
     seed: int = 0
 
 
-DEFAULT_ALIGN = AlignRecipe()
-
-
 def place(obj: dict[str, Any], width: int, height: int) -> str:
     """Where an object's centre lies in a 3 x 3 grid: "top left", "center", "bottom"..."""
     x, y = image_xy(obj, width, height)
