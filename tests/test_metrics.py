@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
 from vpd.errors import VpdError
 from vpd.metrics import (
+    DEFAULT_THRESHOLDS,
+    METRICS,
+    Metric,
+    aokvqa_da,
+    aokvqa_mc,
+    base_metric,
     count_match,
     exact_match,
+    gqa_match,
+    in_official_accuracy,
     mc_match,
+    metric_family,
+    nlvr2_match,
     normalize_answer,
     resolve_metric,
     score_answer,
+    short_answer,
     to_number,
     vqa_accuracy,
     yesno_match,
@@ -87,11 +100,20 @@ def test_vqa_accuracy_normalizes_both_sides() -> None:
     assert vqa_accuracy("a dog", answers) == pytest.approx(0.9)
 
 
-def test_vqa_accuracy_agreeing_answers_are_not_normalized() -> None:
+def test_vqa_strict_leaves_agreeing_answers_raw() -> None:
     # vqaEval.py normalizes only when the answers disagree: "Yes" never equals ten "yes".
-    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0
-    assert vqa_accuracy(" yes\n", ["yes"] * 10) == 1.0  # whitespace is always cleaned
-    assert vqa_accuracy("Yes", ["yes"] * 9 + ["no"]) == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 10, strict=True) == 0.0
+    assert vqa_accuracy(" yes\n", ["yes"] * 10, strict=True) == 1.0  # whitespace: always
+    assert vqa_accuracy("Yes", ["yes"] * 9 + ["no"], strict=True) == 1.0
+
+
+def test_vqa_normalizes_agreeing_answers_too() -> None:
+    # lmms-eval's VQA v2 task normalizes every question: "Yes." is ten annotators' "yes".
+    assert vqa_accuracy("Yes.", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("Two", ["2"] * 10) == 1.0
+    assert vqa_accuracy("two", ["two"] * 10) == 1.0  # both sides: "2" == "2"
+    assert vqa_accuracy("The Dog!", ["dog"] * 10) == 1.0
+    assert vqa_accuracy("cat", ["dog"] * 10) == 0.0
 
 
 def test_vqa_accuracy_fewer_answers() -> None:
@@ -149,7 +171,7 @@ def _q(**kw: object) -> Question:
 
 def test_resolve_metric_auto() -> None:
     assert resolve_metric(_q(dataset="vqav2")) == "vqa"
-    assert resolve_metric(_q(dataset="gqa")) == "gqa"  # official: raw string equality
+    assert resolve_metric(_q(dataset="gqa")) == "gqa"  # official, post-processed
     assert resolve_metric(_q(dataset="synth", meta={"qtype": "count"})) == "count"
     assert resolve_metric(_q(dataset="synth", meta={"qtype": "exists"}, answers=["no"])) == "yesno"
     assert resolve_metric(_q(dataset="synth", meta={"qtype": "attribute"}, answers=["red"])) == (
@@ -176,3 +198,80 @@ def test_score_answer_dispatch() -> None:
     assert score_answer("dog", q) == 1.0
     assert score_answer("cat", q) == 0.0
     assert score_answer("2", _q(dataset="vqav2", answers=["2"] + ["3"] * 9)) == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------- post-processing
+# One test per rule of the benchmarks' prediction post-processing (module docstring).
+
+
+def test_short_answer_strips_trailing_periods() -> None:
+    # LLaVA's convert_gqa_for_eval.py: text.rstrip(".")
+    assert short_answer("no.") == "no"
+    assert short_answer("no...") == "no"
+    assert short_answer("3.5") == "3.5"  # only trailing ones
+    assert short_answer("U.S.") == "u.s"
+
+
+def test_short_answer_lower_cases() -> None:
+    # convert_gqa_for_eval.py: .lower()
+    assert short_answer("No") == "no"
+    assert short_answer("Blue Sky") == "blue sky"
+
+
+def test_short_answer_strips_whitespace_first() -> None:
+    # model_vqa.py writes outputs.strip(): the period before a newline still goes.
+    assert short_answer("  No.\n") == "no"
+
+
+def test_short_answer_keeps_other_punctuation_and_articles() -> None:
+    assert short_answer("No!") == "no!"
+    assert short_answer("a bus") == "a bus"
+    assert short_answer("yes,") == "yes,"
+    assert short_answer(None) == ""
+
+
+def test_gqa_scores_no_period_as_no_and_strict_does_not() -> None:
+    q = Question(id="1", image="x", question="?", answers=["no"], dataset="gqa")
+    assert score_answer("No.", q) == 1.0  # auto -> gqa, post-processed
+    assert score_answer("No.", q, "gqa") == 1.0
+    assert score_answer("No.", q, "gqa_strict") == 0.0  # eval.py on the raw string
+    assert score_answer("no", q, "gqa_strict") == 1.0
+    assert gqa_match("a bus", ["bus"]) == 0.0 and gqa_match(None, ["no"]) == 0.0
+
+
+def test_aokvqa_da_normalizes_both_sides() -> None:
+    answers = ["two dogs"] * 2 + ["dogs"] * 8
+    assert aokvqa_da("2 Dogs.", answers) == 2 / 3  # unrounded
+    assert aokvqa_da("2 Dogs.", answers, strict=True) == 0.0
+    assert aokvqa_da("two dogs", answers, strict=True) == 2 / 3
+    assert aokvqa_da("the", ["the"] * 3) == 0.0  # nothing left after normalization
+
+
+def test_aokvqa_mc_compares_short_forms_of_both_sides() -> None:
+    choices = ["Red", "blue", "green", "yellow"]
+    assert aokvqa_mc("red.", choices, 0) == 1.0
+    assert aokvqa_mc("red.", choices, 0, strict=True) == 0.0
+    assert aokvqa_mc("Red", choices, 0, strict=True) == 1.0
+    assert aokvqa_mc("B", choices, 1) == aokvqa_mc("B", choices, 1, strict=True) == 1.0
+
+
+def test_nlvr2_strips_a_sentence_period() -> None:
+    assert nlvr2_match("True.", ["True"]) == 1.0
+    assert nlvr2_match("Yes.", ["True"]) == 1.0
+    assert nlvr2_match("True.", ["True"], strict=True) == 0.0
+    assert nlvr2_match("TRUE", ["True"], strict=True) == 1.0  # the script lower-cases
+
+
+def test_strict_variants_are_declared_once() -> None:
+    # The Literal the configs validate against and METRICS name the same metrics.
+    assert set(get_args(Metric)) == {"auto", *METRICS}
+    for m in ("vqa", "gqa", "aokvqa_da", "aokvqa_mc", "nlvr2"):
+        strict = m + "_strict"
+        assert base_metric(strict) == (m, True) and base_metric(m) == (m, False)
+        assert DEFAULT_THRESHOLDS[strict] == DEFAULT_THRESHOLDS[m]
+        assert metric_family(strict) == metric_family(m)
+    assert base_metric("pope_strict") == ("pope_strict", False)  # no such variant
+    with pytest.raises(VpdError):
+        resolve_metric(_q(), "pope_strict")
+    unbalanced = _q(dataset="gqa", meta={"isBalanced": False})
+    assert not in_official_accuracy(unbalanced, "gqa_strict")

@@ -1,16 +1,21 @@
-"""`vpd verify --metric auto` scores each benchmark exactly as its official script does.
+"""`vpd verify --metric auto` scores each benchmark exactly as the field runs its official
+script: the prediction post-processed as the field's standard scripts do, then the script.
 
 Each ``official_*`` function below re-states the scoring logic of the benchmark's own
 evaluation script (cited), run on the ORIGINAL fixture files with the planted predictions
-in the script's own input form. The same predictions go through `vpd data import` ->
-executions -> `vpd verify --metric auto`, and every sample's score, and the average over
-the questions the script averages over, must equal the script's.
+in the script's own input form; each ``post_*`` function re-states the post-processing
+(cited). The same predictions go through `vpd data import` -> executions -> `vpd verify`,
+and every sample's score, and the average over the questions the script averages over,
+must equal the script's on the post-processed predictions (``--metric auto``) and on the
+raw ones (``--metric <name>_strict``).
 
 Scripts: VQA v2 / OK-VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``
 (GT-Vision-Lab/VQA); GQA ``eval.py`` (gqadataset.org); A-OKVQA
 ``evaluation/eval_predictions.py`` (allenai/aokvqa); TallyQA ``utils.accuracy``
 (manoja328/tallyqacode); POPE ``evaluate.py`` (RUCAIBox/POPE); NLVR2 ``nlvr2/eval/metrics.py``
-(lil-lab/nlvr).
+(lil-lab/nlvr). Post-processing: GQA ``scripts/convert_gqa_for_eval.py`` and
+``llava/eval/model_vqa.py`` (haotian-liu/LLaVA); VQA v2 ``lmms_eval/tasks/vqav2/utils.py``
+(EvolvingLMMs-Lab/lmms-eval).
 """
 
 from __future__ import annotations
@@ -87,6 +92,30 @@ def official_vqa(gt_answers: list[dict], res_ans: str) -> float:
         matching = [item for item in others if item["answer"] == res]
         accs.append(min(1, float(len(matching)) / 3))
     return float(sum(accs)) / len(accs)
+
+
+def post_vqa(text: str) -> str:
+    """lmms-eval's vqav2_process_results: whitespace, then vqaEval's two normalization
+    steps, on every answer and the prediction whether or not the answers agree."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return _digit_article(_punct(text))
+
+
+def lmms_vqa(gt_answers: list[dict], res_ans: str) -> float:
+    """vqaEval.py's leave-one-out score on both sides post-processed (lmms-eval)."""
+    gts = [{**a, "answer": post_vqa(a["answer"])} for a in gt_answers]
+    res = post_vqa(res_ans)
+    accs = []
+    for gt in gts:
+        others = [item for item in gts if item != gt]
+        accs.append(min(1, float(len([i for i in others if i["answer"] == res])) / 3))
+    return float(sum(accs)) / len(accs)
+
+
+def post_gqa(text: str) -> str:
+    """LLaVA: model_vqa.py writes ``outputs.strip()``; convert_gqa_for_eval.py hands
+    eval.py ``res['text'].rstrip('.').lower()``."""
+    return text.strip().rstrip(".").lower()
 
 
 def official_gqa(questions: dict, predictions: dict) -> tuple[dict, float]:
@@ -178,8 +207,10 @@ def _import(tmp: Path, fmt: str, src: Path, images: tuple[str, ...], **kw: objec
     return out
 
 
-def _verify(tmp: Path, questions: Path, planted: dict[str, list[str]]) -> dict[str, dict]:
-    """Plant answers as executions of k programs per question; verify with metric auto."""
+def _verify(
+    tmp: Path, questions: Path, planted: dict[str, list[str]], metric: str = "auto"
+) -> dict[str, dict]:
+    """Plant answers as executions of k programs per question; verify with ``metric``."""
     samples, execs = tmp / "samples.jsonl", tmp / "executions.jsonl"
     with open(samples, "w") as fs, open(execs, "w") as fe:
         for qid, answers in planted.items():
@@ -188,9 +219,14 @@ def _verify(tmp: Path, questions: Path, planted: dict[str, list[str]]) -> dict[s
                 fs.write(Sample(id=sid, qid=qid, k=k, program="...").model_dump_json() + "\n")
                 ex = Execution(id=sid, qid=qid, status="ok", answer=ans)
                 fe.write(ex.model_dump_json() + "\n")
-    out = tmp / "verified.jsonl"
+    out = tmp / f"verified.{metric}.jsonl"
     cfg = VerifyConfig(
-        executions=execs, samples=samples, questions=questions, out=out, progress=False
+        executions=execs,
+        samples=samples,
+        questions=questions,
+        out=out,
+        metric=metric,  # type: ignore[arg-type]
+        progress=False,
     )
     run_verify(cfg)
     return {r["id"]: r for r in read_jsonl(out)}
@@ -212,7 +248,7 @@ VQA_PLANTED = {
     "262148000": ["down", "Down.", "table", "at the table", "skateboards", "DOWN!"],
     "262148001": ["watching", "spectating", "Watching!", "spectate"],
     "262148002": ["picnic table", "table", "skateboard", "picnic-table", "a table"],
-    # All ten say "no": the raw prediction must equal it (no normalization at all).
+    # All ten say "no": vqaEval.py compares the raw prediction (no normalization at all).
     "393225000": ["no", "No", "no.", " no\n", "yes"],
     "393225001": ["2", "two", "3", "Two.", "1", "2.0"],
     "393225002": ["white", "White", "the white", "white\t"],
@@ -230,19 +266,22 @@ def test_vqav2_auto_matches_vqaeval(tmp_path: Path) -> None:
     anns = json.loads((FIX / "vqav2" / "v2_mscoco_val2014_annotations.json").read_text())
     gts = {str(a["question_id"]): a["answers"] for a in anns["annotations"]}
     got = _verify(tmp_path, qfile, VQA_PLANTED)
+    strict = _verify(tmp_path, qfile, VQA_PLANTED, "vqa_strict")
     for qid, preds in VQA_PLANTED.items():
         for k, pred in enumerate(preds):
-            rec = got[f"{qid}#{k}"]
-            assert rec["metric"] == "vqa"
-            assert rec["score"] == round(official_vqa(gts[qid], pred), 4), (qid, pred)
-    # The cases that tell the script's rules apart from "always normalize":
-    assert got["393225000#1"]["score"] == 0.0  # "No" vs ten "no": no normalization
+            rec, raw = got[f"{qid}#{k}"], strict[f"{qid}#{k}"]
+            assert (rec["metric"], raw["metric"]) == ("vqa", "vqa_strict")
+            assert rec["score"] == pytest.approx(lmms_vqa(gts[qid], pred), abs=1e-12), pred
+            assert raw["score"] == pytest.approx(official_vqa(gts[qid], pred), abs=1e-12), pred
+    # The case that tells the two apart: ten agreeing answers.
+    assert got["393225000#1"]["score"] == 1.0  # "No" post-processed to "no"
+    assert strict["393225000#1"]["score"] == 0.0  # vqaEval.py: raw "No" != "no"
     assert got["393225001#1"]["score"] == 1.0  # "two" -> "2" when answers disagree
-    assert got["262148000#2"]["score"] == 0.3  # one annotator of ten
+    assert got["262148000#2"]["score"] == pytest.approx(0.3)  # one annotator of ten
     # The same predictions' overall accuracy (first sample of each question).
     ours = _mean([got[f"{q}#0"]["score"] for q in VQA_PLANTED])
-    theirs = _mean([official_vqa(gts[q], p[0]) for q, p in VQA_PLANTED.items()])
-    assert ours == pytest.approx(theirs, abs=1e-4)
+    theirs = _mean([lmms_vqa(gts[q], p[0]) for q, p in VQA_PLANTED.items()])
+    assert ours == pytest.approx(theirs, abs=1e-12)
 
 
 def test_okvqa_auto_is_the_vqa_script(tmp_path: Path) -> None:
@@ -257,36 +296,46 @@ def test_okvqa_auto_is_the_vqa_script(tmp_path: Path) -> None:
     gts = {str(a["question_id"]): a["answers"] for a in anns["annotations"]}
     planted = {"2971475": ["racing", "race", "Motocross", "bmx"], "2971476": ["fern", "palm"]}
     got = _verify(tmp_path, qfile, planted)
+    strict = _verify(tmp_path, qfile, planted, "vqa_strict")
     for qid, preds in planted.items():
         for k, pred in enumerate(preds):
-            assert got[f"{qid}#{k}"]["score"] == round(official_vqa(gts[qid], pred), 4)
+            assert got[f"{qid}#{k}"]["score"] == pytest.approx(lmms_vqa(gts[qid], pred))
+            assert strict[f"{qid}#{k}"]["score"] == pytest.approx(official_vqa(gts[qid], pred))
 
 
 def test_gqa_auto_matches_eval_py(tmp_path: Path) -> None:
     src = FIX / "gqa" / "testdev_balanced_questions.json"
     qfile = _import(tmp_path, "gqa", src, ("n161313.jpg", "n15740.jpg"))
     planted = {
-        "201307251": ["no", "No", "no.", " no"],
-        "201640614": ["bus", "a bus", "Bus", "buses"],
-        "201307252": ["no", "yes"],  # not balanced: scored, but outside the accuracy
-        "05451384": ["yes", "yes "],
+        "201307251": ["no", "No.", "no.", " no", "No"],
+        "201640614": ["bus", "a bus", "Bus", "buses", "BUS.."],
+        "201307252": ["no", "yes", "No!", "no", "nope"],  # not balanced: outside the accuracy
+        "05451384": ["yes", "yes ", "Yes.", "yes,", "YES"],
     }
     got = _verify(tmp_path, qfile, planted)
+    strict = _verify(tmp_path, qfile, planted, "gqa_strict")
     raw = json.loads(src.read_text())  # the first entry of the duplicated key is imported
     raw["201640614"] = {**raw["201640614"], "answer": "bus", "isBalanced": True}
     questions = {qid: raw[qid] for qid in planted}
     qs = _questions(qfile)
-    for k in range(2):
+    for k in range(5):
         preds = {qid: p[k] for qid, p in planted.items()}
-        per, acc = official_gqa(questions, preds)
-        for qid in planted:
-            assert got[f"{qid}#{k}"]["metric"] == "gqa"
-            assert got[f"{qid}#{k}"]["score"] == per[qid]
-        counted = [
-            got[f"{qid}#{k}"]["score"] for qid in planted if in_official_accuracy(qs[qid], "gqa")
-        ]
-        assert _mean(counted) == pytest.approx(acc)
+        for recs, name, post in ((got, "gqa", post_gqa), (strict, "gqa_strict", str)):
+            per, acc = official_gqa(questions, {q: post(p) for q, p in preds.items()})
+            for qid in planted:
+                assert recs[f"{qid}#{k}"]["metric"] == name
+                assert recs[f"{qid}#{k}"]["score"] == per[qid], (name, preds[qid])
+            counted = [
+                recs[f"{qid}#{k}"]["score"]
+                for qid in planted
+                if in_official_accuracy(qs[qid], name)
+            ]
+            assert _mean(counted) == pytest.approx(acc)
+    # A GQA program answering "No." for the gold "no": kept under gqa, lost under strict.
+    assert (got["201307251#1"]["score"], got["201307251#1"]["kept"]) == (1.0, True)
+    assert (strict["201307251#1"]["score"], strict["201307251#1"]["kept"]) == (0.0, False)
     assert not in_official_accuracy(qs["201307252"], "gqa")
+    assert not in_official_accuracy(qs["201307252"], "gqa_strict")
 
 
 def test_aokvqa_auto_direct_answer_and_multiple_choice(tmp_path: Path) -> None:
@@ -294,37 +343,77 @@ def test_aokvqa_auto_direct_answer_and_multiple_choice(tmp_path: Path) -> None:
     dataset = [d for d in json.loads(src.read_text()) if "choices" in d][:3]
     imgs = ("val2017/000000461751.jpg", "val2017/000000000040.jpg")
     da_planted = {
-        "22jbM6gDxdaMaunuzgrsBB": ["cigarette", "cigar", "Cigarette", "cigarettes"],
-        "2e6P6CeHSQ3wVYgjmqAN7v": ["30", "thirty", "30th", "Thirty"],
-        "2t3CvbUhhHs9GzSFnYqGUw": ["sun", "shade", "hat", "sun protection"],  # difficult
+        "22jbM6gDxdaMaunuzgrsBB": ["cigarette", "cigar", "Cigarette", "cigarettes", "A cigar."],
+        "2e6P6CeHSQ3wVYgjmqAN7v": ["30", "thirty", "30th", "Thirty", "30."],
+        "2t3CvbUhhHs9GzSFnYqGUw": ["sun", "shade", "hat", "sun protection", "Shade"],  # difficult
     }
     qfile = _import(tmp_path / "da", "aokvqa", src, imgs)
     got = _verify(tmp_path / "da", qfile, da_planted)
+    strict = _verify(tmp_path / "da", qfile, da_planted, "aokvqa_da_strict")
     qs = _questions(qfile)
-    for k in range(4):
-        per, acc = official_aokvqa(dataset, {q: p[k] for q, p in da_planted.items()}, False)
-        assert set(per) == {q for q in da_planted if in_official_accuracy(qs[q], "aokvqa_da")}
-        for qid in per:
-            assert got[f"{qid}#{k}"]["metric"] == "aokvqa_da"
-            assert got[f"{qid}#{k}"]["score"] == round(per[qid], 4)
-        assert _mean([got[f"{q}#{k}"]["score"] for q in per]) == pytest.approx(acc, abs=1e-4)
-    assert got["22jbM6gDxdaMaunuzgrsBB#1"]["score"] == pytest.approx(1 / 3, abs=1e-4)
+    # aokvqa_da: the script on both sides under the VQA normalization.
+    normalized = [
+        {**d, "direct_answers": [post_vqa(a) for a in d["direct_answers"]]} for d in dataset
+    ]
+    for k in range(5):
+        preds = {q: p[k] for q, p in da_planted.items()}
+        for recs, name, data, post in (
+            (got, "aokvqa_da", normalized, post_vqa),
+            (strict, "aokvqa_da_strict", dataset, str),
+        ):
+            per, acc = official_aokvqa(data, {q: post(p) for q, p in preds.items()}, False)
+            assert set(per) == {q for q in da_planted if in_official_accuracy(qs[q], name)}
+            for qid in per:
+                assert recs[f"{qid}#{k}"]["metric"] == name
+                assert recs[f"{qid}#{k}"]["score"] == per[qid], (name, preds[qid])
+            assert _mean([recs[f"{q}#{k}"]["score"] for q in per]) == pytest.approx(acc)
+    assert got["22jbM6gDxdaMaunuzgrsBB#1"]["score"] == 1 / 3
+    assert got["22jbM6gDxdaMaunuzgrsBB#4"]["score"] == 1 / 3  # "A cigar." -> "cigar"
+    assert strict["22jbM6gDxdaMaunuzgrsBB#4"]["score"] == 0.0
+    assert (
+        got["22jbM6gDxdaMaunuzgrsBB#2"]["score"],
+        strict["22jbM6gDxdaMaunuzgrsBB#2"]["score"],
+    ) == (1.0, 0.0)
 
     mc_planted = {
         "22jbM6gDxdaMaunuzgrsBB": ["cigarette", "toothpick", "Cigarette", "D"],
-        "2e6P6CeHSQ3wVYgjmqAN7v": ["thirty", "ten", "30", "B"],
+        "2e6P6CeHSQ3wVYgjmqAN7v": ["thirty", "ten", "Thirty.", "B"],
         "2t3CvbUhhHs9GzSFnYqGUw": ["sun", "rain", "sun ", "A"],
     }
     qfile = _import(tmp_path / "mc", "aokvqa", src, imgs, setting="mc")
     got = _verify(tmp_path / "mc", qfile, mc_planted)
+    strict = _verify(tmp_path / "mc", qfile, mc_planted, "aokvqa_mc_strict")
+    # aokvqa_mc: the script on both sides as GQA's post-processing leaves them.
+    short = [{**d, "choices": [post_gqa(c) for c in d["choices"]]} for d in dataset]
     for k in range(3):  # choice strings, as the script takes them
-        per, acc = official_aokvqa(dataset, {q: p[k] for q, p in mc_planted.items()}, True)
-        for qid in per:
-            assert got[f"{qid}#{k}"]["metric"] == "aokvqa_mc"
-            assert got[f"{qid}#{k}"]["score"] == per[qid]
-        assert _mean([got[f"{q}#{k}"]["score"] for q in per]) == pytest.approx(acc)
+        preds = {q: p[k] for q, p in mc_planted.items()}
+        for recs, name, data, post in (
+            (got, "aokvqa_mc", short, post_gqa),
+            (strict, "aokvqa_mc_strict", dataset, str),
+        ):
+            per, acc = official_aokvqa(data, {q: post(p) for q, p in preds.items()}, True)
+            for qid in per:
+                assert recs[f"{qid}#{k}"]["metric"] == name
+                assert recs[f"{qid}#{k}"]["score"] == per[qid], (name, preds[qid])
+            assert _mean([recs[f"{q}#{k}"]["score"] for q in per]) == pytest.approx(acc)
+    assert [got[f"{q}#2"]["score"] for q in mc_planted] == [1.0, 1.0, 1.0]
+    assert [strict[f"{q}#2"]["score"] for q in mc_planted] == [0.0, 0.0, 0.0]
     # A bare option letter (the imported question lists "A. ..."): read as that choice.
     assert [got[f"{q}#3"]["score"] for q in mc_planted] == [1.0, 0.0, 1.0]
+    assert [strict[f"{q}#3"]["score"] for q in mc_planted] == [1.0, 0.0, 1.0]
+
+
+def test_aokvqa_two_thirds_is_written_unrounded(tmp_path: Path) -> None:
+    """Two of the ten direct answers say "shade": 2/3, in the verified record as the float
+    2/3 itself (0.666...), not 0.6667."""
+    src = FIX / "aokvqa" / "aokvqa_v1p0_val.json"
+    imgs = ("val2017/000000461751.jpg", "val2017/000000000040.jpg")
+    qfile = _import(tmp_path, "aokvqa", src, imgs)
+    for metric in ("aokvqa_da", "aokvqa_da_strict"):
+        got = _verify(tmp_path, qfile, {"2t3CvbUhhHs9GzSFnYqGUw": ["shade"]}, metric)
+        line = (tmp_path / f"verified.{metric}.jsonl").read_text()
+        assert got["2t3CvbUhhHs9GzSFnYqGUw#0"]["score"] == 2 / 3
+        assert '"score":0.6666666666666666' in line.replace(" ", "")
 
 
 def test_tallyqa_auto_matches_accuracy(tmp_path: Path) -> None:
@@ -386,26 +475,32 @@ def test_nlvr2_auto_matches_metrics_py(tmp_path: Path) -> None:
         ["False", "True", "True", "False"],  # all right
         ["false", "TRUE", "False", "False"],  # case does not matter; one wrong
         ["True", "False", "true", "false"],
+        ["False.", "True.", "True", "false."],  # a sentence's period: right only post-processed
     ]
     planted = {ex["identifier"]: [r[i] for r in runs] for i, ex in enumerate(labelled)}
     got = _verify(tmp_path, qfile, planted)
+    strict = _verify(tmp_path, qfile, planted, "nlvr2_strict")
     for k, preds in enumerate(runs):
-        csv_text = "\n".join(
-            f"{ex['identifier']},{p}" for ex, p in zip(labelled, preds, strict=True)
-        )
-        per, acc, consistency = official_nlvr2(csv_text, labelled)
-        ours = {i: got[f"{i}#{k}"]["score"] for i in per}
-        assert ours == per
-        assert {got[f"{i}#{k}"]["metric"] for i in per} == {"nlvr2"}
-        assert nlvr2_consistency({i: s == 1.0 for i, s in ours.items()}) == pytest.approx(
-            consistency
-        )
-        assert _mean(list(ours.values())) == pytest.approx(acc)
+        for recs, name, post in ((got, "nlvr2", post_gqa), (strict, "nlvr2_strict", str)):
+            csv_text = "\n".join(
+                f"{ex['identifier']},{post(p)}" for ex, p in zip(labelled, preds, strict=True)
+            )
+            per, acc, consistency = official_nlvr2(csv_text, labelled)
+            ours = {i: recs[f"{i}#{k}"]["score"] for i in per}
+            assert ours == per, (name, preds)
+            assert {recs[f"{i}#{k}"]["metric"] for i in per} == {name}
+            assert nlvr2_consistency({i: s == 1.0 for i, s in ours.items()}) == pytest.approx(
+                consistency
+            )
+            assert _mean(list(ours.values())) == pytest.approx(acc)
+    assert [got[f"{ex['identifier']}#3"]["score"] for ex in labelled] == [1.0] * 4
+    assert [strict[f"{ex['identifier']}#3"]["score"] for ex in labelled] == [0.0, 0.0, 1.0, 0.0]
     # Programs answer the posed question with yes/no: the same as True/False.
     q = _questions(qfile)["dev-850-2-0"]
-    assert [nlvr2_match(p, q.answers) for p in ("yes", "Yes", "true", "no", "y")] == [
-        1.0, 1.0, 1.0, 0.0, 0.0
+    assert [nlvr2_match(p, q.answers) for p in ("yes", "Yes", "true", "no", "y", "Yes.")] == [
+        1.0, 1.0, 1.0, 0.0, 0.0, 1.0
     ]  # fmt: skip
+    assert nlvr2_match("Yes.", q.answers, strict=True) == 0.0
 
 
 def test_verify_cli_metric_auto(tmp_path: Path) -> None:
@@ -422,7 +517,20 @@ def test_verify_cli_metric_auto(tmp_path: Path) -> None:
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(r["metric"], r["score"], r["kept"]) for r in recs] == [
         ("gqa", 1.0, True),
-        ("gqa", 0.0, False),
+        ("gqa", 1.0, True),  # "No": lower-cased as LLaVA's convert_gqa_for_eval.py does
+    ]
+    strict = tmp_path / "cli.strict.jsonl"
+    res = CliRunner().invoke(
+        app,
+        ["verify", str(tmp_path / "executions.jsonl"), "--samples", str(tmp_path / "samples.jsonl"),
+         "--questions", str(qfile), "--out", str(strict), "--metric", "gqa_strict",
+         "--no-progress"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in strict.read_text().splitlines()]
+    assert [(r["metric"], r["score"], r["kept"]) for r in recs] == [
+        ("gqa_strict", 1.0, True),
+        ("gqa_strict", 0.0, False),
     ]
     assert "gqa" in CliRunner().invoke(app, ["verify", "--help"]).output
 
@@ -448,7 +556,8 @@ def test_verify_cli_metric_auto(tmp_path: Path) -> None:
 )
 def test_vqa_normalization_cases(answers: list[str], pred: str) -> None:
     gts = [{"answer": a, "answer_id": i + 1} for i, a in enumerate(answers)]
-    assert vqa_accuracy(pred, answers) == pytest.approx(official_vqa(gts, pred))
+    assert vqa_accuracy(pred, answers) == pytest.approx(lmms_vqa(gts, pred))
+    assert vqa_accuracy(pred, answers, strict=True) == pytest.approx(official_vqa(gts, pred))
 
 
 def test_more_than_32_periods_keeps_the_rest() -> None:

@@ -3,33 +3,52 @@
 ``vpd verify`` keeps programs with them, ``vpd eval`` scores VLM answers, ``vpd rationalize``
 and the LLM judge compare answers with them.
 
-Official metrics (``auto`` picks them by ``Question.dataset``), each matching its
-benchmark's own evaluation script case by case (``tests/test_metrics_official.py``):
+Official metrics (``auto`` picks them by ``Question.dataset``). Each runs its benchmark's
+official comparison on the prediction as the field post-processes it before that script
+sees it (a raw "No." is not what any published GQA number scored). ``<name>_strict``
+skips the post-processing: the official script on the raw prediction, case by case
+(``tests/test_metrics_official.py``). Post-processing never turns a raw match into a
+miss (bar an answer that normalizes to nothing, like "the"): it applies to both sides,
+or to the prediction only where the gold is already in its output form.
 
 - ``vqa`` (VQA v2, OK-VQA; vqaEval.py of GT-Vision-Lab/VQA): newline/tab to space and
-  strip; only when the human answers DISAGREE are the answers and the prediction both
-  normalized (punctuation removed or spaced, removed outright when the text has a
-  "digit,digit" number like ``1,000``; at most 32 periods not followed by a digit removed,
-  the script passing ``re.UNICODE`` as ``count``; lower-case; number words ``zero..ten``
-  and ``none`` to digits; articles a/an/the dropped; the contractions map). When all
-  answers agree, the raw prediction must equal them. Score: mean over the n leave-one-out
-  subsets of ``min(1, matches / 3)``.
-- ``gqa`` (GQA eval.py): ``prediction == answer``, raw strings. The official accuracy
-  averages over ``isBalanced`` questions only (:func:`in_official_accuracy`).
+  strip; answers and prediction normalized (punctuation removed or spaced, removed
+  outright when the text has a "digit,digit" number like ``1,000``; at most 32 periods not
+  followed by a digit removed, the script passing ``re.UNICODE`` as ``count``; lower-case;
+  number words ``zero..ten`` and ``none`` to digits; articles a/an/the dropped; the
+  contractions map). Score: mean over the n leave-one-out subsets of
+  ``min(1, matches / 3)``. ``vqa`` normalizes both sides of every question, as lmms-eval's
+  VQA v2 task does (``vqav2_process_results``); ``vqa_strict`` is vqaEval.py itself, which
+  normalizes only when the human answers DISAGREE (when all agree, the raw prediction must
+  equal them: "Yes" scores 0 against ten "yes"). LLaVA's submission script runs
+  EvalAIAnswerProcessor on the prediction alone, whose tokenizer also splits "'s" off
+  ("man's" -> "man 's", then a miss against vqaEval's "man's"): not copied.
+- ``gqa`` (GQA eval.py: ``prediction == answer``): the prediction as LLaVA's
+  ``scripts/convert_gqa_for_eval.py`` hands it to eval.py: the model output stripped
+  (``model_vqa.py``), trailing periods removed (``rstrip(".")``), lower-cased. GQA's
+  answers are lower-case words without a final period, so nothing else changes.
+  ``gqa_strict``: raw strings. The official accuracy averages over ``isBalanced``
+  questions only (:func:`in_official_accuracy`).
 - ``aokvqa_da`` (A-OKVQA eval_predictions.py, direct answer): ``min(1, #(prediction ==
-  direct answer) / 3)`` over the 10 raw answers, no normalization, no leave-one-out;
-  ``difficult_direct_answer`` questions are outside the official average.
+  direct answer) / 3)`` over the 10 answers, no leave-one-out; ``difficult_direct_answer``
+  questions are outside the official average. A-OKVQA has no prediction script of its own
+  and its score is VQA's, so ``aokvqa_da`` compares both sides under the VQA normalization
+  as ``vqa`` does; ``aokvqa_da_strict``: raw strings.
 - ``aokvqa_mc`` (same script, multiple choice): ``prediction == choices[correct_choice_idx]``;
   a bare option letter ("B", "(b)") that is not itself a choice reads as that choice,
-  since the imported question lists lettered options.
+  since the imported question lists lettered options. ``aokvqa_mc`` compares prediction
+  and choices stripped, without trailing periods and lower-cased (the GQA rule, on both
+  sides); ``aokvqa_mc_strict``: raw strings (the letter reading kept).
 - ``count`` (TallyQA): the prediction read as a number (digits or number words) equals
-  the integer answer.
-- ``pope`` (POPE evaluate.py): the prediction is cut at its first ".", commas removed,
-  split on spaces; "No", "no" or "not" among the words means no, anything else yes;
-  compared with the label ("no" is negative, anything else positive).
+  the integer answer (already a reading of free text: no strict variant).
+- ``pope`` (POPE evaluate.py, = LLaVA's eval_pope.py): the prediction is cut at its first
+  ".", commas removed, split on spaces; "No", "no" or "not" among the words means no,
+  anything else yes; compared with the label ("no" is negative, anything else positive).
+  That reading IS the official post-processing: no strict variant.
 - ``nlvr2`` (NLVR2 eval/metrics.py): ``prediction.lower() == label.lower()`` on
   "True"/"False"; the statement is posed as a yes/no question, so "yes"/"no" stand for
-  "True"/"False" on both sides.
+  "True"/"False" on both sides. ``nlvr2`` first strips the prediction and its trailing
+  periods (the GQA rule: "Yes." is yes); ``nlvr2_strict`` compares it as it is.
 
 Lenient metrics for other data (synthetic scenes, generic imports): ``exact`` (normalized
 exact match), ``yesno`` (yes/no/true/false/y/n), ``mc`` (normalized choice or letter), and
@@ -54,10 +73,15 @@ from vpd.errors import VpdError
 from vpd.records import Question
 
 Metric = Literal[
-    "auto", "vqa", "exact", "count", "yesno", "mc", "gqa", "aokvqa_da", "aokvqa_mc", "pope", "nlvr2"
-]
+    "auto", "vqa", "exact", "count", "yesno", "mc", "gqa", "aokvqa_da", "aokvqa_mc", "pope",
+    "nlvr2", "vqa_strict", "gqa_strict", "aokvqa_da_strict", "aokvqa_mc_strict", "nlvr2_strict",
+]  # fmt: skip
+# The suffix of the raw official comparison of a post-processed official metric.
+STRICT = "_strict"
+STRICT_OF: tuple[str, ...] = ("vqa", "gqa", "aokvqa_da", "aokvqa_mc", "nlvr2")
 METRICS: tuple[str, ...] = (
-    "vqa", "exact", "count", "yesno", "mc", "gqa", "aokvqa_da", "aokvqa_mc", "pope", "nlvr2"
+    "vqa", "exact", "count", "yesno", "mc", "gqa", "aokvqa_da", "aokvqa_mc", "pope", "nlvr2",
+    *(m + STRICT for m in STRICT_OF),
 )  # fmt: skip
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
@@ -72,6 +96,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "pope": 1.0,
     "nlvr2": 1.0,
 }
+DEFAULT_THRESHOLDS.update({m + STRICT: DEFAULT_THRESHOLDS[m] for m in STRICT_OF})
 
 # The answer shape of each official metric, for code that only cares about the shape
 # (e.g. writing a canonical answer): yes/no, a number, free text, or a choice.
@@ -82,6 +107,15 @@ _FAMILY: dict[str, str] = {
     "pope": "yesno",
     "nlvr2": "yesno",
 }
+_FAMILY.update({m + STRICT: _FAMILY.get(m, m) for m in STRICT_OF})
+
+
+def base_metric(metric: str) -> tuple[str, bool]:
+    """``"gqa_strict"`` -> ``("gqa", True)``; ``"gqa"`` -> ``("gqa", False)``."""
+    if metric.endswith(STRICT) and metric[: -len(STRICT)] in STRICT_OF:
+        return metric[: -len(STRICT)], True
+    return metric, False
+
 
 # Question.dataset (lower-case, without "-" and "_") -> its official metric.
 OFFICIAL_METRIC: dict[str, str] = {
@@ -189,21 +223,21 @@ def _vqa_clean(s: Any) -> str:
     return str(s).replace("\n", " ").replace("\t", " ").strip()
 
 
-def vqa_accuracy(pred: Any, answers: list[str]) -> float:
-    """Official VQA accuracy (vqaEval.py): see the module docstring.
+def vqa_accuracy(pred: Any, answers: list[str], *, strict: bool = False) -> float:
+    """VQA accuracy (vqaEval.py): see the module docstring.
 
-    Answers and prediction are normalized only when the answers disagree; the score is
-    the mean over leave-one-out subsets of ``min(1, matches / 3)``. With n < 4 answers,
-    where the official formula cannot give full credit, a full credit needs
-    ``min(3, n - 1)`` matches; with one answer it is exact match (our deviation, see the
-    module docstring). No answers or an empty prediction -> 0.
+    Answers and prediction are normalized (``strict``: only when the answers disagree, as
+    vqaEval.py does); the score is the mean over leave-one-out subsets of
+    ``min(1, matches / 3)``. With n < 4 answers, where the official formula cannot give
+    full credit, a full credit needs ``min(3, n - 1)`` matches; with one answer it is exact
+    match (our deviation, see the module docstring). No answers or an empty prediction -> 0.
     """
     n = len(answers)
     if n == 0 or pred is None:
         return 0.0
     res = _vqa_clean(pred)
     gts = [_vqa_clean(a) for a in answers]
-    if len(set(gts)) > 1:
+    if not strict or len(set(gts)) > 1:
         gts = [normalize_answer(g) for g in gts]
         res = normalize_answer(res)
     if not res:
@@ -218,32 +252,54 @@ def vqa_accuracy(pred: Any, answers: list[str]) -> float:
     return acc / n
 
 
-def gqa_match(pred: Any, answers: list[str]) -> float:
-    """GQA eval.py: the raw prediction equals the answer (no normalization at all)."""
-    return float(pred is not None and any(str(pred) == a for a in answers))
+def short_answer(pred: Any) -> str:
+    """A short answer as LLaVA's convert_gqa_for_eval.py hands it to GQA's eval.py.
+
+    ``text.rstrip(".").lower()`` of the output model_vqa.py already ``strip()``-ed: "No."
+    -> "no", "Yes.." -> "yes"; other punctuation and articles stay. ``None`` -> ``""``.
+    """
+    return "" if pred is None else str(pred).strip().rstrip(".").lower()
 
 
-def aokvqa_da(pred: Any, direct_answers: list[str]) -> float:
-    """A-OKVQA direct answer: ``min(1, #(pred == answer) / 3)`` over the raw answers."""
+def gqa_match(pred: Any, answers: list[str], *, strict: bool = False) -> float:
+    """GQA eval.py: the prediction equals the answer; :func:`short_answer` first unless
+    ``strict`` (then raw strings)."""
     if pred is None:
         return 0.0
-    return min(1.0, sum(str(pred) == a for a in direct_answers) / 3.0)
+    p = str(pred) if strict else short_answer(pred)
+    return float(any(p == a for a in answers))
 
 
-def aokvqa_mc(pred: Any, choices: list[str], correct_idx: Any) -> float:
-    """A-OKVQA multiple choice: ``pred == choices[correct_choice_idx]`` (raw strings).
+def aokvqa_da(pred: Any, direct_answers: list[str], *, strict: bool = False) -> float:
+    """A-OKVQA direct answer: ``min(1, #(pred == answer) / 3)`` over the answers; both
+    sides under the VQA normalization unless ``strict`` (then raw strings)."""
+    if pred is None:
+        return 0.0
+    if strict:
+        return min(1.0, sum(str(pred) == a for a in direct_answers) / 3.0)
+    p = normalize_answer(pred)
+    if not p:
+        return 0.0
+    return min(1.0, sum(p == normalize_answer(a) for a in direct_answers) / 3.0)
+
+
+def aokvqa_mc(pred: Any, choices: list[str], correct_idx: Any, *, strict: bool = False) -> float:
+    """A-OKVQA multiple choice: ``pred == choices[correct_choice_idx]``; prediction and
+    choices through :func:`short_answer` unless ``strict`` (then raw strings).
 
     A bare option letter that is not itself a choice reads as that choice.
     """
     if pred is None or not isinstance(correct_idx, int) or not 0 <= correct_idx < len(choices):
         return 0.0
-    p = str(pred)
-    if p not in choices:
-        m = _LETTER.match(p.strip())
+    form = str if strict else short_answer
+    forms = [form(c) for c in choices]
+    p = form(pred)
+    if p not in forms:
+        m = _LETTER.match(str(pred).strip())
         idx = ord(m.group(1).lower()) - ord("a") if m else -1
         if 0 <= idx < len(choices):
-            p = choices[idx]
-    return float(p == choices[correct_idx])
+            p = forms[idx]
+    return float(p == forms[correct_idx])
 
 
 def pope_answer(text: Any) -> str:
@@ -266,11 +322,12 @@ def pope_match(pred: Any, answers: list[str]) -> float:
 _NLVR2_WORDS = {"yes": "true", "no": "false"}
 
 
-def nlvr2_match(pred: Any, answers: list[str]) -> float:
-    """NLVR2: ``prediction.lower() == label.lower()``, yes/no standing for True/False."""
+def nlvr2_match(pred: Any, answers: list[str], *, strict: bool = False) -> float:
+    """NLVR2: ``prediction.lower() == label.lower()``, yes/no standing for True/False; the
+    prediction through :func:`short_answer` first unless ``strict``."""
     if pred is None or not answers:
         return 0.0
-    p = str(pred).strip().lower()
+    p = str(pred).lower() if strict else short_answer(pred)
     gold = answers[0].strip().lower()
     return float(_NLVR2_WORDS.get(p, p) == _NLVR2_WORDS.get(gold, gold))
 
@@ -440,6 +497,7 @@ def in_official_accuracy(question: Question, metric: str) -> bool:
     GQA averages over ``isBalanced`` questions; A-OKVQA direct answer leaves out
     ``difficult_direct_answer`` questions. Everything else counts.
     """
+    metric = base_metric(metric)[0]
     if metric == "gqa":
         return question.meta.get("isBalanced", True) is not False
     if metric == "aokvqa_da":
@@ -449,11 +507,11 @@ def in_official_accuracy(question: Question, metric: str) -> bool:
 
 def score_answer(pred: Any, question: Question, metric: str = "auto") -> float:
     """Score a predicted answer against a question's gold answers, in [0, 1]."""
-    m = resolve_metric(question, metric)
+    m, strict = base_metric(resolve_metric(question, metric))
     if pred is None:
         return 0.0
     if m == "vqa":
-        return vqa_accuracy(pred, question.answers)
+        return vqa_accuracy(pred, question.answers, strict=strict)
     if m == "exact":
         return exact_match(pred, question.answers)
     if m == "count":
@@ -461,20 +519,21 @@ def score_answer(pred: Any, question: Question, metric: str = "auto") -> float:
     if m == "yesno":
         return yesno_match(pred, question.answers)
     if m == "gqa":
-        return gqa_match(pred, question.answers)
+        return gqa_match(pred, question.answers, strict=strict)
     if m == "aokvqa_da":
-        return aokvqa_da(pred, question.answers)
+        return aokvqa_da(pred, question.answers, strict=strict)
     if m == "aokvqa_mc":
         choices = [str(c) for c in question.meta.get("choices") or []]
-        return aokvqa_mc(pred, choices, question.meta.get("correct_choice_idx"))
+        return aokvqa_mc(pred, choices, question.meta.get("correct_choice_idx"), strict=strict)
     if m == "pope":
         return pope_match(pred, question.answers)
     if m == "nlvr2":
-        return nlvr2_match(pred, question.answers)
+        return nlvr2_match(pred, question.answers, strict=strict)
     return mc_match(pred, list(question.meta.get("choices") or []), _mc_correct(question))
 
 
 def threshold_for(metric: str, threshold: float | None) -> float:
+    """The keep threshold: ``threshold`` if given, else the metric's default."""
     return DEFAULT_THRESHOLDS[metric] if threshold is None else threshold
 
 

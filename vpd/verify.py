@@ -141,7 +141,7 @@ def to_verified(c: Candidate) -> Verified:
         id=c.sample.id,
         qid=c.sample.qid,
         answer=c.answer,
-        score=round(c.score, 4),
+        score=c.score,  # unrounded: 2/3 stays 2/3 (reports round for display)
         kept=c.kept,
         reason=c.reason,
         program=c.sample.program,
