@@ -210,6 +210,7 @@ def test_kill9_and_resume(
     cmd = vpd_argv("execute", str(samples[0]), "--questions", str(synth), "--out", str(out),
                    "--workers", "2", "--no-progress")  # fmt: skip
     total = len(samples[1])
+    kept = b""  # the complete records a kill left: each later run must keep them as they are
     for at in (total // 8, total // 2):
         family = _kill_when(cmd, out, at)
         assert family, "the CLI had a sandbox zygote (and children) running"
@@ -217,8 +218,15 @@ def test_kill9_and_resume(
         while any(_alive(p) for p in family) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [p for p in family if _alive(p)], "orphan sandbox processes left behind"
+        data = out.read_bytes()
+        assert data.startswith(kept), "a resumed run rewrote what the killed one had written"
+        kept = data[: data.rfind(b"\n") + 1]  # a torn last line is the resume's to redo
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert out.read_bytes().startswith(kept), "resumed, not restarted: the first records stay"
+    # ... and only the rest was executed (rich may wrap the summary line).
+    done, said = kept.count(b"\n"), " ".join(r.stderr.split())
+    assert re.search(rf"\b{total - done} written \(.*\b{done} already done", said), said
     rows = read_jsonl(out)
     ids = [x["id"] for x in rows]
     assert len(ids) == len(set(ids)) == total, "every sample exactly once"

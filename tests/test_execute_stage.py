@@ -141,7 +141,7 @@ def test_shards_partition_by_question(tmp_path: Path) -> None:
 
 
 _CHILD = """
-import sys
+import json, sys
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from tests.helpers import REPO
@@ -155,7 +155,7 @@ def init(self, *a, **kw):
 pool.SandboxPool.__init__ = init
 cfg = ExecuteConfig(samples=Path({s!r}), questions=Path({q!r}), out=Path({out!r}), workers=2,
                     namespace=FAKE_NS, progress=False, timeout=5)
-print(run_execute(cfg, tools=FakeTools()))
+print(json.dumps(run_execute(cfg, tools=FakeTools()), default=str))
 """
 
 
@@ -171,10 +171,17 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    n_before = len(out.read_text().splitlines())
+    data = out.read_bytes()
+    kept = data[: data.rfind(b"\n") + 1]  # the complete records; a torn tail is redone
+    n_before = kept.count(b"\n")
     assert 10 <= n_before < 120
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    # Resumed, not restarted: the killed run's records stay first, byte for byte, and only
+    # the rest was executed.
+    assert out.read_bytes().startswith(kept)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["already_done"], summary["written"]) == (n_before, 120 - n_before)
     ids = [r["id"] for r in read_jsonl(out)]
     assert len(ids) == len(set(ids)) == 120
     assert {r["status"] for r in read_jsonl(out)} == {"ok"}

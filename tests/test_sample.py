@@ -167,11 +167,23 @@ def test_kill_9_then_resume_has_no_duplicates(tmp_path: Path) -> None:
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        partial = out.read_text().count("\n")
+        data = out.read_bytes()
+        kept = data[: data.rfind(b"\n") + 1]  # the complete samples; a torn tail is redone
+        partial = kept.count(b"\n")
         assert 10 <= partial < 120
+        asked = -1  # the killed run's last requests may still be arriving: let them land
+        while asked != len(srv.requests) or srv.in_flight:
+            asked = len(srv.requests)
+            time.sleep(0.2)
         r = run_vpd("sample", str(q), "--out", str(out), "--backend", "openai",
                     "--base-url", srv.base_url, "--k", "3", "--concurrency", "2",
                     "--no-progress", timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
+    # Resumed, not restarted: the killed run's samples stay first, byte for byte, and the
+    # re-run asked the LLM only for the others (one n=1 request per sample; the server
+    # refuses n > 1, so those requests make none).
+    assert out.read_bytes().startswith(kept)
+    singles = [b for b in srv.requests[asked:] if int(b.get("n") or 1) == 1]
+    assert len(singles) == 120 - partial
     ids = [r.id for r in read_jsonl(out, Sample)]
     assert len(ids) == len(set(ids)) == 120
