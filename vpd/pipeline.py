@@ -61,12 +61,17 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise VpdError(f"recipe not found: {path}")
+    if path.is_dir():
+        raise VpdError(f"a recipe is a YAML file, got a directory: {path}")
     if path.resolve() in seen:
         raise VpdError(f"recipe {path}: `extends` loops back to itself")
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise VpdError(f"recipe {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise VpdError(f"recipe {path} is not valid YAML: {problem}{where}") from None
     if not isinstance(recipe, dict):
         raise VpdError(f"recipe {path} must be a mapping of stage -> options")
     base_name = recipe.pop("extends", None)
@@ -89,6 +94,8 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any
     unknown = set(recipe) - set(STAGES) - {"name", "run_dir", "description", "seeds"}
     if unknown:
         raise VpdError(f"recipe {path}: unknown sections {sorted(unknown)}; known: {STAGES}")
+    if not set(recipe) & set(STAGES) and not overrides:
+        raise VpdError(f"recipe {path} has no stage sections; stages are {list(STAGES)}")
     for ov in overrides or []:
         key, value = split_option(ov, "--set", "stage.key=value")
         if "." not in key:
@@ -132,9 +139,28 @@ def _build(module: str, cls: str, fields: dict[str, Any], stage: str) -> BaseMod
         return config_cls(**fields)
     except ValidationError as e:
         msgs = "; ".join(
-            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
+            f"{'.'.join(str(x) for x in (stage, *err['loc']))}: "
+            f"{err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
         )
-        raise VpdError(f"recipe section {stage!r}: {msgs}") from None
+        raise VpdError(f"recipe option {msgs}") from None
+
+
+class NotYetKnown(VpdError):
+    """A stage's options depend on an upstream output that is not made yet (e.g. the labels
+    arm's step budget from the finished vpd arm): they are checked when the stage runs."""
+
+
+def check_recipe(recipe: dict[str, Any], paths: RunPaths, stages: list[str]) -> None:
+    """Build every stage's configs before any stage runs, so a typo or a bad value in a
+    recipe or a ``--set`` fails in a second instead of after an hour of earlier stages."""
+    for stage in stages:
+        try:
+            jobs = SPECS[stage].configs(recipe, paths)
+        except NotYetKnown:
+            continue
+        for module, cls, _fn, fields in jobs:
+            _build(module, cls, fields, stage)
 
 
 # ----------------------------------------------------------------------------- stage table
@@ -145,6 +171,8 @@ class StageSpec:
     name: str
     configs: Callable[[dict[str, Any], RunPaths], list[tuple[str, str, str, dict[str, Any]]]]
     """-> list of (module, config class, run function, config fields); run in order."""
+    prepare: Callable[[dict[str, Any], RunPaths], None] | None = None
+    """Work the stage needs before its jobs that is not an option (not fingerprinted)."""
 
 
 def _opts(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -293,7 +321,7 @@ def _labels(recipe, p):
     if budget == "steps" and int(tune.get("max_steps", -1) or -1) <= 0:
         summary = read_json(p.model / "summary.json")
         if "tune" not in recipe or not summary or not summary.get("steps"):
-            raise VpdError(
+            raise NotYetKnown(
                 "labels.budget=steps takes the vpd arm's step count: the recipe needs a tune "
                 "stage that has finished (or set labels.budget: epochs)"
             )
@@ -346,11 +374,24 @@ def _programs(recipe, p):
 def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
     init = (recipe.get("tune") or {}).get("init", "tiny")
     if init == "tiny":
-        # The very model `vpd tune --init tiny` starts from (same builder, same seed, cached).
+        # The very model `vpd tune --init tiny` starts from (same recipes, cached). Only its
+        # folder: the tune stage, which eval reads, builds it (configs are built before any
+        # stage runs, and building the VLM there would cost minutes for a check).
         tune = recipe.get("tune") or {}
         build = TinyBuild.model_validate(tune.get("tiny_build") or {})
-        return str(build.build(tune.get("tiny_lm_layers")))
+        return str(build.path(tune.get("tiny_lm_layers")))
     return str(init)
+
+
+def _build_untuned(recipe: dict[str, Any], p: RunPaths) -> None:
+    """Make sure the untuned arm's tiny VLM exists (the tune stage built it, unless the
+    cache was cleared since): a cache hit in a second."""
+    o = recipe.get("eval") or {}
+    tune = recipe.get("tune") or {}
+    if o.get("untuned", True) is not False and not o.get("base_model"):
+        if tune.get("init", "tiny") == "tiny":
+            build = TinyBuild.model_validate(tune.get("tiny_build") or {})
+            build.build(tune.get("tiny_lm_layers"))
 
 
 def _sdvp(recipe: dict[str, Any], p: RunPaths) -> list[tuple[str, str, str, dict[str, Any]]]:
@@ -428,7 +469,7 @@ SPECS = {
     "rationalize": StageSpec("rationalize", _rationalize),
     "tune": StageSpec("tune", _tune),
     "labels": StageSpec("labels", _labels),
-    "eval": StageSpec("eval", _eval),
+    "eval": StageSpec("eval", _eval, _build_untuned),
     "programs": StageSpec("programs", _programs),
     "sdvp": StageSpec("sdvp", _sdvp),
 }
@@ -483,6 +524,7 @@ def run_pipeline(
     con = console()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stages = [s for s in STAGES if (not only or s in only) and s in recipe]
+    check_recipe(recipe, paths, stages)
     markers: dict[str, Any] = {}
     ran: set[str] = set()  # stages that ran (not skipped) in this invocation
     for stage in stages:
@@ -507,6 +549,8 @@ def run_pipeline(
             _archive(stage, paths, stamp)
         con.rule(f"[bold]{stage}")
         t0 = time.time()
+        if SPECS[stage].prepare is not None:
+            SPECS[stage].prepare(recipe, paths)
         try:
             summaries = _run_jobs(stage, jobs)
         except ConfigMismatch:

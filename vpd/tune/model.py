@@ -241,7 +241,7 @@ def build_tiny_vlm(
     model.
     """
     key = tiny_key(lm_layers, vision, resampler, align)
-    cached = cache_root() / f"tiny-vlm-{key}"
+    cached = TinyBuild(vision=vision, resampler=resampler, align=align).path(lm_layers)
     if not is_complete(cached, key):
         tower = build_vision_tower(vision, progress=progress)
         connector = build_connector(vision, resampler, progress=progress)
@@ -276,6 +276,11 @@ class TinyBuild(BaseModel):
     def build(self, lm_layers: int | None = None, progress: bool = True) -> Path:
         """:func:`build_tiny_vlm` with these recipes (the cached folder)."""
         return build_tiny_vlm(None, lm_layers, self.vision, self.resampler, self.align, progress)
+
+    def path(self, lm_layers: int | None = None) -> Path:
+        """The cached folder :meth:`build` makes, without building it."""
+        key = tiny_key(lm_layers, self.vision, self.resampler, self.align)
+        return cache_root() / f"tiny-vlm-{key}"
 
 
 def tiny_processor(tok: Any, vision: VisionRecipe, resampler: ResamplerRecipe) -> Any:
