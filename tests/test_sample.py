@@ -54,10 +54,12 @@ def test_every_qid_k_sampled_once_with_provenance(tmp_path: Path) -> None:
     assert r.program.startswith("def execute_command(image):")
     rejects = (tmp_path / "s.jsonl.rejects.jsonl").read_text()
     assert "malformed JSON" in rejects
-    # The prompt holds the system text, retrieved shots, and the question last.
+    # The prompt holds the system text, the retrieved shots (a user and an assistant turn
+    # each; SampleConfig's default count), and the question last.
     msgs = srv.requests[0]["messages"]
+    shots = SampleConfig.model_fields["shots"].default
     assert msgs[0]["role"] == "system" and "def find(self" in msgs[0]["content"]
-    assert len(msgs) == 1 + 2 * 4 + 1 and msgs[-1]["content"] in {
+    assert len(msgs) == 1 + 2 * shots + 1 and msgs[-1]["content"] in {
         "How many red circles are there?", "Is there a blue star?",
         "What color is the small square?", "Are there more circles than stars?"}  # fmt: skip
 

@@ -34,7 +34,7 @@ class LLMConfig(BaseModel):
     backoff_max_s: float = Field(30.0, ge=0)
     # local / vllm backends
     # local: rows decoded together by the continuous-batching engine; vllm: per batch
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(128, ge=1)
     device: str = "auto"  # local: auto|cpu|cuda|cuda:N
     dtype: str = "auto"  # auto|float32|bfloat16|float16 (auto: bf16 on GPUs and AMX/BF16 CPUs)
     tensor_parallel_size: int = Field(1, ge=1)

@@ -38,8 +38,8 @@ class SampleConfig(BaseModel):
     out: Path
     k: int = Field(5, ge=1, le=1000)
     temperature: float = Field(0.5, ge=0)
-    max_tokens: int = Field(256, ge=1)
-    shots: int = Field(4, ge=0)
+    max_tokens: int = Field(128, ge=1)
+    shots: int = Field(3, ge=0)
     prompt: str = "viper/v1"
     syntax: Literal["viper", "visprog"] | None = None  # None: from the prompt family
     seed: int = 0
