@@ -70,6 +70,17 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any] | BaseModel]) -> Pa
     return path
 
 
+def write_png(path: Path, size: int = 8, color: tuple[int, int, int] = (200, 30, 30)) -> Path:
+    """A real (tiny) PNG at ``path``: stages check that an image decodes, not only that the
+    file exists."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path)
+    return path
+
+
 def vpd_argv(*args: str) -> list[str]:
     """The argv that runs ``vpd ARGS...`` (for Popen, kill tests)."""
     return [*VPD, *args]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, read_jsonl, write_jsonl
+from tests.helpers import REPO, read_jsonl, write_jsonl, write_png
 from tests.test_sandbox_escapes import FAKE_NS, FakeTools
 from vpd.errors import VpdError
 from vpd.execute import ExecuteConfig, run_execute
@@ -28,7 +28,7 @@ def _setup(tmp: Path, programs: dict[str, str], n_q: int = 2) -> tuple[Path, Pat
     (tmp / "img").mkdir(exist_ok=True)
     qs = []
     for i in range(n_q):
-        (tmp / "img" / f"{i}.png").write_bytes(b"png")
+        write_png(tmp / "img" / f"{i}.png")
         qs.append({"id": f"q{i}", "image": f"img/{i}.png", "question": "how many cats?"})
     samples = []
     for i in range(n_q):
@@ -95,7 +95,9 @@ def test_statuses_traces_and_records(tmp_path: Path) -> None:
 
 def test_invalid_samples_rejects_and_missing_images(tmp_path: Path) -> None:
     q, s = _setup(tmp_path, {"ok": OK}, n_q=2)
-    (tmp_path / "img" / "1.png").unlink()
+    image = tmp_path / "img" / "1.png"
+    saved = image.read_bytes()
+    image.unlink()
     with open(s, "a") as f:
         f.write(
             json.dumps(
@@ -108,11 +110,20 @@ def test_invalid_samples_rejects_and_missing_images(tmp_path: Path) -> None:
     summary = run_execute(_cfg(tmp_path, q, s), tools=FakeTools())
     recs = {r["id"]: r for r in read_jsonl(tmp_path / "exec.jsonl")}
     assert recs["q0#7"]["status"] == "error" and "no code block" in recs["q0#7"]["error"]
-    assert recs["q1#0"]["status"] == "error" and "image not found" in recs["q1#0"]["error"]
+    # A missing image is the input's fault: the sample is rejected, not done as an error.
+    assert "q1#0" not in recs
     assert recs["q0#0"]["status"] == "ok"
-    assert summary["rejected"] == 2
-    rej = read_jsonl(tmp_path / "exec.jsonl.rejects.jsonl")
-    assert any("not found in" in r["reason"] for r in rej)
+    assert summary["rejected"] == 3
+    rej = {r["id"]: r["reason"] for r in read_jsonl(tmp_path / "exec.jsonl.rejects.jsonl")}
+    assert "not found in" in rej["zz#0"] and rej["q1#0"].startswith("image not found")
+    # Once the image is back, the same command executes it: no --force, nothing redone.
+    before = (tmp_path / "exec.jsonl").read_text()
+    image.write_bytes(saved)
+    again = run_execute(_cfg(tmp_path, q, s), tools=FakeTools())
+    after = (tmp_path / "exec.jsonl").read_text()
+    assert after.startswith(before) and again["written"] == 1
+    assert json.loads(after[len(before) :])["id"] == "q1#0"
+    assert json.loads(after[len(before) :])["status"] == "ok"
 
 
 def test_resume_skips_done_and_meta_mismatch(tmp_path: Path) -> None:

@@ -12,9 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vpd.errors import VpdError
 from vpd.execute.pool import DEFAULT_NAMESPACE, Job, JobResult, Limits, SandboxPool, ToolHandler
+from vpd.images import ImageChecks
 from vpd.progress import progress_bar
 from vpd.records import Execution, Question, Sample
-from vpd.store import StageOutput, parse_shard, read_records
+from vpd.store import LabelledRejects, StageOutput, parse_shard, read_records
 from vpd.tools.backends import get_backend
 from vpd.tools.server import ToolServer
 from vpd.tune.model import build_tiny_vlm
@@ -83,11 +84,12 @@ def question_images(q: Question) -> list[str]:
     return [q.image]
 
 
-def _question_images(path: Path) -> dict[str, list[str]]:
-    """qid -> absolute image paths (relative paths resolve against the questions' folder)."""
+def _question_images(path: Path, rejects: Any) -> dict[str, list[str]]:
+    """qid -> absolute image paths (relative paths resolve against the questions' folder);
+    bad question lines go to ``rejects``."""
     base = Path(path).resolve().parent
     out = {}
-    for q in read_records(path, Question):
+    for q in read_records(path, Question, rejects=LabelledRejects(rejects, "questions")):
         paths = [Path(x) for x in question_images(q)]
         out[q.id] = [str(p if p.is_absolute() else (base / p).resolve()) for p in paths]
     if not out:
@@ -153,12 +155,13 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
     """Run the stage; ``tools`` overrides the backend's tool server (embedding, tests)."""
     t0 = time.perf_counter()
     shard = parse_shard(cfg.shard)
-    if not Path(cfg.samples).exists():
-        raise VpdError(f"samples file not found: {cfg.samples}")
-    images = _question_images(cfg.questions)
+    for label, path in (("samples", cfg.samples), ("questions", cfg.questions)):
+        if not Path(path).is_file():
+            what = "a directory" if Path(path).is_dir() else "not found"
+            raise VpdError(f"{label} file {what}: {path}")
     status: Counter[str] = Counter()
     inflight: dict[str, tuple[str, int]] = {}
-    image_ok: dict[str, bool] = {}
+    checks = ImageChecks()
     tool_options = resolve_tool_options(cfg.tools)
     fingerprint = cfg.fingerprint()
     digest = vqa_digest(tool_options)
@@ -167,12 +170,17 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
 
     with StageOutput(cfg.out, fingerprint, shard=shard, force=cfg.force) as so:
         already = so.already
+        images = _question_images(cfg.questions, so.rejects)
         todo = _count_todo(cfg.samples, so)
 
-        def unknown_qid(s: Sample) -> str | None:
+        def input_problem(s: Sample) -> str | None:
+            # An image that cannot be read is the input's fault, not the program's: the
+            # sample is rejected (not done), so a re-run executes it once the image is back.
             if s.qid not in images:
                 return f"question {s.qid!r} not found in {cfg.questions}"
-            return None
+            if not so.owns(s.qid) or so.done(s.id):
+                return None
+            return checks.first_problem(images[s.qid])
 
         def write(rec: Execution) -> None:
             so.write(rec)
@@ -180,21 +188,13 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
             bar.advance()
 
         def jobs() -> Iterator[Job]:
-            for s in read_records(cfg.samples, Sample, rejects=so.rejects, check=unknown_qid):
+            for s in read_records(cfg.samples, Sample, rejects=so.rejects, check=input_problem):
                 if not so.owns(s.qid) or so.done(s.id) or s.id in inflight:
                     continue
                 paths = images[s.qid]
                 if not s.valid:
                     why = f"invalid sample: {s.reason or 'no program'}"
                     write(Execution(id=s.id, qid=s.qid, status="error", error=why, k=s.k))
-                    continue
-                for image in paths:
-                    if image not in image_ok:
-                        image_ok[image] = Path(image).is_file()
-                missing = next((image for image in paths if not image_ok[image]), None)
-                if missing is not None:
-                    err = f"image not found: {missing}"
-                    write(Execution(id=s.id, qid=s.qid, status="error", error=err, k=s.k))
                     continue
                 inflight[s.id] = (s.qid, s.k)
                 yield Job(
@@ -220,7 +220,7 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
             )
 
         if todo == 0:  # finished already: re-read inputs (rejects file) but start nothing
-            for _ in read_records(cfg.samples, Sample, rejects=so.rejects, check=unknown_qid):
+            for _ in read_records(cfg.samples, Sample, rejects=so.rejects, check=input_problem):
                 pass
             return _summary(so.written, already, so.rejects.count, status, 0, t0, {}, None)
         with (
