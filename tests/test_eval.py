@@ -6,7 +6,6 @@ chat template), saved in Hugging Face format: no download, a second to build.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -715,12 +714,45 @@ def test_each_tune_family_evaluates_batched_like_unbatched(
     """The tuner's tiny model of every supported family: loads, prompts, batches alike."""
     from vpd.tune.tiny import build_tiny_family
 
-    if family == "qwen2_vl" and importlib.util.find_spec("torchvision") is None:
-        # The one known gap, by name: any other failure to build a family is a failure.
-        pytest.skip("Qwen2-VL's processor needs torchvision, which is not installed")
     model = build_tiny_family(family, tmp_path / family)
     one = run_eval(_cfg(model, synth_dir, tmp_path / "1.jsonl", max_new_tokens=4, batch_size=1))
     four = run_eval(_cfg(model, synth_dir, tmp_path / "4.jsonl", max_new_tokens=4, batch_size=4))
     assert one["new"] == four["new"] == one["questions"] and one["prompt_format"] == "model"
     p1, p4 = read_jsonl(tmp_path / "1.jsonl"), read_jsonl(tmp_path / "4.jsonl")
     assert [p["raw"] for p in p1] == [p["raw"] for p in p4]
+
+
+def test_qwen2_vl_processor_loads_for_images_without_torchvision(tmp_path: Path) -> None:
+    """A Qwen2-VL folder as the hub ships it (a video processor config beside the image
+    one) loads through the product path for images on any machine: where torchvision is
+    missing, transformers cannot build the video half (ImportError), and the processor
+    comes without it, with the PIL image processor."""
+    from PIL import Image
+    from transformers import LlavaProcessor, Qwen2VLProcessor
+    from transformers.utils import is_torchvision_available
+
+    from vpd.tune.tiny import build_tiny_family
+    from vpd.vlm import image_only_processor_class, load_processor
+
+    assert image_only_processor_class(LlavaProcessor) is None  # no video half to leave out
+    assert image_only_processor_class(Qwen2VLProcessor).get_attributes() == [
+        "image_processor",
+        "tokenizer",
+    ]
+    model = build_tiny_family("qwen2_vl", tmp_path / "qwen")
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor",
+             "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
+    (model / "video_preprocessor_config.json").write_text(json.dumps(video))
+    proc = load_processor(model)
+    assert type(proc).__name__ == "Qwen2VLProcessor"
+    if not is_torchvision_available():
+        assert proc.get_attributes() == ["image_processor", "tokenizer"]
+        assert type(proc.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    inputs = proc(images=[Image.new("RGB", (80, 60))], text=[text], return_tensors="pt")
+    # One image slot expanded to its merged patches: (t * h * w) / merge_size**2 tokens.
+    grid = inputs["image_grid_thw"][0]
+    n_image = int((inputs["input_ids"] == proc.image_token_id).sum())
+    assert n_image == int(grid.prod()) // 4 > 0
+    assert inputs["pixel_values"].shape[0] == int(grid.prod())

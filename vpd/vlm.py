@@ -88,13 +88,73 @@ def resolve_model_dir(path_or_name: str | Path) -> str:
     return str(path_or_name)
 
 
-def load_processor(path_or_name: str | Path, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoProcessor
+# The parts of a processor whose video half transformers builds (and type-checks) even
+# for images: Qwen2-VL, Qwen2.5-VL and others of that shape.
+_IMAGE_TEXT_VIDEO = ["image_processor", "tokenizer", "video_processor"]
 
+
+def image_only_processor_class(cls: type) -> type | None:
+    """``cls`` without its video processor, or None for a processor of another shape.
+
+    transformers constructs, and checks the class of, a Qwen2-VL processor's video half
+    even when only images are asked; without torchvision it can do neither. The subclass's
+    ``__init__`` takes no video processor, so transformers (which reads a processor's parts
+    from that signature) neither loads nor checks one. It keeps ``cls``'s name, so what it
+    saves is a standard ``cls`` folder, loadable anywhere by ``AutoProcessor``.
+    """
+    if cls.get_attributes() != _IMAGE_TEXT_VIDEO:
+        return None
+
+    def __init__(
+        self: Any,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Positional, as these classes hand them on: the base pairs args with the parts
+        # it reads from this signature, so the trailing None (video) is dropped.
+        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+
+
+def _image_only_fallback(src: str, trust_remote_code: bool) -> type | None:
+    """The image-only class of ``src``'s processor (by its model config), if it has one."""
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None  # no config.json (e.g. a processor-only folder): nothing to go on
+    if type(config) not in PROCESSOR_MAPPING:
+        return None
+    return image_only_processor_class(PROCESSOR_MAPPING[type(config)])
+
+
+def load_processor(path_or_name: str | Path, trust_remote_code: bool = False) -> Any:
+    """``AutoProcessor`` of a model; a processor whose video half cannot be built (no
+    torchvision, or a folder saved without one) is loaded without it, for images."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    src = resolve_model_dir(path_or_name)
     with quiet_transformers():  # e.g. "SiglipImageProcessor requires torchvision"
-        return AutoProcessor.from_pretrained(
-            resolve_model_dir(path_or_name), trust_remote_code=trust_remote_code
-        )
+        try:
+            return AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
+        except (OSError, ImportError, AttributeError, TypeError, ValueError) as err:
+            cls = _image_only_fallback(src, trust_remote_code)
+            if cls is None:
+                raise
+            # Without torchvision, ask for the PIL image processor outright.
+            backend = {} if is_torchvision_available() else {"backend": "pil"}
+            try:
+                return cls.from_pretrained(src, trust_remote_code=trust_remote_code, **backend)
+            except Exception as fallback:
+                # The fallback did not fit either: the original error, the fallback's as a note.
+                err.add_note(f"loading it without its video processor failed too: {fallback}")
+                raise err from None
 
 
 def load_vlm(

@@ -15,7 +15,7 @@ from typing import Any
 
 from vpd.errors import VpdError
 from vpd.tune.model import TINY_CHAT_TEMPLATE, smollm2_gguf
-from vpd.vlm import PALIGEMMA_CHAT_TEMPLATE
+from vpd.vlm import PALIGEMMA_CHAT_TEMPLATE, image_only_processor_class
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3", "paligemma")
 
@@ -123,15 +123,10 @@ def _llava() -> tuple[Any, Any]:
 
 
 def _qwen2_vl() -> tuple[Any, Any]:
-    import importlib.util
-
-    if importlib.util.find_spec("torchvision") is None:
-        # transformers cannot even construct Qwen2VLProcessor (its video half) without it.
-        raise VpdError("the Qwen2-VL processor needs torchvision (pip install torchvision)")
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
+        Qwen2VLImageProcessorPil,
         Qwen2VLProcessor,
     )
 
@@ -161,11 +156,17 @@ def _qwen2_vl() -> tuple[Any, Any]:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    # 56x56 px -> 4x4 patches of 14 -> 2x2 merged = 4 image tokens.
-    image_processor = Qwen2VLImageProcessor(
+    # 56x56 px -> 4x4 patches of 14 -> 2x2 merged = 4 image tokens. The PIL image processor
+    # and no video processor: both of transformers' torchvision-backed parts stay out, so
+    # the model builds (and vpd.vlm.load_processor loads it) on a machine without torchvision;
+    # it saves as a standard Qwen2VLImageProcessor / Qwen2VLProcessor folder.
+    image_processor = Qwen2VLImageProcessorPil(
         min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2
     )
-    proc = Qwen2VLProcessor(
+    processor_cls = image_only_processor_class(Qwen2VLProcessor)
+    if processor_cls is None:  # a transformers whose Qwen2VLProcessor has other parts
+        raise VpdError(f"Qwen2VLProcessor's parts changed: {Qwen2VLProcessor.get_attributes()}")
+    proc = processor_cls(
         image_processor=image_processor, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE
     )
     return Qwen2VLForConditionalGeneration(config), proc
