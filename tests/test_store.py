@@ -327,15 +327,15 @@ def test_merge_joins_shards_without_duplicates(tmp_path: Path) -> None:
     ids = [f"q{i}" for i in range(100)]
     parts = _shard_outputs(tmp_path, 3, ids, CFG)
     out = tmp_path / "merged.jsonl"
-    written, dup = merge(out, parts)
-    assert written == 100 and dup == 0
+    s = merge(out, parts)
+    assert (s.written, s.duplicates, s.rejected) == (100, 0, 0)
     assert sorted(_ids(out)) == sorted(ids)
     assert read_meta(out) == CFG  # merged meta drops the shard
     # Re-merging (e.g. after one shard grew) appends only new ids.
     with open(parts[0], "a") as f:
         f.write('{"id": "new"}\n{"id": "q0"}\n')
-    written, dup = merge(out, parts)
-    assert written == 1 and dup == 101
+    s = merge(out, parts)
+    assert (s.written, s.duplicates) == (1, 101)
     assert len(_ids(out)) == 101 == len(set(_ids(out)))
 
 

@@ -7,6 +7,7 @@ stage never drops what an earlier stage or a user added.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -152,6 +153,51 @@ class Reject(BaseModel):
     id: str | None = None
     reason: str
     raw: str
+
+
+# The record each stage writes, by the ``stage`` its output's meta config names: what
+# `vpd merge` checks a shard's lines against.
+RECORD_BY_STAGE: dict[str, type[Record]] = {
+    "sample": Sample,
+    "execute": Execution,
+    "verify": Verified,
+    "rationalize": Sft,
+    "labels": Sft,
+    "eval": Prediction,
+    "sdvp-teacher": TeacherAnswer,
+    "sdvp-sft": Sft,
+}
+
+# Fields that tell one record type from the others, most specific first: an execution
+# also carries its sample's ``k``, a verified record its execution's ``status``.
+_SIGNATURES: tuple[tuple[frozenset[str], type[Record]], ...] = (
+    (frozenset({"teacher_question", "view"}), TeacherAnswer),
+    (frozenset({"region", "op"}), SubTask),
+    (frozenset({"messages", "task"}), Sft),
+    (frozenset({"prediction", "qid"}), Prediction),
+    (frozenset({"kept", "qid"}), Verified),
+    (frozenset({"status", "qid"}), Execution),
+    (frozenset({"k", "qid"}), Sample),
+    (frozenset({"question", "image"}), Question),
+)
+
+
+def record_model_for(config: Mapping[str, Any]) -> type[Record] | None:
+    """The record model of an output, from the config in its meta file (None: unknown)."""
+    stage = config.get("stage")
+    if isinstance(stage, str) and stage in RECORD_BY_STAGE:
+        return RECORD_BY_STAGE[stage]
+    if "importer" in config or "generator" in config:  # `vpd data import` / `vpd data synth`
+        return Question
+    return None
+
+
+def guess_record_model(obj: Mapping[str, Any]) -> type[Record] | None:
+    """The record model a JSON object's fields point to, for files without a meta file."""
+    for fields, model in _SIGNATURES:
+        if fields.issubset(obj):
+            return model
+    return None
 
 
 def sample_id(qid: str, k: int) -> str:
