@@ -66,7 +66,9 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = samples.read_bytes().count(b"\n")  # whole records (a torn tail is redone)
+    data = samples.read_bytes()
+    kept = data[: data.rfind(b"\n") + 1]  # the whole records (a torn tail is redone)
+    partial = kept.count(b"\n")
     assert 2 <= partial < 16
 
     # `vpd status` on the killed run: data done, sampling partial with its count.
@@ -83,6 +85,11 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     # Every stage finished, each unit of work exactly once.
     for stage in ("data", "sample", "execute", "verify", "rationalize", "tune", "eval"):
         assert (run / "stages" / f"{stage}.json").exists(), stage
+    # Sampling resumed, not restarted: the killed run's samples stay first, byte for byte,
+    # and the re-run wrote only the others.
+    assert samples.read_bytes().startswith(kept)
+    resumed = json.loads((run / "stages" / "sample.json").read_text())["summary"]
+    assert (resumed["already_done"], resumed["written"]) == (partial, 16 - partial)
     sample_ids = [s["id"] for s in read_jsonl(samples)]
     assert len(sample_ids) == len(set(sample_ids)) == 8 * 2
     exec_ids = [e["id"] for e in read_jsonl(run / "executions.jsonl")]
