@@ -121,6 +121,24 @@ def status_rows(text: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
+def main_vpd(*args: str) -> tuple[int, str]:
+    """``vpd ARGS...`` through the console-script entry (``vpd.cli.main``, which turns every
+    user error into one line and exit code 2), in this process: (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from vpd.cli import main
+
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, err.getvalue()
+
+
 def invoke_vpd(*args: str, ok: bool = True) -> Result:
     """``vpd ARGS...`` in this process (typer's CliRunner), on a 200-column console;
     with ``ok`` the command must succeed. Faster than :func:`run_vpd`, which checks what

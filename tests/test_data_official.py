@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.helpers import read_jsonl, read_rejects
+from tests.helpers import main_vpd, read_jsonl, read_rejects
 from vpd.cli import app
 from vpd.data.importer import ImportConfig, run_import
 from vpd.errors import VpdError
@@ -363,9 +363,8 @@ def test_cli_import_official(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert len(read(out)) == 2
     args[4] = "gqa"
-    bad = CliRunner().invoke(app, args)
-    assert isinstance(bad.exception, VpdError)
-    assert "annotations is for --format vqav2 or okvqa" in str(bad.exception)
+    code, err = main_vpd(*args)
+    assert code == 2 and err.startswith("error: annotations is for --format vqav2 or okvqa")
     res = CliRunner().invoke(app, ["data", "import", "--help"])
     assert "--format" in res.output and "aokvqa" in res.output and "--annotations" in res.output
 

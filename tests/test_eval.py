@@ -563,7 +563,7 @@ def test_unlabelled_questions_are_predicted_not_scored(
 def test_all_rejected_or_empty_is_an_error(tiny_vlm: Path, tmp_path: Path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(VpdError, match="holds no questions"):
+    with pytest.raises(VpdError, match="holds no records"):
         run_eval(EvalConfig(model=str(tiny_vlm), questions=empty, out=tmp_path / "e.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "q", "image": "gone.png", "question": "?"}) + "\n")

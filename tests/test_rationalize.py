@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import read_jsonl, write_jsonl
+from tests.helpers import read_jsonl, write_jsonl, write_png
 from vpd.llm.base import Completion, GenParams
 from vpd.rationalize import (
     RationalizeConfig,
@@ -101,6 +101,9 @@ def _v(qid: str, k: int, answer: str, kept: bool, trace: list | None = None) -> 
 
 
 def make_inputs(tmp: Path) -> dict[str, Path]:
+    for i in (1, 2, 3):  # real images: rationalize rejects a question whose image won't decode
+        write_png(tmp / "data" / "images" / f"{i}.png")
+    abs_image = write_png(tmp / "abs" / "4.png").resolve()  # an absolute path stays one
     questions = [
         {"id": "q1", "image": "images/1.png", "question": "How many red circles?",
          "answers": ["2"], "dataset": "synth", "meta": {"qtype": "count"}},
@@ -108,7 +111,7 @@ def make_inputs(tmp: Path) -> dict[str, Path]:
          "answers": ["no"], "dataset": "synth", "meta": {"qtype": "exists"}},
         {"id": "q3", "image": "images/3.png", "question": "What color is the square?",
          "answers": ["blue", "blue", "navy"], "dataset": "synth", "meta": {}},
-        {"id": "q4", "image": "/abs/4.png", "question": "Unlabelled?", "answers": []},
+        {"id": "q4", "image": str(abs_image), "question": "Unlabelled?", "answers": []},
     ]  # fmt: skip
     verified = [
         _v("q1", 0, "3", False),

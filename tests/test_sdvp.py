@@ -530,16 +530,24 @@ def test_cli_help_and_errors(
     code, _, err = _cli(monkeypatch, capsys, "sdvp", *base, "--until", "teacher")
     assert code == 2 and "model not found: t" in err
     assert not (tmp_path / "o" / "pointer" / "teacher.jsonl").exists()
-    with pytest.raises(VpdError, match="no VLM sub-task"):
-        run_sdvp(
-            SdvpConfig(
-                executions=write_jsonl(tmp_path / "none.jsonl", []),
-                questions=executed["train_questions"],
-                teacher="t",
-                out=tmp_path / "o2",
-                progress=False,
+    # An empty executions file is an input error; executions that never called a VLM op
+    # have nothing to distil.
+    qid = read_jsonl(executed["train_questions"])[0]["id"]
+    no_vlm = {"id": f"{qid}#0", "qid": qid, "status": "ok", "answer": "1", "trace": []}
+    for executions, msg in (
+        (write_jsonl(tmp_path / "none.jsonl", []), "holds no records"),
+        (write_jsonl(tmp_path / "no-vlm.jsonl", [no_vlm]), "no VLM sub-task"),
+    ):
+        with pytest.raises(VpdError, match=msg):
+            run_sdvp(
+                SdvpConfig(
+                    executions=executions,
+                    questions=executed["train_questions"],
+                    teacher="t",
+                    out=tmp_path / "o2",
+                    progress=False,
+                )
             )
-        )
 
 
 # ----------------------------------------------------------------------------- vpd run

@@ -7,13 +7,15 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from tests.helpers import run_vpd
+from tests.helpers import run_vpd, write_png
 from tests.test_verify_stage import make_inputs
 from vpd.cli import app
 
 
 def test_verify_then_rationalize_cli(tmp_path: Path) -> None:
     p = make_inputs(tmp_path)
+    for i in (1, 2, 3, 4):  # rationalize checks that each image decodes
+        write_png(p["questions"].parent / f"i{i}.png")
     runner = CliRunner()
     v = tmp_path / "v.jsonl"
     res = runner.invoke(

@@ -6,13 +6,17 @@ errors (``VpdError``) print as one line and exit with code 2, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from vpd.errors import VpdError
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 app = typer.Typer(
     help=(
@@ -224,8 +228,6 @@ def data_import(
       vpd data import ./gqa_saved --hf-split validation --out data/gqa/test.jsonl
         --question-field question --answers-field answer
     """
-    from pydantic import ValidationError
-
     from vpd.data.importer import GENERIC_FORMATS, OFFICIAL_FORMATS, ImportConfig, run_import
     from vpd.progress import console
 
@@ -234,26 +236,23 @@ def data_import(
         _fail(f"--format must be one of {', '.join(formats)}, got {fmt!r}")
     if setting not in (None, "da", "mc"):
         _fail(f"--setting must be da or mc, got {setting!r}")
-    try:
-        cfg = ImportConfig(
-            input=input,
-            out=out,
-            fmt=fmt,  # type: ignore[arg-type]
-            annotations=annotations,
-            setting=setting,  # type: ignore[arg-type]
-            image_field=image_field,
-            question_field=question_field,
-            answers_field=answers_field,
-            id_field=id_field,
-            split=split,
-            hf_split=hf_split,
-            dataset=dataset,
-            image_root=image_root,
-            force=force,
-            progress=progress,
-        )
-    except ValidationError as e:
-        _fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
+    cfg = ImportConfig(
+        input=input,
+        out=out,
+        fmt=fmt,  # type: ignore[arg-type]
+        annotations=annotations,
+        setting=setting,  # type: ignore[arg-type]
+        image_field=image_field,
+        question_field=question_field,
+        answers_field=answers_field,
+        id_field=id_field,
+        split=split,
+        hf_split=hf_split,
+        dataset=dataset,
+        image_root=image_root,
+        force=force,
+        progress=progress,
+    )
     s = run_import(cfg)
     msg = (
         f"import {input} -> {out}: {s['written']} written, {s['already_done']} already done, "
@@ -296,7 +295,9 @@ def verify(
     metric: str = typer.Option(
         "auto",
         help="auto (each dataset's official metric, else by answer shape) or one of "
-        "vqa|gqa|aokvqa_da|aokvqa_mc|count|pope|nlvr2 (official) and exact|yesno|mc (lenient).",
+        "vqa|gqa|aokvqa_da|aokvqa_mc|count|pope|nlvr2 (official, on the prediction as the "
+        "field post-processes it; NAME_strict: on the raw prediction) and exact|yesno|mc "
+        "(lenient).",
     ),
     allow_missing: bool = typer.Option(
         False, help="Verify questions whose programs are not all executed yet."
@@ -412,6 +413,8 @@ def rationalize(
     )
     if mode == "llm":
         msg += f"; {s['llm_fallback_to_template']} template fallbacks"
+    if s["rejects"]:
+        msg += f"; {s['rejects']} rejected input lines (reasons in {out}.rejects.jsonl)"
     console().print(msg)
 
 
@@ -759,52 +762,43 @@ def sdvp(
     ):
         if value not in choices[flag]:
             _fail(f"--{flag} must be one of {', '.join(choices[flag])}, got {value!r}")
-    try:
-        cfg = SdvpConfig(
-            executions=executions,
-            questions=questions,
-            teacher=teacher,
-            out=out,
-            student=student,
-            ops=ops,
-            view=view,  # type: ignore[arg-type]
-            rewrite=rewrite,
-            ablation=ablation,
-            tool_view=tool_view,  # type: ignore[arg-type]
-            holdout_types=holdout_types or [],
-            eval_samples=eval_samples,
-            eval_questions=eval_questions,
-            backend=backend,
-            tools=_key_values(tool_opt or [], "--tool-opt"),
-            tune_recipe=tune_recipe,
-            tune=_key_values(tune_set or [], "--tune-set"),
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            device=device,  # type: ignore[arg-type]
-            dtype=dtype,  # type: ignore[arg-type]
-            limit=limit,
-            workers=workers,
-            until=until,  # type: ignore[arg-type]
-            shard=shard,
-            force=force,
-            progress=progress,
-        )
-    except ValueError as e:  # pydantic ValidationError: one line, not a traceback
-        _fail(f"sdvp options: {_validation_message(e)}")
+    cfg = SdvpConfig(
+        executions=executions,
+        questions=questions,
+        teacher=teacher,
+        out=out,
+        student=student,
+        ops=ops,
+        view=view,  # type: ignore[arg-type]
+        rewrite=rewrite,
+        ablation=ablation,
+        tool_view=tool_view,  # type: ignore[arg-type]
+        holdout_types=holdout_types or [],
+        eval_samples=eval_samples,
+        eval_questions=eval_questions,
+        backend=backend,
+        tools=_key_values(tool_opt or [], "--tool-opt"),
+        tune_recipe=tune_recipe,
+        tune=_key_values(tune_set or [], "--tune-set"),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        device=device,  # type: ignore[arg-type]
+        dtype=dtype,  # type: ignore[arg-type]
+        limit=limit,
+        workers=workers,
+        until=until,  # type: ignore[arg-type]
+        shard=shard,
+        force=force,
+        progress=progress,
+    )
     rep = run_sdvp(cfg)
     if progress:
         print_report(rep)
-    console().print(f"sdvp -> {out}: report in {out / 'sdvp.json'}")
-
-
-def _validation_message(e: ValueError) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        return "; ".join(
-            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
-            for err in errors()
-        )
-    return str(e)
+    msg = f"sdvp -> {out}: report in {out / 'sdvp.json'}"
+    rejected = (rep.get("subtasks") or {}).get("rejected_input_lines")
+    if rejected:
+        msg += f"; {rejected} rejected input lines (reasons in {out / 'subtasks.rejects.jsonl'})"
+    console().print(msg)
 
 
 # ----------------------------------------------------------------------------- sample / serve
@@ -827,14 +821,14 @@ def sample(
     concurrency: int = typer.Option(16, help="Requests in flight (openai backend)."),
     timeout: float = typer.Option(120.0, help="Per-request timeout, seconds (openai)."),
     max_retries: int = typer.Option(6, help="Retries per request before giving up (openai)."),
-    shots: int = typer.Option(4, help="Few-shot examples retrieved per question."),
+    shots: int = typer.Option(3, help="Few-shot examples retrieved per question."),
     prompt: str = typer.Option("viper/v1", help="prompts/<family>/<version> or a folder."),
     syntax: str = typer.Option(None, help="viper|visprog (default: the prompt's family)."),
-    max_tokens: int = typer.Option(256, help="Max new tokens per program."),
+    max_tokens: int = typer.Option(128, help="Max new tokens per program."),
     seed: int = typer.Option(0, help="Base seed (sample k uses seed*1000+k)."),
     limit: int = typer.Option(None, min=1, help="Only the first N questions (file order)."),
     batch_size: int = typer.Option(
-        None, help="Rows decoded together (local engine; default 64) or per batch (vllm)."
+        None, help="Rows decoded together (local engine; default 128) or per batch (vllm)."
     ),
     device: str = typer.Option("auto", help="local backend: auto|cpu|cuda."),
     dtype: str = typer.Option(
@@ -873,25 +867,22 @@ def sample(
         llm["batch_size"] = batch_size
     if base_url:
         llm["base_urls"] = base_url
-    try:
-        cfg = SampleConfig(
-            questions=questions,
-            out=out,
-            k=k,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            shots=shots,
-            prompt=prompt,
-            syntax=syntax,
-            seed=seed,
-            limit=limit,
-            llm=LLMConfig(**llm),
-            shard=shard,
-            force=force,
-            progress=progress,
-        )
-    except ValueError as e:  # pydantic ValidationError: one line, not a traceback
-        _fail(f"sample options: {str(e).splitlines()[-2].strip() if chr(10) in str(e) else e}")
+    cfg = SampleConfig(
+        questions=questions,
+        out=out,
+        k=k,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        shots=shots,
+        prompt=prompt,
+        syntax=syntax,
+        seed=seed,
+        limit=limit,
+        llm=LLMConfig(**llm),
+        shard=shard,
+        force=force,
+        progress=progress,
+    )
     print_summary(run_sample(cfg))
 
 
@@ -929,22 +920,43 @@ def serve(
 @app.command()
 def merge(
     out: Path = typer.Option(..., "--out", help="Merged output JSONL."),
-    inputs: list[Path] = typer.Argument(..., help="Shard outputs to join."),
+    inputs: list[Path] = typer.Argument(
+        ..., help="Shard outputs to join (side files such as *.rejects.jsonl are skipped)."
+    ),
     force: bool = typer.Option(False, help="Start --out over if it holds another config."),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="Write an empty --out when the inputs hold no record."
+    ),
 ) -> None:
     """Join the outputs of `--shard i/n` runs into one file, without duplicates.
+
+    Each line is checked against the record type of the stage that wrote the shards
+    (named in their .meta.json); bad lines go to OUT.rejects.jsonl with a reason.
+    Run it again after more shards finish: only new ids are appended.
 
     Example:
 
       vpd merge --out exec.jsonl exec.0.jsonl exec.1.jsonl exec.2.jsonl
+
+      vpd merge --out samples.jsonl shards/samples.*.jsonl
     """
     from vpd.progress import console
     from vpd.store import merge as do_merge
 
-    written, dup = do_merge(out, inputs, force=force)
-    console().print(
-        f"merged {len(inputs)} files into {out}: {written} new records, {dup} duplicates skipped"
+    s = do_merge(out, inputs, force=force, allow_empty=allow_empty)
+    msg = (
+        f"merged {len(s.inputs)} files into {out}: {s.written} new records, "
+        f"{s.duplicates} duplicates skipped, {s.rejected} rejected"
     )
+    if s.rejects is not None:
+        msg += f" (reasons in {s.rejects})"
+    if s.unfinished:
+        msg += f", {s.unfinished} unfinished last lines left for the next merge"
+    if s.skipped:
+        names = ", ".join(p.name for p in s.skipped[:3]) + (", ..." if len(s.skipped) > 3 else "")
+        msg += f"; {len(s.skipped)} side files skipped ({names})"
+    msg += f"; checked as {s.record} records ({s.source})"
+    console().print(msg, markup=False, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- export
@@ -989,7 +1001,6 @@ def export(
 
       vpd export runs/demo/sft.jsonl --format hf --out exports/hf --task rationale
     """
-    from pydantic import ValidationError
 
     from vpd.export import FORMATS, ExportConfig, run_export
     from vpd.progress import console
@@ -999,19 +1010,16 @@ def export(
     bad = [t for t in task if t not in ("answer", "rationale")]
     if bad:
         _fail(f"--task must be answer or rationale, got {bad}")
-    try:
-        cfg = ExportConfig(
-            sft=sft,
-            out=out,
-            fmt=fmt,  # type: ignore[arg-type]
-            name=name,
-            tasks=task or None,
-            copy_images=copy_images,
-            force=force,
-            progress=progress,
-        )
-    except ValidationError as e:
-        _fail("; ".join(f"--{err['loc'][0]}: {err['msg']}" for err in e.errors()))
+    cfg = ExportConfig(
+        sft=sft,
+        out=out,
+        fmt=fmt,  # type: ignore[arg-type]
+        name=name,
+        tasks=task or None,
+        copy_images=copy_images,
+        force=force,
+        progress=progress,
+    )
     s = run_export(cfg)
     if s["skipped"]:
         console().print(f"export {out}: up to date ({s['records']} records), nothing to do")
@@ -1019,27 +1027,86 @@ def export(
     per = ", ".join(f"{n} {t}" for t, n in s["per_task"].items()) or "no records"
     msg = f"export {fmt} -> {out}: {s['records']} records ({per}); load with {s['load']}"
     if s["rejected"]:
-        msg += f"; {s['rejected']} rejected (reasons beside the export)"
+        msg += f"; {s['rejected']} rejected (reasons in {s['rejects_file']})"
     console().print(msg)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def main() -> None:
-    """Console-script entry: one-line errors with exit code 2 instead of tracebacks."""
+# Config fields whose flag is spelled otherwise (the LLM spec's fields, mostly).
+_FLAG_OF_FIELD = {"timeout_s": "timeout", "base_urls": "base-url", "fmt": "format"}
+
+
+def _flag(loc: tuple[Any, ...]) -> str:
+    """The command-line flag of a config field's error location (``k`` -> ``--k``)."""
+    name = str(loc[0]) if loc else "input"
+    return "--" + _FLAG_OF_FIELD.get(name, name).replace("_", "-")
+
+
+def validation_line(e: ValidationError) -> str:
+    """A pydantic error of a command's config as one line naming each flag."""
+    return "; ".join(
+        # A check across fields (model validator) has no location: its message names them.
+        (f"{_flag(err['loc'])}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
+        for err in e.errors()
+    )
+
+
+def _os_line(e: OSError) -> str:
+    """An OSError as one line: what failed and on which path (no errno tuple)."""
+    what = e.strerror or type(e).__name__
+    paths = [str(x) for x in (e.filename, e.filename2) if x is not None]
+    if paths:
+        # mkdir under a file says "File exists" about the file: say which one is in the way.
+        blocker = next((a for a in Path(paths[0]).parents if a.is_file()), None)
+        if blocker is None and Path(paths[0]).is_file() and e.errno == errno.EEXIST:
+            blocker = Path(paths[0])
+        if blocker is not None:
+            return f"cannot write under {blocker}: it is a file, not a folder"
+    return f"{what}: {' -> '.join(paths)}" if paths else str(e)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: every user error as one line on stderr with exit code 2.
+
+    Usage errors (typer's), config errors (pydantic's, named by flag), VpdError and
+    OSError (an output folder that cannot be made, a read-only file...) all end here;
+    ``VPD_DEBUG=1`` re-raises them with their traceback.
+    """
+    import os
+
+    from pydantic import ValidationError
+    from rich.markup import escape
+    from typer.exceptions import TyperException
+
     from vpd.progress import console
 
-    try:
-        app()
-    except VpdError as e:
-        console().print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    def fail(msg: str) -> None:
+        if os.environ.get("VPD_DEBUG"):
+            raise
+        console().print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+    try:
+        code = app(argv, standalone_mode=False, prog_name="vpd")
+    except TyperException as e:  # usage errors: a bad flag, a missing argument
+        format_message = getattr(e, "format_message", None)
+        msg = format_message() if callable(format_message) else str(e)
+        ctx = getattr(e, "ctx", None)
+        fail(f"{msg} (see `{ctx.command_path} --help`)" if ctx is not None else msg)
+    except VpdError as e:
+        fail(str(e))
+    except ValidationError as e:
+        fail(validation_line(e))
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            sys.exit(0)
+        fail(_os_line(e))
     except KeyboardInterrupt:
         console().print("[yellow]interrupted[/yellow]: run the same command again to resume")
         sys.exit(130)
-    except BrokenPipeError:
-        sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -410,14 +410,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 return f"image not found: {img}"
             return None
 
-        with open(cfg.questions, encoding="utf-8", errors="replace") as f:
-            lines = sum(1 for ln in f if ln.strip())
+        # (an empty file is refused by the reader itself)
         questions = [q for q in _read_questions(cfg.questions, so.rejects, check) if so.owns(q.id)]
         if cfg.limit is not None:
             questions = questions[: cfg.limit]
         if not questions:
-            if lines == 0:
-                raise VpdError(f"--questions {cfg.questions} holds no questions (empty file)")
             if so.rejects.count:
                 raise VpdError(
                     f"no usable question in {cfg.questions}: all {so.rejects.count} lines were "
@@ -669,7 +666,7 @@ def run_programs(cfg: ProgramsConfig) -> dict[str, Any]:
 
     questions = _read_questions(cfg.questions, None)[: cfg.limit]
     answers: dict[str, Execution] = {}
-    for e in read_records(paths["executions"], Execution):
+    for e in read_records(paths["executions"], Execution, allow_empty=True):
         answers[e.qid] = e
     preds: list[Prediction] = []
     statuses: Counter[str] = Counter()

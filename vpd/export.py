@@ -30,6 +30,7 @@ rewritten whole, written aside first and swapped in, so a kill never leaves half
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -43,9 +44,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from vpd.errors import ConfigMismatch, VpdError
+from vpd.images import ImageChecks
 from vpd.progress import progress_bar
 from vpd.records import Sft
-from vpd.store import RejectWriter, read_records
+from vpd.store import RejectWriter, check_input, read_records
 
 ExportFormat = Literal["llamafactory", "trl", "hf"]
 FORMATS: tuple[str, ...] = ("llamafactory", "trl", "hf")
@@ -122,8 +124,10 @@ def _slots(messages: list[dict[str, Any]]) -> int:
     return sum(p["type"] == "image" for m in messages for p in m["content"])
 
 
-def prepare_item(rec: Sft, base: Path) -> Item:
-    """The record's messages and images; ``ValueError`` with the reason when unusable."""
+def prepare_item(rec: Sft, base: Path, checks: ImageChecks | None = None) -> Item:
+    """The record's messages and images; ``ValueError`` with the reason when unusable
+    (an image that does not decode too: the exported dataset would fail at that row)."""
+    checks = checks if checks is not None else ImageChecks()
     messages = []
     for m in rec.messages:
         role = m.get("role")
@@ -143,6 +147,9 @@ def prepare_item(rec: Sft, base: Path) -> Item:
         p = p if p.is_absolute() else base / p
         if not p.is_file():
             raise ValueError(f"image not found: {name}")
+        why = checks.problem(p)
+        if why:
+            raise ValueError(why)
         images.append(p.resolve())
     slots = _slots(messages)
     if slots == 0:  # no slot given: the images go before the first user text
@@ -159,10 +166,11 @@ def read_items(cfg: ExportConfig, rejects: RejectWriter) -> Iterator[Item]:
     base = Path(cfg.sft).resolve().parent
     wanted = set(cfg.tasks) if cfg.tasks else None
     prepared: dict[str, Item] = {}
+    checks = ImageChecks()
 
     def check(rec: Sft) -> str | None:
         try:
-            prepared[rec.id] = prepare_item(rec, base)
+            prepared[rec.id] = prepare_item(rec, base, checks)
         except ValueError as e:
             return str(e)
         return None
@@ -387,8 +395,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """Export ``cfg.sft`` to ``cfg.out`` in ``cfg.fmt`` (see the module docstring)."""
     t0 = time.time()
     sft, out = Path(cfg.sft), Path(cfg.out)
-    if not sft.is_file():
-        raise VpdError(f"SFT file not found: {sft}")
+    check_input(sft, Sft, "SFT")  # missing, empty or another stage's file: one line, now
     if out.exists() and not out.is_dir():
         raise VpdError(f"--out must be a folder, got a file: {out}")
     fp, digest = cfg.fingerprint(), _sft_digest(sft)
@@ -417,6 +424,12 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         progress_bar(f"export {cfg.fmt}", _count_lines(sft), "record", enabled=cfg.progress) as bar,
     ):
         items = read_items(cfg, rejects)
+        first = next(items, None)
+        if first is None:  # an empty dataset would only fail later, in a trainer
+            why = f"{rejects.count} rejected, reasons in {rejects.path}" if rejects.count else ""
+            tasks = f"of task {'/'.join(cfg.tasks)} " if cfg.tasks else ""
+            raise VpdError(f"{sft} holds no record {tasks}that can be exported ({why or 'none'})")
+        items = itertools.chain([first], items)
         if cfg.fmt == "llamafactory":
             info = _write_llamafactory(cfg, items, bar, counts)
         else:
@@ -427,6 +440,10 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         "records": sum(counts.values()),
         "per_task": dict(sorted(counts.items())),
         "rejected": rejects.count,
+        # trl/hf: the staged folder becomes OUT, so its rejects file is OUT/rejects.jsonl.
+        "rejects_file": str(out / rejects.path.relative_to(staging))
+        if cfg.fmt != "llamafactory" and rejects.count
+        else (str(rejects.path) if rejects.count else None),
         **info,
     }
     meta = {"config": fp, "sft": digest, "summary": summary, "created": time.time()}

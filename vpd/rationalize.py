@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from vpd.errors import VpdError
+from vpd.images import ImageChecks
 from vpd.llm import GenParams, make_llm_from_spec
 from vpd.metrics import metric_family, normalize_answer, resolve_metric, to_number, to_yesno
 from vpd.progress import progress_bar
@@ -451,7 +452,17 @@ def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
     owned_llm = None  # an LLM this run built (closed at the end), not a caller's
     with StageOutput(cfg.out, cfg.fingerprint(), shard=shard, force=cfg.force) as so:
         questions: dict[str, Question] = {}
-        for q in read_records(cfg.questions, Question, LabelledRejects(so.rejects, "questions")):
+        checks = ImageChecks()
+
+        def image_problem(q: Question) -> str | None:
+            # An SFT record whose image does not decode would crash the trainer at its row.
+            if not so.owns(q.id):
+                return None
+            image = Path(cfg.out).resolve().parent / sft_image(q, cfg.questions, cfg.out)
+            return checks.problem(image)
+
+        qrej = LabelledRejects(so.rejects, "questions")
+        for q in read_records(cfg.questions, Question, qrej, check=image_problem):
             if so.owns(q.id):
                 questions[q.id] = q
         questions_total = len(questions)

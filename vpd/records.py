@@ -207,3 +207,30 @@ def sample_id(qid: str, k: int) -> str:
 def split_sample_id(sid: str) -> tuple[str, int]:
     qid, _, k = sid.rpartition("#")
     return qid, int(k)
+
+
+# How an error message names each record type: what it is and which command writes it.
+_KIND_NAMES: dict[type[Record], str] = {
+    Question: "questions (vpd data synth/import)",
+    Sample: "samples (vpd sample)",
+    Execution: "executions (vpd execute)",
+    Verified: "verified programs (vpd verify)",
+    Sft: "SFT records (vpd rationalize)",
+    Prediction: "predictions (vpd eval)",
+    SubTask: "SDVP sub-tasks",
+    TeacherAnswer: "SDVP teacher answers",
+}
+
+
+def kind_name(model: type[Record]) -> str:
+    """``model``'s records as a user knows them, e.g. "executions (vpd execute)"."""
+    return _KIND_NAMES.get(model, f"{model.__name__} records")
+
+
+def wrong_kind(obj: Mapping[str, Any], model: type[Record]) -> type[Record] | None:
+    """The other record type ``obj`` is, when its fields say it is not a ``model`` record
+    (an executions file given where verified programs are read validates as them)."""
+    if model not in _KIND_NAMES:
+        return None
+    found = guess_record_model(obj)
+    return found if found is not None and found is not model else None

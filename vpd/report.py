@@ -210,7 +210,7 @@ def _vlm_preds(p: RunPaths, arm: str) -> Path:
 
 
 def _questions(path: Path) -> list[Question]:
-    return list(read_records(path, Question)) if path.exists() else []
+    return list(read_records(path, Question, allow_empty=True)) if path.exists() else []
 
 
 def _seed_runs(p: RunPaths, arm: str, seeds: list[int]) -> list[tuple[int, Path, dict]]:

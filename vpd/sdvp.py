@@ -573,7 +573,11 @@ def write_student_sft(cfg: SdvpConfig, variant: Variant, subs: list[SubTask]) ->
     out = cfg.out / variant.name / "sft.jsonl"
     by_id = {s.id: s for s in subs}
     answers = (
-        {a.id: a for a in read_records(teacher_file, TeacherAnswer) if a.id in by_id}
+        {
+            a.id: a
+            for a in read_records(teacher_file, TeacherAnswer, allow_empty=True)
+            if a.id in by_id
+        }
         if teacher_file.exists()
         else {}
     )
@@ -823,6 +827,7 @@ def run_sdvp(cfg: SdvpConfig) -> dict[str, Any]:
     if cfg.limit is not None:
         distil = distil[: cfg.limit]
     rep["subtasks"] = {
+        "rejected_input_lines": rejects.count,
         "total": len(subs),
         "distilled": len(distil),
         "held_out": sum(s.held_out for s in subs),

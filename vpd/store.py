@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -24,7 +25,14 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from vpd.errors import ConfigMismatch, VpdError
-from vpd.records import Reject
+from vpd.records import (
+    Record,
+    Reject,
+    guess_record_model,
+    kind_name,
+    record_model_for,
+    wrong_kind,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -230,16 +238,67 @@ def _pretty_validation(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class _KindCheck:
+    """Refuses a file of another record type: its first record decides (the whole file is
+    the wrong one, e.g. executions given for verified programs), later ones are rejected."""
+
+    def __init__(self, path: Path, model: type[Any]) -> None:
+        self.path, self.model, self.first = path, model, True
+
+    def __call__(self, obj: dict[str, Any]) -> str | None:
+        other = wrong_kind(obj, self.model)
+        first, self.first = self.first, False
+        if other is None:
+            return None
+        if first:
+            raise VpdError(
+                f"{self.path} holds {kind_name(other)}, but this input takes "
+                f"{kind_name(self.model)}"
+            )
+        return f"a record of {kind_name(other)}, not of {kind_name(self.model)}"
+
+
+def _empty_input(path: Path, label: str) -> VpdError:
+    return VpdError(f"{label} file {path} holds no records (it is empty)")
+
+
+def check_input(
+    path: Path, model: type[Any], label: str = "input", allow_empty: bool = False
+) -> None:
+    """Refuse a missing, empty or wrong-type input before a stage starts its expensive
+    part (a sandbox pool, a model): the checks :func:`read_records` makes, on line one."""
+    path = Path(path)
+    if not path.exists():
+        raise VpdError(f"{label} file not found: {path}")
+    if path.is_dir():
+        raise VpdError(f"expected a JSONL file for {label}, got a directory: {path}")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), None)
+    if first is None:
+        if allow_empty:
+            return
+        raise _empty_input(path, label)
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        return  # a bad line is the rejects file's business
+    if isinstance(obj, dict):
+        _KindCheck(path, model)(obj)
+
+
 def read_records(
     path: Path,
     model: type[M],
     rejects: RejectWriter | None = None,
     check: Callable[[M], str | None] | None = None,
+    allow_empty: bool = False,
 ) -> Iterator[M]:
     """Stream validated records; bad lines go to ``rejects`` with a reason.
 
     ``check`` may return an extra reason to reject a well-formed record (e.g. a
-    missing image file). Duplicate ids after the first are rejected too.
+    missing image file). Duplicate ids after the first are rejected too. A file of
+    another record type, or (unless ``allow_empty``) one with no line at all, is a
+    VpdError before any record is yielded.
     """
     path = Path(path)
     if not path.exists():
@@ -247,6 +306,8 @@ def read_records(
     if path.is_dir():
         raise VpdError(f"expected a JSONL file, got a directory: {path}")
     seen = DoneIds()
+    kind = _KindCheck(path, model)
+    lines = 0
 
     def reject(lineno: int, reason: str, raw: str, rid: str | None = None) -> None:
         if rejects is not None:
@@ -257,6 +318,7 @@ def read_records(
             raw = line.rstrip("\n")
             if not raw.strip():
                 continue
+            lines += 1
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
@@ -266,6 +328,10 @@ def read_records(
                 reject(lineno, f"expected a JSON object, got {type(obj).__name__}", raw)
                 continue
             rid = obj.get("id") if isinstance(obj.get("id"), str) else None
+            why = kind(obj)
+            if why:
+                reject(lineno, why, raw, rid)
+                continue
             try:
                 rec = model.model_validate(obj)
             except ValidationError as e:
@@ -283,6 +349,8 @@ def read_records(
                     reject(lineno, why, raw, rid)
                     continue
             yield rec
+    if not lines and not allow_empty:
+        raise _empty_input(path, "input")
 
 
 # --------------------------------------------------------------------------- writing
@@ -302,7 +370,7 @@ class LabelledRejects:
 
 
 def scan_jsonl(
-    path: Path, model: type[Any], rejects: Any, label: str
+    path: Path, model: type[Any], rejects: Any, label: str, allow_empty: bool = False
 ) -> Iterator[tuple[Any, int, int]]:
     """Stream ``(record, byte offset, line number)`` of a JSONL file; bad lines are rejected.
 
@@ -316,13 +384,15 @@ def scan_jsonl(
     if path.is_dir():
         raise VpdError(f"expected a JSONL file for {label}, got a directory: {path}")
     seen: set[str] = set()
-    offset = 0
+    kind = _KindCheck(path, model)
+    offset = lines = 0
     with open(path, "rb") as f:
         for lineno, bline in enumerate(f, 1):
             start, offset = offset, offset + len(bline)
             raw = bline.decode("utf-8", errors="replace").rstrip("\n")
             if not raw.strip():
                 continue
+            lines += 1
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
@@ -334,6 +404,10 @@ def scan_jsonl(
                 rejects.write(lineno, f"{label}: expected a JSON object", raw)
                 continue
             rid = obj.get("id") if isinstance(obj.get("id"), str) else None
+            other = kind(obj)
+            if other:
+                rejects.write(lineno, f"{label}: {other}", raw, rid)
+                continue
             try:
                 rec = model.model_validate(obj)
             except ValidationError as e:
@@ -348,6 +422,8 @@ def scan_jsonl(
                 continue
             seen.add(rec.id)
             yield rec, start, lineno
+    if not lines and not allow_empty:
+        raise _empty_input(path, label)
 
 
 def load_at(f: Any, offset: int, model: type[Any]) -> Any:
@@ -547,53 +623,204 @@ class StageOutput:
     def __enter__(self) -> StageOutput:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close()
+        if exc_type is None and not self.out.exists():
+            # A stage that finished with nothing to write (a shard that owns no question)
+            # leaves an empty file, which the next stage reads, not a missing one.
+            self.out.touch()
 
 
 # --------------------------------------------------------------------------- merge
 
+# What a stage writes beside its output X.jsonl (X.jsonl.meta.json, .rejects.jsonl,
+# .judge.jsonl, .funnel.json, .<stamp>.bak, ...): a glob like `samples.*.jsonl` matches
+# some of them, and merging one would put a reject or a cache entry among the records.
+_SIDE_SUFFIXES = (".meta.json", ".rejects.jsonl", ".bak", ".tmp")
 
-def merge(out: Path, inputs: Iterable[Path], force: bool = False) -> tuple[int, int]:
-    """Join shard outputs into ``out`` without duplicate ids; returns (written, duplicates).
 
-    Shard outputs must share one config (apart from the shard itself); the merged
-    meta is that config. Re-running after a new shard finished appends only its new ids.
+def is_side_file(path: Path) -> bool:
+    """Whether ``path`` is a file written beside a JSONL output rather than an output."""
+    name = Path(path).name
+    return name.endswith(_SIDE_SUFFIXES) or ".jsonl." in name
+
+
+@dataclass
+class MergeSummary:
+    """What one `vpd merge` did, for its summary line."""
+
+    inputs: list[Path]  # the files merged
+    skipped: list[Path]  # side files among the inputs, never merged
+    record: str  # the record model every line was checked against
+    source: str  # how that model was found: the inputs' meta, their fields, or neither
+    written: int = 0  # new records appended to the output
+    duplicates: int = 0  # lines whose id the output (or an earlier input) already held
+    rejected: int = 0  # bad lines, written to ``rejects``
+    unfinished: int = 0  # inputs whose last line is still being written: the next merge takes it
+    rejects: Path | None = None
+
+
+def _first_object(path: Path, limit: int = 1000) -> dict[str, Any] | None:
+    """The first line of ``path`` whose fields name a record type (None: none in ``limit``)."""
+    with open(path, "rb") as f:
+        for bline in itertools.islice(f, limit):
+            try:
+                obj = json.loads(bline)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(obj, dict) and guess_record_model(obj) is not None:
+                return obj
+    return None
+
+
+def _merge_model(
+    inputs: list[Path], configs: dict[Path, dict[str, Any]]
+) -> tuple[type[Record], str]:
+    """The record model of the inputs, and how it was found.
+
+    The meta file names the stage that wrote a shard, and with it the record model: that
+    wins. An input without meta is judged by its first record's fields; all must agree, so
+    a glob that caught another stage's files is an error, not a mix.
     """
-    inputs = [Path(p) for p in inputs]
+    found: dict[type[Record], Path] = {}
+    by_meta = False
     for p in inputs:
+        model = record_model_for(configs[p]) if p in configs else None
+        if model is not None:
+            by_meta = True
+        else:
+            obj = _first_object(p)
+            model = guess_record_model(obj) if obj is not None else None
+        if model is not None:
+            found.setdefault(model, p)
+    if len(found) > 1:
+        (m1, p1), (m2, p2) = list(found.items())[:2]
+        raise VpdError(
+            f"cannot merge {p1} ({m1.__name__} records) with {p2} ({m2.__name__} records)"
+        )
+    if found:
+        return next(iter(found)), "by the inputs' meta" if by_meta else "by their fields"
+    return Record, "id only: no meta or fields name a record type"
+
+
+def _merge_file(path: Path, model: type[Record], so: StageOutput, summary: MergeSummary) -> None:
+    """Append the valid records of ``path`` that ``so`` lacks; reject its bad lines."""
+    rejects = LabelledRejects(so.rejects, str(path))
+    with open(path, "rb") as f:
+        for lineno, bline in enumerate(f, 1):
+            # A last line without a newline that does not parse is a shard still writing:
+            # left for the next merge. One that parses is a whole record (a hand-made file).
+            complete = bline.endswith(b"\n")
+            try:
+                line = bline.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if not complete:
+                    summary.unfinished += 1
+                    break
+                raw = bline.decode("utf-8", errors="replace").rstrip("\n")
+                rejects.write(lineno, f"not UTF-8 text (byte {e.start})", raw)
+                continue
+            if not line.strip():
+                continue
+            rid = _line_id(line)
+            if rid is not None and so.done(rid):
+                summary.duplicates += 1  # merged before (resume) or in an earlier input
+                continue
+            try:  # parse and check in one pass (pydantic's parser: 1.8x json.loads + check)
+                rec: Record = model.model_validate_json(line)
+            except ValidationError:
+                # A bad line (or one only Python's parser reads, e.g. NaN): say why.
+                raw = line.rstrip("\n")
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if not complete:
+                        summary.unfinished += 1
+                        break
+                    rejects.write(lineno, f"malformed JSON: {e.msg} at column {e.colno}", raw)
+                    continue
+                if not isinstance(obj, dict):
+                    why = f"expected a JSON object, got {type(obj).__name__}"
+                    rejects.write(lineno, why, raw)
+                    continue
+                try:
+                    rec = model.model_validate(obj)
+                except ValidationError as e:
+                    rid = obj.get("id") if isinstance(obj.get("id"), str) else None
+                    why = f"invalid {model.__name__} record: {_pretty_validation(e)}"
+                    rejects.write(lineno, why, raw, rid)
+                    continue
+            # The line itself, not a re-serialization: merged bytes are the shard's bytes.
+            so.write_line(rec.id, line if complete else line + "\n")
+            summary.written += 1
+
+
+def merge(
+    out: Path, inputs: Iterable[Path], force: bool = False, allow_empty: bool = False
+) -> MergeSummary:
+    """Join shard outputs into ``out`` without duplicate ids.
+
+    Every line is checked against the record model of the stage that wrote the inputs
+    (see ``_merge_model``); a bad line goes to ``<out>.rejects.jsonl`` with its input,
+    line number and reason. Side files among the inputs (``*.rejects.jsonl``,
+    ``*.meta.json``, ...) are skipped. Shard outputs must share one config (apart from
+    the shard itself); the merged meta is that config. Re-running after a new shard
+    finished appends only its new ids. Inputs with no valid record are an error unless
+    ``allow_empty`` (then ``out`` exists, empty if it was new).
+    """
+    out = Path(out)
+    given = [Path(p) for p in inputs]
+    skipped = [p for p in given if is_side_file(p)]
+    files = [p for p in given if not is_side_file(p)]
+    for p in files:
         if not p.exists():
             raise VpdError(f"merge input not found: {p}")
-        if p.resolve() == Path(out).resolve():
+        if p.is_dir():
+            raise VpdError(f"merge input is a directory, not a JSONL file: {p}")
+        if p.resolve() == out.resolve():
             raise VpdError(f"merge output {out} is also an input")
-    configs = []
-    for p in inputs:
-        cfg = read_meta(p)
+    if not files and not allow_empty:
+        only = f" (all {len(skipped)} inputs are side files, e.g. {skipped[0]})" if skipped else ""
+        raise VpdError(f"nothing to merge{only}; --allow-empty writes an empty {out}")
+    configs: dict[Path, dict[str, Any]] = {}
+    for p in files:
+        try:
+            cfg = read_meta(p)
+        except (ValueError, AttributeError) as e:  # a hand-edited or cut meta file
+            raise VpdError(f"unreadable meta file {meta_path(p)}: {e}") from None
         if cfg is not None:
-            cfg = {k: v for k, v in cfg.items() if k != "shard"}
-            configs.append((p, cfg))
-    for p, cfg in configs[1:]:
-        if cfg != configs[0][1]:
+            configs[p] = {k: v for k, v in cfg.items() if k != "shard"}
+    first = next(iter(configs.items()), None)
+    for p, cfg in configs.items():
+        if first is not None and cfg != first[1]:
             raise ConfigMismatch(
-                f"cannot merge {configs[0][0]} and {p}: different configs "
-                f"({_diff(configs[0][1], cfg)})"
+                f"cannot merge {first[0]} and {p}: different configs ({_diff(first[1], cfg)})"
             )
-    merged_cfg = configs[0][1] if configs else {"merged": True}
-    so = StageOutput(Path(out), merged_cfg, force=force)
-    dup = 0
+    model, source = _merge_model(files, configs)
+    merged_cfg = first[1] if first is not None else {"merged": True}
+    existed = out.exists()
+    summary = MergeSummary(files, skipped, model.__name__, source)
+    so = StageOutput(out, merged_cfg, force=force)
     try:
-        for p in inputs:
-            with open(p, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if not line.endswith("\n"):
-                        break
-                    rid = _line_id(line)
-                    if rid is None:
-                        continue
-                    if so.done(rid):
-                        dup += 1
-                        continue
-                    so.write_line(rid, line)
+        for p in files:
+            _merge_file(p, model, so, summary)
     finally:
         so.close()
-    return so.written, dup
+    summary.rejected = so.rejects.count
+    summary.rejects = so.rejects.path if so.rejects.count else None
+    if summary.written + summary.duplicates == 0:
+        if not allow_empty:
+            if not existed and not out.exists():
+                meta_path(out).unlink(missing_ok=True)  # leave no meta of an output never made
+            if summary.rejected:
+                why = f"all {summary.rejected} lines rejected (reasons in {summary.rejects})"
+            elif summary.unfinished:
+                why = "only unfinished last lines (shards still writing?)"
+            else:
+                why = "they are empty"
+            raise VpdError(
+                f"no record to merge in {len(files)} input(s): {why}; "
+                f"--allow-empty writes an empty {out}"
+            )
+        out.touch()  # the next stage finds a file with no records, not a missing one
+    return summary

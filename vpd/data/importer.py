@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -48,6 +49,7 @@ from vpd.data.official import FORMATS as OFFICIAL_FORMATS
 from vpd.data.official import open_source
 from vpd.data.rows import Row, count_lines, json_rows, jsonable, jsonl_rows
 from vpd.errors import VpdError
+from vpd.images import ImageChecks
 from vpd.progress import progress_bar
 from vpd.records import Question
 from vpd.store import StageOutput
@@ -260,6 +262,7 @@ class _Importer:
         self.out = Path(cfg.out)
         self.out_dir = self.out.parent.resolve()
         self.image_root = Path(cfg.image_root) if cfg.image_root else self.input.parent
+        self.checks = ImageChecks()  # many questions share an image: decode its header once
         if self.input.is_dir() and cfg.image_root is None:
             self.image_root = self.input
         self.dataset = cfg.dataset or self.input.stem
@@ -285,6 +288,9 @@ class _Importer:
             p = self.image_root / p
         if not p.is_file():
             raise ValueError(f"missing image file: {p}")
+        why = self.checks.problem(p)
+        if why:  # a trainer would crash at this row hours later
+            raise ValueError(why)
         return os.path.relpath(p.resolve(), self.out_dir)
 
     def images(self, value: Any, rid: str) -> list[str]:
@@ -404,6 +410,10 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
         raise VpdError(f"input not found: {src}")
     imp = _source(cfg)
     rows, total = imp.rows()
+    first = next(rows, None)
+    if first is None:  # checked before OUT is made: an empty input writes nothing
+        raise VpdError(f"input {src} holds no rows (it is empty)")
+    rows = itertools.chain([first], rows)
     seen: set[str] = set()
     counts = {"read": 0, "written": 0, "already_done": 0, "rejected": 0}
     with (

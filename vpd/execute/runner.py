@@ -15,7 +15,13 @@ from vpd.execute.pool import DEFAULT_NAMESPACE, Job, JobResult, Limits, SandboxP
 from vpd.images import ImageChecks
 from vpd.progress import progress_bar
 from vpd.records import Execution, Question, Sample
-from vpd.store import LabelledRejects, StageOutput, parse_shard, read_records
+from vpd.store import (
+    LabelledRejects,
+    StageOutput,
+    check_input,
+    parse_shard,
+    read_records,
+)
 from vpd.tools.backends import get_backend
 from vpd.tools.server import ToolServer
 from vpd.tune.model import build_tiny_vlm
@@ -155,10 +161,11 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
     """Run the stage; ``tools`` overrides the backend's tool server (embedding, tests)."""
     t0 = time.perf_counter()
     shard = parse_shard(cfg.shard)
-    for label, path in (("samples", cfg.samples), ("questions", cfg.questions)):
-        if not Path(path).is_file():
-            what = "a directory" if Path(path).is_dir() else "not found"
-            raise VpdError(f"{label} file {what}: {path}")
+    # Before the sandbox pool and the tools. A shard's samples may be empty: that shard
+    # owns no question.
+    empty_ok = shard is not None
+    check_input(cfg.samples, Sample, "samples", allow_empty=empty_ok)
+    check_input(cfg.questions, Question, "questions")
     status: Counter[str] = Counter()
     inflight: dict[str, tuple[str, int]] = {}
     checks = ImageChecks()
@@ -188,7 +195,9 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
             bar.advance()
 
         def jobs() -> Iterator[Job]:
-            for s in read_records(cfg.samples, Sample, rejects=so.rejects, check=input_problem):
+            for s in read_records(
+                cfg.samples, Sample, rejects=so.rejects, check=input_problem, allow_empty=empty_ok
+            ):
                 if not so.owns(s.qid) or so.done(s.id) or s.id in inflight:
                     continue
                 paths = images[s.qid]
@@ -220,7 +229,9 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
             )
 
         if todo == 0:  # finished already: re-read inputs (rejects file) but start nothing
-            for _ in read_records(cfg.samples, Sample, rejects=so.rejects, check=input_problem):
+            for _ in read_records(
+                cfg.samples, Sample, rejects=so.rejects, check=input_problem, allow_empty=empty_ok
+            ):
                 pass
             return _summary(so.written, already, so.rejects.count, status, 0, t0, {}, None)
         with (
@@ -232,9 +243,11 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
                 write(record(res))
             layers = pool.layers
             forks = pool.stats["forks"]
+            bar.complete()  # rejected samples were in the total
+            bar_s = bar.elapsed
         written = so.written
         rejected = so.rejects.count
-    return _summary(written, already, rejected, status, forks, t0, layers, tools)
+    return _summary(written, already, rejected, status, forks, t0, layers, tools, bar_s)
 
 
 def _summary(
@@ -246,8 +259,12 @@ def _summary(
     t0: float,
     layers: dict[str, Any],
     tools: Any,
+    bar_s: float | None = None,
 ) -> dict[str, Any]:
+    """``bar_s``: the progress bar's life, over which the rate is given (the bar's last
+    line shows the same figure); the whole wall time when nothing ran."""
     wall = time.perf_counter() - t0
+    rate_s = bar_s if bar_s else wall
     summary: dict[str, Any] = {
         "written": written,
         "already_done": already,
@@ -255,7 +272,7 @@ def _summary(
         "statuses": dict(status),
         "programs_run": forks,
         "wall_s": round(wall, 3),
-        "programs_per_s": round(written / wall, 2) if wall > 0 else 0.0,
+        "programs_per_s": round(written / rate_s, 2) if rate_s > 0 else 0.0,
         "sandbox_layers": layers,
     }
     summary.update(_cache_stats(tools))

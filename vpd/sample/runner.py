@@ -161,13 +161,17 @@ def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
         if n_todo == 0:
             summary["wall_s"] = round(time.perf_counter() - t0, 3)
             return summary
-        if llm is None:
-            llm = owned_llm = make_llm(cfg.llm)
         tokens = [0, 0]
         try:
             with progress_bar(
                 "sample", n_todo, "programs", enabled=cfg.progress, counters=("tok",)
             ) as bar:
+                # The bar starts before the model loads (minutes for a big one), and says so.
+                if llm is None:
+                    bar.describe(f"sample: loading {cfg.llm.model or cfg.llm.backend}")
+                    llm = owned_llm = make_llm(cfg.llm)
+                bar.describe(f"sample: {llm.name}: encoding the first prompts")
+                first = True
                 for ks, qs in todo.items():
                     params = GenParams(
                         n=len(ks),
@@ -181,6 +185,9 @@ def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
                         chunk = qs[s : s + step]
                         batch = [prompt.messages(q.question, cfg.shots) for q in chunk]
                         for i, c in stream(llm, batch, params):
+                            if first:
+                                bar.describe("sample", announce=False)
+                                first = False
                             q, k = chunk[i], ks[c.index]
                             rec = _to_sample(q, k, c, syntax, llm.name, cfg, prompt.id)
                             so.write(rec)
@@ -190,18 +197,20 @@ def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
                             bar.advance()
                             bar.count("tok", c.completion_tokens)
                         so.sync()
+                gen_s = bar.elapsed
         finally:
             summary["written"] = so.written
             if owned_llm is not None:
                 owned_llm.close()
     wall = time.perf_counter() - t0
+    # Rates over the bar's life (model loading included), the figures its last line shows.
     summary.update(
         model=llm.name,
         prompt_tokens=tokens[0],
         completion_tokens=tokens[1],
         wall_s=round(wall, 3),
-        samples_per_s=round(summary["written"] / wall, 3) if wall > 0 else None,
-        tokens_per_s=round(tokens[1] / wall, 1) if wall > 0 else None,
+        samples_per_s=round(summary["written"] / gen_s, 3) if gen_s > 0 else None,
+        tokens_per_s=round(tokens[1] / gen_s, 1) if gen_s > 0 else None,
     )
     return summary
 

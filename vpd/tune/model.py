@@ -285,10 +285,10 @@ class TinyBuild(BaseModel):
 
 def tiny_processor(tok: Any, vision: VisionRecipe, resampler: ResamplerRecipe) -> Any:
     """Idefics2's processor for the tiny VLM: one 128 px image, ``latents`` image tokens."""
-    from transformers import Idefics2ImageProcessor, Idefics2Processor
-
     base = image_processor(vision)  # the normalisation the tower was trained with
-    with quiet_transformers():
+    with quiet_transformers():  # the import logs "requires torchvision" without it
+        from transformers import Idefics2ImageProcessor, Idefics2Processor
+
         images = Idefics2ImageProcessor(
             do_image_splitting=False,
             resample=base.resample,

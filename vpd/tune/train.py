@@ -326,7 +326,7 @@ def _callbacks(cfg: TuneConfig, resume_step: int) -> list[Any]:
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             if self._bar is not None and logs and "loss" in logs:
-                self._bar.describe(f"tune loss {logs['loss']:.4f}")
+                self._bar.describe(f"tune loss {logs['loss']:.4f}", announce=False)
 
         def on_train_end(self, args, state, control, **kw):  # noqa: ANN001
             if self._ctx is not None:
@@ -390,7 +390,8 @@ def _init_path(cfg: TuneConfig) -> str:
 
 
 def _load_processor(path: str, cfg: TuneConfig) -> Any:
-    processor = load_processor(path, cfg.trust_remote_code)
+    with quiet_transformers():  # e.g. its "requires torchvision, falling back" notice
+        processor = load_processor(path, cfg.trust_remote_code)
     if cfg.chat_template is not None:
         if not cfg.chat_template.is_file():
             raise VpdError(f"--chat-template {cfg.chat_template}: file not found")
@@ -545,7 +546,8 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
                 _merge_lora(init_path, out / "adapter", final, cfg)
             else:
                 shutil.copytree(out / "adapter", final, dirs_exist_ok=True)
-        processor.save_pretrained(str(final))
+        with quiet_transformers():
+            processor.save_pretrained(str(final))
         if (out / "loss.jsonl").exists():
             plot_loss(out / "loss.jsonl", out / "loss.png")
         steps = trainer.state.global_step

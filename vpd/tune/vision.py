@@ -128,9 +128,10 @@ DEFAULT_RECIPE = VisionRecipe()
 
 def image_processor(recipe: VisionRecipe) -> Any:
     """The processor the tower is trained with; the tiny VLM saves this very one."""
-    from transformers import SiglipImageProcessor
+    # The import itself logs "requires torchvision, falling back to PIL" without it.
+    with quiet_transformers():
+        from transformers import SiglipImageProcessor
 
-    with quiet_transformers():  # its "requires torchvision, falling back to PIL" notice
         return SiglipImageProcessor(
             size={"height": recipe.image_size, "width": recipe.image_size},
             image_mean=[0.5, 0.5, 0.5],
