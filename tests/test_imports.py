@@ -30,7 +30,7 @@ LAYERS: dict[str, int] = {
     "vlm": 3,
     **dict.fromkeys(
         ["store", "records", "errors", "progress", "options", "metrics", "runpaths", "cache"]
-        + ["net", "images"],
+        + ["net", "images", "resources"],
         4,
     ),
 }

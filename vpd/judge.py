@@ -16,9 +16,10 @@ from vpd.errors import VpdError
 from vpd.llm import make_llm_from_spec
 from vpd.llm.base import GenParams
 from vpd.metrics import normalize_answer
+from vpd.resources import prompts_dir
 
 JUDGE_PROMPT_VERSION = "v1"
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts" / "judge"
+PROMPTS_DIR = prompts_dir() / "judge"
 
 JudgeItem = tuple[str, list[str], str]  # (question, reference answers, prediction)
 

@@ -35,10 +35,11 @@ from vpd.llm import GenParams, make_llm_from_spec
 from vpd.metrics import metric_family, normalize_answer, resolve_metric, to_number, to_yesno
 from vpd.progress import progress_bar
 from vpd.records import Question, Sft, ToolCall, Verified, split_sample_id
+from vpd.resources import prompts_dir
 from vpd.store import LabelledRejects, StageOutput, load_at, parse_shard, read_records, scan_jsonl
 from vpd.vlm import ANSWER_SUFFIX, RATIONALE_SUFFIX
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts" / "rationale"
+PROMPTS_DIR = prompts_dir() / "rationale"
 
 # ----------------------------------------------------------------------------- formatting
 

@@ -1,6 +1,7 @@
 """Program-writing prompts: versioned templates, the generated API spec, few-shot retrieval.
 
-A prompt family/version lives in ``prompts/<family>/<version>/``:
+A prompt family/version lives in ``vpd/prompts/<family>/<version>/`` (package data;
+``prompts/`` at the checkout's top is a link to it), or in any folder given by path:
 
 - ``system.txt``: the instructions; ``{api}`` is replaced by the API spec file when present;
 - ``api.txt`` or ``api_compact.txt`` (viper): the ImagePatch API spec, GENERATED from
@@ -33,10 +34,11 @@ from typing import Any
 
 from vpd.errors import VpdError
 from vpd.llm.base import Messages
+from vpd.resources import prompts_dir
 from vpd.tools.api import ImagePatch
 from vpd.tools.namespace import build_namespace
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent.parent / "prompts"
+PROMPTS_DIR = prompts_dir()  # package data: there in a wheel as in a checkout
 TEMPLATE_FILES = ("system.txt", "api.txt", "api_compact.txt", "user.txt", "examples.jsonl")
 # The generated API spec files and the style each holds.
 API_FILES = {"api.txt": False, "api_compact.txt": True}

@@ -16,12 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vpd.errors import VpdError
 from vpd.options import split_option
+from vpd.resources import find_recipe, recipes_dir
 from vpd.tune.data import parse_task_weights
 from vpd.tune.model import TinyBuild
 
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 PARTS = ("vision", "projector", "lm")
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = recipes_dir()  # the DeepSpeed presets ship with the package
 
 
 class TuneConfig(BaseModel):
@@ -196,7 +197,7 @@ def load_tune_config(
     """Merge recipe YAML, ``--set key=value`` pairs and explicit flags (None = not given)."""
     values: dict[str, Any] = {}
     if recipe is not None:
-        recipe = Path(recipe)
+        recipe = find_recipe(recipe)
         if not recipe.is_file():
             raise VpdError(f"recipe not found: {recipe}")
         try:

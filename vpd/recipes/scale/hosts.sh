@@ -31,7 +31,9 @@ shift
 HOSTS=("$@")
 N=${#HOSTS[@]}
 if [ -z "${VPD:-}" ]; then
-  CHECKOUT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  # Physical: this folder is vpd/recipes/scale, reached through the checkout's recipes/ link
+  # or directly; three levels up is the checkout either way (site-packages when installed).
+  CHECKOUT=$(cd -P "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
   if [ -x "$CHECKOUT/.venv/bin/vpd" ]; then
     VPD=$CHECKOUT/.venv/bin/vpd
   else
