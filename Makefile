@@ -13,7 +13,8 @@ ABLATION_DIR ?= runs/ablation-cpu
 .PHONY: setup test test-fast lint full-pipeline ablation sdvp bench clean
 
 # Idempotent: re-installs only when pyproject.toml changed since the last setup.
-# torch is pinned and installed first so pip never pulls a multi-GB CUDA build.
+# torch is pinned here (the package only says torch>=2.5) and installed first, so pip never
+# pulls a multi-GB CUDA build: the exact CPU wheel every test and measurement ran on.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
