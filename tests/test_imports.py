@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "report": 1,
     **dict.fromkeys(
         ["data", "sample", "execute", "verify", "judge", "rationalize", "tune", "evaluate"]
-        + ["sdvp", "export"],
+        + ["sdvp", "export", "view"],
         2,
     ),
     "tools": 3,
