@@ -6,17 +6,24 @@
 - ``--shard i/n`` assigns work by a stable hash of a key (the question id);
 - ``<out>.meta.json`` fingerprints the run config; resuming under another config is
   an error unless ``force`` (then the old output is moved aside, never mixed);
-- bad input lines go to ``<out>.rejects.jsonl`` with a reason; the run goes on.
+- bad input lines go to ``<out>.rejects.jsonl`` with a reason; the run goes on;
+- every whole-file or whole-folder output (meta, markers, summaries, reports, images,
+  exports, cached builds) is written beside its place and renamed into it
+  (:func:`atomic_file`, :func:`atomic_write`, :func:`atomic_dir`): a kill leaves the old
+  one or the new one, never half of one. Nothing else in the package calls ``os.replace``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -480,6 +487,88 @@ class JsonlWriter:
         self.close()
 
 
+# --------------------------------------------------------------------------- atomic outputs
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield ``<path>.tmp`` (same folder, so the rename cannot cross filesystems) to write;
+    when the block ends cleanly it replaces ``path`` in one rename, on an error it is
+    removed and ``path`` stays as it was. For writers that want a path (PIL's ``save``,
+    ``shutil.copyfile``) or a stream (``open(tmp, "w")`` inside the block)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the block failed
+
+
+def atomic_write(path: Path | str, data: str | bytes, encoding: str = "utf-8") -> None:
+    """Write a whole file (text or bytes) atomically: see :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding=encoding)
+
+
+def atomic_write_json(path: Path | str, obj: Any, **dumps: Any) -> None:
+    """``json.dumps(obj, **dumps)`` written atomically (each caller keeps its own layout)."""
+    atomic_write(path, json.dumps(obj, **dumps))
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    out: Path | str, staging: Path | None = None, keep_failed: bool = False
+) -> Iterator[Path]:
+    """Yield an empty folder beside ``out`` to fill; when the block ends cleanly it
+    replaces ``out`` whole (a previous ``out`` is removed: it is what is being rebuilt).
+
+    ``staging`` names that folder (one a killed attempt left is cleared first); by default
+    it is a fresh hidden one (``.<name>.XXXX``). On an error it is removed, unless
+    ``keep_failed`` (then what the attempt wrote, e.g. its rejects, can be read until the
+    next attempt clears it).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if staging is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    else:
+        tmp = Path(staging)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    done = False
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        done = True
+    finally:
+        if not done and not keep_failed and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def set_aside(path: Path | str, stamp: str | None = None) -> Path:
+    """Rename ``path`` (a file or a folder) to ``<path>.<stamp>.bak`` and return the new
+    name: what ``--force`` does to an output made under other options (kept, never mixed)."""
+    path = Path(path)
+    dest = path.with_name(f"{path.name}.{stamp or time.strftime('%Y%m%d-%H%M%S')}.bak")
+    path.rename(dest)
+    return dest
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5) -> str:
+    """The options that differ between two fingerprints, for a mismatch message:
+    ``key: old -> new, ...`` (the first ``limit`` of them)."""
+    keys = sorted(set(old) | set(new))
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(parts[:limit]) + (" ..." if len(parts) > limit else "")
+
+
 # --------------------------------------------------------------------------- meta
 
 
@@ -511,25 +600,21 @@ def ensure_meta(out: Path, config: dict[str, Any], force: bool = False) -> None:
             old = None
         if old != config:
             if not force:
-                diff = _diff(old or {}, config)
+                diff = config_diff(old or {}, config)
                 raise ConfigMismatch(
                     f"{out} was written with a different config ({diff}); use the same "
                     "options to resume, another --out, or --force to start over "
                     "(the old output is kept as a .bak file)"
                 )
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            out.rename(Path(f"{out}.{stamp}.bak"))
-            mp.rename(Path(f"{mp}.{stamp}.bak"))
+            set_aside(out, stamp)
+            set_aside(mp, stamp)
     elif mp.exists() and not out.exists():
         mp.unlink()
     if not mp.exists():
         mp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = mp.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"config": config, "created": time.time()}, indent=2, sort_keys=True),
-            encoding="utf-8",
-        )
-        os.replace(tmp, mp)
+        meta = {"config": config, "created": time.time()}
+        atomic_write_json(mp, meta, indent=2, sort_keys=True)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -545,12 +630,6 @@ def read_meta(out: Path) -> dict[str, Any] | None:
     if not mp.exists():
         return None
     return json.loads(mp.read_text(encoding="utf-8")).get("config")
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted(set(old) | set(new))
-    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    return ", ".join(parts[:5]) + (" ..." if len(parts) > 5 else "")
 
 
 # --------------------------------------------------------------------------- stage output
@@ -794,7 +873,7 @@ def merge(
     for p, cfg in configs.items():
         if first is not None and cfg != first[1]:
             raise ConfigMismatch(
-                f"cannot merge {first[0]} and {p}: different configs ({_diff(first[1], cfg)})"
+                f"cannot merge {first[0]} and {p}: different configs ({config_diff(first[1], cfg)})"
             )
     model, source = _merge_model(files, configs)
     merged_cfg = first[1] if first is not None else {"merged": True}
