@@ -9,10 +9,10 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from vpd.store import atomic_dir
 
 STAMP = "vpd_tiny.json"  # {"key": ...}: written last, so a folder with it is complete
 
@@ -57,14 +57,8 @@ def atomic_fill(out: Path, key: str, fill: Callable[[Path], object]) -> bool:
     with build_lock(out):
         if is_complete(out, key):
             return False
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        # Replaces a half-written folder, or another key's, whole.
+        with atomic_dir(out) as tmp:
             fill(tmp)
             (tmp / STAMP).write_text(json.dumps({"key": key}))
-            if out.exists():
-                shutil.rmtree(out)  # a half-written folder, or another key's
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return True
