@@ -29,6 +29,7 @@ rewritten whole, written aside first and swapped in, so a kill never leaves half
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -47,7 +48,16 @@ from vpd.errors import ConfigMismatch, VpdError
 from vpd.images import ImageChecks
 from vpd.progress import progress_bar
 from vpd.records import Sft
-from vpd.store import RejectWriter, check_input, read_records
+from vpd.store import (
+    RejectWriter,
+    atomic_dir,
+    atomic_file,
+    atomic_write,
+    atomic_write_json,
+    check_input,
+    config_diff,
+    read_records,
+)
 
 ExportFormat = Literal["llamafactory", "trl", "hf"]
 FORMATS: tuple[str, ...] = ("llamafactory", "trl", "hf")
@@ -220,15 +230,13 @@ def _write_llamafactory(
             dest = img_dir / f"{digest}{p.suffix.lower() or '.png'}"
             if not dest.exists():
                 img_dir.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(dest.name + ".tmp")
-                shutil.copyfile(p, tmp)
-                os.replace(tmp, dest)
+                with atomic_file(dest) as tmp:
+                    shutil.copyfile(p, tmp)
             copied[p] = os.path.relpath(dest, out)
         return copied[p]
 
     data_file = out / f"{cfg.name}.json"
-    tmp = data_file.with_name(data_file.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(data_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("[\n")
         first = True
         for it in items:
@@ -245,7 +253,6 @@ def _write_llamafactory(
             counts[it.record.task] += 1
             bar.advance()
         f.write("\n]\n")
-    os.replace(tmp, data_file)
     info_path = out / "dataset_info.json"
     info: dict[str, Any] = {}
     if info_path.exists():
@@ -256,9 +263,7 @@ def _write_llamafactory(
         if not isinstance(info, dict):
             raise VpdError(f"{info_path} must hold a JSON object of dataset entries")
     info[cfg.name] = {"file_name": data_file.name, **LLAMAFACTORY_ENTRY}
-    tmp_info = info_path.with_name(info_path.name + ".tmp")
-    tmp_info.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp_info, info_path)
+    atomic_write(info_path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return {
         "files": [str(data_file), str(info_path)],
         "images_copied": len(copied),
@@ -391,34 +396,14 @@ def _previous(cfg: ExportConfig) -> dict[str, Any] | None:
         return None
 
 
-def run_export(cfg: ExportConfig) -> dict[str, Any]:
-    """Export ``cfg.sft`` to ``cfg.out`` in ``cfg.fmt`` (see the module docstring)."""
-    t0 = time.time()
+def _export_into(cfg: ExportConfig, dest: Path) -> dict[str, Any]:
+    """Write the export's files into ``dest`` (OUT, or the trl/hf staging folder that
+    becomes OUT); return its summary."""
     sft, out = Path(cfg.sft), Path(cfg.out)
-    check_input(sft, Sft, "SFT")  # missing, empty or another stage's file: one line, now
-    if out.exists() and not out.is_dir():
-        raise VpdError(f"--out must be a folder, got a file: {out}")
-    fp, digest = cfg.fingerprint(), _sft_digest(sft)
-    prev = _previous(cfg)
-    if prev is not None and prev.get("config") != fp and not cfg.force:
-        raise ConfigMismatch(
-            f"{out} holds an export made with other options ({prev.get('config')}); use "
-            "the same options, another --out, or --force to export again"
-        )
-    if prev is not None and prev.get("config") == fp and prev.get("sft") == digest:
-        return {**prev["summary"], "skipped": True, "wall_s": round(time.time() - t0, 3)}
-    if cfg.fmt != "llamafactory" and out.is_dir() and any(out.iterdir()) and prev is None:
-        raise VpdError(f"{out} is a non-empty folder that is not a vpd export; pick another --out")
-
     counts: Counter[str] = Counter()
-    staging = out.with_name(f".{out.name}.partial")  # trl/hf: built aside, swapped in whole
-    if cfg.fmt == "llamafactory":
-        rejects = RejectWriter(out / f"{cfg.name}.rejects.jsonl")
-    else:
-        if staging.exists():
-            shutil.rmtree(staging)  # a killed earlier attempt
-        staging.mkdir(parents=True)
-        rejects = RejectWriter(staging / "rejects.jsonl")
+    rejects = RejectWriter(
+        dest / (f"{cfg.name}.rejects.jsonl" if cfg.fmt == "llamafactory" else "rejects.jsonl")
+    )
     with (
         rejects,
         progress_bar(f"export {cfg.fmt}", _count_lines(sft), "record", enabled=cfg.progress) as bar,
@@ -433,32 +418,49 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         if cfg.fmt == "llamafactory":
             info = _write_llamafactory(cfg, items, bar, counts)
         else:
-            info = _write_dataset(cfg, items, bar, counts, staging)
-    summary = {
+            info = _write_dataset(cfg, items, bar, counts, dest)
+    return {
         "out": str(out),
         "format": cfg.fmt,
         "records": sum(counts.values()),
         "per_task": dict(sorted(counts.items())),
         "rejected": rejects.count,
         # trl/hf: the staged folder becomes OUT, so its rejects file is OUT/rejects.jsonl.
-        "rejects_file": str(out / rejects.path.relative_to(staging))
-        if cfg.fmt != "llamafactory" and rejects.count
-        else (str(rejects.path) if rejects.count else None),
+        "rejects_file": str(out / rejects.path.relative_to(dest)) if rejects.count else None,
         **info,
     }
-    meta = {"config": fp, "sft": digest, "summary": summary, "created": time.time()}
+
+
+def run_export(cfg: ExportConfig) -> dict[str, Any]:
+    """Export ``cfg.sft`` to ``cfg.out`` in ``cfg.fmt`` (see the module docstring)."""
+    t0 = time.time()
+    sft, out = Path(cfg.sft), Path(cfg.out)
+    check_input(sft, Sft, "SFT")  # missing, empty or another stage's file: one line, now
+    if out.exists() and not out.is_dir():
+        raise VpdError(f"--out must be a folder, got a file: {out}")
+    fp, digest = cfg.fingerprint(), _sft_digest(sft)
+    prev = _previous(cfg)
+    if prev is not None and prev.get("config") != fp and not cfg.force:
+        raise ConfigMismatch(
+            f"{out} holds an export made with other options "
+            f"({config_diff(prev.get('config') or {}, fp)}); use "
+            "the same options, another --out, or --force to export again"
+        )
+    if prev is not None and prev.get("config") == fp and prev.get("sft") == digest:
+        return {**prev["summary"], "skipped": True, "wall_s": round(time.time() - t0, 3)}
+    if cfg.fmt != "llamafactory" and out.is_dir() and any(out.iterdir()) and prev is None:
+        raise VpdError(f"{out} is a non-empty folder that is not a vpd export; pick another --out")
+
     if cfg.fmt == "llamafactory":
-        _write_json(_meta_path(cfg), meta)
+        # Its files join OUT, which may hold other datasets: each is written atomically.
+        target: Any = contextlib.nullcontext(out)
     else:
-        # The meta travels inside the staged folder: a swapped-in export always has it.
-        _write_json(staging / META_NAME, meta)
-        if out.exists():
-            shutil.rmtree(out)  # the previous export of this folder: derived, replaced whole
-        os.replace(staging, out)
+        # trl/hf: built aside and swapped in whole (the previous export of this folder is
+        # derived, so replaced); a failed attempt is kept for its rejects until the next.
+        target = atomic_dir(out, out.with_name(f".{out.name}.partial"), keep_failed=True)
+    with target as dest:
+        summary = _export_into(cfg, dest)
+        meta = {"config": fp, "sft": digest, "summary": summary, "created": time.time()}
+        # trl/hf: the meta travels inside the staged folder, so a swapped-in export has it.
+        atomic_write_json(dest / _meta_path(cfg).name, meta, indent=2)
     return {**summary, "skipped": False, "wall_s": round(time.time() - t0, 3)}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
