@@ -52,7 +52,7 @@ from vpd.errors import VpdError
 from vpd.images import ImageChecks
 from vpd.progress import progress_bar
 from vpd.records import Question
-from vpd.store import StageOutput
+from vpd.store import StageOutput, atomic_file
 
 Format = Literal[
     "auto", "jsonl", "json", "csv", "tsv", "hf",
@@ -314,9 +314,8 @@ class _Importer:
             if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "I;16"):
                 img = img.convert("RGB")
             self.img_dir.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".tmp")
-            img.save(tmp, format="PNG")
-            os.replace(tmp, dest)
+            with atomic_file(dest) as tmp:
+                img.save(tmp, format="PNG")
             self.images_saved += 1
         return os.path.relpath(dest, self.out_dir)
 

@@ -76,9 +76,9 @@ on (seed, i, size, object counts), so the same seed gives byte-identical files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -92,7 +92,14 @@ from pydantic import BaseModel, Field, model_validator
 from vpd.errors import VpdError
 from vpd.progress import progress_bar
 from vpd.records import Question
-from vpd.store import ensure_meta, meta_path, read_meta
+from vpd.store import (
+    atomic_file,
+    atomic_write_json,
+    ensure_meta,
+    meta_path,
+    read_meta,
+    set_aside,
+)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -696,9 +703,8 @@ def _val_scenes(seed: int, n_scenes: int, val_frac: float, test: set[int]) -> se
 
 
 def _write_png(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)  # never a half-written image after a kill
+    with atomic_file(path) as tmp:  # never a half-written image after a kill
+        img.save(tmp, format="PNG")
 
 
 def run_synth(cfg: SynthConfig) -> dict[str, Any]:
@@ -715,7 +721,7 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
             f"{train} exists but was not written by `vpd data synth`; use another --out or --force"
         )
     if train.exists() and not meta_path(train).exists():  # --force on a foreign file
-        train.rename(train.with_name(f"train.jsonl.{time.strftime('%Y%m%d-%H%M%S')}.bak"))
+        set_aside(train)
     old = read_meta(train) if train.exists() else None
     ensure_meta(train, fp, force=cfg.force)  # raises on a config change unless force
 
@@ -742,9 +748,7 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
         max_objects=cfg.max_objects,
         progress=cfg.progress,
     )
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps({"config": fp, "summary": summary}, indent=2), encoding="utf-8")
-    os.replace(tmp, done)
+    atomic_write_json(done, {"config": fp, "summary": summary}, indent=2)
     return {**summary, "skipped": False, "wall_s": round(time.time() - t0, 3)}
 
 
@@ -776,12 +780,14 @@ def generate(
     test_ids = _test_scenes(seed, n_scenes, test_frac)
     val_ids = _val_scenes(seed, n_scenes, val_frac, test_ids)
     splits = ("train", "test", "val") if val_ids else ("train", "test")
-    files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in splits}  # noqa: SIM115
     counts = dict.fromkeys(splits, 0)
     per_type = dict.fromkeys(QTYPES, 0)
     made = 0
     t0 = time.time()
-    try:
+    # Each split is written beside its file and renamed into place once all are complete.
+    with contextlib.ExitStack() as stack:
+        tmps = {s: stack.enter_context(atomic_file(out / f"{s}.jsonl")) for s in splits}
+        files = {s: stack.enter_context(open(tmps[s], "w", encoding="utf-8")) for s in splits}
         with progress_bar("synth scenes", n_scenes, "scene", enabled=progress) as bar:
             for s in range(n_scenes):
                 rng = _scene_rng(seed, s)
@@ -813,11 +819,6 @@ def generate(
                     per_type[qa["qtype"]] += 1
                 made += want
                 bar.advance()
-    finally:
-        for f in files.values():
-            f.close()
-    for s in splits:
-        os.replace(out / f"{s}.jsonl.tmp", out / f"{s}.jsonl")
     wall = time.time() - t0
     total = sum(counts.values())
     return {
