@@ -39,7 +39,15 @@ from vpd.metrics import METRICS, normalize_answer, paired_bootstrap, resolve_met
 from vpd.progress import console, progress_bar
 from vpd.records import Execution, Prediction, Question
 from vpd.sample import SampleConfig, run_sample
-from vpd.store import RejectWriter, StageOutput, parse_shard, read_json, read_records
+from vpd.store import (
+    RejectWriter,
+    StageOutput,
+    atomic_write,
+    atomic_write_json,
+    parse_shard,
+    read_json,
+    read_records,
+)
 from vpd.vlm import (
     ANSWER_SUFFIX,
     EDGE_PUNCT,
@@ -498,9 +506,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 **gen_info,
             },
         )
-    tmp = report_path(cfg.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(rep, indent=2, sort_keys=False), encoding="utf-8")
-    tmp.replace(report_path(cfg.out))
+    atomic_write_json(report_path(cfg.out), rep, indent=2, sort_keys=False)
     if cfg.progress:
         _print_table(rep, f"vpd eval: {cfg.model}")
     return rep
@@ -640,9 +646,7 @@ def run_programs(cfg: ProgramsConfig) -> dict[str, Any]:
         if summary.get("written"):
             timing[f"{stage}_s"] = timing.get(f"{stage}_s", 0.0) + time.perf_counter() - t
             timing[stage] = timing.get(stage, 0) + int(summary["written"])
-            tmp = paths["timing"].with_suffix(".tmp")
-            tmp.write_text(json.dumps(timing), encoding="utf-8")
-            tmp.replace(paths["timing"])
+            atomic_write_json(paths["timing"], timing)
         return summary
 
     common = {"force": cfg.force, "progress": cfg.progress}
@@ -689,9 +693,7 @@ def run_programs(cfg: ProgramsConfig) -> dict[str, Any]:
                 raw=status if e is None or e.status != "ok" else "",
             )
         )
-    tmp = paths["preds"].with_suffix(".tmp")
-    tmp.write_text("".join(p.model_dump_json() + "\n" for p in preds), encoding="utf-8")
-    tmp.replace(paths["preds"])
+    atomic_write(paths["preds"], "".join(p.model_dump_json() + "\n" for p in preds))
     per_item = [timing[f"{st}_s"] / timing[st] for st in ("sample", "execute") if timing.get(st)]
     rep = build_report(
         [p.model_dump() for p in preds],
@@ -708,7 +710,5 @@ def run_programs(cfg: ProgramsConfig) -> dict[str, Any]:
             "execute_summary": {k: v for k, v in executed.items() if k != "sandbox_layers"},
         },
     )
-    tmp = paths["report"].with_suffix(".tmp")
-    tmp.write_text(json.dumps(rep, indent=2, default=str), encoding="utf-8")
-    tmp.replace(paths["report"])
+    atomic_write_json(paths["report"], rep, indent=2, default=str)
     return rep

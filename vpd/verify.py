@@ -29,7 +29,15 @@ from vpd.metrics import (
 )
 from vpd.progress import console, progress_bar
 from vpd.records import Execution, Question, Sample, Verified
-from vpd.store import LabelledRejects, StageOutput, load_at, parse_shard, read_records, scan_jsonl
+from vpd.store import (
+    LabelledRejects,
+    StageOutput,
+    atomic_write_json,
+    load_at,
+    parse_shard,
+    read_records,
+    scan_jsonl,
+)
 
 Policy = Literal["first", "shortest", "all", "majority"]
 
@@ -353,7 +361,7 @@ def run_verify(cfg: VerifyConfig, judge: Any = None) -> dict[str, Any]:
             "finish `vpd execute` and run verify again (or --allow-missing)"
         )
     fun = compute_funnel(cfg.out, questions=len(questions))
-    funnel_path(cfg.out).write_text(json.dumps(fun, indent=2), encoding="utf-8")
+    atomic_write_json(funnel_path(cfg.out), fun, indent=2)
     if cfg.progress:
         _print_funnel(fun)
     wall = time.time() - t0
