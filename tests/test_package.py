@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, read_jsonl
+from vpd.resources import find_recipe, prompts_dir, recipes_dir
 
 RENDER = r"""
 import importlib.metadata, json, vpd
@@ -134,3 +135,17 @@ def test_the_shipped_prompt_renders_with_the_api_spec(installed) -> None:
     # the package declares a torch range; the exact CPU pin is the Makefile's alone
     torch_req = [r for r in out["requires"] if r.startswith("torch")]
     assert torch_req and all("==" not in r and ">=" in r for r in torch_req), torch_req
+
+
+def test_a_bare_recipe_name_is_the_shipped_recipe(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    shipped = recipes_dir() / "demo-cpu.yaml"
+    assert find_recipe("demo-cpu.yaml") == shipped and find_recipe("demo-cpu") == shipped
+    # a path with a folder is never redirected: its typo stays "not found"
+    assert find_recipe("recipes/demo-cpu.yaml") == Path("recipes/demo-cpu.yaml")
+    assert find_recipe("nope.yaml") == Path("nope.yaml")
+    (tmp_path / "demo-cpu.yaml").write_text("data: {}\n")  # a file of the user's own wins
+    assert find_recipe("demo-cpu.yaml") == Path("demo-cpu.yaml")
+    # the checkout's top-level folders are the package's, through links
+    assert (REPO / "recipes").resolve() == recipes_dir().resolve()
+    assert (REPO / "prompts").resolve() == prompts_dir().resolve()
