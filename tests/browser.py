@@ -25,7 +25,7 @@ def find_chromium() -> str | None:
     """The browser to run: $VPD_CHROMIUM, else the first of Debian's and others' names."""
     env = os.environ.get("VPD_CHROMIUM")
     if env:
-        return env
+        return shutil.which(env)  # a path or a name; None where it is not an executable
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         exe = shutil.which(name)
         if exe:
@@ -40,7 +40,7 @@ def unavailable() -> str | None:
     except ImportError:
         return "websocket-client is not installed (pip install -e '.[dev]')"
     if find_chromium() is None:
-        return "chromium is not installed (Debian: apt-get install chromium)"
+        return "chromium is not installed (Debian: apt-get install chromium; or set $VPD_CHROMIUM)"
     return None
 
 
@@ -147,23 +147,33 @@ class Chromium:
         return res["result"].get("value")
 
     def wait_for(self, expr: str, timeout: float | None = None) -> Any:
+        """Poll ``expr`` until truthy; an evaluation that fails while a page is being
+        replaced (its context destroyed) is tried again."""
         deadline = time.monotonic() + (timeout or self.timeout)
+        last: Exception | None = None
         while time.monotonic() < deadline:
-            val = self.eval(expr)
+            try:
+                val = self.eval(expr)
+            except BrowserError as e:
+                last, val = e, None
             if val:
                 return val
             time.sleep(0.02)
-        raise BrowserError(f"timed out waiting for {expr!r}")
+        raise BrowserError(f"timed out waiting for {expr!r}" + (f" (last: {last})" if last else ""))
+
+    def _load(self, method: str, params: dict[str, Any], ready: str) -> None:
+        # Mark the old document, so a check that runs before the new one replaces it
+        # cannot take the old page's readiness for the new one's.
+        self.eval("window.__vpd_old = true")
+        self.send(method, params)
+        self.wait_for(f"!window.__vpd_old && document.readyState === 'complete' && ({ready})")
 
     def goto(self, url: str, ready: str = "window.VPD_READY === true") -> None:
-        """Open ``url`` and wait until the page says it is ready."""
-        self.send("Page.navigate", {"url": url})
-        self.wait_for(f"document.readyState === 'complete' && ({ready})")
+        """Open ``url`` (another document, not a hash change) and wait until it is ready."""
+        self._load("Page.navigate", {"url": url}, ready)
 
     def reload(self, ready: str = "window.VPD_READY === true") -> None:
-        self.send("Page.reload", {"ignoreCache": True})
-        time.sleep(0.1)
-        self.wait_for(f"document.readyState === 'complete' && ({ready})")
+        self._load("Page.reload", {"ignoreCache": True}, ready)
 
     def key(self, key: str) -> None:
         """Press one key (a character, or a name such as ArrowRight)."""

@@ -261,6 +261,20 @@ def test_images_are_linked_or_copied_into_the_site(two_image_site: Path, tmp_pat
     assert copied[0].read_bytes() == before == (src / "left.png").read_bytes()
 
 
+def test_vpd_run_writes_the_view_and_vpd_report_rewrites_the_report(tmp_path: Path) -> None:
+    from vpd.pipeline import run_pipeline
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data: {n: 10, progress: false}\n", encoding="utf-8")
+    run_pipeline(recipe, tmp_path / "run")
+    site = tmp_path / "run" / "view"
+    assert _site_js(site / "data" / "meta.js")["n_questions"] == 10
+    assert "Funnel" in (site / "index.html").read_text(encoding="utf-8")
+    (tmp_path / "run" / "report.md").unlink()
+    assert "report: " in invoke_vpd("report", str(tmp_path / "run")).output
+    assert (tmp_path / "run" / "report.md").exists()
+
+
 def test_view_without_inputs_is_one_line_error(tmp_path: Path) -> None:
     code, err = main_vpd("view")
     assert code == 2 and err.count("\n") == 1 and "RUN_DIR" in err, err
@@ -460,6 +474,13 @@ def test_question_page_draws_a_box_group_per_box_call(chrome: Any, site: Path) -
         return document.getElementById('tip').textContent; })()"""
     )
     assert tip.startswith("#") and "find(" in tip and "→" in tip
+    # The trace beside the program: BROKEN's two finds on the lines that make them.
+    broken = next(i for i, p in enumerate(q["programs"]) if p["program"] == BROKEN)
+    chips = chrome.eval(
+        f"Array.from(document.querySelectorAll('.prog[data-pi=\"{broken}\"] table.code tr'))"
+        ".map(tr => Array.from(tr.querySelectorAll('.chip')).map(c => Number(c.dataset.call)))"
+    )
+    assert chips == [[], [], [0], [1], []]
     # Another program drawn: as many groups as its box calls.
     other = next((i for i, p in enumerate(q["programs"]) if i != _drawn(q)), None)
     if other is not None:

@@ -183,11 +183,8 @@ def _rationale_text(rec: Sft) -> str:
 
 
 def _is_box(v: Any) -> bool:
-    return (
-        isinstance(v, list)
-        and len(v) == 4
-        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
-    )
+    # type() not isinstance: a bool is no coordinate (and this runs per traced call)
+    return type(v) is list and len(v) == 4 and all(type(x) in (int, float) for x in v)
 
 
 def call_boxes(call: dict[str, Any]) -> list[list[float]] | None:
@@ -245,6 +242,13 @@ def build_site_data(inputs: ViewInputs, site: Path, *, copy_images: bool = False
     skipped: dict[str, int] = {}
     qs: list[dict[str, Any]] = []
     by_id: dict[str, dict[str, Any]] = {}
+    urls: dict[Path, str] = {}  # questions share images (5 per synthetic scene)
+
+    def image_url(path: Path) -> str:
+        if path not in urls:
+            urls[path] = _image_url(path, site, copy_images)
+        return urls[path]
+
     for qfile in inputs.questions:
         for q in _read(qfile, Question, skipped, "questions"):
             if q.id in by_id:  # the same question in two files: the first wins
@@ -256,9 +260,7 @@ def build_site_data(inputs: ViewInputs, site: Path, *, copy_images: bool = False
                 "type": qtype_of(q),
                 "dataset": q.dataset,
                 "split": q.split or qfile.stem,
-                "images": [
-                    _image_url(p, site, copy_images) for p in _question_images(q, qfile.parent)
-                ],
+                "images": [image_url(p) for p in _question_images(q, qfile.parent)],
                 "programs": [],
                 "rationales": [],
                 "arms": {},

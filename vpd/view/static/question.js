@@ -128,17 +128,24 @@
 
   // ------------------------------------------------------------------ programs
   function attribute(trace, lines) {
-    // Each call beside the first line at or after the previous call's line that makes it
-    // (then from the top: loops call again from an earlier line); else under the program.
+    // Each call beside the line that makes it: among the lines calling its op, those that
+    // also hold one of its string arguments ('small shape') first, then the first at or
+    // after the previous call's line (then from the top: loops call again from an earlier
+    // line). A call no line makes (a property read) goes under the program.
     const per = lines.map(() => []);
     const rest = [];
     let cur = 0;
     trace.forEach((c, i) => {
       const pats = [c.name + "("].concat(ALIAS[c.name] || []);
-      const has = (l) => pats.some((p) => lines[l].includes(p));
+      const strs = Object.values(c.args || {}).filter((v) => typeof v === "string" && v);
+      const calls = (l) => pats.some((p) => lines[l].includes(p));
+      const named = (l) => calls(l) && strs.some((v) => lines[l].includes(v));
       let at = -1;
-      for (let l = cur; l < lines.length && at < 0; l++) if (has(l)) at = l;
-      for (let l = 0; l < cur && at < 0; l++) if (has(l)) at = l;
+      for (const ok of strs.length ? [named, calls] : [calls]) {
+        for (let l = cur; l < lines.length && at < 0; l++) if (ok(l)) at = l;
+        for (let l = 0; l < cur && at < 0; l++) if (ok(l)) at = l;
+        if (at >= 0) break;
+      }
       if (at < 0) rest.push(i);
       else {
         per[at].push(i);
