@@ -30,7 +30,14 @@ from typing import Any
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.net import free_port
 from vpd.progress import console, progress_bar, quiet_transformers
-from vpd.store import RejectWriter, read_json
+from vpd.store import (
+    RejectWriter,
+    atomic_write,
+    atomic_write_json,
+    config_diff,
+    read_json,
+    set_aside,
+)
 from vpd.tune import data as tdata
 from vpd.tune.config import TuneConfig, deepspeed_config_path, dump_json
 from vpd.tune.loss import (
@@ -85,7 +92,8 @@ def resolve_deepspeed(spec: str, out: Path) -> str | None:
         conf["zero_force_ds_cpu_optimizer"] = False
         fallback = out / "ds_config.fallback.json"
         if _rank() == 0:
-            fallback.write_text(json.dumps(conf, indent=2), encoding="utf-8")
+            # Atomic: the other ranks read it as soon as it exists.
+            atomic_write_json(fallback, conf, indent=2)
 
             console().print(
                 "[yellow]DeepSpeed CPU Adam could not be built; using torch AdamW instead "
@@ -118,12 +126,6 @@ def _wait_for(path: Path, timeout: float = 600.0) -> None:
 # ----------------------------------------------------------------------------- run state
 
 
-def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted(set(old) | set(new))
-    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    return ", ".join(parts[:5]) + (" ..." if len(parts) > 5 else "")
-
-
 def last_checkpoint(out: Path) -> Path | None:
     """Newest complete ``checkpoint-N`` (Trainer writes trainer_state.json last)."""
     best: tuple[int, Path] | None = None
@@ -147,13 +149,14 @@ def _prepare_out(cfg: TuneConfig, fp: dict[str, Any]) -> dict[str, Any] | None:
     has_state = last_checkpoint(out) is not None or (out / "final").exists()
     if old is not None and old.get("config") != fp and has_state:
         if not cfg.force:
+            diff = config_diff(old.get("config") or {}, fp)
             raise ConfigMismatch(
-                f"{out} holds a run with other options ({_diff(old.get('config') or {}, fp)}); "
+                f"{out} holds a run with other options ({diff}); "
                 "rerun with the same options to resume, use another --out, or --force to "
                 "start over (the old folder is kept as .bak)"
             )
         if _rank() == 0:
-            out.rename(out.with_name(f"{out.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak"))
+            set_aside(out)
         old = None
     summary = read_json(out / "summary.json")
     if summary is not None and summary.get("config") == fp and (out / "final").exists():
@@ -165,12 +168,10 @@ def _prepare_out(cfg: TuneConfig, fp: dict[str, Any]) -> dict[str, Any] | None:
                 "or add --force to start over"
             )
         if _rank() == 0:
-            out.rename(out.with_name(f"{out.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak"))
+            set_aside(out)
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = meta_file.with_suffix(".tmp")
-        tmp.write_text(dump_json({"config": fp}), encoding="utf-8")
-        os.replace(tmp, meta_file)
+        atomic_write(meta_file, dump_json({"config": fp}))
     else:
         t0 = time.time()
         while (read_json(meta_file) or {}).get("config") != fp:
@@ -286,7 +287,8 @@ def _callbacks(cfg: TuneConfig, resume_step: int) -> list[Any]:
                 for line in loss_file.read_text(encoding="utf-8").splitlines()
                 if line.strip() and _json_step(line) is not None and _json_step(line) <= resume_step
             ]
-            loss_file.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+            # Rewritten whole: a kill here must not lose the rows before the resume step.
+            atomic_write(loss_file, "".join(x + "\n" for x in keep))
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             # Training rows carry "loss"; the validation rows after each epoch "eval_loss".
@@ -578,9 +580,7 @@ def run_tune(cfg: TuneConfig) -> dict[str, Any]:
             "examples_per_s": round(examples_seen / max(train_s, 1e-9), 2),
             "skipped": False,
         }
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(dump_json({**summary, "config": fp}), encoding="utf-8")
-        os.replace(tmp, out / "summary.json")
+        atomic_write(out / "summary.json", dump_json({**summary, "config": fp}))
     trainer.accelerator.wait_for_everyone()
     return summary
 
