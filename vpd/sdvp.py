@@ -62,7 +62,15 @@ from vpd.metrics import paired_bootstrap
 from vpd.progress import console, progress_bar
 from vpd.rationalize import answer_record
 from vpd.records import Execution, Question, SubTask, TeacherAnswer, ToolCall
-from vpd.store import RejectWriter, Shard, StageOutput, parse_shard, read_records
+from vpd.store import (
+    RejectWriter,
+    Shard,
+    StageOutput,
+    atomic_file,
+    atomic_write_json,
+    parse_shard,
+    read_records,
+)
 from vpd.tools.backends.vlm import (
     VLM_OPS,
     match_option,
@@ -345,11 +353,9 @@ def collect_subtasks(
 def write_subtasks(path: Path, subs: list[SubTask]) -> None:
     """The sub-task index, rewritten whole (it is derived from the inputs on every run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for s in subs:
             f.write(s.model_dump_json() + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- adapter
@@ -561,9 +567,8 @@ def student_image(cfg: SdvpConfig, sub: SubTask, images: _Images) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         im = images.get(sub.image)
         pic = view_image(im, pixel_box(sub.region, im.size), cfg.tool_view)
-        tmp = path.with_name(path.name + ".tmp")
-        pic.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            pic.save(tmp, format="PNG")
     return path
 
 
@@ -881,10 +886,7 @@ def run_sdvp(cfg: SdvpConfig) -> dict[str, Any]:
     elif "eval" in todo:
         rep["note"] = "no held-out programs given (--eval-samples/--eval-questions): no accuracy"
     rep["wall_s"] = round(time.time() - t0, 2)
-    path = report_path(cfg.out)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rep, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(report_path(cfg.out), rep, indent=2, default=str)
     return rep
 
 
