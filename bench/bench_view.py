@@ -201,7 +201,7 @@ def bench(n: int, repeats: int) -> None:
             f"  + kept, vpd wrong, dataset gqa:           {med(multi):.0f}  -> {cnt3:,} questions"
         )
         print(
-            f"  search 'q0001' (120 ms debounce incl.): {med(search):.0f}  -> {cnt_s:,} questions"
+            f"  + search 'q0001' (120 ms debounce incl.): {med(search):.0f}  -> {cnt_s:,} questions"
         )
         total = ready + med(filt)
         verdict = "within" if total < 2000 else "OVER"
