@@ -81,7 +81,7 @@ from vpd.tools.backends.vlm import (
 )
 from vpd.tools.protocol import Box
 from vpd.tune import load_tune_config, run_tune
-from vpd.tune.model import TinyBuild
+from vpd.tune.model import TINY, resolve_vlm
 from vpd.verify import VerifyConfig, run_verify
 from vpd.vlm import (
     ANSWER_SUFFIX,
@@ -452,10 +452,9 @@ class _Images:
 
 def model_path(name: str, tune: dict[str, Any] | None = None) -> str:
     """A VLM folder for ``name``; ``tiny`` is the embedded tiny VLM as ``vpd tune`` builds it."""
-    if name == "tiny":
+    if name == TINY:
         t = tune or {}
-        build = TinyBuild.model_validate(t.get("tiny_build") or {})
-        return str(build.build(t.get("tiny_lm_layers")))
+        return resolve_vlm(TINY, t.get("tiny_build"), t.get("tiny_lm_layers"))
     return resolve_model(name)
 
 
@@ -851,7 +850,11 @@ def run_sdvp(cfg: SdvpConfig) -> dict[str, Any]:
         )
 
     # 2-4. per adapter variant: teacher -> sft -> tune
-    teacher = model_path(cfg.teacher) if "teacher" in todo else cfg.teacher
+    teacher = cfg.teacher
+    if "teacher" in todo:
+        # ``tiny`` as the teacher is the tiny VLM the students start from (their tune options).
+        tiny = tune_config(cfg, variants(cfg)[0]).model_dump() if teacher == TINY else None
+        teacher = model_path(teacher, tiny)
     for v in variants(cfg):
         vr: dict[str, Any] = {"view": v.view, "rewrite": v.rewrite, "adapter": v.describe()}
         rep["variants"][v.name] = vr

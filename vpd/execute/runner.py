@@ -24,7 +24,7 @@ from vpd.store import (
 )
 from vpd.tools.backends import get_backend
 from vpd.tools.server import ToolServer
-from vpd.tune.model import build_tiny_vlm
+from vpd.tune.model import TINY, TINY_OPTIONS, resolve_vlm
 from vpd.vlm import model_digest, resolve_model_dir
 
 
@@ -122,10 +122,13 @@ def _count_todo(path: Path, so: StageOutput) -> int:
 
 def resolve_tool_options(options: dict[str, Any] | None) -> dict[str, Any]:
     """Backend options with ``vqa: tiny`` (the tools' VLM mode with the embedded tiny VLM)
-    turned into that model's folder (built once per machine, cached)."""
+    turned into that model's folder (built once per machine, cached): the one that the
+    options ``tiny_build`` / ``tiny_lm_layers`` describe (the pipeline passes its recipe's
+    tune fields of those names), the defaults when they are not given."""
     opts = dict(options or {})
-    if opts.get("vqa") == "tiny":
-        opts["vqa"] = str(build_tiny_vlm())
+    build, layers = (opts.pop(k, None) for k in TINY_OPTIONS)  # never the backend's
+    if opts.get("vqa") == TINY:
+        opts["vqa"] = resolve_vlm(TINY, build, layers)
     return opts
 
 

@@ -26,10 +26,11 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.errors import VpdError
@@ -53,12 +54,15 @@ from vpd.tune.vision import (
 from vpd.vlm import load_processor, load_vlm, resolve_model_dir
 
 __all__ = [
+    "TINY",
+    "TINY_OPTIONS",
     "TinyBuild",
     "build_tiny_vlm",
     "cache_root",
     "load_processor",
     "load_vlm",
     "resolve_model_dir",
+    "resolve_vlm",
     "smollm2_gguf",
 ]
 
@@ -281,6 +285,45 @@ class TinyBuild(BaseModel):
         """The cached folder :meth:`build` makes, without building it."""
         key = tiny_key(lm_layers, self.vision, self.resampler, self.align)
         return cache_root() / f"tiny-vlm-{key}"
+
+
+TINY = "tiny"  # the name that means the embedded tiny VLM wherever a VLM is named
+# The options that say which tiny VLM ``tiny`` is: tune's fields, and the tools' options
+# beside ``vqa: tiny`` (the pipeline copies its recipe's tune fields there).
+TINY_OPTIONS = ("tiny_build", "tiny_lm_layers")
+
+
+def resolve_vlm(
+    name: str,
+    tiny_build: TinyBuild | Mapping[str, Any] | None = None,
+    lm_layers: int | None = None,
+    *,
+    build: bool = True,
+    progress: bool = True,
+) -> str:
+    """The model a VLM name means, for every part that takes one (tune's ``init``, the
+    untuned arm, SDVP's student and teacher, the tools' ``vqa``).
+
+    ``tiny`` is the embedded tiny VLM as ``tiny_build`` and ``lm_layers`` describe it (a
+    recipe's ``tune.tiny_build`` / ``tune.tiny_lm_layers``; the defaults when not given),
+    built once per machine and cached; ``build=False`` only names its cached folder (to
+    name it before the stage that builds it runs). Any other name comes back as given, for
+    the caller's own checks (a folder, a ``vpd tune`` output, a hub id).
+    """
+    if name != TINY:
+        return str(name)
+    if lm_layers is not None and (type(lm_layers) is not int or lm_layers < 1):
+        raise VpdError(f"tiny_lm_layers must be a whole number >= 1, got {lm_layers!r}")
+    if isinstance(tiny_build, TinyBuild):
+        recipe = tiny_build
+    else:
+        try:
+            recipe = TinyBuild.model_validate(dict(tiny_build or {}))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise VpdError(f"tiny_build.{where}: {err['msg']}") from None
+    return str(recipe.build(lm_layers, progress) if build else recipe.path(lm_layers))
 
 
 def tiny_processor(tok: Any, vision: VisionRecipe, resampler: ResamplerRecipe) -> Any:

@@ -46,7 +46,7 @@ from vpd.tune.loss import (
     labelled_logits,
     weighted_rows_loss,
 )
-from vpd.tune.model import load_processor, resolve_model_dir
+from vpd.tune.model import TINY, load_processor, resolve_model_dir, resolve_vlm
 from vpd.tune.tiny import PALIGEMMA_CHAT_TEMPLATE
 
 VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
@@ -379,8 +379,8 @@ def plot_loss(loss_file: Path, png: Path) -> None:
 
 
 def _init_path(cfg: TuneConfig) -> str:
-    if cfg.init == "tiny":
-        return str(cfg.tiny_build.build(cfg.tiny_lm_layers))
+    if cfg.init == TINY:
+        return resolve_vlm(TINY, cfg.tiny_build, cfg.tiny_lm_layers)
 
     path = resolve_model_dir(cfg.init)
     p = Path(path)
