@@ -8,11 +8,12 @@ stage never drops what an earlier stage or a user added.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Status = Literal["ok", "error", "timeout", "oom", "violation", "crash"]
+STATUSES: tuple[Status, ...] = get_args(Status)  # the same, to test a value against
 Syntax = Literal["viper", "visprog"]
 Task = Literal["answer", "rationale"]
 

@@ -32,7 +32,7 @@ from vpd.errors import ToolsUnavailable, VpdError
 from vpd.execute import wire
 from vpd.execute.static import MAX_SOURCE_BYTES, check_program
 from vpd.execute.worker import ANSWER_MAX, CONFIG_ENV, ERROR_MAX
-from vpd.records import ToolCall
+from vpd.records import STATUSES, Status, ToolCall
 from vpd.tools.protocol import ToolRequest, ToolResponse
 
 DEFAULT_NAMESPACE = "vpd.tools.namespace:build_namespace"
@@ -100,7 +100,7 @@ class Job:
 @dataclass
 class JobResult:
     id: str
-    status: str
+    status: Status
     answer: str | None = None
     error: str | None = None
     trace: list[ToolCall] = field(default_factory=list)
@@ -516,7 +516,7 @@ class SandboxPool:
         if r.result is not None:
             m = r.result
             status = m.get("status")
-            if status not in ("ok", "error", "oom", "violation", "crash", "timeout"):
+            if status not in STATUSES:
                 status, m = "crash", {"error": f"worker reported bad status {status!r}"}
             base.status = status
             answer, error = m.get("answer"), m.get("error")
@@ -596,7 +596,7 @@ def _check_visprog(text: str) -> str | None:
     return f"VisProg: {reason}" if reason else None
 
 
-def _classify_death(exit: dict[str, Any] | None) -> tuple[str, str]:
+def _classify_death(exit: dict[str, Any] | None) -> tuple[Status, str]:
     if exit is None:
         return "crash", "worker died without a result"
     sig = int(exit.get("signal") or 0)

@@ -222,7 +222,7 @@ def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[st
             return Execution(
                 id=res.id,
                 qid=qid,
-                status=res.status,  # type: ignore[arg-type]
+                status=res.status,
                 answer=res.answer,
                 error=res.error,
                 trace=res.trace,
