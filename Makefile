@@ -38,6 +38,7 @@ lint: $(STAMP)
 
 full-pipeline: $(STAMP)
 	$(BIN)/vpd run $(RECIPE) --run-dir $(RUN_DIR)
+	@echo "view: open $(abspath $(RUN_DIR))/view/index.html in a browser (or: $(BIN)/vpd view $(RUN_DIR) --serve 8000)"
 
 # Every arm of the VPD ablation (untuned, labels, vpd, programs, majority) on one test split.
 ablation: $(STAMP)
