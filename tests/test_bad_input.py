@@ -76,6 +76,7 @@ def _recipe(tmp: Path, text: str) -> Path:
     return path
 
 
+UNDER_A_FILE = "it is a file, not a folder"  # an --out whose parent is a file
 GOOD_RECIPE = "data: {n: 10, progress: false}\nsample: {k: 1}\ntune: {epochs: 1}\n"
 
 # (case id, argv builder, the words the one-line error must hold). ``f``: the fixture's
@@ -106,7 +107,7 @@ FATAL: list[tuple[str, Any, str]] = [
     ("synth-n-zero", lambda f, t: ["data", "synth", "--out", str(t), "--n", "0"],
      "Invalid value for '--n'"),
     ("synth-out-under-a-file", lambda f, t: ["data", "synth", "--out", str(f["a_file"] / "d"),
-                                             "--n", "5", "--no-progress"], "it is a file, not a folder"),
+                                             "--n", "5", "--no-progress"], UNDER_A_FILE),
     # data import
     ("import-empty", lambda f, t: ["data", "import", str(f["empty"]), "--out", str(t / "q.jsonl"),
                                    "--no-progress"], "holds no rows"),
@@ -114,7 +115,7 @@ FATAL: list[tuple[str, Any, str]] = [
                                      str(t / "q.jsonl")], "not found"),
     ("import-out-under-a-file", lambda f, t: ["data", "import", str(f["questions"]), "--out",
                                               str(f["a_file"] / "q.jsonl"), "--no-progress"],
-     "it is a file, not a folder"),
+     UNDER_A_FILE),
     # sample (an unreachable server: nothing may get as far as a request)
     ("sample-k-negative", lambda f, t: ["sample", str(f["questions"]), "--out", str(t / "s.jsonl"),
                                         "--k", "-1"], "--k: Input should be greater than or equal"),
@@ -149,7 +150,7 @@ FATAL: list[tuple[str, Any, str]] = [
                                            "--workers", "0"], "Invalid value for '--workers'"),
     ("execute-out-under-a-file", lambda f, t: ["execute", str(f["samples"]), "--questions",
                                                str(f["questions"]), "--out",
-                                               str(f["a_file"] / "e.jsonl")], "it is a file, not a folder"),
+                                               str(f["a_file"] / "e.jsonl")], UNDER_A_FILE),
     ("execute-out-is-a-folder", lambda f, t: ["execute", str(f["samples"]), "--questions",
                                               str(f["questions"]), "--out", str(t)],
      "got a directory"),
@@ -176,7 +177,7 @@ FATAL: list[tuple[str, Any, str]] = [
     ("rationalize-out-under-a-file", lambda f, t: ["rationalize", str(f["verified"]),
                                                    "--questions", str(f["questions"]), "--out",
                                                    str(f["a_file"] / "sft.jsonl")],
-     "it is a file, not a folder"),
+     UNDER_A_FILE),
     # merge
     ("merge-folder-input", lambda f, t: ["merge", str(t), "--out", str(t / "m.jsonl")],
      "directory"),
@@ -192,9 +193,15 @@ FATAL: list[tuple[str, Any, str]] = [
                                     str(t / "x")], "--format must be one of"),
     ("export-out-under-a-file", lambda f, t: ["export", str(f["sft"]), "--format", "llamafactory",
                                               "--out", str(f["a_file"] / "x"), "--no-progress"],
-     "it is a file, not a folder"),
-    # status
+     UNDER_A_FILE),
+    # status, view, report
     ("status-not-a-run", lambda f, t: ["status", str(t)], "is not a vpd run directory"),
+    ("view-not-a-run", lambda f, t: ["view", str(t)], "is it a run?"),
+    ("view-empty-questions", lambda f, t: ["view", "--questions", str(f["empty"]), "--verified",
+                                           str(f["verified"]), "--out", str(t / "site")],
+     "no questions to show"),
+    ("report-not-a-run", lambda f, t: ["report", str(t)], "is not a vpd run directory"),
+    ("report-empty-ratings", lambda f, t: ["report", "--ratings", str(f["empty"])], "no ratings"),
 ]  # fmt: skip
 
 
