@@ -35,9 +35,11 @@ from vpd.errors import ConfigMismatch, VpdError
 from vpd.options import split_option
 from vpd.progress import console
 from vpd.report import write_report
+from vpd.resources import find_recipe, shipped_recipes
 from vpd.runpaths import STAGES, RunPaths, recipe_seeds, stage_outputs, upstream
-from vpd.store import read_json
-from vpd.tune.model import TinyBuild
+from vpd.store import atomic_write_json, read_json
+from vpd.tune.model import TINY, TINY_OPTIONS, resolve_vlm
+from vpd.view import write_run_site
 
 # Fields the pipeline fills from the run directory; a recipe never sets them.
 _DERIVED = {
@@ -60,7 +62,7 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     updated key by key with this file's (a section set to ``null`` is dropped)."""
     path = Path(path)
     if not path.exists():
-        raise VpdError(f"recipe not found: {path}")
+        raise VpdError(f"recipe not found: {path} (shipped, by name: {shipped_recipes()})")
     if path.is_dir():
         raise VpdError(f"a recipe is a YAML file, got a directory: {path}")
     if path.resolve() in seen:
@@ -90,7 +92,7 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def load_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a YAML recipe and apply ``stage.key=value`` overrides (values parsed as YAML)."""
-    recipe = _read_recipe(Path(path))
+    recipe = _read_recipe(find_recipe(path))  # a bare name may be a shipped recipe
     unknown = set(recipe) - set(STAGES) - {"name", "run_dir", "description", "seeds"}
     if unknown:
         raise VpdError(f"recipe {path}: unknown sections {sorted(unknown)}; known: {STAGES}")
@@ -218,7 +220,7 @@ def _sample(recipe, p):
 
 
 def _execute(recipe, p):
-    o = _opts(recipe, "execute")
+    o = _tiny_tools(recipe, _opts(recipe, "execute"))
     return [
         (
             "vpd.execute",
@@ -366,21 +368,18 @@ def _programs(recipe, p):
     program per test question (``programs.sample`` / ``programs.execute`` override them)."""
     o = _opts(recipe, "programs")
     sample = {**_opts(recipe, "sample"), **(o.pop("sample", None) or {})}
-    execute = {**_opts(recipe, "execute"), **(o.pop("execute", None) or {})}
+    execute = _tiny_tools(recipe, {**_opts(recipe, "execute"), **(o.pop("execute", None) or {})})
     fields = {"questions": p.test, "out": p.programs, "sample": sample, "execute": execute, **o}
     return [("vpd.evaluate", "ProgramsConfig", "run_programs", fields)]
 
 
 def _untuned_model(recipe: dict[str, Any], p: RunPaths) -> str:
-    init = (recipe.get("tune") or {}).get("init", "tiny")
-    if init == "tiny":
-        # The very model `vpd tune --init tiny` starts from (same recipes, cached). Only its
-        # folder: the tune stage, which eval reads, builds it (configs are built before any
-        # stage runs, and building the VLM there would cost minutes for a check).
-        tune = recipe.get("tune") or {}
-        build = TinyBuild.model_validate(tune.get("tiny_build") or {})
-        return str(build.path(tune.get("tiny_lm_layers")))
-    return str(init)
+    # `tiny`: the very model `vpd tune --init tiny` starts from (same recipes, cached). Only
+    # its folder: the tune stage, which eval reads, builds it (configs are built before any
+    # stage runs, and building the VLM there would cost minutes for a check).
+    tune = recipe.get("tune") or {}
+    init = str(tune.get("init", TINY))
+    return resolve_vlm(init, tune.get("tiny_build"), tune.get("tiny_lm_layers"), build=False)
 
 
 def _build_untuned(recipe: dict[str, Any], p: RunPaths) -> None:
@@ -389,9 +388,20 @@ def _build_untuned(recipe: dict[str, Any], p: RunPaths) -> None:
     o = recipe.get("eval") or {}
     tune = recipe.get("tune") or {}
     if o.get("untuned", True) is not False and not o.get("base_model"):
-        if tune.get("init", "tiny") == "tiny":
-            build = TinyBuild.model_validate(tune.get("tiny_build") or {})
-            build.build(tune.get("tiny_lm_layers"))
+        init = str(tune.get("init", TINY))  # any other name is a model given as it is
+        resolve_vlm(init, tune.get("tiny_build"), tune.get("tiny_lm_layers"))
+
+
+def _tiny_tools(recipe: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """Execute options whose ``tools.vqa: tiny`` is the tiny VLM this recipe's tune section
+    describes (its ``tiny_build`` / ``tiny_lm_layers``), not the default build. Only the
+    ones the recipe sets are added, so a recipe without them keeps its fingerprints."""
+    tools = opts.get("tools") or {}
+    tune = recipe.get("tune") or {}
+    given = {k: tune[k] for k in TINY_OPTIONS if tune.get(k) is not None and k not in tools}
+    if tools.get("vqa") != TINY or not given:
+        return opts
+    return {**opts, "tools": {**tools, **given}}
 
 
 def _sdvp(recipe: dict[str, Any], p: RunPaths) -> list[tuple[str, str, str, dict[str, Any]]]:
@@ -567,9 +577,7 @@ def run_pipeline(
             "finished": time.time(),
             "summary": summaries[0] if len(summaries) == 1 else summaries,
         }
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, marker)
+        atomic_write_json(marker, rec, indent=2, default=str)
         markers[stage] = rec
         # This stage's output may be new, so the markers of the stages that read it (even
         # ones whose options match) describe an older input: they run again, e.g. after a
@@ -579,4 +587,6 @@ def run_pipeline(
     if report:
         out = write_report(root)
         con.print(f"report: {out['md']}")
+        site = write_run_site(root)
+        con.print(f"view: {site.index} ({site.questions} questions; `vpd view --help`)")
     return markers

@@ -40,7 +40,7 @@ from vpd.runpaths import ARMS, STAGES, VLM_ARMS, RunPaths, recipe_seeds, stage_o
 from vpd.sample import SampleConfig
 from vpd.sdvp import markdown_report as sdvp_markdown
 from vpd.sdvp import report_path as sdvp_report_path
-from vpd.store import iter_ids, read_json, read_records
+from vpd.store import atomic_write, atomic_write_json, iter_ids, read_json, read_records
 
 # The comparisons the report makes when both arms are there: VPD against its ablations,
 # and the usual instruction tuning against the trivial baseline.
@@ -520,9 +520,9 @@ def write_report(root: Path) -> dict[str, Path]:
     sdvp = read_json(sdvp_report_path(p.sdvp))
     if sdvp is not None:
         report["sdvp"] = sdvp
-    (p.root / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    atomic_write_json(p.root / "report.json", report, indent=2, default=str)
     md = p.root / "report.md"
-    md.write_text(render_markdown(report), encoding="utf-8")
+    atomic_write(md, render_markdown(report))
     return {"json": p.root / "report.json", "md": md}
 
 
