@@ -29,11 +29,18 @@ from urllib.parse import quote
 
 from vpd.errors import VpdError
 from vpd.evaluate import qtype_of
-from vpd.records import Execution, Prediction, Question, Sft, Verified, split_sample_id
+from vpd.records import (
+    STATUSES,
+    Execution,
+    Prediction,
+    Question,
+    Sft,
+    Verified,
+    split_sample_id,
+)
 from vpd.runpaths import ARMS, RunPaths
 from vpd.store import read_records
 
-STATUSES = ("ok", "error", "timeout", "oom", "violation", "crash")
 QUESTIONS_PER_SHARD = 100  # a question page loads ~100 questions' data: small, few files
 RIGHT_AT = 0.5  # an arm's answer counts as right at this score (VQA's 2-of-3 annotators too)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vpd.errors import VpdError
+from vpd.store import atomic_write
 from vpd.view.data import ViewInputs, build_site_data, shard_count, shard_of
 
 PKG = Path(__file__).resolve().parent
@@ -56,9 +57,7 @@ def _js(var: str, obj: Any) -> str:
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, text)
 
 
 def render_report(md_path: Path, out: Path) -> str:
