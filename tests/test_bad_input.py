@@ -105,7 +105,7 @@ FATAL: list[tuple[str, Any, str]] = [
     ("synth-n-not-int", lambda f, t: ["data", "synth", "--out", str(t), "--n", "abc"],
      "Invalid value for '--n'"),
     ("synth-n-zero", lambda f, t: ["data", "synth", "--out", str(t), "--n", "0"],
-     "Invalid value for '--n'"),
+     "--n: Input should be greater than or equal to 1"),
     ("synth-out-under-a-file", lambda f, t: ["data", "synth", "--out", str(f["a_file"] / "d"),
                                              "--n", "5", "--no-progress"], UNDER_A_FILE),
     # data import

@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from vpd.data.importer import ImportConfig
+from vpd.data.synth import SynthConfig
 from vpd.errors import VpdError
+from vpd.flags import config_command
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -112,28 +115,8 @@ def status(
 # ----------------------------------------------------------------------------- data
 
 
-@data_app.command("synth")
-def data_synth(
-    out: Path = typer.Option(..., "--out", help="Output folder: images/, train/test.jsonl."),
-    n: int = typer.Option(200, "--n", min=1, help="Number of QUESTIONS (train + test)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; same seed -> identical files."),
-    test_frac: float = typer.Option(
-        0.2, "--test-frac", min=0.0, max=0.95, help="Fraction of IMAGES held out as test."
-    ),
-    val_frac: float = typer.Option(
-        0.0,
-        "--val-frac",
-        min=0.0,
-        max=0.95,
-        help="Fraction of IMAGES held out of training as validation (val.jsonl).",
-    ),
-    size: int = typer.Option(256, "--size", min=96, max=2048, help="Image side, px."),
-    questions_per_scene: int = typer.Option(
-        5, "--questions-per-scene", min=1, max=20, help="Questions per image."
-    ),
-    force: bool = typer.Option(False, help="Overwrite a set made with other options."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+@config_command(data_app, "synth", SynthConfig)
+def data_synth(options: dict[str, Any]) -> None:
     """Draw synthetic shape scenes with ground-truth scene graphs and templated questions.
 
     --n counts questions; ceil(n / questions-per-scene) images are drawn. Question types
@@ -144,20 +127,11 @@ def data_synth(
 
       vpd data synth --out data/synth --n 1000 --seed 0 --test-frac 0.2
     """
-    from vpd.data.synth import SynthConfig, run_synth
+    from vpd.data.synth import run_synth
     from vpd.progress import console
 
-    cfg = SynthConfig(
-        out=out,
-        n=n,
-        seed=seed,
-        test_frac=test_frac,
-        val_frac=val_frac,
-        size=size,
-        questions_per_scene=questions_per_scene,
-        force=force,
-        progress=progress,
-    )
+    cfg = SynthConfig(**options)
+    out = cfg.out
     s = run_synth(cfg)
     state = "already complete, kept" if s["skipped"] else f"written in {s['wall_s']}s"
     val = f" / {s['val']} val" if s.get("val") else ""
@@ -167,40 +141,8 @@ def data_synth(
     )
 
 
-@data_app.command("import")
-def data_import(
-    input: Path = typer.Argument(
-        ..., help="Official benchmark file (see --format), or JSONL/JSON/CSV/TSV/parquet/folder."
-    ),
-    out: Path = typer.Option(..., "--out", help="Output question JSONL."),
-    fmt: str = typer.Option(
-        "auto",
-        "--format",
-        help="Official layout: gqa|vqav2|okvqa|aokvqa|tallyqa|pope|nlvr2; generic: "
-        "auto|jsonl|json|csv|tsv|hf (auto: from the file name).",
-    ),
-    annotations: Path = typer.Option(
-        None, "--annotations", help="vqav2/okvqa: the annotations file (none for test splits)."
-    ),
-    image_root: Path = typer.Option(
-        None,
-        "--image-root",
-        help="Folder holding the images (COCO: the split's folder or its parent; TallyQA: "
-        "where its relative paths start). Default: the input's folder.",
-    ),
-    setting: str = typer.Option(
-        None, "--setting", help="aokvqa: da (direct answer, default) or mc (multiple choice)."
-    ),
-    split: str = typer.Option(None, help="Split name to write (default: the source's)."),
-    image_field: str = typer.Option("image", help="Generic: field holding the image path/image."),
-    question_field: str = typer.Option("question", help="Generic: field holding the question."),
-    answers_field: str = typer.Option("answers", help="Generic: field holding the answer(s)."),
-    id_field: str = typer.Option("id", help="Generic: field holding the id (generated if absent)."),
-    hf_split: str = typer.Option(None, "--hf-split", help="Generic: split of a DatasetDict."),
-    dataset: str = typer.Option(None, help="Generic: dataset name to write (default: input stem)."),
-    force: bool = typer.Option(False, help="Start --out over if it holds another config."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+@config_command(data_app, "import", ImportConfig, args=("input",))
+def data_import(options: dict[str, Any]) -> None:
     """Import questions: official benchmark files as released, or JSONL/CSV/HF datasets.
 
     Official formats keep the benchmark's question ids, all human answers in order, and
@@ -228,31 +170,11 @@ def data_import(
       vpd data import ./gqa_saved --hf-split validation --out data/gqa/test.jsonl
         --question-field question --answers-field answer
     """
-    from vpd.data.importer import GENERIC_FORMATS, OFFICIAL_FORMATS, ImportConfig, run_import
+    from vpd.data.importer import run_import
     from vpd.progress import console
 
-    formats = (*OFFICIAL_FORMATS, *GENERIC_FORMATS)
-    if fmt not in formats:
-        _fail(f"--format must be one of {', '.join(formats)}, got {fmt!r}")
-    if setting not in (None, "da", "mc"):
-        _fail(f"--setting must be da or mc, got {setting!r}")
-    cfg = ImportConfig(
-        input=input,
-        out=out,
-        fmt=fmt,  # type: ignore[arg-type]
-        annotations=annotations,
-        setting=setting,  # type: ignore[arg-type]
-        image_field=image_field,
-        question_field=question_field,
-        answers_field=answers_field,
-        id_field=id_field,
-        split=split,
-        hf_split=hf_split,
-        dataset=dataset,
-        image_root=image_root,
-        force=force,
-        progress=progress,
-    )
+    cfg = ImportConfig(**options)
+    input, out = cfg.input, cfg.out
     s = run_import(cfg)
     msg = (
         f"import {input} -> {out}: {s['written']} written, {s['already_done']} already done, "

@@ -28,3 +28,24 @@ def split_option(item: str, flag: str, form: str = "key=value") -> tuple[str, An
     if not sep or not key:
         raise VpdError(f"{flag} expects {form}, got {item!r}")
     return key, parse_value(value)
+
+
+# The options every stage has, declared once (their configs use these fields).
+def force_field() -> Any:
+    from pydantic import Field
+
+    return Field(False, description="Start OUT over if it holds output made with other options.")
+
+
+def progress_field() -> Any:
+    from pydantic import Field
+
+    return Field(True, description="Show a progress bar.")
+
+
+def shard_field() -> Any:
+    from pydantic import Field
+
+    return Field(
+        None, description="Only shard i/n of the questions (by a stable hash of the id), e.g. 0/4."
+    )

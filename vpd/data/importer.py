@@ -50,6 +50,7 @@ from vpd.data.official import open_source
 from vpd.data.rows import Row, count_lines, json_rows, jsonable, jsonl_rows
 from vpd.errors import VpdError
 from vpd.images import ImageChecks
+from vpd.options import force_field, progress_field
 from vpd.progress import progress_bar
 from vpd.records import Question
 from vpd.store import StageOutput, atomic_file
@@ -66,25 +67,40 @@ _HF_FILE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 class ImportConfig(BaseModel):
     """Options of `vpd data import` (also the ``data:`` section with ``source: import``)."""
 
-    input: Path
-    out: Path
-    fmt: Format = "auto"
-    image_field: str = "image"
-    question_field: str = "question"
-    answers_field: str = "answers"
-    id_field: str = "id"
-    split: str | None = Field(None, description="split written into records (default: source's)")
-    hf_split: str | None = Field(None, description="split of a DatasetDict to read")
-    dataset: str | None = Field(None, description="dataset name (default: input file stem)")
-    image_root: Path | None = None
+    input: Path = Field(
+        description="Official benchmark file, or JSONL/JSON/CSV/TSV/HF dataset folder."
+    )
+    out: Path = Field(description="Questions JSONL.")
+    fmt: Format = Field(
+        "auto",
+        description="Official layout: gqa|vqav2|okvqa|aokvqa|tallyqa|pope|nlvr2; generic: "
+        "auto|jsonl|json|csv|tsv|hf (auto: from the file name).",
+        json_schema_extra={"flag": "format"},
+    )
+    image_field: str = Field("image", description="Generic: field holding the image path/image.")
+    question_field: str = Field("question", description="Generic: field holding the question.")
+    answers_field: str = Field("answers", description="Generic: field holding the answer(s).")
+    id_field: str = Field("id", description="Generic: field holding the id (generated if absent).")
+    split: str | None = Field(None, description="Split name to write (default: the source's).")
+    hf_split: str | None = Field(None, description="Generic: split of a DatasetDict.")
+    dataset: str | None = Field(
+        None, description="Generic: dataset name to write (default: input stem)."
+    )
+    image_root: Path | None = Field(
+        None,
+        description=(
+            "Folder holding the images (COCO: the split's folder or its parent; "
+            "TallyQA: where its relative paths start). Default: the input's folder."
+        ),
+    )
     annotations: Path | None = Field(
-        None, description="vqav2/okvqa: the annotations file (answers); none for test splits"
+        None, description="vqav2/okvqa: the annotations file (none for test splits)."
     )
     setting: Literal["da", "mc"] | None = Field(
-        None, description="aokvqa: da (direct answer, default) or mc (multiple choice)"
+        None, description="aokvqa: da (direct answer, default) or mc (multiple choice)."
     )
-    force: bool = False
-    progress: bool = True
+    force: bool = force_field()
+    progress: bool = progress_field()
 
     @model_validator(mode="after")
     def _options_fit_format(self) -> ImportConfig:

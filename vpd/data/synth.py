@@ -90,6 +90,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, Field, model_validator
 
 from vpd.errors import VpdError
+from vpd.options import force_field, progress_field
 from vpd.progress import progress_bar
 from vpd.records import Question
 from vpd.store import (
@@ -643,19 +644,26 @@ def questions_for_scene(
 class SynthConfig(BaseModel):
     """Options of `vpd data synth` (also the ``data:`` section of a recipe)."""
 
-    out: Path
-    n: int = Field(200, ge=1, description="number of questions (train + test)")
-    seed: int = 0
-    test_frac: float = Field(0.2, ge=0.0, lt=1.0)
+    out: Path = Field(description="Output folder: images/, train/test.jsonl.")
+    n: int = Field(200, ge=1, description="Number of QUESTIONS (train + test).")
+    seed: int = Field(0, description="Random seed; same seed -> identical files.")
+    test_frac: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Fraction of IMAGES held out as test."
+    )
     # Validation: this fraction of ALL images, taken from the training images (the test
     # split stays what it is without it), written to val.jsonl: settings are chosen on it.
-    val_frac: float = Field(0.0, ge=0.0, lt=1.0)
-    size: int = Field(256, ge=96, le=2048, description="image width = height, px")
-    questions_per_scene: int = Field(5, ge=1, le=20)
-    min_objects: int = Field(3, ge=1, le=10)
-    max_objects: int = Field(7, ge=1, le=10)
-    force: bool = False
-    progress: bool = True
+    val_frac: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of IMAGES held out of training as validation (val.jsonl).",
+    )
+    size: int = Field(256, ge=96, le=2048, description="Image side, px.")
+    questions_per_scene: int = Field(5, ge=1, le=20, description="Questions per image.")
+    min_objects: int = Field(3, ge=1, le=10, description="Fewest objects in a scene.")
+    max_objects: int = Field(7, ge=1, le=10, description="Most objects in a scene.")
+    force: bool = force_field()
+    progress: bool = progress_field()
 
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:

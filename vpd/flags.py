@@ -1,0 +1,183 @@
+"""Command-line flags built from the stage configs: an option is declared once, on its config.
+
+Each field of a stage's pydantic config becomes a flag (``max_tokens`` -> ``--max-tokens``)
+whose help is the field's ``description`` and whose shown default is the field's own
+default; a flag the user does not give is not passed, so the config's default applies.
+A field's ``json_schema_extra`` may say how the command line reaches it:
+
+- ``{"cli": False}``: recipe-only (set in a recipe section, or by the command itself);
+- ``{"cli": "key=value"}``: a dict given as repeated ``--flag KEY=VALUE`` (values as YAML);
+- ``{"cli": "text"}``: passed as the string typed (the config's validator parses it, e.g.
+  ``--freeze vision,projector``);
+- ``{"flag": "base-url"}``: the flag's name when it is not the field's.
+
+A nested config (the LLM spec of ``vpd sample``) is a :class:`Group`: its fields become
+flags too and arrive as one dict.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import typer
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from vpd.options import split_option
+
+_SCALARS = (int, float, str, bool, Path)
+
+
+def cli_mode(field: FieldInfo) -> Any:
+    """How the command line sets ``field`` (see the module docstring); True: a plain flag."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return extra.get("cli", True)
+
+
+def flag_name(name: str, field: FieldInfo) -> str:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return "--" + str(extra.get("flag", name.replace("_", "-")))
+
+
+def _strip_optional(ann: Any) -> Any:
+    if get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return ann
+
+
+def flag_type(field: FieldInfo) -> Any:
+    """The Python type typer parses the flag as; None when the field cannot be a flag."""
+    mode = cli_mode(field)
+    if mode == "key=value":
+        return list[str]
+    if mode == "text":
+        return str
+    ann = _strip_optional(field.annotation)
+    if get_origin(ann) is Literal:
+        return str
+    if get_origin(ann) is list and _strip_optional(get_args(ann)[0]) in _SCALARS:
+        return list[_strip_optional(get_args(ann)[0])]  # type: ignore[misc]
+    return ann if ann in _SCALARS else None
+
+
+def _help(field: FieldInfo) -> str:
+    text = field.description or ""
+    ann = _strip_optional(field.annotation)
+    if get_origin(ann) is Literal and "|" not in text:
+        text += f" ({'|'.join(str(a) for a in get_args(ann))})"
+    return text
+
+
+def _shown_default(field: FieldInfo) -> str | bool:
+    if field.is_required() or field.default_factory is not None or field.default is None:
+        return False
+    return str(field.default)
+
+
+@dataclass(frozen=True)
+class Group:
+    """A nested config whose fields are flags of the command (``into``: the field of the
+    command's config they fill, as a dict)."""
+
+    cls: type[BaseModel]
+    into: str
+
+
+def _parameters(
+    cls: type[BaseModel], args: tuple[str, ...], skip: tuple[str, ...]
+) -> list[tuple[str, inspect.Parameter, FieldInfo]]:
+    params = []
+    for name, field in cls.model_fields.items():
+        if name in skip or cli_mode(field) is False:
+            continue
+        typ = flag_type(field)
+        if typ is None:
+            raise TypeError(f"{cls.__name__}.{name} cannot be a flag: mark it cli=False")
+        required = field.is_required() and name not in skip
+        if name in args:
+            info = typer.Argument(... if required else None, help=_help(field), show_default=False)
+        else:
+            decl = flag_name(name, field)
+            if typ is bool:
+                decl = f"{decl}/--no-{decl[2:]}"
+            info = typer.Option(
+                ... if required else None,
+                decl,
+                help=_help(field),
+                show_default=_shown_default(field),
+            )
+        kind = inspect.Parameter.KEYWORD_ONLY
+        params.append((name, inspect.Parameter(name, kind, default=info, annotation=typ), field))
+    return params
+
+
+def values(given: dict[str, Any], fields: dict[str, FieldInfo]) -> dict[str, Any]:
+    """The flags the user gave, as config values (``KEY=VALUE`` lists become dicts)."""
+    out = {}
+    for name, value in given.items():
+        if value is None or (isinstance(value, list) and not value):
+            continue
+        if name in fields and cli_mode(fields[name]) == "key=value":
+            flag = flag_name(name, fields[name])
+            value = dict(split_option(v, flag, "KEY=VALUE") for v in value)
+        out[name] = value
+    return out
+
+
+def config_command(
+    app: typer.Typer,
+    name: str,
+    cls: type[BaseModel],
+    *,
+    args: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+    group: Group | None = None,
+    extra: tuple[inspect.Parameter, ...] = (),
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register ``fn(options: dict, **extra)`` as the command ``name``: its flags are
+    ``cls``'s fields (positional ``args`` first, in that order; ``skip``: set by the
+    command itself), plus ``group``'s and the hand-written ``extra`` parameters. ``fn``
+    gets the given flags as config values (``group``'s as one dict under ``group.into``)
+    and builds the config; the docstring of ``fn`` (with its examples) is the help."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        own = _parameters(cls, args, skip)
+        nested = _parameters(group.cls, (), ()) if group else []
+        taken = {n for n, _, _ in own}
+        clash = [n for n, _, _ in nested if n in taken]
+        if clash:
+            raise TypeError(f"{name}: {group.cls.__name__} flags {clash} clash with the command's")
+        position = {n: i for i, n in enumerate(args)}
+        ordered = sorted(own, key=lambda p: position.get(p[0], len(args)))
+        fields = {n: f for n, _, f in ordered + nested}
+        nested_names = {n for n, _, _ in nested}
+
+        @functools.wraps(fn)
+        def command(**kw: Any) -> None:
+            hand = {p.name: kw.pop(p.name) for p in extra}
+            options = values({k: v for k, v in kw.items() if k not in nested_names}, fields)
+            if group is not None:
+                options[group.into] = values(
+                    {k: v for k, v in kw.items() if k in nested_names}, fields
+                )
+            fn(options, **hand)
+
+        params = [p for _, p, _ in ordered] + [p for _, p, _ in nested] + list(extra)
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        app.command(name)(command)
+        return command
+
+    return register
+
+
+def option(name: str, typ: Any, info: Any) -> inspect.Parameter:
+    """A hand-written parameter for :func:`config_command`'s ``extra`` (not a config field)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=typ)
