@@ -165,7 +165,8 @@ FATAL: list[tuple[str, Any, str]] = [
      "holds samples (vpd sample), but this input takes executions"),
     ("verify-policy", lambda f, t: ["verify", str(f["executions"]), "--samples", str(f["samples"]),
                                     "--questions", str(f["questions"]), "--out",
-                                    str(t / "v.jsonl"), "--policy", "best"], "--policy must be"),
+                                    str(t / "v.jsonl"), "--policy", "best"],
+     "--policy: Input should be"),
     # rationalize
     ("rationalize-executions-as-verified", lambda f, t: ["rationalize", str(f["executions"]),
                                                          "--questions", str(f["questions"]),

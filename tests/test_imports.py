@@ -18,6 +18,7 @@ PKG = Path(__file__).resolve().parent.parent / "vpd"
 # A module may import its own layer or a lower one (higher number), never a higher one.
 LAYERS: dict[str, int] = {
     "cli": 0,
+    "flags": 0,
     "pipeline": 1,
     "report": 1,
     **dict.fromkeys(

@@ -42,8 +42,8 @@ def test_verify_then_rationalize_cli(tmp_path: Path) -> None:
 def test_bad_flags_are_one_line_errors(tmp_path: Path) -> None:
     p = make_inputs(tmp_path)
     for extra, needle in (
-        (["--policy", "best"], "--policy must be"),
-        (["--metric", "bleu"], "--metric must be"),
+        (["--policy", "best"], "--policy: Input should be 'first'"),
+        (["--metric", "bleu"], "--metric: Input should be 'auto'"),
         (["--shard", "3/2"], "--shard 3/2"),
     ):
         r = run_vpd("verify", str(p["executions"]), "--samples", str(p["samples"]),

@@ -16,7 +16,10 @@ import typer
 from vpd.data.importer import ImportConfig
 from vpd.data.synth import SynthConfig
 from vpd.errors import VpdError
-from vpd.flags import config_command
+from vpd.flags import Group, config_command
+from vpd.llm.config import LLMConfig
+from vpd.rationalize import RationalizeConfig
+from vpd.verify import VerifyConfig
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -195,6 +198,10 @@ def _key_values(items: list[str], flag: str) -> dict[str, Any]:
     return dict(split_option(item, flag, "KEY=VALUE") for item in items)
 
 
+# The LLM flags of the commands whose LLM is optional (verify's judge, rationalize's llm mode).
+JUDGE = Group(LLMConfig, "llm", only=("backend", "model", "base_urls", "api_key"))
+
+
 def _llm_spec(
     backend: str | None, model: str | None, base_url: list[str], api_key: str | None
 ) -> dict:
@@ -204,35 +211,8 @@ def _llm_spec(
     return {k: v for k, v in spec.items() if v is not None}
 
 
-@app.command()
-def verify(
-    executions: Path = typer.Argument(..., help="Executions JSONL from `vpd execute`."),
-    samples: Path = typer.Option(..., "--samples", help="Samples JSONL (the programs)."),
-    questions: Path = typer.Option(..., "--questions", help="Questions JSONL (gold answers)."),
-    out: Path = typer.Option(..., "--out", help="Verified JSONL (one record per sample)."),
-    policy: str = typer.Option("all", help="Per question: first|shortest|all|majority."),
-    threshold: float = typer.Option(
-        None, min=0.0, max=1.0, help="Keep if score >= this (default 1.0; VQA metric 0.3)."
-    ),
-    metric: str = typer.Option(
-        "auto",
-        help="auto (each dataset's official metric, else by answer shape) or one of "
-        "vqa|gqa|aokvqa_da|aokvqa_mc|count|pope|nlvr2 (official, on the prediction as the "
-        "field post-processes it; NAME_strict: on the raw prediction) and exact|yesno|mc "
-        "(lenient).",
-    ),
-    allow_missing: bool = typer.Option(
-        False, help="Verify questions whose programs are not all executed yet."
-    ),
-    judge: bool = typer.Option(False, help="Ask an LLM about open answers the metric rejects."),
-    backend: str = typer.Option(None, help="Judge LLM backend: local|openai|vllm."),
-    model: str = typer.Option(None, help="Judge LLM model name or path."),
-    base_url: list[str] = typer.Option([], "--base-url", help="OpenAI-compatible server URL."),
-    api_key: str = typer.Option(None, "--api-key", help="API key (default: env/EMPTY)."),
-    shard: str = typer.Option(None, help="Process shard i/n of the questions."),
-    force: bool = typer.Option(False, help="Start --out over if it holds another config."),
-    progress: bool = typer.Option(True, help="Show a progress bar and the funnel table."),
-) -> None:
+@config_command(app, "verify", VerifyConfig, args=("executions",), group=JUDGE)
+def verify(options: dict[str, Any]) -> None:
     """Score every executed program against the gold answers and keep the correct ones.
 
     Writes one record per sample (kept or not, with the reason) and OUT.funnel.json.
@@ -246,27 +226,10 @@ def verify(
         --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
     """
     from vpd.progress import console
-    from vpd.verify import METRICS, VerifyConfig, run_verify
+    from vpd.verify import run_verify
 
-    if policy not in ("first", "shortest", "all", "majority"):
-        _fail(f"--policy must be first, shortest, all or majority, got {policy!r}")
-    if metric not in ("auto", *METRICS):
-        _fail(f"--metric must be auto or one of {', '.join(METRICS)}, got {metric!r}")
-    cfg = VerifyConfig(
-        executions=executions,
-        samples=samples,
-        questions=questions,
-        out=out,
-        policy=policy,  # type: ignore[arg-type]
-        threshold=threshold,
-        metric=metric,  # type: ignore[arg-type]
-        allow_missing=allow_missing,
-        judge=judge,
-        llm=_llm_spec(backend, model, base_url, api_key) if judge else {},
-        shard=shard,
-        force=force,
-        progress=progress,
-    )
+    cfg = VerifyConfig(**options)
+    out = cfg.out
     s = run_verify(cfg)
     f = s["funnel"]
     console().print(
@@ -276,26 +239,8 @@ def verify(
     )
 
 
-@app.command()
-def rationalize(
-    verified: Path = typer.Argument(..., help="Verified JSONL from `vpd verify`."),
-    questions: Path = typer.Option(..., "--questions", help="Questions JSONL."),
-    out: Path = typer.Option(..., "--out", help="SFT JSONL (chat records)."),
-    mode: str = typer.Option("template", help="template (no LLM) | llm."),
-    per_question: int = typer.Option(1, min=1, help="Rationales per question (kept programs)."),
-    add_labelled: bool = typer.Option(
-        False, help="Add the human answer for questions with no kept program."
-    ),
-    backend: str = typer.Option(None, help="LLM backend (mode llm): local|openai|vllm."),
-    model: str = typer.Option(None, help="LLM model name or path (mode llm)."),
-    base_url: list[str] = typer.Option([], "--base-url", help="OpenAI-compatible server URL."),
-    api_key: str = typer.Option(None, "--api-key", help="API key (default: env/EMPTY)."),
-    prompt_version: str = typer.Option("v1", help="prompts/rationale/<version>/."),
-    retries: int = typer.Option(1, min=0, help="LLM retries before the template fallback."),
-    shard: str = typer.Option(None, help="Process shard i/n of the questions."),
-    force: bool = typer.Option(False, help="Start --out over if it holds another config."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+@config_command(app, "rationalize", RationalizeConfig, args=("verified",), group=JUDGE)
+def rationalize(options: dict[str, Any]) -> None:
     """Turn kept programs and their traces into answer + rationale training records.
 
     Per kept question: QID/answer (short answer) and QID/rationale (steps grounded in
@@ -310,24 +255,10 @@ def rationalize(
         --backend openai --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
     """
     from vpd.progress import console
-    from vpd.rationalize import RationalizeConfig, run_rationalize
+    from vpd.rationalize import run_rationalize
 
-    if mode not in ("template", "llm"):
-        _fail(f"--mode must be template or llm, got {mode!r}")
-    cfg = RationalizeConfig(
-        verified=verified,
-        questions=questions,
-        out=out,
-        mode=mode,  # type: ignore[arg-type]
-        per_question=per_question,
-        add_labelled=add_labelled,
-        llm=_llm_spec(backend, model, base_url, api_key) if mode == "llm" else {},
-        prompt_version=prompt_version,
-        retries=retries,
-        shard=shard,
-        force=force,
-        progress=progress,
-    )
+    cfg = RationalizeConfig(**options)
+    out, mode = cfg.out, cfg.mode
     s = run_rationalize(cfg)
     msg = (
         f"rationalize -> {out}: {s['answer_records']} answer + {s['rationale_records']} "

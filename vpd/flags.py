@@ -89,14 +89,18 @@ class Group:
 
     cls: type[BaseModel]
     into: str
+    only: tuple[str, ...] | None = None  # these fields alone (None: every field)
 
 
 def _parameters(
-    cls: type[BaseModel], args: tuple[str, ...], skip: tuple[str, ...]
+    cls: type[BaseModel],
+    args: tuple[str, ...],
+    skip: tuple[str, ...],
+    only: tuple[str, ...] | None = None,
 ) -> list[tuple[str, inspect.Parameter, FieldInfo]]:
     params = []
     for name, field in cls.model_fields.items():
-        if name in skip or cli_mode(field) is False:
+        if name in skip or cli_mode(field) is False or (only is not None and name not in only):
             continue
         typ = flag_type(field)
         if typ is None:
@@ -150,7 +154,7 @@ def config_command(
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         own = _parameters(cls, args, skip)
-        nested = _parameters(group.cls, (), ()) if group else []
+        nested = _parameters(group.cls, (), (), group.only) if group else []
         taken = {n for n, _, _ in own}
         clash = [n for n, _, _ in nested if n in taken]
         if clash:

@@ -33,6 +33,7 @@ from vpd.errors import VpdError
 from vpd.images import ImageChecks
 from vpd.llm import GenParams, make_llm_from_spec
 from vpd.metrics import metric_family, normalize_answer, resolve_metric, to_number, to_yesno
+from vpd.options import force_field, progress_field, shard_field
 from vpd.progress import progress_bar
 from vpd.records import Question, Sft, ToolCall, Verified, split_sample_id
 from vpd.resources import prompts_dir
@@ -351,23 +352,38 @@ class RationalizeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    verified: Path
-    questions: Path
-    out: Path
-    mode: Literal["template", "llm"] = "template"
-    per_question: int = Field(default=1, ge=1)
-    add_labelled: bool = False
-    llm: dict[str, Any] = Field(default_factory=dict)
-    prompt_version: str = "v1"
-    temperature: float = Field(default=0.0, ge=0.0)
-    retry_temperature: float = Field(default=0.7, ge=0.0)
-    retries: int = Field(default=1, ge=0)
-    max_tokens: int = Field(default=384, ge=16)
-    max_steps: int = Field(default=40, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    shard: str | None = None
-    force: bool = False
-    progress: bool = True
+    verified: Path = Field(description="Verified JSONL from `vpd verify`.")
+    questions: Path = Field(description="Questions JSONL.")
+    out: Path = Field(description="SFT JSONL (chat records).")
+    mode: Literal["template", "llm"] = Field("template", description="template (no LLM) | llm.")
+    per_question: int = Field(
+        default=1, ge=1, description="Rationales per question (kept programs)."
+    )
+    add_labelled: bool = Field(
+        False, description="Add the human answer for questions with no kept program."
+    )
+    llm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The rationale LLM in llm mode (flags --backend, --model, --base-url, "
+        "--api-key).",
+        json_schema_extra={"cli": False},
+    )
+    prompt_version: str = Field("v1", description="prompts/rationale/<version>/.")
+    temperature: float = Field(
+        default=0.0, ge=0.0, description="LLM mode: sampling temperature of the first try."
+    )
+    retry_temperature: float = Field(
+        default=0.7, ge=0.0, description="LLM mode: temperature of the retries."
+    )
+    retries: int = Field(default=1, ge=0, description="LLM retries before the template fallback.")
+    max_tokens: int = Field(default=384, ge=16, description="LLM mode: new tokens per rationale.")
+    max_steps: int = Field(default=40, ge=1, description="Most tool steps a rationale describes.")
+    batch_size: int = Field(
+        default=32, ge=1, description="Questions per batch (LLM requests are sent together)."
+    )
+    shard: str | None = shard_field()
+    force: bool = force_field()
+    progress: bool = progress_field()
 
     def fingerprint(self) -> dict[str, Any]:
         fp: dict[str, Any] = {

@@ -27,6 +27,7 @@ from vpd.metrics import (
     score_answer,
     threshold_for,
 )
+from vpd.options import force_field, progress_field, shard_field
 from vpd.progress import console, progress_bar
 from vpd.records import Execution, Question, Sample, Verified
 from vpd.store import (
@@ -171,22 +172,40 @@ class VerifyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    executions: Path
-    samples: Path
-    questions: Path
-    out: Path
-    policy: Policy = "all"
-    threshold: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="None: per-metric default"
+    executions: Path = Field(description="Executions JSONL from `vpd execute`.")
+    samples: Path = Field(description="Samples JSONL (the programs).")
+    questions: Path = Field(description="Questions JSONL (gold answers).")
+    out: Path = Field(description="Verified JSONL (one record per sample).")
+    policy: Policy = Field(
+        "all",
+        description=("Which correct programs to keep per question: first|shortest|all|majority."),
     )
-    metric: Metric = "auto"
-    allow_missing: bool = False
-    judge: bool = False
-    llm: dict[str, Any] = Field(default_factory=dict)
-    batch_size: int = Field(default=64, ge=1)
-    shard: str | None = None
-    force: bool = False
-    progress: bool = True
+    threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Keep if score >= this (default 1.0; 0.3 for the VQA metrics).",
+    )
+    metric: Metric = Field(
+        "auto",
+        description="auto (each dataset's official metric, else by answer shape) or one of "
+        "vqa|gqa|aokvqa_da|aokvqa_mc|count|pope|nlvr2 (official, on the prediction as the "
+        "field post-processes it; NAME_strict: on the raw prediction) and exact|yesno|mc "
+        "(lenient).",
+    )
+    allow_missing: bool = Field(
+        False, description="Verify questions whose programs are not all executed yet."
+    )
+    judge: bool = Field(False, description="Ask an LLM about open answers the metric rejects.")
+    llm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The judge LLM (its flags: --backend, --model, --base-url, --api-key).",
+        json_schema_extra={"cli": False},
+    )
+    batch_size: int = Field(default=64, ge=1, description="Judge requests per batch.")
+    shard: str | None = shard_field()
+    force: bool = force_field()
+    progress: bool = progress_field()
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change results (what ``<out>.meta.json`` records)."""

@@ -22,25 +22,66 @@ class LLMConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Backend = "local"
-    model: str | None = None
+    backend: Backend = Field(
+        "local",
+        description=(
+            "LLM backend: local (vpd's engine, SmolLM2 by default), openai (an "
+            "OpenAI-compatible server: vLLM, llama.cpp), vllm (offline, GPU)."
+        ),
+    )
+    model: str | None = Field(
+        None,
+        description=(
+            "Model: an HF folder or .gguf (local; default SmolLM2-135M-Instruct), a "
+            "served model name (openai; default the server's first), an HF "
+            "id/folder (vllm)."
+        ),
+    )
     # openai backend
-    base_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
-    api_key: str | None = None  # None: $OPENAI_API_KEY, else "EMPTY" (vLLM accepts any key)
-    concurrency: int = Field(16, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(6, ge=0)
-    backoff_base_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(30.0, ge=0)
+    base_urls: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000/v1"],
+        description="OpenAI-compatible server URL, e.g. http://host:8000/v1 (repeat for several).",
+        json_schema_extra={"flag": "base-url"},
+    )
+    api_key: str | None = Field(
+        None, description="API key (default: $OPENAI_API_KEY, else EMPTY)."
+    )  # None: $OPENAI_API_KEY, else "EMPTY" (vLLM accepts any key)
+    concurrency: int = Field(16, ge=1, description="Requests in flight (openai backend).")
+    timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Per-request timeout, seconds (openai).",
+        json_schema_extra={"flag": "timeout"},
+    )
+    max_retries: int = Field(6, ge=0, description="Retries per request before giving up (openai).")
+    backoff_base_s: float = Field(
+        0.5, ge=0, description="First retry wait, seconds, doubled each retry with jitter (openai)."
+    )
+    backoff_max_s: float = Field(30.0, ge=0, description="Longest retry wait, seconds (openai).")
     # local / vllm backends
     # local: rows decoded together by the continuous-batching engine; vllm: per batch
-    batch_size: int = Field(128, ge=1)
-    device: str = "auto"  # local: auto|cpu|cuda|cuda:N
-    dtype: str = "auto"  # auto|float32|bfloat16|float16 (auto: bf16 on GPUs and AMX/BF16 CPUs)
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    max_model_len: int | None = None
-    trust_remote_code: bool = False
+    batch_size: int = Field(
+        128, ge=1, description="Rows decoded together (local engine) or prompts per batch (vllm)."
+    )
+    device: str = Field(
+        "auto", description="local backend: auto|cpu|cuda|cuda:N."
+    )  # local: auto|cpu|cuda|cuda:N
+    dtype: str = Field(
+        "auto",
+        description=(
+            "local backend: auto|float32|bfloat16|float16 (auto: bf16 on GPUs and AMX CPUs)."
+        ),
+    )  # auto|float32|bfloat16|float16 (auto: bf16 on GPUs and AMX/BF16 CPUs)
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs per model.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm backend: share of GPU memory it may take."
+    )
+    max_model_len: int | None = Field(
+        None, description="vllm backend: context length (default: the model's)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own code (local HF folders, vllm)."
+    )
 
     @field_validator("base_urls", mode="before")
     @classmethod
