@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from vpd.cli import app
-from vpd.runpaths import STAGES
+from vpd.stages import STAGES
 from vpd.tune.align import AlignRecipe
 from vpd.tune.model import TinyBuild
 from vpd.tune.resampler import ResamplerRecipe

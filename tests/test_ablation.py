@@ -16,11 +16,12 @@ from vpd.evaluate import (
     run_programs,
 )
 from vpd.metrics import paired_bootstrap
-from vpd.pipeline import SPECS, load_recipe, run_pipeline
+from vpd.pipeline import load_recipe, run_pipeline
 from vpd.rationalize import ANSWER_SUFFIX, RationalizeConfig, run_rationalize
 from vpd.records import Question
 from vpd.report import write_report
-from vpd.runpaths import DEPENDS, STAGES, RunPaths, upstream
+from vpd.runpaths import RunPaths
+from vpd.stages import STAGES, upstream
 from vpd.store import read_records
 from vpd.tune.labels import LabelsConfig, run_labels
 
@@ -152,8 +153,9 @@ def test_each_arm_trains_on_its_own_data(synth_dir: Path, tmp_path: Path) -> Non
     # arm's very file, the rationale term weighed 0.
     recipe = {"data": {}, "rationalize": {"add_labelled": True}, "tune": {"epochs": 1}}
     recipe["labels"] = {}
-    ((_, _, _, vpd_job),) = SPECS["tune"].configs(recipe, p)
-    ((_, _, _, lab_job),) = SPECS["labels"].configs(recipe, p)
+    (vpd_tune,) = STAGES["tune"].jobs(recipe, p)
+    (lab_tune,) = STAGES["labels"].jobs(recipe, p)
+    vpd_job, lab_job = vpd_tune.fields, lab_tune.fields
     assert vpd_job["sft"] == lab_job["sft"] == p.sft
     assert lab_job["out"] == p.model_labels and lab_job["task_weights"] == {"rationale": 0.0}
     assert {k: v for k, v in lab_job.items() if k not in ("out", "task_weights")} == {
@@ -167,16 +169,16 @@ def test_each_arm_trains_on_its_own_data(synth_dir: Path, tmp_path: Path) -> Non
         "tune": {"epochs": 1, "layout": "records"},
         "labels": {},
     }
-    (job,) = SPECS["tune"].configs(recipe, p)
-    assert job[3]["sft"] == p.sft and job[3]["out"] == p.model
+    (job,) = STAGES["tune"].jobs(recipe, p)
+    assert job.fields["sft"] == p.sft and job.fields["out"] == p.model
     p.model.mkdir()
     (p.model / "summary.json").write_text(json.dumps({"steps": 17}))
-    made, tuned = SPECS["labels"].configs(recipe, p)
-    assert made[3] == {"questions": p.train, "out": p.sft_labels}
-    assert tuned[3]["sft"] == p.sft_labels and tuned[3]["out"] == p.model_labels
-    assert tuned[3]["max_steps"] == 17  # the same step budget as the vpd arm
+    made, tuned = STAGES["labels"].jobs(recipe, p)
+    assert made.fields == {"questions": p.train, "out": p.sft_labels}
+    assert tuned.fields["sft"] == p.sft_labels and tuned.fields["out"] == p.model_labels
+    assert tuned.fields["max_steps"] == 17  # the same step budget as the vpd arm
     recipe["labels"] = {"budget": "epochs"}
-    assert "max_steps" not in SPECS["labels"].configs(recipe, p)[1][3]
+    assert "max_steps" not in STAGES["labels"].jobs(recipe, p)[1].fields
 
 
 def test_labels_budget_needs_the_vpd_arm(tmp_path: Path) -> None:
@@ -184,28 +186,28 @@ def test_labels_budget_needs_the_vpd_arm(tmp_path: Path) -> None:
 
     records = {"layout": "records"}
     with pytest.raises(VpdError, match="budget"):
-        SPECS["labels"].configs({"data": {}, "tune": records, "labels": {}}, RunPaths(tmp_path))
+        STAGES["labels"].jobs({"data": {}, "tune": records, "labels": {}}, RunPaths(tmp_path))
     with pytest.raises(VpdError, match="steps or epochs"):
-        SPECS["labels"].configs({"labels": {"budget": "tokens"}}, RunPaths(tmp_path))
+        STAGES["labels"].jobs({"labels": {"budget": "tokens"}}, RunPaths(tmp_path))
 
 
 def test_seeds_tune_and_evaluate_each_vlm_arm_once_per_seed(tmp_path: Path) -> None:
     p = RunPaths(tmp_path)
     recipe = {"seeds": [0, 1, 2], "data": {"val_frac": 0.1}, "tune": {"epochs": 1}}
     recipe.update({"labels": {}, "eval": {}})
-    made, *tunes = SPECS["tune"].configs(recipe, p)
-    assert made[2] == "run_labels" and made[3] == {"questions": p.val, "out": p.sft_val}
-    assert [(j[3]["seed"], j[3]["out"]) for j in tunes] == [
+    made, *tunes = STAGES["tune"].jobs(recipe, p)
+    assert made.runner.run is run_labels and made.fields == {"questions": p.val, "out": p.sft_val}
+    assert [(j.fields["seed"], j.fields["out"]) for j in tunes] == [
         (0, p.model), (1, tmp_path / "model-seed1"), (2, tmp_path / "model-seed2")
     ]  # fmt: skip
-    assert all(j[3]["val"] == p.sft_val for j in tunes)
-    labels = SPECS["labels"].configs(recipe, p)
+    assert all(j.fields["val"] == p.sft_val for j in tunes)
+    labels = STAGES["labels"].jobs(recipe, p)
     lab = p.model_labels
-    assert [j[3]["out"] for j in labels] == [
+    assert [j.fields["out"] for j in labels] == [
         lab, lab.with_name("model-seed1"), lab.with_name("model-seed2")
     ]  # fmt: skip
-    evals = SPECS["eval"].configs({**recipe, "eval": {"untuned": False}}, p)
-    assert [(j[3]["model"], j[3]["out"]) for j in evals] == [
+    evals = STAGES["eval"].jobs({**recipe, "eval": {"untuned": False}}, p)
+    assert [(j.fields["model"], j.fields["out"]) for j in evals] == [
         (p.model_labels / "final", p.preds("labels")),
         (p.model_labels.with_name("model-seed1") / "final", p.preds("labels", 1)),
         (p.model_labels.with_name("model-seed2") / "final", p.preds("labels", 2)),
@@ -217,7 +219,7 @@ def test_seeds_tune_and_evaluate_each_vlm_arm_once_per_seed(tmp_path: Path) -> N
 
     for bad in ([0, 0], [], ["a"], 3):
         with pytest.raises(VpdError, match="seeds"):
-            SPECS["tune"].configs({**recipe, "seeds": bad}, p)
+            STAGES["tune"].jobs({**recipe, "seeds": bad}, p)
 
 
 def test_pooled_seeds_average_each_questions_score_then_resample_questions() -> None:
@@ -241,7 +243,6 @@ def test_pooled_seeds_average_each_questions_score_then_resample_questions() -> 
 
 
 def test_arms_rerun_only_after_what_they_read() -> None:
-    assert set(DEPENDS) == set(STAGES)
     assert upstream("programs") == {"data"}  # re-tuning never re-runs the teacher
     assert {"tune", "rationalize", "sample", "data"} <= upstream("labels")
     assert {"labels", "tune", "data"} <= upstream("eval")

@@ -12,20 +12,32 @@ from pathlib import Path
 
 import pytest
 
+from vpd.stages import STAGES
+
 PKG = Path(__file__).resolve().parent.parent / "vpd"
 
-# DESIGN.md: cli -> pipeline/report -> stages -> tools/llm/vlm -> store/records/errors.
-# A module may import its own layer or a lower one (higher number), never a higher one.
+
+def _stage_modules() -> set[str]:
+    """The top-level modules of every registered stage's config classes and run functions."""
+    return {
+        obj.__module__.split(".")[1]
+        for stage in STAGES.values()
+        for runner in stage.runners
+        for obj in (runner.config, runner.run)
+    }
+
+
+# DESIGN.md: cli -> pipeline/report/stages registry -> stages -> tools/llm/vlm ->
+# store/records/errors. A module may import its own layer or a lower one (higher number),
+# never a higher one. The stage layer is read from the registry, plus the modules at that
+# layer that are no `vpd run` stage of their own (verify's judge, export, view).
 LAYERS: dict[str, int] = {
     "cli": 0,
     "flags": 0,
     "pipeline": 1,
     "report": 1,
-    **dict.fromkeys(
-        ["data", "sample", "execute", "verify", "judge", "rationalize", "tune", "evaluate"]
-        + ["sdvp", "export", "view"],
-        2,
-    ),
+    "stages": 1,
+    **dict.fromkeys(sorted(_stage_modules() | {"judge", "export", "view"}), 2),
     "tools": 3,
     "llm": 3,
     "vlm": 3,

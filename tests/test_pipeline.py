@@ -207,7 +207,7 @@ def test_status_rejects_non_run_dirs(tmp_path: Path) -> None:
     "recipe", sorted(p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 )
 def test_shipped_recipes_build_every_stage_config(recipe: str, tmp_path: Path) -> None:
-    from vpd.pipeline import SPECS, STAGES, _build
+    from vpd.stages import STAGES
 
     path = Path(__file__).parents[1] / "recipes" / recipe
     if recipe.startswith("tune-"):  # `vpd tune --recipe` files: the tune section alone
@@ -223,5 +223,5 @@ def test_shipped_recipes_build_every_stage_config(recipe: str, tmp_path: Path) -
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "summary.json").write_text('{"steps": 10}')
     for stage in stages:
-        for module, cls, _fn, fields in SPECS[stage].configs(rec, RunPaths(tmp_path)):
-            _build(module, cls, fields, stage)  # unknown or invalid options raise
+        for job in STAGES[stage].jobs(rec, RunPaths(tmp_path)):
+            job.config(stage)  # unknown or invalid options raise

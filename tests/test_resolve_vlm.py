@@ -9,7 +9,8 @@ import pytest
 
 from vpd.errors import VpdError
 from vpd.execute import runner
-from vpd.pipeline import SPECS, RunPaths
+from vpd.runpaths import RunPaths
+from vpd.stages import STAGES
 from vpd.tune.model import TinyBuild, resolve_vlm
 
 TOY = {"resampler": {"steps": 3}}  # any build other than the default
@@ -43,7 +44,8 @@ def test_tools_vqa_tiny_takes_the_build_options(monkeypatch: pytest.MonkeyPatch)
 
 
 def _tools(recipe: dict[str, Any], stage: str, tmp_path: Path) -> dict[str, Any]:
-    ((_, _, _, fields),) = SPECS[stage].configs(recipe, RunPaths(tmp_path))
+    (job,) = STAGES[stage].jobs(recipe, RunPaths(tmp_path))
+    fields = job.fields
     return (fields["execute"] if stage == "programs" else fields).get("tools") or {}
 
 

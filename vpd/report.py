@@ -22,8 +22,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vpd.errors import VpdError
 from vpd.evaluate import (
     ArmScores,
@@ -36,10 +34,10 @@ from vpd.evaluate import (
     read_preds,
 )
 from vpd.records import Question
-from vpd.runpaths import ARMS, STAGES, VLM_ARMS, RunPaths, recipe_seeds, stage_outputs
-from vpd.sample import SampleConfig
+from vpd.runpaths import ARMS, VLM_ARMS, RunPaths, recipe_seeds, saved_recipe
 from vpd.sdvp import markdown_report as sdvp_markdown
 from vpd.sdvp import report_path as sdvp_report_path
+from vpd.stages import STAGES, RunFiles
 from vpd.store import atomic_write, atomic_write_json, iter_ids, read_json, read_records
 
 # The comparisons the report makes when both arms are there: VPD against its ablations,
@@ -102,15 +100,13 @@ def funnel(p: RunPaths) -> dict[str, Any]:
 
 def stage_table(p: RunPaths) -> list[dict[str, Any]]:
     """One row per stage the run's recipe has (all stages where no recipe is saved)."""
-    recipe = _run_recipe(p)
+    recipe = saved_recipe(p)
     rows = []
-    for stage in STAGES:
+    for stage, entry in STAGES.items():
         if recipe and stage not in recipe:
             continue  # e.g. sdvp in a plain VPD run: never started, nor expected to
         m = read_json(p.marker(stage))
-        started = any(
-            o.exists() or any(o.parent.glob(o.name + ".*")) for o in stage_outputs(stage, p)
-        )
+        started = any(o.exists() or any(o.parent.glob(o.name + ".*")) for o in entry.outputs(p))
         state = "done" if m else ("partial" if started else "not started")
         row: dict[str, Any] = {"stage": stage, "state": state}
         if m:
@@ -120,69 +116,11 @@ def stage_table(p: RunPaths) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_recipe(p: RunPaths) -> dict[str, Any]:
-    """The recipe `vpd run` saved in the run directory (overrides applied), or {}."""
-    try:
-        recipe = yaml.safe_load((p.root / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return recipe if isinstance(recipe, dict) else {}
-
-
-def _at_most(n: int, limit: Any) -> int:
-    return min(n, int(limit)) if isinstance(limit, int) and limit > 0 else n
-
-
 def progress_counts(p: RunPaths) -> dict[str, str]:
-    """Per-stage `done/expected` figures for `vpd status` (cheap: ids only).
-
-    The expected counts come from the run's recipe (sample k and limit, eval limit): the
-    samples' meta does not hold k, which may grow on resume.
-    """
-    recipe = _run_recipe(p)
-    sample = recipe.get("sample") or {}
-    k = int(sample.get("k", SampleConfig.model_fields["k"].default))
-    nq = _count(p.train)
-    nt = _count(p.test)
-    ns = _count(p.samples)
-    n_eval = _at_most(nt, (recipe.get("eval") or {}).get("limit"))
-    counts = {
-        "data": f"{nq} train / {nt} test questions",
-        "sample": f"{ns}"
-        + (f"/{_at_most(nq, sample.get('limit')) * k}" if nq else "")
-        + " programs",
-        "execute": f"{_count(p.executions)}/{ns} programs",
-        "verify": f"{_count(p.verified)}/{ns} samples",
-        "rationalize": f"{_count(p.sft)} sft records",
-        "tune": _tune_progress(p.model),
-        "labels": _tune_progress(p.model_labels),
-        "eval": ", ".join(
-            f"{w}: {_count(_vlm_preds(p, w))}/{n_eval}"
-            for w in VLM_ARMS
-            if _vlm_preds(p, w).exists()
-        )
-        or "no predictions yet",
-        "programs": f"{_count(p.programs / 'preds.jsonl')} scored test questions",
-        "sdvp": _sdvp_progress(p),
-    }
-    return counts
-
-
-def _sdvp_progress(p: RunPaths) -> str:
-    subs = _count(p.sdvp / "subtasks.jsonl")
-    answered = [f"{d.name}: {_count(d / 'teacher.jsonl')}" for d in sorted(p.sdvp.glob("*/"))]
-    answered = [a for a in answered if not a.endswith(": 0")]
-    if not subs:
-        return "no sub-tasks yet"
-    return f"{subs} sub-tasks; teacher answers " + (", ".join(answered) or "none yet")
-
-
-def _tune_progress(model: Path) -> str:
-    final = model / "final"
-    if final.exists():
-        return "final model saved"
-    ckpts = sorted(model.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1]))
-    return f"last checkpoint: {ckpts[-1].name}" if ckpts else "no checkpoint yet"
+    """Per-stage `done/expected` figures for `vpd status` (cheap: ids only); the expected
+    counts come from the run's saved recipe (sample k and limit, eval limit)."""
+    files = RunFiles(p, saved_recipe(p))
+    return {name: stage.progress(files) for name, stage in STAGES.items()}
 
 
 def _arm(rep: dict[str, Any]) -> dict[str, Any]:
@@ -202,13 +140,6 @@ def _arm(rep: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _vlm_preds(p: RunPaths, arm: str) -> Path:
-    # Runs made before the ablation named the vpd arm's answers eval/tuned.jsonl.
-    if arm == "vpd" and not p.preds("vpd").exists() and p.preds("tuned").exists():
-        return p.preds("tuned")
-    return p.preds(arm)
-
-
 def _questions(path: Path) -> list[Question]:
     return list(read_records(path, Question, allow_empty=True)) if path.exists() else []
 
@@ -217,7 +148,7 @@ def _seed_runs(p: RunPaths, arm: str, seeds: list[int]) -> list[tuple[int, Path,
     """``(seed, predictions, their report)`` of a VLM arm at each seed it was evaluated."""
     runs = []
     for i, s in enumerate(seeds if arm != "untuned" else seeds[:1]):
-        preds = _vlm_preds(p, arm) if i == 0 else p.preds(arm, s)
+        preds = p.vlm_preds(arm) if i == 0 else p.preds(arm, s)
         rep = read_json(Path(str(preds) + ".report.json"))
         if rep:
             runs.append((s, preds, rep))
@@ -261,7 +192,7 @@ def arm_results(
     scores: dict[str, ArmScores] = {}
     by_seed: dict[str, dict[int, ArmScores]] = {}
     try:
-        seeds = recipe_seeds(_run_recipe(p))
+        seeds = recipe_seeds(saved_recipe(p))
     except VpdError:
         seeds = [0]
     for arm in VLM_ARMS:
@@ -325,7 +256,7 @@ def tune_summary(p: RunPaths) -> dict[str, Any] | None:
     """The vpd arm's validation loss after each epoch (``val_loss``), and every tuned
     arm's and seed's (``arms``), from their ``summary.json``."""
     try:
-        seeds = recipe_seeds(_run_recipe(p))
+        seeds = recipe_seeds(saved_recipe(p))
     except VpdError:
         seeds = [0]
     arms: dict[str, dict[str, Any]] = {}

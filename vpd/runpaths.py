@@ -6,36 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from vpd.errors import VpdError
 
-STAGES = (
-    "data",
-    "sample",
-    "execute",
-    "verify",
-    "rationalize",
-    "tune",
-    "labels",
-    "eval",
-    "programs",
-    "sdvp",
-)
-# What each stage reads: when one of these (or what they read) runs again, so must it.
-# The ablation arms hang off the chain: `labels` needs the data (and, for its step budget,
-# the vpd arm's tuning), `programs` only the test questions.
-DEPENDS: dict[str, tuple[str, ...]] = {
-    "data": (),
-    "sample": ("data",),
-    "execute": ("sample",),
-    "verify": ("execute",),
-    "rationalize": ("verify",),
-    "tune": ("rationalize",),
-    "labels": ("data", "tune"),
-    "eval": ("tune", "labels"),
-    "programs": ("data",),
-    # SDVP distils the tuned VLM (its teacher) on the run's executed programs.
-    "sdvp": ("data", "execute", "tune"),
-}
 # The arms of the ablation, in report order; `eval/<arm>.jsonl` holds a VLM arm's answers.
 VLM_ARMS = ("untuned", "labels", "vpd")
 ARMS = (*VLM_ARMS, "programs", "majority")
@@ -52,18 +26,6 @@ def recipe_seeds(recipe: dict[str, Any]) -> list[int]:
     if len(set(raw)) != len(raw):
         raise VpdError(f"recipe `seeds` repeats a seed: {raw}")
     return list(raw)
-
-
-def upstream(stage: str) -> set[str]:
-    """Every stage ``stage`` reads from, directly or not."""
-    seen: set[str] = set()
-    todo = list(DEPENDS[stage])
-    while todo:
-        s = todo.pop()
-        if s not in seen:
-            seen.add(s)
-            todo.extend(DEPENDS[s])
-    return seen
 
 
 @dataclass(frozen=True)
@@ -140,6 +102,13 @@ class RunPaths:
         name = which if seed is None else f"{which}-seed{seed}"
         return self.root / "eval" / f"{name}.jsonl"
 
+    def vlm_preds(self, arm: str) -> Path:
+        """A VLM arm's answers at the run's first seed, as they are on disk."""
+        # Runs made before the ablation named the vpd arm's answers eval/tuned.jsonl.
+        if arm == "vpd" and not self.preds("vpd").exists() and self.preds("tuned").exists():
+            return self.preds("tuned")
+        return self.preds(arm)
+
     @property
     def sdvp(self) -> Path:
         """`vpd sdvp`'s folder (its report: ``sdvp/sdvp.json``)."""
@@ -151,6 +120,11 @@ class RunPaths:
         return self.sdvp / "test-samples.jsonl"
 
     @property
+    def recipe(self) -> Path:
+        """The recipe `vpd run` saved (overrides applied)."""
+        return self.root / "recipe.yaml"
+
+    @property
     def stages(self) -> Path:
         return self.root / "stages"
 
@@ -158,17 +132,10 @@ class RunPaths:
         return self.stages / f"{stage}.json"
 
 
-def stage_outputs(stage: str, p: RunPaths) -> list[Path]:
-    """The files/folders a stage writes (its side files share the name as a prefix)."""
-    return {
-        "data": [p.data_dir],
-        "sample": [p.samples],
-        "execute": [p.executions],
-        "verify": [p.verified],
-        "rationalize": [p.sft],
-        "tune": [p.model, p.sft_val],
-        "labels": [p.root / "labels"],
-        "eval": [p.root / "eval"],
-        "programs": [p.programs],
-        "sdvp": [p.sdvp],
-    }[stage]
+def saved_recipe(p: RunPaths) -> dict[str, Any]:
+    """The recipe `vpd run` saved in the run directory (overrides applied), or {}."""
+    try:
+        recipe = yaml.safe_load(p.recipe.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
