@@ -9,14 +9,10 @@ import pytest
 import yaml
 
 from tests.fake_openai_server import FakeOpenAIServer
-from vpd.evaluate import (
-    ProgramsConfig,
-    compare_arms,
-    majority_predictions,
-    run_programs,
-)
+from vpd.evaluate import compare_arms, majority_predictions
 from vpd.metrics import paired_bootstrap
 from vpd.pipeline import load_recipe, run_pipeline
+from vpd.programs import ProgramsConfig, run_programs
 from vpd.rationalize import ANSWER_SUFFIX, RationalizeConfig, run_rationalize
 from vpd.records import Question
 from vpd.report import write_report

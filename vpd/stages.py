@@ -23,8 +23,9 @@ from pydantic import BaseModel, ValidationError
 from vpd.data.importer import ImportConfig, run_import
 from vpd.data.synth import SynthConfig, run_synth
 from vpd.errors import VpdError
-from vpd.evaluate import EvalConfig, ProgramsConfig, run_eval, run_programs
+from vpd.evaluate import EvalConfig, run_eval
 from vpd.execute import ExecuteConfig, run_execute
+from vpd.programs import ProgramsConfig, run_programs
 from vpd.rationalize import RationalizeConfig, run_rationalize
 from vpd.runpaths import VLM_ARMS, RunPaths, recipe_seeds
 from vpd.sample import SampleConfig, run_sample
@@ -163,6 +164,7 @@ RATIONALIZE = Runner(RationalizeConfig, run_rationalize, "vpd.rationalize")
 LABELS = Runner(LabelsConfig, run_labels, "vpd.tune.labels")
 TUNE = Runner(TuneConfig, run_tune, "vpd.tune")
 EVAL = Runner(EvalConfig, run_eval, "vpd.evaluate")
+# In vpd.programs since; the markers of runs made before name vpd.evaluate.
 PROGRAMS = Runner(ProgramsConfig, run_programs, "vpd.evaluate")
 SDVP = Runner(SdvpConfig, run_sdvp, "vpd.sdvp")
 
