@@ -22,7 +22,6 @@ import pytest
 from tests.helpers import main_vpd, read_jsonl, read_rejects, run_vpd, write_jsonl
 from tests.template_programs import viper_program
 from vpd.cli import app
-from vpd.sample import SampleConfig
 
 
 def _one_line_error(code: int, err: str, needle: str) -> None:
@@ -123,7 +122,7 @@ FATAL: list[tuple[str, Any, str]] = [
                                              str(t / "s.jsonl"), "--max-tokens", "0"],
      "--max-tokens: Input should be greater than or equal to 1"),
     ("sample-limit-zero", lambda f, t: ["sample", str(f["questions"]), "--out", str(t / "s.jsonl"),
-                                        "--limit", "0"], "Invalid value for '--limit'"),
+                                        "--limit", "0"], "--limit: Input should be greater than"),
     ("sample-empty-questions", lambda f, t: ["sample", str(f["empty"]), "--out", str(t / "s.jsonl"),
                                              "--base-url", "http://127.0.0.1:9/v1"],
      "holds no records"),
@@ -147,7 +146,7 @@ FATAL: list[tuple[str, Any, str]] = [
      "holds executions (vpd execute), but this input takes samples"),
     ("execute-workers-zero", lambda f, t: ["execute", str(f["samples"]), "--questions",
                                            str(f["questions"]), "--out", str(t / "e.jsonl"),
-                                           "--workers", "0"], "Invalid value for '--workers'"),
+                                           "--workers", "0"], "--workers: Input should be greater"),
     ("execute-out-under-a-file", lambda f, t: ["execute", str(f["samples"]), "--questions",
                                                str(f["questions"]), "--out",
                                                str(f["a_file"] / "e.jsonl")], UNDER_A_FILE),
@@ -191,7 +190,7 @@ FATAL: list[tuple[str, Any, str]] = [
                                                "--out", str(t / "x")],
      "holds executions (vpd execute), but this input takes SFT records"),
     ("export-format", lambda f, t: ["export", str(f["sft"]), "--format", "axolotl", "--out",
-                                    str(t / "x")], "--format must be one of"),
+                                    str(t / "x")], "--format: Input should be 'llamafactory'"),
     ("export-out-under-a-file", lambda f, t: ["export", str(f["sft"]), "--format", "llamafactory",
                                               "--out", str(f["a_file"] / "x"), "--no-progress"],
      UNDER_A_FILE),
@@ -234,16 +233,6 @@ def test_a_real_process_prints_one_line_on_stderr_and_nothing_on_stdout(
         f"error: {files['executions']} holds executions (vpd execute), but this input takes "
         "samples (vpd sample)"
     ]
-
-
-def test_sample_cli_defaults_are_its_config_defaults() -> None:
-    """The README measures the sampler at the config's defaults: the CLI must not differ."""
-    cmd = next(c for c in app.registered_commands if c.callback.__name__ == "sample")
-    import inspect
-
-    params = inspect.signature(cmd.callback).parameters
-    for name in ("k", "temperature", "shots", "max_tokens", "seed"):
-        assert params[name].default.default == SampleConfig.model_fields[name].default, name
 
 
 # ----------------------------------------------------------------------------- damaged lines

@@ -9,20 +9,22 @@ from __future__ import annotations
 import errno
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
 from vpd.data.importer import ImportConfig
 from vpd.data.synth import SynthConfig
 from vpd.errors import VpdError
-from vpd.flags import Group, config_command
+from vpd.evaluate import EvalConfig
+from vpd.execute.runner import ExecuteConfig
+from vpd.export import ExportConfig
+from vpd.flags import Group, config_command, option, validation_line
 from vpd.llm.config import LLMConfig
 from vpd.rationalize import RationalizeConfig
+from vpd.sample.runner import SampleConfig
+from vpd.tune.config import TuneConfig
 from vpd.verify import VerifyConfig
-
-if TYPE_CHECKING:
-    from pydantic import ValidationError
 
 app = typer.Typer(
     help=(
@@ -274,26 +276,8 @@ def rationalize(options: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- execute
 
 
-@app.command()
-def execute(
-    samples: Path = typer.Argument(..., help="Samples JSONL from `vpd sample`."),
-    questions: Path = typer.Option(..., "--questions", help="Questions JSONL (the images)."),
-    out: Path = typer.Option(..., "--out", help="Executions JSONL (one record per sample)."),
-    timeout: float = typer.Option(10.0, min=0.01, help="Seconds per program (tool time excluded)."),
-    workers: int = typer.Option(None, min=1, help="Programs run at once (default: CPU cores)."),
-    backend: str = typer.Option("synthetic", help="Tool backend: synthetic or hf."),
-    tool_opt: list[str] = typer.Option(
-        None, "--tool-opt", help="Backend option KEY=VALUE (repeatable), e.g. device=cuda."
-    ),
-    memory_mb: int = typer.Option(512, "--memory-mb", min=16, help="Memory per program, MB."),
-    max_tool_calls: int = typer.Option(200, "--max-tool-calls", min=1, help="Per program."),
-    tool_time: float = typer.Option(
-        60.0, "--tool-time", min=0.01, help="Seconds of tool-server time per program."
-    ),
-    shard: str = typer.Option(None, help="Process shard i/n of the questions."),
-    force: bool = typer.Option(False, help="Start --out over if it holds another config."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+@config_command(app, "execute", ExecuteConfig, args=("samples",))
+def execute(options: dict[str, Any]) -> None:
     """Run every sampled program in the sandbox against the vision tools.
 
     Each program runs in its own locked-down process (no files, no network, memory/CPU
@@ -310,24 +294,11 @@ def execute(
       vpd execute samples.jsonl --questions gqa.jsonl --out exec.jsonl --backend hf
         --tool-opt device=cuda --tool-opt vqa=Qwen/Qwen2-VL-7B-Instruct
     """
-    from vpd.execute import ExecuteConfig, run_execute
+    from vpd.execute import run_execute
     from vpd.progress import console
 
-    cfg = ExecuteConfig(
-        samples=samples,
-        questions=questions,
-        out=out,
-        backend=backend,
-        tools=_key_values(tool_opt or [], "--tool-opt"),
-        timeout=timeout,
-        workers=workers,
-        memory_mb=memory_mb,
-        max_tool_calls=max_tool_calls,
-        tool_time=tool_time,
-        shard=shard,
-        force=force,
-        progress=progress,
-    )
+    cfg = ExecuteConfig(**options)
+    out = cfg.out
     s = run_execute(cfg)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items())) or "nothing new"
     msg = (
@@ -344,36 +315,8 @@ def execute(
 # ----------------------------------------------------------------------------- eval
 
 
-@app.command("eval")
-def eval_(
-    model: str = typer.Argument(..., help="VLM folder in Hugging Face format (tune's final/)."),
-    questions: Path = typer.Option(..., "--questions", help="Questions JSONL to evaluate on."),
-    out: Path = typer.Option(..., "--out", help="Predictions JSONL; report in OUT.report.json."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Questions per generate call."),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Answer tokens."),
-    rationale: bool = typer.Option(False, help="Also generate and store rationales."),
-    rationale_max_new_tokens: int = typer.Option(
-        256, "--rationale-max-new-tokens", min=1, help="Rationale tokens (with --rationale)."
-    ),
-    train_questions: Path = typer.Option(
-        None, "--train-questions", help="Train questions for the majority-answer baseline."
-    ),
-    metric: str = typer.Option(
-        "auto", help="auto (each dataset's official metric) or a metric name, as vpd verify."
-    ),
-    limit: int = typer.Option(None, min=1, help="Evaluate only the first N questions."),
-    device: str = typer.Option("auto", help="auto|cpu|cuda."),
-    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16 (auto: bf16 on GPU)."),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Allow model code from the model folder/hub."
-    ),
-    chat_template: Path = typer.Option(
-        None, "--chat-template", help="Jinja chat template for processors that ship none."
-    ),
-    shard: str = typer.Option(None, help="Process shard i/n of the questions."),
-    force: bool = typer.Option(False, help="Start --out over if it holds another config."),
-    progress: bool = typer.Option(True, help="Show a progress bar and the accuracy table."),
-) -> None:
+@config_command(app, "eval", EvalConfig, args=("model",))
+def eval_(options: dict[str, Any]) -> None:
     """Evaluate a VLM's direct answers (greedy, VPD answer prompt) on a question set.
 
     Writes one prediction per question (prediction, score, qtype) and OUT.report.json
@@ -388,39 +331,11 @@ def eval_(
       vpd eval llava-1.5-7b-hf/ --questions vqa_val.jsonl --out p.0.jsonl --shard 0/8
         --device cuda --batch-size 32 --rationale
     """
-    from vpd.evaluate import EvalConfig, run_eval
+    from vpd.evaluate import run_eval
     from vpd.progress import console
 
-    choices = {
-        "device": ("auto", "cpu", "cuda"),
-        "dtype": ("auto", "float32", "bfloat16", "float16"),
-    }
-    for flag, value in (("device", device), ("dtype", dtype)):
-        if value not in choices[flag]:
-            _fail(f"--{flag} must be one of {', '.join(choices[flag])}, got {value!r}")
-    from vpd.verify import METRICS
-
-    if metric not in ("auto", *METRICS):
-        _fail(f"--metric must be auto or one of {', '.join(METRICS)}, got {metric!r}")
-    cfg = EvalConfig(
-        model=model,
-        questions=questions,
-        out=out,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        rationale=rationale,
-        rationale_max_new_tokens=rationale_max_new_tokens,
-        train_questions=train_questions,
-        metric=metric,
-        limit=limit,
-        device=device,  # type: ignore[arg-type]
-        dtype=dtype,  # type: ignore[arg-type]
-        trust_remote_code=trust_remote_code,
-        chat_template=chat_template,
-        shard=shard,
-        force=force,
-        progress=progress,
-    )
+    cfg = EvalConfig(**options)
+    out = cfg.out
     r = run_eval(cfg)
     acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
     msg = (
@@ -442,34 +357,23 @@ def eval_(
 # ----------------------------------------------------------------------------- tune
 
 
-@app.command()
-def tune(
-    sft: Path = typer.Argument(..., help="SFT JSONL (vpd rationalize output)."),
-    out: Path = typer.Option(..., "--out", help="Output folder; the model lands in OUT/final."),
-    init: str = typer.Option(None, help="tiny (embedded default) or a HF VLM folder/hub id."),
-    recipe: Path = typer.Option(None, help="YAML of tune options (recipes/tune-*.yaml)."),
-    set_: list[str] = typer.Option(None, "--set", help="Override a recipe option: key=value."),
-    epochs: float = typer.Option(None, help="Training epochs."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
-    lr: float = typer.Option(None, help="Peak learning rate."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Examples per device per step."),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
-    lora: bool = typer.Option(None, "--lora/--full", help="LoRA adapters on the LM, or full."),
-    lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank."),
-    freeze: str = typer.Option(None, help="Comma list of vision,projector,lm to keep frozen."),
-    deepspeed: str = typer.Option(None, help="none|zero2|zero3|zero3_offload|PATH.json."),
-    max_length: int = typer.Option(None, "--max-length", help="Max tokens per example."),
-    truncation: str = typer.Option(None, help="drop|truncate examples over --max-length."),
-    task_weights: str = typer.Option(None, "--task-weights", help="e.g. answer=1,rationale=1."),
-    save_steps: int = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
-    seed: int = typer.Option(None, help="Seed (data order, LoRA init, tiny model)."),
-    dtype: str = typer.Option(None, help="auto|float32|bfloat16|float16 (auto: bf16 on GPU)."),
-    chat_template: Path = typer.Option(None, "--chat-template", help="Jinja chat template."),
-    merge: bool = typer.Option(None, "--merge/--no-merge", help="Merge LoRA into OUT/final."),
-    resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue OUT's checkpoint."),
-    force: bool = typer.Option(None, help="Start over if OUT holds a run with other options."),
-    progress: bool = typer.Option(None, help="Show the progress bar."),
-) -> None:
+@config_command(
+    app,
+    "tune",
+    TuneConfig,
+    args=("sft",),
+    extra=(
+        option(
+            "recipe", Path, typer.Option(None, help="YAML of tune options (recipes/tune-*.yaml).")
+        ),
+        option(
+            "set_",
+            list[str],
+            typer.Option(None, "--set", help="Override a recipe option: key=value."),
+        ),
+    ),
+)
+def tune(options: dict[str, Any], recipe: Path | None, set_: list[str] | None) -> None:
     """Fine-tune a VLM on SFT records (HF Trainer, optional DeepSpeed ZeRO, LoRA or full).
 
     Re-running the same command resumes from the last checkpoint, or does nothing when the
@@ -489,33 +393,7 @@ def tune(
 
     from vpd.tune import load_tune_config, run_tune
 
-    cfg = load_tune_config(
-        recipe,
-        set_,
-        sft=sft,
-        out=out,
-        init=init,
-        epochs=epochs,
-        max_steps=max_steps,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lora=lora,
-        lora_r=lora_r,
-        freeze=freeze,
-        deepspeed=deepspeed,
-        max_length=max_length,
-        truncation=truncation,
-        task_weights=task_weights,
-        save_steps=save_steps,
-        seed=seed,
-        dtype=dtype,
-        chat_template=chat_template,
-        merge=merge,
-        resume=resume,
-        force=force,
-        progress=progress,
-    )
+    cfg = load_tune_config(recipe, set_, **options)
     summary = run_tune(cfg)
     if summary:  # only rank 0 returns one
         print(json.dumps(summary, indent=2))
@@ -657,40 +535,8 @@ def sdvp(
 # ----------------------------------------------------------------------------- sample / serve
 
 
-@app.command()
-def sample(
-    questions: Path = typer.Argument(..., help="Questions JSONL (vpd data synth/import)."),
-    out: Path = typer.Option(..., "--out", help="Samples JSONL (k records per question)."),
-    k: int = typer.Option(5, "--k", help="Programs per question."),
-    temperature: float = typer.Option(0.5, help="Sampling temperature."),
-    backend: str = typer.Option(
-        None, help="LLM backend: local|openai|vllm (default: openai with --base-url, else local)."
-    ),
-    model: str = typer.Option(None, help="Model (local: HF folder or .gguf; default SmolLM2)."),
-    base_url: list[str] = typer.Option(
-        [], "--base-url", help="OpenAI-compatible server URL, e.g. http://host:8000/v1 (repeat)."
-    ),
-    api_key: str = typer.Option(None, help="API key (default: $OPENAI_API_KEY, else EMPTY)."),
-    concurrency: int = typer.Option(16, help="Requests in flight (openai backend)."),
-    timeout: float = typer.Option(120.0, help="Per-request timeout, seconds (openai)."),
-    max_retries: int = typer.Option(6, help="Retries per request before giving up (openai)."),
-    shots: int = typer.Option(3, help="Few-shot examples retrieved per question."),
-    prompt: str = typer.Option("viper/v1", help="prompts/<family>/<version> or a folder."),
-    syntax: str = typer.Option(None, help="viper|visprog (default: the prompt's family)."),
-    max_tokens: int = typer.Option(128, help="Max new tokens per program."),
-    seed: int = typer.Option(0, help="Base seed (sample k uses seed*1000+k)."),
-    limit: int = typer.Option(None, min=1, help="Only the first N questions (file order)."),
-    batch_size: int = typer.Option(
-        None, help="Rows decoded together (local engine; default 128) or per batch (vllm)."
-    ),
-    device: str = typer.Option("auto", help="local backend: auto|cpu|cuda."),
-    dtype: str = typer.Option(
-        "auto", help="local backend: auto|float32|bfloat16 (auto: bf16 on GPUs and AMX CPUs)."
-    ),
-    shard: str = typer.Option(None, help="Only this shard of the questions: i/n."),
-    force: bool = typer.Option(False, help="Start over if OUT was written with other options."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+@config_command(app, "sample", SampleConfig, args=("questions",), group=Group(LLMConfig, "llm"))
+def sample(options: dict[str, Any]) -> None:
     """Ask an LLM for K candidate programs per question (resumable: re-run to continue).
 
     Example:
@@ -702,40 +548,14 @@ def sample(
 
       vpd sample q.jsonl --out s.jsonl --prompt visprog/v1 --shard 0/4
     """
-    from vpd.llm.config import LLMConfig
-    from vpd.sample import SampleConfig, print_summary, run_sample
+    from vpd.sample import print_summary, run_sample
 
-    if backend is None:
-        backend = "openai" if base_url else "local"  # a server URL means a served model
-    if backend not in ("local", "openai", "vllm"):
-        _fail(f"--backend must be local, openai or vllm, got {backend!r}")
-    if base_url and backend != "openai":
-        _fail(f"--base-url is for --backend openai, not {backend}")
-    if syntax not in (None, "viper", "visprog"):
-        _fail(f"--syntax must be viper or visprog, got {syntax!r}")
-    llm: dict = {"backend": backend, "model": model, "api_key": api_key}
-    llm.update(concurrency=concurrency, timeout_s=timeout, max_retries=max_retries)
-    llm.update(device=device, dtype=dtype)
-    if batch_size is not None:
-        llm["batch_size"] = batch_size
-    if base_url:
-        llm["base_urls"] = base_url
-    cfg = SampleConfig(
-        questions=questions,
-        out=out,
-        k=k,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        shots=shots,
-        prompt=prompt,
-        syntax=syntax,
-        seed=seed,
-        limit=limit,
-        llm=LLMConfig(**llm),
-        shard=shard,
-        force=force,
-        progress=progress,
-    )
+    llm = options["llm"]
+    # A server URL means a served model: the openai backend unless another is named.
+    llm.setdefault("backend", "openai" if llm.get("base_urls") else "local")
+    if llm.get("base_urls") and llm["backend"] != "openai":
+        _fail(f"--base-url is for --backend openai, not {llm['backend']}")
+    cfg = SampleConfig(**options)
     print_summary(run_sample(cfg))
 
 
@@ -815,27 +635,8 @@ def merge(
 # ----------------------------------------------------------------------------- export
 
 
-@app.command()
-def export(
-    sft: Path = typer.Argument(..., help="SFT JSONL (vpd rationalize output)."),
-    fmt: str = typer.Option(
-        ..., "--format", help="llamafactory (sharegpt + dataset_info.json) | trl | hf."
-    ),
-    out: Path = typer.Option(
-        ..., "--out", help="Folder (llamafactory: the dataset_dir, shared with other datasets)."
-    ),
-    name: str = typer.Option(
-        "vpd_sft", help="Dataset name (LLaMA-Factory's dataset_info key and file name)."
-    ),
-    task: list[str] = typer.Option(
-        [], "--task", help="Only this task: answer|rationale (repeatable; default all)."
-    ),
-    copy_images: bool = typer.Option(
-        False, "--copy-images", help="llamafactory: copy the images into OUT/images/NAME/."
-    ),
-    force: bool = typer.Option(False, help="Export again when OUT holds other options."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+@config_command(app, "export", ExportConfig, args=("sft",))
+def export(options: dict[str, Any]) -> None:
     """Write SFT records in the layout another trainer loads without edits.
 
     llamafactory: OUT/NAME.json (sharegpt messages with <image> tokens, image paths
@@ -854,25 +655,11 @@ def export(
 
       vpd export runs/demo/sft.jsonl --format hf --out exports/hf --task rationale
     """
-
-    from vpd.export import FORMATS, ExportConfig, run_export
+    from vpd.export import run_export
     from vpd.progress import console
 
-    if fmt not in FORMATS:
-        _fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    bad = [t for t in task if t not in ("answer", "rationale")]
-    if bad:
-        _fail(f"--task must be answer or rationale, got {bad}")
-    cfg = ExportConfig(
-        sft=sft,
-        out=out,
-        fmt=fmt,  # type: ignore[arg-type]
-        name=name,
-        tasks=task or None,
-        copy_images=copy_images,
-        force=force,
-        progress=progress,
-    )
+    cfg = ExportConfig(**options)
+    out, fmt = cfg.out, cfg.fmt
     s = run_export(cfg)
     if s["skipped"]:
         console().print(f"export {out}: up to date ({s['records']} records), nothing to do")
@@ -1042,25 +829,6 @@ def report(
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
-# Config fields whose flag is spelled otherwise (the LLM spec's fields, mostly).
-_FLAG_OF_FIELD = {"timeout_s": "timeout", "base_urls": "base-url", "fmt": "format"}
-
-
-def _flag(loc: tuple[Any, ...]) -> str:
-    """The command-line flag of a config field's error location (``k`` -> ``--k``)."""
-    name = str(loc[0]) if loc else "input"
-    return "--" + _FLAG_OF_FIELD.get(name, name).replace("_", "-")
-
-
-def validation_line(e: ValidationError) -> str:
-    """A pydantic error of a command's config as one line naming each flag."""
-    return "; ".join(
-        # A check across fields (model validator) has no location: its message names them.
-        (f"{_flag(err['loc'])}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
-        for err in e.errors()
-    )
 
 
 def _os_line(e: OSError) -> str:

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vpd.errors import VpdError
 from vpd.metrics import METRICS, normalize_answer, paired_bootstrap, resolve_metric, score_answer
+from vpd.options import force_field, progress_field, shard_field
 from vpd.progress import console, progress_bar
 from vpd.records import Prediction, Question
 from vpd.store import (
@@ -69,23 +70,39 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, description="HF-format VLM folder (or hub id).")
-    questions: Path
-    out: Path
-    batch_size: int = Field(default=8, ge=1)
-    max_new_tokens: int = Field(default=16, ge=1)
-    rationale: bool = False
-    rationale_max_new_tokens: int = Field(default=256, ge=1)
-    train_questions: Path | None = None
-    metric: str = "auto"
-    limit: int | None = Field(default=None, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    trust_remote_code: bool = False
-    chat_template: Path | None = None  # Jinja file for processors that ship none
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    shard: str | None = None
-    force: bool = False
-    progress: bool = True
+    model: str = Field(
+        min_length=1, description="VLM folder in Hugging Face format (tune's final/), or a hub id."
+    )
+    questions: Path = Field(description="Questions JSONL to evaluate on.")
+    out: Path = Field(description="Predictions JSONL; report in OUT.report.json.")
+    batch_size: int = Field(default=8, ge=1, description="Questions per generate call.")
+    max_new_tokens: int = Field(default=16, ge=1, description="Answer tokens.")
+    rationale: bool = Field(False, description="Also generate and store rationales.")
+    rationale_max_new_tokens: int = Field(
+        default=256, ge=1, description="Rationale tokens (with --rationale)."
+    )
+    train_questions: Path | None = Field(
+        None, description="Train questions for the majority-answer baseline."
+    )
+    metric: str = Field(
+        "auto", description="auto (each dataset's official metric) or a metric name, as vpd verify."
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="Evaluate only the first N questions."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the VLM runs.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the model folder/hub."
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template for processors that ship none."
+    )  # Jinja file for processors that ship none
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype (auto: bf16 on GPU)."
+    )
+    shard: str | None = shard_field()
+    force: bool = force_field()
+    progress: bool = progress_field()
 
     @field_validator("model", mode="before")
     @classmethod

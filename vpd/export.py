@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.images import ImageChecks
+from vpd.options import progress_field
 from vpd.progress import progress_bar
 from vpd.records import Sft
 from vpd.store import (
@@ -83,14 +84,29 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    sft: Path
-    out: Path
-    fmt: ExportFormat
-    name: str = Field("vpd_sft", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    tasks: list[str] | None = Field(None, description="only these tasks (default: all)")
-    copy_images: bool = False
-    force: bool = False
-    progress: bool = True
+    sft: Path = Field(description="SFT JSONL (vpd rationalize output).")
+    out: Path = Field(
+        description="Folder (llamafactory: the dataset_dir, shared with other datasets)."
+    )
+    fmt: ExportFormat = Field(
+        description="llamafactory (sharegpt + dataset_info.json) | trl | hf.",
+        json_schema_extra={"flag": "format"},
+    )
+    name: str = Field(
+        "vpd_sft",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Dataset name (LLaMA-Factory's dataset_info key and file name).",
+    )
+    tasks: list[Literal["answer", "rationale"]] | None = Field(
+        None,
+        description="Only this task (repeatable; default all).",
+        json_schema_extra={"flag": "task"},
+    )
+    copy_images: bool = Field(
+        False, description="llamafactory: copy the images into OUT/images/NAME/."
+    )
+    force: bool = Field(False, description="Export again when OUT holds other options.")
+    progress: bool = progress_field()
 
     def fingerprint(self) -> dict[str, Any]:
         return {

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from vpd.errors import VpdError
 from vpd.options import split_option
 
 _SCALARS = (int, float, str, bool, Path)
@@ -63,14 +64,20 @@ def flag_type(field: FieldInfo) -> Any:
     ann = _strip_optional(field.annotation)
     if get_origin(ann) is Literal:
         return str
-    if get_origin(ann) is list and _strip_optional(get_args(ann)[0]) in _SCALARS:
-        return list[_strip_optional(get_args(ann)[0])]  # type: ignore[misc]
+    if get_origin(ann) is list:
+        item = _strip_optional(get_args(ann)[0])
+        if get_origin(item) is Literal:
+            return list[str]
+        if item in _SCALARS:
+            return list[item]  # type: ignore[valid-type]
     return ann if ann in _SCALARS else None
 
 
 def _help(field: FieldInfo) -> str:
     text = field.description or ""
     ann = _strip_optional(field.annotation)
+    if get_origin(ann) is list:
+        ann = _strip_optional(get_args(ann)[0])
     if get_origin(ann) is Literal and "|" not in text:
         text += f" ({'|'.join(str(a) for a in get_args(ann))})"
     return text
@@ -110,7 +117,7 @@ def _parameters(
             info = typer.Argument(... if required else None, help=_help(field), show_default=False)
         else:
             decl = flag_name(name, field)
-            if typ is bool:
+            if typ is bool and "/" not in decl:  # a "flag": "lora/--full" names both
                 decl = f"{decl}/--no-{decl[2:]}"
             info = typer.Option(
                 ... if required else None,
@@ -172,7 +179,10 @@ def config_command(
                 options[group.into] = values(
                     {k: v for k, v in kw.items() if k in nested_names}, fields
                 )
-            fn(options, **hand)
+            try:
+                fn(options, **hand)
+            except ValidationError as e:  # a bad value: one line naming the flag typed
+                raise VpdError(validation_line(e, fields)) from None
 
         params = [p for _, p, _ in ordered] + [p for _, p, _ in nested] + list(extra)
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -180,6 +190,22 @@ def config_command(
         return command
 
     return register
+
+
+def validation_line(e: ValidationError, fields: dict[str, FieldInfo] | None = None) -> str:
+    """A config's validation error as one line, each error named by its flag (``fields``:
+    the command's flags, whose names may differ from the fields')."""
+    parts = []
+    for err in e.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        loc = err["loc"]
+        if not loc:  # a check across fields: its message names them
+            parts.append(msg)
+            continue
+        name = str(loc[0])
+        flag = flag_name(name, fields[name]) if fields and name in fields else "--" + name
+        parts.append(f"{flag.split('/')[0]}: {msg}")
+    return "; ".join(parts)
 
 
 def option(name: str, typ: Any, info: Any) -> inspect.Parameter:

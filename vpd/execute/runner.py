@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vpd.errors import VpdError
 from vpd.execute.pool import DEFAULT_NAMESPACE, Job, JobResult, Limits, SandboxPool, ToolHandler
 from vpd.images import ImageChecks
+from vpd.options import force_field, progress_field, shard_field
 from vpd.progress import progress_bar
 from vpd.records import Execution, Question, Sample
 from vpd.store import (
@@ -33,27 +34,34 @@ class ExecuteConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    samples: Path
-    questions: Path
-    out: Path
-    backend: str = "synthetic"
+    samples: Path = Field(description="Samples JSONL from `vpd sample`.")
+    questions: Path = Field(description="Questions JSONL (the images).")
+    out: Path = Field(description="Executions JSONL (one record per sample).")
+    backend: str = Field("synthetic", description="Tool backend: synthetic or hf.")
     tools: dict[str, Any] = Field(
-        default_factory=dict, description="Backend options, e.g. {detector: MODEL, device: cuda}."
+        default_factory=dict,
+        description="Backend option KEY=VALUE (repeatable), e.g. device=cuda, vqa=MODEL.",
+        json_schema_extra={"cli": "key=value", "flag": "tool-opt"},
     )
     timeout: float = Field(10.0, gt=0, le=3600, description="Seconds per program (tools excluded).")
     workers: int | None = Field(
-        None, ge=1, le=1024, description="Programs at once (default: cores)."
+        None, ge=1, le=1024, description="Programs run at once (default: CPU cores)."
     )
-    memory_mb: int = Field(512, ge=16, le=1 << 20, description="Memory a program may allocate.")
+    memory_mb: int = Field(512, ge=16, le=1 << 20, description="Memory per program, MB.")
     max_tool_calls: int = Field(200, ge=1, description="Tool calls per program.")
     max_stdout: int = Field(16 * 1024, ge=0, description="Bytes of print output kept per program.")
     tool_time: float = Field(
         60.0, gt=0, description="Seconds of tool-server time one program may use."
     )
-    namespace: str = Field(DEFAULT_NAMESPACE, description="module:function building the API.")
-    shard: str | None = None
-    force: bool = False
-    progress: bool = True
+    # Tests swap in a fake API; a user has no reason to.
+    namespace: str = Field(
+        DEFAULT_NAMESPACE,
+        description="module:function building the API.",
+        json_schema_extra={"cli": False},
+    )
+    shard: str | None = shard_field()
+    force: bool = force_field()
+    progress: bool = progress_field()
 
     def limits(self) -> Limits:
         return Limits(

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vpd.llm import make_llm
 from vpd.llm.base import LLM, Completion, GenParams, stream
 from vpd.llm.config import LLMConfig
+from vpd.options import force_field, progress_field, shard_field
 from vpd.progress import console, progress_bar
 from vpd.records import Question, Sample, Usage, sample_id
 from vpd.sample.extract import extract_program
@@ -34,23 +35,31 @@ class SampleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    questions: Path
-    out: Path
-    k: int = Field(5, ge=1, le=1000)
-    temperature: float = Field(0.5, ge=0)
-    max_tokens: int = Field(128, ge=1)
-    shots: int = Field(3, ge=0)
-    prompt: str = "viper/v1"
-    syntax: Literal["viper", "visprog"] | None = None  # None: from the prompt family
-    seed: int = 0
+    questions: Path = Field(description="Questions JSONL (vpd data synth/import).")
+    out: Path = Field(description="Samples JSONL (k records per question).")
+    k: int = Field(5, ge=1, le=1000, description="Programs per question.")
+    temperature: float = Field(0.5, ge=0, description="Sampling temperature.")
+    max_tokens: int = Field(128, ge=1, description="Max new tokens per program.")
+    shots: int = Field(3, ge=0, description="Few-shot examples retrieved per question.")
+    prompt: str = Field("viper/v1", description="prompts/<family>/<version> or a folder.")
+    syntax: Literal["viper", "visprog"] | None = Field(
+        None, description="Program syntax (default: the prompt's family)."
+    )
+    seed: int = Field(0, description="Base seed (sample k uses seed*1000+k).")
     # Sample only the first N questions (file order, after sharding); None: all. A cheap
     # run can program a subset and train the rest on labels (`vpd rationalize --add-labelled`).
-    limit: int | None = Field(None, ge=1)
-    stop: list[str] | None = None  # None: the end of the code block
-    llm: LLMConfig = Field(default_factory=LLMConfig)
-    shard: str | None = None
-    force: bool = False
-    progress: bool = True
+    limit: int | None = Field(None, ge=1, description="Only the first N questions (file order).")
+    stop: list[str] | None = Field(
+        None, description="Stop string (repeatable; default: the end of the code block)."
+    )
+    llm: LLMConfig = Field(
+        default_factory=LLMConfig,
+        description="The program writer (its fields are flags of vpd sample).",
+        json_schema_extra={"cli": False},
+    )
+    shard: str | None = shard_field()
+    force: bool = force_field()
+    progress: bool = progress_field()
 
     def resolved_syntax(self, prompt: PromptTemplate) -> str:
         return self.syntax or ("visprog" if prompt.family == "visprog" else "viper")

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vpd.errors import VpdError
-from vpd.options import split_option
+from vpd.options import progress_field, split_option
 from vpd.resources import find_recipe, recipes_dir
 from vpd.tune.data import parse_task_weights
 from vpd.tune.model import TinyBuild
@@ -30,53 +30,104 @@ class TuneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    sft: Path
-    out: Path
-    init: str = "tiny"  # "tiny" (embedded default) or a HF VLM folder / hub id
+    sft: Path = Field(description="SFT JSONL (vpd rationalize output).")
+    out: Path = Field(description="Output folder; the model lands in OUT/final.")
+    init: str = Field("tiny", description="tiny (embedded default) or a HF VLM folder/hub id.")
     # init=tiny only: keep the first N of SmolLM2's 30 layers (None: all). For smoke tests:
     # the cut LM is broken (12 layers: next-token loss 24 vs 4.4) until tuning repairs it.
-    tiny_lm_layers: int | None = Field(None, ge=1, le=30)
-    tiny_build: TinyBuild = Field(default_factory=TinyBuild)  # init=tiny: its build stages
-    chat_template: Path | None = None  # Jinja file for processors that ship none
-    trust_remote_code: bool = False
+    tiny_lm_layers: int | None = Field(
+        None,
+        ge=1,
+        le=30,
+        description="init=tiny: keep the first N of SmolLM2's 30 layers (smoke tests only).",
+    )
+    tiny_build: TinyBuild = Field(
+        default_factory=TinyBuild,
+        description="init=tiny: the recipes of its build stages.",
+        json_schema_extra={"cli": False},
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template for processors that ship none."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the model folder/hub."
+    )
     # Validation SFT (answer records of held-out training images): its loss after every
     # epoch goes to loss.jsonl/loss.png, to choose epochs and learning rate on it.
-    val: Path | None = None
+    val: Path | None = Field(
+        None,
+        description=(
+            "Validation SFT JSONL: its loss after every epoch goes to loss.jsonl/loss.png."
+        ),
+    )
     # data
-    max_length: int = Field(512, ge=16)
-    truncation: Literal["drop", "truncate"] = "drop"
+    max_length: int = Field(512, ge=16, description="Max tokens per example.")
+    truncation: Literal["drop", "truncate"] = Field(
+        "drop", description="What happens to examples over --max-length."
+    )
     # question: one example per question, its tasks' losses each averaged over its own
     # tokens and summed (VPD's objective); records: one example per SFT record.
-    layout: Literal["question", "records"] = "question"
+    layout: Literal["question", "records"] = Field(
+        "question",
+        description=(
+            "question: one example per question with its tasks (VPD's loss); "
+            "records: one per SFT record."
+        ),
+    )
     # question layout: each task's loss weight (rationale=0: the labels arm); records
     # layout: how often each task's records are repeated/sub-sampled.
-    task_weights: dict[str, float] = Field(default_factory=dict)
+    task_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Each task's loss weight, e.g. answer=1,rationale=1.",
+        json_schema_extra={"cli": "text"},
+    )
     # Batches of examples of similar length (short answers apart from long rationales):
     # far less padding per step; LLaVA's recipes do the same (group_by_modality_length).
-    group_by_length: bool = True
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length (less padding)."
+    )
     # Up to N single-turn answer examples of one image joined into one multi-turn
     # conversation (LLaVA's data layout): the image is encoded once for N questions.
-    turns_per_image: int = Field(1, ge=1)
+    turns_per_image: int = Field(
+        1,
+        ge=1,
+        description=("Join up to N answer examples of one image into one multi-turn conversation."),
+    )
     # optimisation
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(8, ge=1)  # per device
-    grad_accum: int = Field(1, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"  # auto: bf16 on GPU
-    gradient_checkpointing: bool = False
+    epochs: float = Field(1.0, gt=0, description="Training epochs.")
+    max_steps: int = Field(-1, description="Stop after N optimizer steps (> 0 overrides --epochs).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="Share of the steps spent warming up the learning rate."
+    )
+    scheduler: str = Field(
+        "cosine",
+        description=("Learning-rate schedule (transformers' names: cosine, linear, constant...)."),
+    )
+    max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seed (data order, LoRA init, tiny model).")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "auto", description="Training dtype (auto: bf16 on GPU)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory)."
+    )
     # Vocabulary logits only where a label is (same loss, less compute); off: the model's own
-    sparse_logits: bool = True
+    sparse_logits: bool = Field(
+        True, description="Vocabulary logits only where a label is (same loss, less compute)."
+    )
     # what trains
-    lora: bool = True
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora: bool = Field(
+        True,
+        description="LoRA adapters on the LM, or full fine-tuning.",
+        json_schema_extra={"flag": "lora/--full"},
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     lora_targets: list[str] = Field(
         default_factory=lambda: [
             "q_proj",
@@ -86,21 +137,26 @@ class TuneConfig(BaseModel):
             "gate_proj",
             "up_proj",
             "down_proj",
-        ]
+        ],
+        description="Module names LoRA adapts (repeatable).",
     )
     # None: auto = the vision tower (pretrained, as in LLaVA's stage 2; the tiny VLM's too)
-    freeze: list[str] | None = None
+    freeze: list[str] | None = Field(
+        None,
+        description="Comma list of vision,projector,lm to keep frozen.",
+        json_schema_extra={"cli": "text"},
+    )
     # scale-out
-    deepspeed: str = "none"  # none | zero2 | zero3 | zero3_offload | PATH to a JSON config
+    deepspeed: str = Field("none", description="none|zero2|zero3|zero3_offload|PATH.json.")
     # checkpoints / outputs
-    save_steps: int = Field(200, ge=1)
-    save_total_limit: int = Field(2, ge=1)
-    logging_steps: int = Field(1, ge=1)
-    merge: bool = True  # LoRA: save a standalone merged model in OUT/final
-    resume: bool = True  # continue from OUT's last checkpoint when there is one
-    num_workers: int = Field(0, ge=0)
-    force: bool = False
-    progress: bool = True
+    save_steps: int = Field(200, ge=1, description="Checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
+    merge: bool = Field(True, description="Merge LoRA into OUT/final.")
+    resume: bool = Field(True, description="Continue OUT's checkpoint.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    force: bool = Field(False, description="Start over if OUT holds a run with other options.")
+    progress: bool = progress_field()
 
     @field_validator("freeze")
     @classmethod
