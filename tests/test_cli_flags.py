@@ -7,13 +7,17 @@ config, shown in --help) or is marked recipe-only; no command writes a default o
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import pytest
+import typer
+from pydantic import BaseModel, Field, field_validator
 from typer.testing import CliRunner
 
 from vpd.cli import app, data_app
-from vpd.flags import cli_mode, flag_name, flag_type
+from vpd.errors import VpdError
+from vpd.flags import Group, cli_mode, flag_name, flag_type, stage_command
 
 
 def _commands() -> dict[str, Any]:
@@ -95,23 +99,63 @@ def test_help_shows_the_configs_defaults_and_the_examples() -> None:
         assert f"[default: ({default})]" in line, line
 
 
-def test_a_flag_reaches_its_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The config a command builds holds the flags typed (KEY=VALUE lists as dicts) and the
-    config's own defaults for the rest."""
-    import vpd.execute
+class _Inner(BaseModel):
+    url: list[str] = Field(default_factory=list, description="A URL (repeat).",
+                           json_schema_extra={"flag": "base-url"})  # fmt: skip
+    retries: int = Field(2, description="Retries.")
 
-    built: list[Any] = []
 
-    def run_execute(cfg: Any) -> dict[str, Any]:
-        built.append(cfg)
-        raise SystemExit(0)  # the stage itself is not what this test is about
+class _Toy(BaseModel):
+    src: Path = Field(description="Input.")
+    k: int = Field(5, ge=1, description="How many.")
+    mode: Literal["a", "b"] = Field("a", description="Mode.")
+    tags: list[str] | None = Field(None, description="A tag (repeat).")
+    opts: dict[str, Any] = Field(default_factory=dict, description="KEY=VALUE.",
+                                 json_schema_extra={"cli": "key=value", "flag": "opt"})  # fmt: skip
+    parts: list[str] | None = Field(
+        None, description="Comma list.", json_schema_extra={"cli": "text"}
+    )
+    lora: bool = Field(True, description="LoRA or full.", json_schema_extra={"flag": "lora/--full"})
+    inner: dict[str, Any] = Field(default_factory=dict, description="The group.",
+                                  json_schema_extra={"cli": False})  # fmt: skip
+    hidden: str = Field("x", description="Recipe-only.", json_schema_extra={"cli": False})
 
-    monkeypatch.setattr(vpd.execute, "run_execute", run_execute)
-    args = ["execute", "s.jsonl", "--questions", "q.jsonl", "--out", "o.jsonl",
-            "--tool-opt", "device=cpu", "--tool-opt", "k=3", "--workers", "4"]  # fmt: skip
-    res = CliRunner().invoke(app, args)
+    @field_validator("parts", mode="before")
+    @classmethod
+    def _csv(cls, v: Any) -> Any:
+        return v.split(",") if isinstance(v, str) else v
+
+
+def test_a_flag_reaches_its_config() -> None:
+    """Flags typed reach the config converted (KEY=VALUE lists as a dict, text as typed,
+    the group as one dict); flags not typed leave the config's defaults; a bad value is one
+    line naming the flag as typed."""
+    toy = typer.Typer()
+    runs: list[_Toy] = []
+
+    @stage_command(toy, "go", _Toy, runs.append, lambda cfg, s: "done", args=("src",),
+                   group=Group(_Inner, "inner"))  # fmt: skip
+    def go(options: dict[str, Any]) -> None:
+        """Run the toy stage."""
+
+    @toy.callback()
+    def _root() -> None:  # a group of commands, so `go` is named on the command line
+        """Toy."""
+
+    res = CliRunner().invoke(toy, ["go", "in.txt", "--k", "3", "--mode", "b", "--tags", "x",
+                                   "--tags", "y", "--opt", "a=1", "--opt", "b=[1, 2]",
+                                   "--parts", "p,q", "--full", "--base-url", "u1"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    (cfg,) = built
-    assert cfg.tools == {"device": "cpu", "k": 3} and cfg.workers == 4
-    assert str(cfg.samples) == "s.jsonl" and str(cfg.out) == "o.jsonl"
-    assert cfg.timeout == type(cfg).model_fields["timeout"].default
+    (cfg,) = runs
+    assert cfg.src == Path("in.txt") and cfg.k == 3 and cfg.mode == "b"
+    assert cfg.tags == ["x", "y"] and cfg.opts == {"a": 1, "b": [1, 2]}
+    assert cfg.parts == ["p", "q"] and cfg.lora is False and cfg.hidden == "x"
+    assert cfg.inner == {"url": ["u1"]}  # retries not typed: not passed
+    runs.clear()
+    CliRunner().invoke(toy, ["go", "in.txt"])
+    assert runs[0] == _Toy(src=Path("in.txt"))  # every default the config's own
+    res = CliRunner().invoke(toy, ["go", "in.txt", "--k", "0", "--opt", "z=1"])
+    assert isinstance(res.exception, VpdError)
+    assert str(res.exception) == "--k: Input should be greater than or equal to 1"
+    help_text = CliRunner().invoke(toy, ["go", "--help"], env={"COLUMNS": "200"}).output
+    assert "--hidden" not in help_text and "--base-url" in help_text and "--lora" in help_text

@@ -13,18 +13,26 @@ from typing import Any
 
 import typer
 
-from vpd.data.importer import ImportConfig
-from vpd.data.synth import SynthConfig
+from vpd.data.importer import ImportConfig, run_import
+from vpd.data.importer import summary_line as import_line
+from vpd.data.synth import SynthConfig, run_synth
+from vpd.data.synth import summary_line as synth_line
 from vpd.errors import VpdError
-from vpd.evaluate import EvalConfig
-from vpd.execute.runner import ExecuteConfig
-from vpd.export import ExportConfig
-from vpd.flags import Group, config_command, option, validation_line
+from vpd.evaluate import EvalConfig, run_eval
+from vpd.evaluate import summary_line as eval_line
+from vpd.execute.runner import ExecuteConfig, run_execute
+from vpd.execute.runner import summary_line as execute_line
+from vpd.export import ExportConfig, run_export
+from vpd.export import summary_line as export_line
+from vpd.flags import Group, config_command, option, stage_command, validation_line
 from vpd.llm.config import LLMConfig
-from vpd.rationalize import RationalizeConfig
-from vpd.sample.runner import SampleConfig
+from vpd.rationalize import RationalizeConfig, run_rationalize
+from vpd.rationalize import summary_line as rationalize_line
+from vpd.sample.runner import SampleConfig, run_sample
+from vpd.sample.runner import summary_line as sample_line
 from vpd.tune.config import TuneConfig
-from vpd.verify import VerifyConfig
+from vpd.verify import VerifyConfig, run_verify
+from vpd.verify import summary_line as verify_line
 
 app = typer.Typer(
     help=(
@@ -120,7 +128,7 @@ def status(
 # ----------------------------------------------------------------------------- data
 
 
-@config_command(data_app, "synth", SynthConfig)
+@stage_command(data_app, "synth", SynthConfig, run_synth, synth_line)
 def data_synth(options: dict[str, Any]) -> None:
     """Draw synthetic shape scenes with ground-truth scene graphs and templated questions.
 
@@ -132,21 +140,9 @@ def data_synth(options: dict[str, Any]) -> None:
 
       vpd data synth --out data/synth --n 1000 --seed 0 --test-frac 0.2
     """
-    from vpd.data.synth import run_synth
-    from vpd.progress import console
-
-    cfg = SynthConfig(**options)
-    out = cfg.out
-    s = run_synth(cfg)
-    state = "already complete, kept" if s["skipped"] else f"written in {s['wall_s']}s"
-    val = f" / {s['val']} val" if s.get("val") else ""
-    console().print(
-        f"synth {out}: {s['questions']} questions ({s['train']} train{val} / {s['test']} test) "
-        f"on {s['images']} images; {state}"
-    )
 
 
-@config_command(data_app, "import", ImportConfig, args=("input",))
+@stage_command(data_app, "import", ImportConfig, run_import, import_line, args=("input",))
 def data_import(options: dict[str, Any]) -> None:
     """Import questions: official benchmark files as released, or JSONL/CSV/HF datasets.
 
@@ -175,19 +171,6 @@ def data_import(options: dict[str, Any]) -> None:
       vpd data import ./gqa_saved --hf-split validation --out data/gqa/test.jsonl
         --question-field question --answers-field answer
     """
-    from vpd.data.importer import run_import
-    from vpd.progress import console
-
-    cfg = ImportConfig(**options)
-    input, out = cfg.input, cfg.out
-    s = run_import(cfg)
-    msg = (
-        f"import {input} -> {out}: {s['written']} written, {s['already_done']} already done, "
-        f"{s['rejected']} rejected"
-    )
-    if s["rejects"]:
-        msg += f" (reasons in {s['rejects']})"
-    console().print(msg)
 
 
 # ----------------------------------------------------------------------------- verify / rationalize
@@ -213,7 +196,9 @@ def _llm_spec(
     return {k: v for k, v in spec.items() if v is not None}
 
 
-@config_command(app, "verify", VerifyConfig, args=("executions",), group=JUDGE)
+@stage_command(
+    app, "verify", VerifyConfig, run_verify, verify_line, args=("executions",), group=JUDGE
+)
 def verify(options: dict[str, Any]) -> None:
     """Score every executed program against the gold answers and keep the correct ones.
 
@@ -227,21 +212,17 @@ def verify(options: dict[str, Any]) -> None:
         --metric vqa --threshold 0.6 --policy majority --judge --backend openai
         --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
     """
-    from vpd.progress import console
-    from vpd.verify import run_verify
-
-    cfg = VerifyConfig(**options)
-    out = cfg.out
-    s = run_verify(cfg)
-    f = s["funnel"]
-    console().print(
-        f"verify -> {out}: {s['written']} written; kept {f['kept']}/{f['samples']} programs, "
-        f"{f['questions_with_kept']}/{f['questions']} questions with a kept program"
-        + (f"; {s['rejects']} rejected input lines" if s["rejects"] else "")
-    )
 
 
-@config_command(app, "rationalize", RationalizeConfig, args=("verified",), group=JUDGE)
+@stage_command(
+    app,
+    "rationalize",
+    RationalizeConfig,
+    run_rationalize,
+    rationalize_line,
+    args=("verified",),
+    group=JUDGE,
+)
 def rationalize(options: dict[str, Any]) -> None:
     """Turn kept programs and their traces into answer + rationale training records.
 
@@ -256,27 +237,12 @@ def rationalize(options: dict[str, Any]) -> None:
       vpd rationalize verified.jsonl --questions train.jsonl --out sft.jsonl --mode llm
         --backend openai --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
     """
-    from vpd.progress import console
-    from vpd.rationalize import run_rationalize
-
-    cfg = RationalizeConfig(**options)
-    out, mode = cfg.out, cfg.mode
-    s = run_rationalize(cfg)
-    msg = (
-        f"rationalize -> {out}: {s['answer_records']} answer + {s['rationale_records']} "
-        f"rationale records ({s['labelled_answer_records']} from labels)"
-    )
-    if mode == "llm":
-        msg += f"; {s['llm_fallback_to_template']} template fallbacks"
-    if s["rejects"]:
-        msg += f"; {s['rejects']} rejected input lines (reasons in {out}.rejects.jsonl)"
-    console().print(msg)
 
 
 # ----------------------------------------------------------------------------- execute
 
 
-@config_command(app, "execute", ExecuteConfig, args=("samples",))
+@stage_command(app, "execute", ExecuteConfig, run_execute, execute_line, args=("samples",))
 def execute(options: dict[str, Any]) -> None:
     """Run every sampled program in the sandbox against the vision tools.
 
@@ -294,28 +260,12 @@ def execute(options: dict[str, Any]) -> None:
       vpd execute samples.jsonl --questions gqa.jsonl --out exec.jsonl --backend hf
         --tool-opt device=cuda --tool-opt vqa=Qwen/Qwen2-VL-7B-Instruct
     """
-    from vpd.execute import run_execute
-    from vpd.progress import console
-
-    cfg = ExecuteConfig(**options)
-    out = cfg.out
-    s = run_execute(cfg)
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items())) or "nothing new"
-    msg = (
-        f"execute -> {out}: {s['written']} written ({counts}), {s['already_done']} already "
-        f"done, {s['programs_per_s']} programs/s"
-    )
-    if "cache_hit_rate" in s:
-        msg += f", tool cache hit rate {s['cache_hit_rate']:.0%}"
-    if s["rejected"]:
-        msg += f"; {s['rejected']} rejected input lines (see {out}.rejects.jsonl)"
-    console().print(msg)
 
 
 # ----------------------------------------------------------------------------- eval
 
 
-@config_command(app, "eval", EvalConfig, args=("model",))
+@stage_command(app, "eval", EvalConfig, run_eval, eval_line, args=("model",))
 def eval_(options: dict[str, Any]) -> None:
     """Evaluate a VLM's direct answers (greedy, VPD answer prompt) on a question set.
 
@@ -331,27 +281,6 @@ def eval_(options: dict[str, Any]) -> None:
       vpd eval llava-1.5-7b-hf/ --questions vqa_val.jsonl --out p.0.jsonl --shard 0/8
         --device cuda --batch-size 32 --rationale
     """
-    from vpd.evaluate import run_eval
-    from vpd.progress import console
-
-    cfg = EvalConfig(**options)
-    out = cfg.out
-    r = run_eval(cfg)
-    acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
-    msg = (
-        f"eval -> {out}: accuracy {acc} on {r['predicted']}/{r['questions']} questions "
-        f"({r['new']} new, {r['already_done']} already done"
-        + (f", {r['examples_per_s']} examples/s" if r["examples_per_s"] else "")
-        + ")"
-    )
-    base = r.get("majority_baseline")
-    if base and base.get("accuracy") is not None:
-        msg += f"; majority baseline {100 * base['accuracy']:.1f}%"
-    if r.get("rationale_accuracy") is not None:
-        msg += f"; rationale accuracy {100 * r['rationale_accuracy']:.1f}%"
-    if r["rejected"]:
-        msg += f"; {r['rejected']} rejected (see {out}.rejects.jsonl)"
-    console().print(msg)
 
 
 # ----------------------------------------------------------------------------- tune
@@ -535,7 +464,15 @@ def sdvp(
 # ----------------------------------------------------------------------------- sample / serve
 
 
-@config_command(app, "sample", SampleConfig, args=("questions",), group=Group(LLMConfig, "llm"))
+@stage_command(
+    app,
+    "sample",
+    SampleConfig,
+    run_sample,
+    sample_line,
+    args=("questions",),
+    group=Group(LLMConfig, "llm"),
+)
 def sample(options: dict[str, Any]) -> None:
     """Ask an LLM for K candidate programs per question (resumable: re-run to continue).
 
@@ -548,15 +485,6 @@ def sample(options: dict[str, Any]) -> None:
 
       vpd sample q.jsonl --out s.jsonl --prompt visprog/v1 --shard 0/4
     """
-    from vpd.sample import print_summary, run_sample
-
-    llm = options["llm"]
-    # A server URL means a served model: the openai backend unless another is named.
-    llm.setdefault("backend", "openai" if llm.get("base_urls") else "local")
-    if llm.get("base_urls") and llm["backend"] != "openai":
-        _fail(f"--base-url is for --backend openai, not {llm['backend']}")
-    cfg = SampleConfig(**options)
-    print_summary(run_sample(cfg))
 
 
 @app.command()
@@ -635,7 +563,7 @@ def merge(
 # ----------------------------------------------------------------------------- export
 
 
-@config_command(app, "export", ExportConfig, args=("sft",))
+@stage_command(app, "export", ExportConfig, run_export, export_line, args=("sft",))
 def export(options: dict[str, Any]) -> None:
     """Write SFT records in the layout another trainer loads without edits.
 
@@ -655,20 +583,6 @@ def export(options: dict[str, Any]) -> None:
 
       vpd export runs/demo/sft.jsonl --format hf --out exports/hf --task rationale
     """
-    from vpd.export import run_export
-    from vpd.progress import console
-
-    cfg = ExportConfig(**options)
-    out, fmt = cfg.out, cfg.fmt
-    s = run_export(cfg)
-    if s["skipped"]:
-        console().print(f"export {out}: up to date ({s['records']} records), nothing to do")
-        return
-    per = ", ".join(f"{n} {t}" for t, n in s["per_task"].items()) or "no records"
-    msg = f"export {fmt} -> {out}: {s['records']} records ({per}); load with {s['load']}"
-    if s["rejected"]:
-        msg += f"; {s['rejected']} rejected (reasons in {s['rejects_file']})"
-    console().print(msg)
 
 
 # ----------------------------------------------------------------------------- view / report

@@ -592,3 +592,22 @@ def read_preds(path: Path) -> list[dict[str, Any]]:
             if isinstance(rec, dict) and isinstance(rec.get("id"), str):
                 out.append(rec)
     return out
+
+
+def summary_line(cfg: EvalConfig, r: dict[str, Any]) -> str:
+    """What `vpd eval` prints when it is done."""
+    acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+    msg = (
+        f"eval -> {cfg.out}: accuracy {acc} on {r['predicted']}/{r['questions']} questions "
+        f"({r['new']} new, {r['already_done']} already done"
+        + (f", {r['examples_per_s']} examples/s" if r["examples_per_s"] else "")
+        + ")"
+    )
+    base = r.get("majority_baseline")
+    if base and base.get("accuracy") is not None:
+        msg += f"; majority baseline {100 * base['accuracy']:.1f}%"
+    if r.get("rationale_accuracy") is not None:
+        msg += f"; rationale accuracy {100 * r['rationale_accuracy']:.1f}%"
+    if r["rejected"]:
+        msg += f"; {r['rejected']} rejected (see {cfg.out}.rejects.jsonl)"
+    return msg

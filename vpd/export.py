@@ -480,3 +480,14 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         # trl/hf: the meta travels inside the staged folder, so a swapped-in export has it.
         atomic_write_json(dest / _meta_path(cfg).name, meta, indent=2)
     return {**summary, "skipped": False, "wall_s": round(time.time() - t0, 3)}
+
+
+def summary_line(cfg: ExportConfig, s: dict[str, Any]) -> str:
+    """What `vpd export` prints when it is done."""
+    if s["skipped"]:
+        return f"export {cfg.out}: up to date ({s['records']} records), nothing to do"
+    per = ", ".join(f"{n} {t}" for t, n in s["per_task"].items()) or "no records"
+    msg = f"export {cfg.fmt} -> {cfg.out}: {s['records']} records ({per}); load with {s['load']}"
+    if s["rejected"]:
+        msg += f"; {s['rejected']} rejected (reasons in {s['rejects_file']})"
+    return msg

@@ -192,6 +192,32 @@ def config_command(
     return register
 
 
+def stage_command(
+    app: typer.Typer,
+    name: str,
+    cls: type[BaseModel],
+    run: Callable[[Any], Any],
+    line: Callable[[Any, Any], str],
+    **how: Any,
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """:func:`config_command` for a stage: the config is built from the flags, ``run``
+    runs it and ``line(cfg, summary)`` is printed. The decorated function gives the help
+    (its docstring) and may adjust the given flags first (its body)."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def body(options: dict[str, Any], **hand: Any) -> None:
+            from vpd.progress import console
+
+            fn(options, **hand)
+            cfg = cls(**options)
+            console().print(line(cfg, run(cfg)), highlight=False)
+
+        return config_command(app, name, cls, **how)(body)
+
+    return register
+
+
 def validation_line(e: ValidationError, fields: dict[str, FieldInfo] | None = None) -> str:
     """A config's validation error as one line, each error named by its flag (``fields``:
     the command's flags, whose names may differ from the fields')."""

@@ -598,3 +598,16 @@ def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
             llm_fallback_to_template=rat.fallbacks if rat else 0,
         )
     return summary
+
+
+def summary_line(cfg: RationalizeConfig, s: dict[str, Any]) -> str:
+    """What `vpd rationalize` prints when it is done."""
+    msg = (
+        f"rationalize -> {cfg.out}: {s['answer_records']} answer + {s['rationale_records']} "
+        f"rationale records ({s['labelled_answer_records']} from labels)"
+    )
+    if cfg.mode == "llm":
+        msg += f"; {s['llm_fallback_to_template']} template fallbacks"
+    if s["rejects"]:
+        msg += f"; {s['rejects']} rejected input lines (reasons in {cfg.out}.rejects.jsonl)"
+    return msg

@@ -395,3 +395,13 @@ def run_verify(cfg: VerifyConfig, judge: Any = None) -> dict[str, Any]:
         "samples_per_s": round(written / wall, 1) if wall > 0 else None,
         "funnel": fun,
     }
+
+
+def summary_line(cfg: VerifyConfig, s: dict[str, Any]) -> str:
+    """What `vpd verify` prints when it is done."""
+    f = s["funnel"]
+    return (
+        f"verify -> {cfg.out}: {s['written']} written; kept {f['kept']}/{f['samples']} "
+        f"programs, {f['questions_with_kept']}/{f['questions']} questions with a kept program"
+        + (f"; {s['rejects']} rejected input lines" if s["rejects"] else "")
+    )

@@ -477,3 +477,12 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
         "wall_s": round(wall, 3),
         "rows_per_s": round(counts["read"] / max(wall, 1e-9), 1),
     }
+
+
+def summary_line(cfg: ImportConfig, s: dict[str, Any]) -> str:
+    """What `vpd data import` prints when it is done."""
+    msg = (
+        f"import {cfg.input} -> {cfg.out}: {s['written']} written, {s['already_done']} "
+        f"already done, {s['rejected']} rejected"
+    )
+    return msg + (f" (reasons in {s['rejects']})" if s["rejects"] else "")

@@ -837,3 +837,13 @@ def generate(
         "qtypes": per_type,
         "questions_per_s": round(total / max(wall, 1e-9), 1),
     }
+
+
+def summary_line(cfg: SynthConfig, s: dict[str, Any]) -> str:
+    """What `vpd data synth` prints when it is done."""
+    state = "already complete, kept" if s["skipped"] else f"written in {s['wall_s']}s"
+    val = f" / {s['val']} val" if s.get("val") else ""
+    return (
+        f"synth {cfg.out}: {s['questions']} questions ({s['train']} train{val} / "
+        f"{s['test']} test) on {s['images']} images; {state}"
+    )

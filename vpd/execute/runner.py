@@ -288,3 +288,17 @@ def _summary(
     }
     summary.update(_cache_stats(tools))
     return summary
+
+
+def summary_line(cfg: ExecuteConfig, s: dict[str, Any]) -> str:
+    """What `vpd execute` prints when it is done."""
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items())) or "nothing new"
+    msg = (
+        f"execute -> {cfg.out}: {s['written']} written ({counts}), {s['already_done']} "
+        f"already done, {s['programs_per_s']} programs/s"
+    )
+    if "cache_hit_rate" in s:
+        msg += f", tool cache hit rate {s['cache_hit_rate']:.0%}"
+    if s["rejected"]:
+        msg += f"; {s['rejected']} rejected input lines (see {cfg.out}.rejects.jsonl)"
+    return msg

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vpd.sample.runner import SampleConfig, print_summary, run_sample
+    from vpd.sample.runner import SampleConfig, run_sample, summary_line
 
-__all__ = ["SampleConfig", "print_summary", "run_sample"]
+__all__ = ["SampleConfig", "run_sample", "summary_line"]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,7 +21,7 @@ from vpd.llm import make_llm
 from vpd.llm.base import LLM, Completion, GenParams, stream
 from vpd.llm.config import LLMConfig
 from vpd.options import force_field, progress_field, shard_field
-from vpd.progress import console, progress_bar
+from vpd.progress import progress_bar
 from vpd.records import Question, Sample, Usage, sample_id
 from vpd.sample.extract import extract_program
 from vpd.sample.prompt import PromptTemplate
@@ -224,11 +224,12 @@ def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
     return summary
 
 
-def print_summary(s: dict[str, Any]) -> None:
+def summary_line(cfg: SampleConfig, s: dict[str, Any]) -> str:
+    """What `vpd sample` prints when it is done."""
     msg = (
         f"sample -> {s['out']}: {s['written']} written ({s['valid']} valid, {s['invalid']} "
         f"without a usable program), {s['already_done']} already done, {s['rejected']} rejected"
     )
     if s.get("samples_per_s"):
         msg += f"; {s['samples_per_s']} programs/s, {s['tokens_per_s']} generated tokens/s"
-    console().print(msg)
+    return msg
