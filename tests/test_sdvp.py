@@ -27,17 +27,11 @@ from tests.test_eval import build_tiny_llava
 from vpd.errors import VpdError
 from vpd.metrics import paired_bootstrap
 from vpd.records import Execution, Sft, SubTask, ToolCall
-from vpd.sdvp import (
-    SdvpConfig,
-    build_report,
-    collect_subtasks,
-    pixel_box,
-    pointer_prompt,
-    run_sdvp,
-    teacher_answer,
-    teacher_input,
-    trace_subtasks,
-)
+from vpd.sdvp import SdvpConfig, run_sdvp
+from vpd.sdvp.collect import collect_subtasks, trace_subtasks
+from vpd.sdvp.eval import build_report
+from vpd.sdvp.images import pixel_box
+from vpd.sdvp.teacher import pointer_prompt, teacher_answer, teacher_input
 from vpd.tools.backends.vlm import pointer_width, view_image
 
 

@@ -35,8 +35,8 @@ from vpd.evaluate import (
 )
 from vpd.records import Question
 from vpd.runpaths import ARMS, VLM_ARMS, RunPaths, recipe_seeds, saved_recipe
-from vpd.sdvp import markdown_report as sdvp_markdown
-from vpd.sdvp import report_path as sdvp_report_path
+from vpd.sdvp.report import markdown_report as sdvp_markdown
+from vpd.sdvp.report import report_path as sdvp_report_path
 from vpd.stages import STAGES, RunFiles
 from vpd.store import atomic_write, atomic_write_json, iter_ids, read_json, read_records
 

@@ -30,6 +30,8 @@ from vpd.rationalize import RationalizeConfig, run_rationalize
 from vpd.runpaths import VLM_ARMS, RunPaths, recipe_seeds
 from vpd.sample import SampleConfig, run_sample
 from vpd.sdvp import SdvpConfig, run_sdvp
+from vpd.sdvp.collect import subtasks_path
+from vpd.sdvp.teacher import teacher_path
 from vpd.store import iter_ids, read_json
 from vpd.tune import TuneConfig, run_tune
 from vpd.tune.labels import LabelsConfig, run_labels
@@ -442,8 +444,10 @@ def _eval_progress(r: RunFiles) -> str:
 
 def _sdvp_progress(r: RunFiles) -> str:
     out = r.paths.sdvp
-    subs = r.count(out / "subtasks.jsonl")
-    answered = [f"{d.name}: {r.count(d / 'teacher.jsonl')}" for d in sorted(out.glob("*/"))]
+    subs = r.count(subtasks_path(out))
+    answered = [
+        f"{d.name}: {r.count(teacher_path(out, d.name))}" for d in sorted(out.glob("*/"))
+    ]
     answered = [a for a in answered if not a.endswith(": 0")]
     if not subs:
         return "no sub-tasks yet"
