@@ -48,6 +48,7 @@ CONFIGS = {
     "eval": "vpd.evaluate:EvalConfig",
     "tune": "vpd.tune.config:TuneConfig",
     "export": "vpd.export:ExportConfig",
+    "view": "vpd.view.command:ViewConfig",
 }
 
 

@@ -33,6 +33,8 @@ from vpd.sample.runner import summary_line as sample_line
 from vpd.tune.config import TuneConfig
 from vpd.verify import VerifyConfig, run_verify
 from vpd.verify import summary_line as verify_line
+from vpd.view.command import ViewConfig, ratings_report, run_view
+from vpd.view.command import summary_line as view_line
 
 app = typer.Typer(
     help=(
@@ -588,42 +590,8 @@ def export(options: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- view / report
 
 
-def _arm_file(spec: str) -> tuple[str, Path]:
-    """``NAME=PATH`` or ``PATH`` (the arm named by the file's stem)."""
-    name, sep, path = spec.partition("=")
-    return (name, Path(path)) if sep and name else (Path(spec).stem, Path(spec))
-
-
-@app.command()
-def view(
-    run_dir: Path = typer.Argument(None, help="A run directory made by `vpd run`."),
-    out: Path = typer.Option(None, "--out", help="Site folder (default: RUN_DIR/view)."),
-    questions: list[Path] = typer.Option(
-        [], "--questions", help="Questions JSONL, without RUN_DIR (repeatable)."
-    ),
-    verified: Path = typer.Option(None, "--verified", help="Verified programs (vpd verify)."),
-    executions: Path = typer.Option(
-        None, "--executions", help="Executed programs without a verdict (vpd execute)."
-    ),
-    sft: Path = typer.Option(None, "--sft", help="SFT records: their rationales are shown."),
-    preds: list[str] = typer.Option(
-        [], "--preds", help="An arm's predictions (vpd eval): PATH or NAME=PATH (repeatable)."
-    ),
-    rate: bool = typer.Option(
-        False, "--rate", help="Add the human-evaluation questions to each rationale."
-    ),
-    copy_images: bool = typer.Option(
-        False, "--copy-images", help="Copy the images into the site (default: symbolic links)."
-    ),
-    serve: int = typer.Option(
-        None, "--serve", help="Then serve the site on this port of 127.0.0.1 (Ctrl-C stops)."
-    ),
-    ratings: Path = typer.Option(
-        None,
-        "--ratings",
-        help="With --serve: ratings JSONL to append (default SITE/ratings.jsonl).",
-    ),
-) -> None:
+@stage_command(app, "view", ViewConfig, run_view, view_line, args=("run_dir",))
+def view(options: dict[str, Any]) -> None:
     """Write a static site to browse a run: every question, its programs and their steps
     drawn on the image, the verdicts, the rationales and each arm's answer.
 
@@ -641,53 +609,6 @@ def view(
 
       vpd view runs/demo-cpu --rate --serve 8000
     """
-    from vpd.progress import console
-    from vpd.view import ViewInputs, run_inputs, site_dir, write_site
-
-    stage_files = questions or verified or executions or sft or preds
-    if run_dir is not None and stage_files:
-        _fail("give RUN_DIR or the stage files (--questions, --verified...), not both")
-    if run_dir is None and not questions and not (serve is not None and out is not None):
-        _fail("give a RUN_DIR, or --questions with the stage files (see `vpd view --help`)")
-    if out is None:
-        if run_dir is None:
-            _fail("--out is needed without RUN_DIR")
-        out = site_dir(run_dir)
-    con = console()
-    if run_dir is not None or questions:
-        if run_dir is not None:
-            if not run_dir.is_dir():
-                _fail(f"run directory not found: {run_dir}")
-            inputs = run_inputs(run_dir)
-        else:
-            inputs = ViewInputs(
-                questions=list(questions),
-                verified=verified,
-                executions={"execute": executions} if executions else {},
-                sft=sft,
-                preds=dict(_arm_file(p) for p in preds),
-            )
-        s = write_site(inputs, out, rate=rate, copy_images=copy_images)
-        msg = (
-            f"view -> {s.index}: {s.questions} questions, {s.programs} programs, "
-            f"{s.rationales} rationales" + (f", arms {', '.join(s.arms)}" if s.arms else "")
-        )
-        for what, n in s.skipped.items():
-            msg += f"; {n} bad lines skipped in {what}"
-        con.print(msg, markup=False, highlight=False, soft_wrap=True)
-    if serve is not None:
-        from vpd.view.server import make_server
-
-        path = ratings or out / "ratings.jsonl"
-        httpd = make_server(out, serve, path)
-        port = httpd.server_address[1]
-        con.print(f"serving {out} at http://127.0.0.1:{port}/ (ratings -> {path}; Ctrl-C stops)")
-        try:
-            httpd.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            httpd.server_close()
 
 
 @app.command()
@@ -713,33 +634,16 @@ def report(
       vpd report --ratings ratings.jsonl --out ratings-table.md
     """
     from vpd.progress import console
+    from vpd.report import write_report
 
     if run_dir is None and not ratings:
         _fail("give a RUN_DIR or --ratings FILE (see `vpd report --help`)")
-    con = console()
     if run_dir is not None:
-        from vpd.report import write_report
-
         if not (run_dir / "recipe.yaml").exists():
             _fail(f"{run_dir} is not a vpd run directory (no recipe.yaml)")
-        con.print(f"report: {write_report(run_dir)['md']}")
+        console().print(f"report: {write_report(run_dir)['md']}")
     if ratings:
-        import json
-
-        from vpd.view.ratings import ratings_markdown, ratings_table, read_ratings
-
-        recs = read_ratings(ratings)
-        if not recs:
-            _fail(f"no ratings in {', '.join(map(str, ratings))}")
-        table = ratings_table(recs)
-        md = ratings_markdown(table)
-        print(md, end="")
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(md, encoding="utf-8")
-            js = out.with_suffix(".json")
-            js.write_text(json.dumps(table, indent=2), encoding="utf-8")
-            con.print(f"ratings table: {out} and {js}")
+        print(ratings_report(ratings, out)["markdown"], end="")
 
 
 # ----------------------------------------------------------------------------- entry point
