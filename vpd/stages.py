@@ -445,9 +445,7 @@ def _eval_progress(r: RunFiles) -> str:
 def _sdvp_progress(r: RunFiles) -> str:
     out = r.paths.sdvp
     subs = r.count(subtasks_path(out))
-    answered = [
-        f"{d.name}: {r.count(teacher_path(out, d.name))}" for d in sorted(out.glob("*/"))
-    ]
+    answered = [f"{d.name}: {r.count(teacher_path(out, d.name))}" for d in sorted(out.glob("*/"))]
     answered = [a for a in answered if not a.endswith(": 0")]
     if not subs:
         return "no sub-tasks yet"
