@@ -49,6 +49,7 @@ CONFIGS = {
     "tune": "vpd.tune.config:TuneConfig",
     "export": "vpd.export:ExportConfig",
     "view": "vpd.view.command:ViewConfig",
+    "sdvp": "vpd.sdvp.config:SdvpConfig",
 }
 
 

@@ -506,8 +506,8 @@ def test_cli_help_and_errors(
     ex, q = str(executed["train_executions"]), str(executed["train_questions"])
     base = [ex, "--questions", q, "--teacher", "t", "--out", str(tmp_path / "o")]
     cases = [
-        (["--view", "zoom"], "--view must be one of pointer, crop"),
-        (["--until", "later"], "--until must be one of"),
+        (["--view", "zoom"], "--view: Input should be 'pointer' or 'crop'"),
+        (["--until", "later"], "--until: Input should be 'collect'"),
         (["--tool-opt", "vqa=x"], "set by sdvp itself"),
         (["--ops", "find"], "ops must be some of"),
         (["--tune-set", "lrr=1"], "lrr"),

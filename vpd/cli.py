@@ -30,6 +30,8 @@ from vpd.rationalize import RationalizeConfig, run_rationalize
 from vpd.rationalize import summary_line as rationalize_line
 from vpd.sample.runner import SampleConfig, run_sample
 from vpd.sample.runner import summary_line as sample_line
+from vpd.sdvp import SdvpConfig, run_sdvp
+from vpd.sdvp.report import summary_line as sdvp_line
 from vpd.tune.config import TuneConfig
 from vpd.verify import VerifyConfig, run_verify
 from vpd.verify import summary_line as verify_line
@@ -178,24 +180,8 @@ def data_import(options: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- verify / rationalize
 
 
-def _key_values(items: list[str], flag: str) -> dict[str, Any]:
-    """``KEY=VALUE`` strings -> a dict; values parse as YAML (numbers, booleans, lists)."""
-    from vpd.options import split_option
-
-    return dict(split_option(item, flag, "KEY=VALUE") for item in items)
-
-
 # The LLM flags of the commands whose LLM is optional (verify's judge, rationalize's llm mode).
 JUDGE = Group(LLMConfig, "llm", only=("backend", "model", "base_urls", "api_key"))
-
-
-def _llm_spec(
-    backend: str | None, model: str | None, base_url: list[str], api_key: str | None
-) -> dict:
-    """LLM flags -> a vpd.llm.LLMConfig-shaped dict (unset flags keep LLMConfig defaults)."""
-    spec: dict = {"backend": backend, "model": model, "base_urls": base_url or None}
-    spec["api_key"] = api_key
-    return {k: v for k, v in spec.items() if v is not None}
 
 
 @stage_command(
@@ -333,52 +319,8 @@ def tune(options: dict[str, Any], recipe: Path | None, set_: list[str] | None) -
 # ----------------------------------------------------------------------------- sdvp
 
 
-@app.command()
-def sdvp(
-    executions: Path = typer.Argument(
-        ..., help="Executions JSONL whose traces give the sub-tasks."
-    ),
-    questions: Path = typer.Option(..., "--questions", help="Their questions JSONL (images)."),
-    teacher: str = typer.Option(..., "--teacher", help="Teacher VLM: folder, hub id, or tiny."),
-    out: Path = typer.Option(..., "--out", help="Output folder (sdvp.json is the report)."),
-    student: str = typer.Option("tiny", help="The tools' VLM to distil into (tune's init)."),
-    ops: str = typer.Option(
-        "simple_query,verify_property,best_text_match", help="Tool ops to distil (comma list)."
-    ),
-    view: str = typer.Option("pointer", help="What the teacher sees: pointer (box drawn) | crop."),
-    rewrite: bool = typer.Option(
-        True, "--rewrite/--no-rewrite", help="Visual pointer prompt: name the object (in the box)."
-    ),
-    ablation: bool = typer.Option(False, help="Also distil with the other adapter (ablation)."),
-    tool_view: str = typer.Option("crop", "--tool-view", help="What the tool shows its VLM."),
-    holdout_types: str = typer.Option(
-        None, "--holdout-types", help="Question types left out (cross-task check), comma list."
-    ),
-    eval_samples: Path = typer.Option(None, "--eval-samples", help="Held-out programs JSONL."),
-    eval_questions: Path = typer.Option(None, "--eval-questions", help="Their questions JSONL."),
-    backend: str = typer.Option("synthetic", help="Tool backend for the evaluation runs."),
-    tool_opt: list[str] = typer.Option(
-        None, "--tool-opt", help="Other backend option KEY=VALUE (repeatable)."
-    ),
-    tune_recipe: Path = typer.Option(None, "--tune-recipe", help="vpd tune options YAML."),
-    tune_set: list[str] = typer.Option(
-        None, "--tune-set", help="Override a tune option: key=value (repeatable)."
-    ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Teacher sub-tasks per batch."),
-    max_new_tokens: int = typer.Option(10, "--max-new-tokens", min=1, help="Answer tokens."),
-    device: str = typer.Option("auto", help="auto|cpu|cuda (teacher and tools' VLM)."),
-    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16."),
-    limit: int = typer.Option(None, min=1, help="Distil at most N sub-tasks."),
-    workers: int = typer.Option(
-        16, min=1, help="Programs at once in the eval runs (their VLM calls batch together)."
-    ),
-    until: str = typer.Option("eval", help="Stop after: collect|teacher|sft|tune|eval."),
-    shard: str = typer.Option(
-        None, help="Teacher step only: answer shard i/n of the sub-tasks (then vpd merge)."
-    ),
-    force: bool = typer.Option(False, help="Start a step over if it holds other options."),
-    progress: bool = typer.Option(True, help="Show progress bars and the result table."),
-) -> None:
+@stage_command(app, "sdvp", SdvpConfig, run_sdvp, sdvp_line, args=("executions",))
+def sdvp(options: dict[str, Any]) -> None:
     """Stepwise distillation (SDVP): distil a teacher into the tools' own VLM.
 
     A teacher answers every VLM step (simple_query, verify_property,
@@ -405,62 +347,6 @@ def sdvp(
 
       vpd merge --out sdvp/pointer/teacher.jsonl sdvp/pointer/teacher.shard-*.jsonl
     """
-    from vpd.progress import console
-    from vpd.sdvp import SdvpConfig, print_report, run_sdvp
-
-    choices = {
-        "view": ("pointer", "crop"),
-        "tool-view": ("crop", "pointer"),
-        "device": ("auto", "cpu", "cuda"),
-        "dtype": ("auto", "float32", "bfloat16", "float16"),
-        "until": ("collect", "teacher", "sft", "tune", "eval"),
-    }
-    for flag, value in (
-        ("view", view),
-        ("tool-view", tool_view),
-        ("device", device),
-        ("dtype", dtype),
-        ("until", until),
-    ):
-        if value not in choices[flag]:
-            _fail(f"--{flag} must be one of {', '.join(choices[flag])}, got {value!r}")
-    cfg = SdvpConfig(
-        executions=executions,
-        questions=questions,
-        teacher=teacher,
-        out=out,
-        student=student,
-        ops=ops,
-        view=view,  # type: ignore[arg-type]
-        rewrite=rewrite,
-        ablation=ablation,
-        tool_view=tool_view,  # type: ignore[arg-type]
-        holdout_types=holdout_types or [],
-        eval_samples=eval_samples,
-        eval_questions=eval_questions,
-        backend=backend,
-        tools=_key_values(tool_opt or [], "--tool-opt"),
-        tune_recipe=tune_recipe,
-        tune=_key_values(tune_set or [], "--tune-set"),
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        device=device,  # type: ignore[arg-type]
-        dtype=dtype,  # type: ignore[arg-type]
-        limit=limit,
-        workers=workers,
-        until=until,  # type: ignore[arg-type]
-        shard=shard,
-        force=force,
-        progress=progress,
-    )
-    rep = run_sdvp(cfg)
-    if progress:
-        print_report(rep)
-    msg = f"sdvp -> {out}: report in {out / 'sdvp.json'}"
-    rejected = (rep.get("subtasks") or {}).get("rejected_input_lines")
-    if rejected:
-        msg += f"; {rejected} rejected input lines (reasons in {out / 'subtasks.rejects.jsonl'})"
-    console().print(msg)
 
 
 # ----------------------------------------------------------------------------- sample / serve

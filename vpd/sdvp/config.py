@@ -24,41 +24,71 @@ class SdvpConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    executions: Path
-    questions: Path
-    teacher: str = Field(min_length=1, description="Teacher VLM folder, hub id, or tiny.")
-    out: Path
-    student: str = Field("tiny", min_length=1, description="The tools' VLM to distill into.")
-    ops: list[str] = Field(default_factory=lambda: list(VLM_OPS))
-    view: Literal["pointer", "crop"] = "pointer"
-    rewrite: bool = True  # the visual pointer prompt: name the object (and the box)
-    ablation: bool = False  # also distil with the other adapter (the paper's ablation)
-    tool_view: Literal["crop", "pointer"] = "crop"  # what the tool shows its VLM
-    holdout_types: list[str] = Field(default_factory=list)
+    executions: Path = Field(description="Executions JSONL whose traces give the sub-tasks.")
+    questions: Path = Field(description="Their questions JSONL (images).")
+    teacher: str = Field(min_length=1, description="Teacher VLM: folder, hub id, or tiny.")
+    out: Path = Field(description="Output folder (sdvp.json is the report).")
+    student: str = Field(
+        "tiny", min_length=1, description="The tools' VLM to distil into (tune's init)."
+    )
+    ops: list[str] = Field(
+        default_factory=lambda: list(VLM_OPS),
+        description="Tool ops to distil (comma list).",
+        json_schema_extra={"cli": "text"},
+    )
+    view: Literal["pointer", "crop"] = Field(
+        "pointer", description="What the teacher sees: pointer (box drawn) | crop."
+    )
+    rewrite: bool = Field(True, description="Visual pointer prompt: name the object (in the box).")
+    ablation: bool = Field(False, description="Also distil with the other adapter (ablation).")
+    tool_view: Literal["crop", "pointer"] = Field(
+        "crop", description="What the tool shows its VLM."
+    )
+    holdout_types: list[str] = Field(
+        default_factory=list,
+        description="Question types left out (cross-task check), comma list.",
+        json_schema_extra={"cli": "text"},
+    )
     limit: int | None = Field(None, ge=1, description="Distil at most N sub-tasks.")
-    batch_size: int = Field(8, ge=1)
-    max_new_tokens: int = Field(10, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    tune_recipe: Path | None = None
-    tune: dict[str, Any] = Field(default_factory=dict, description="vpd tune options.")
-    eval_samples: Path | None = None
-    eval_questions: Path | None = None
-    backend: str = "synthetic"
-    tools: dict[str, Any] = Field(default_factory=dict, description="Other tool options.")
+    batch_size: int = Field(8, ge=1, description="Teacher sub-tasks per batch.")
+    max_new_tokens: int = Field(10, ge=1, description="Answer tokens.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the teacher and the tools' VLM run."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="The VLMs' dtype."
+    )
+    tune_recipe: Path | None = Field(None, description="vpd tune options YAML.")
+    tune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Override a tune option: key=value (repeatable).",
+        json_schema_extra={"cli": "key=value", "flag": "tune-set"},
+    )
+    eval_samples: Path | None = Field(None, description="Held-out programs JSONL.")
+    eval_questions: Path | None = Field(None, description="Their questions JSONL.")
+    backend: str = Field("synthetic", description="Tool backend for the evaluation runs.")
+    tools: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other backend option KEY=VALUE (repeatable).",
+        json_schema_extra={"cli": "key=value", "flag": "tool-opt"},
+    )
     # Programs at once in the eval runs: their VLM calls reach the tool server together and
     # are answered in one batch, so more programs than cores keep the VLM's batches full.
-    workers: int | None = Field(16, ge=1)
-    timeout: float = Field(10.0, gt=0)
-    bootstrap: int = Field(2000, ge=100)
-    seed: int = 0
-    until: Until = "eval"
+    workers: int | None = Field(
+        16, ge=1, description="Programs at once in the eval runs (their VLM calls batch together)."
+    )
+    timeout: float = Field(10.0, gt=0, description="Seconds per program in the eval runs.")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the intervals.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+    until: Until = Field("eval", description="Stop after this step.")
     # The teacher step split over machines: each answers its share of the sub-tasks (by id
     # hash) into <variant>/teacher.shard-I-of-N.jsonl; `vpd merge` joins them into
     # <variant>/teacher.jsonl, and a run without --shard goes on from there.
-    shard: str | None = None
-    force: bool = False
-    progress: bool = True
+    shard: str | None = Field(
+        None, description="Teacher step only: answer shard i/n of the sub-tasks (then vpd merge)."
+    )
+    force: bool = Field(False, description="Start a step over if it holds other options.")
+    progress: bool = Field(True, description="Show progress bars and the result table.")
 
     @field_validator("teacher", "student", mode="before")
     @classmethod

@@ -102,3 +102,16 @@ def markdown_report(rep: dict[str, Any]) -> list[str]:
         lines.append("")
     lines += [f"- {n}" for n in notes]
     return lines
+
+
+def summary_line(cfg: Any, rep: dict[str, Any]) -> str:
+    """What `vpd sdvp` prints when it is done (after the table, with ``progress``)."""
+    if cfg.progress:
+        print_report(rep)
+    msg = f"sdvp -> {cfg.out}: report in {cfg.out / 'sdvp.json'}"
+    rejected = (rep.get("subtasks") or {}).get("rejected_input_lines")
+    if rejected:
+        msg += (
+            f"; {rejected} rejected input lines (reasons in {cfg.out / 'subtasks.rejects.jsonl'})"
+        )
+    return msg
