@@ -102,28 +102,10 @@ def status(
 
       vpd status runs/demo-cpu
     """
-    from rich.table import Table
-
     from vpd.progress import console
-    from vpd.report import progress_counts, stage_table, write_report
-    from vpd.runpaths import RunPaths
+    from vpd.report import status_table, write_report
 
-    if not run_dir.is_dir():
-        _fail(f"run directory not found: {run_dir}")
-    if not (run_dir / "recipe.yaml").exists():
-        _fail(f"{run_dir} is not a vpd run directory (no recipe.yaml); start one with `vpd run`")
-    p = RunPaths(run_dir)
-    counts = progress_counts(p)
-    table = Table(title=f"vpd run: {run_dir}")
-    for col in ("stage", "state", "progress", "wall (s)"):
-        table.add_column(col)
-    colors = {"done": "green", "partial": "yellow", "not started": "dim"}
-    for row in stage_table(p):
-        st = row["state"]
-        table.add_row(
-            row["stage"], f"[{colors[st]}]{st}[/]", counts[row["stage"]], str(row.get("wall_s", ""))
-        )
-    console().print(table)
+    console().print(status_table(run_dir))
     if report:
         out = write_report(run_dir)
         console().print(f"report: {out['md']}")
@@ -134,46 +116,33 @@ def status(
 
 @stage_command(data_app, "synth", SynthConfig, run_synth, synth_line)
 def data_synth(options: dict[str, Any]) -> None:
-    """Draw synthetic shape scenes with ground-truth scene graphs and templated questions.
+    """Example:
 
-    --n counts questions; ceil(n / questions-per-scene) images are drawn. Question types
-    (count, exists, attribute, relation, compare, multihop, yesno) are balanced. Re-running
-    with the same options does nothing.
-
-    Example:
-
-      vpd data synth --out data/synth --n 1000 --seed 0 --test-frac 0.2
+    vpd data synth --out data/synth --n 1000 --seed 0 --test-frac 0.2
     """
 
 
 @stage_command(data_app, "import", ImportConfig, run_import, import_line, args=("input",))
 def data_import(options: dict[str, Any]) -> None:
-    """Import questions: official benchmark files as released, or JSONL/CSV/HF datasets.
+    """Example:
 
-    Official formats keep the benchmark's question ids, all human answers in order, and
-    what you may slice by in meta; test files without answers import with empty answers.
-    Bad rows (missing field or image, duplicate id...) go to OUT.rejects.jsonl with the
-    reason; the run goes on. Re-running resumes (only missing ids are written).
+    vpd data import gqa/testdev_balanced_questions.json --format gqa
+      --image-root gqa/images --out data/gqa/test.jsonl
 
-    Example:
+    vpd data import v2_OpenEnded_mscoco_val2014_questions.json --format vqav2
+      --annotations v2_mscoco_val2014_annotations.json --image-root coco/val2014
+      --out data/vqav2/val.jsonl
 
-      vpd data import gqa/testdev_balanced_questions.json --format gqa
-        --image-root gqa/images --out data/gqa/test.jsonl
+    vpd data import aokvqa_v1p0_val.json --format aokvqa --setting mc
+      --image-root coco --out data/aokvqa/val_mc.jsonl
 
-      vpd data import v2_OpenEnded_mscoco_val2014_questions.json --format vqav2
-        --annotations v2_mscoco_val2014_annotations.json --image-root coco/val2014
-        --out data/vqav2/val.jsonl
+    vpd data import nlvr2/data/dev.json --format nlvr2 --image-root nlvr2/images
+      --out data/nlvr2/dev.jsonl
 
-      vpd data import aokvqa_v1p0_val.json --format aokvqa --setting mc
-        --image-root coco --out data/aokvqa/val_mc.jsonl
+    vpd data import vqa.jsonl --out data/vqa/train.jsonl --image-root /data/coco
 
-      vpd data import nlvr2/data/dev.json --format nlvr2 --image-root nlvr2/images
-        --out data/nlvr2/dev.jsonl
-
-      vpd data import vqa.jsonl --out data/vqa/train.jsonl --image-root /data/coco
-
-      vpd data import ./gqa_saved --hf-split validation --out data/gqa/test.jsonl
-        --question-field question --answers-field answer
+    vpd data import ./gqa_saved --hf-split validation --out data/gqa/test.jsonl
+      --question-field question --answers-field answer
     """
 
 
@@ -188,17 +157,13 @@ JUDGE = Group(LLMConfig, "llm", only=("backend", "model", "base_urls", "api_key"
     app, "verify", VerifyConfig, run_verify, verify_line, args=("executions",), group=JUDGE
 )
 def verify(options: dict[str, Any]) -> None:
-    """Score every executed program against the gold answers and keep the correct ones.
+    """Example:
 
-    Writes one record per sample (kept or not, with the reason) and OUT.funnel.json.
+    vpd verify exec.jsonl --samples samples.jsonl --questions train.jsonl --out verified.jsonl
 
-    Example:
-
-      vpd verify exec.jsonl --samples samples.jsonl --questions train.jsonl --out verified.jsonl
-
-      vpd verify exec.jsonl --samples s.jsonl --questions q.jsonl --out v.jsonl
-        --metric vqa --threshold 0.6 --policy majority --judge --backend openai
-        --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
+    vpd verify exec.jsonl --samples s.jsonl --questions q.jsonl --out v.jsonl
+      --metric vqa --threshold 0.6 --policy majority --judge --backend openai
+      --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
     """
 
 
@@ -212,18 +177,12 @@ def verify(options: dict[str, Any]) -> None:
     group=JUDGE,
 )
 def rationalize(options: dict[str, Any]) -> None:
-    """Turn kept programs and their traces into answer + rationale training records.
+    """Example:
 
-    Per kept question: QID/answer (short answer) and QID/rationale (steps grounded in
-    the tool results, ending "So the answer is X."). Image paths are written relative
-    to the folder of --out.
+    vpd rationalize verified.jsonl --questions train.jsonl --out sft.jsonl --add-labelled
 
-    Example:
-
-      vpd rationalize verified.jsonl --questions train.jsonl --out sft.jsonl --add-labelled
-
-      vpd rationalize verified.jsonl --questions train.jsonl --out sft.jsonl --mode llm
-        --backend openai --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
+    vpd rationalize verified.jsonl --questions train.jsonl --out sft.jsonl --mode llm
+      --backend openai --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
     """
 
 
@@ -232,21 +191,15 @@ def rationalize(options: dict[str, Any]) -> None:
 
 @stage_command(app, "execute", ExecuteConfig, run_execute, execute_line, args=("samples",))
 def execute(options: dict[str, Any]) -> None:
-    """Run every sampled program in the sandbox against the vision tools.
+    """Example:
 
-    Each program runs in its own locked-down process (no files, no network, memory/CPU
-    limits, a wall-clock timeout); statuses: ok, error, timeout, oom, violation, crash.
-    Re-running the same command resumes.
+    vpd execute samples.jsonl --questions data/synth/train.jsonl --out exec.jsonl
 
-    Example:
+    vpd execute samples.jsonl --questions q.jsonl --out exec.0.jsonl --shard 0/4
+      --workers 16 --timeout 30
 
-      vpd execute samples.jsonl --questions data/synth/train.jsonl --out exec.jsonl
-
-      vpd execute samples.jsonl --questions q.jsonl --out exec.0.jsonl --shard 0/4
-        --workers 16 --timeout 30
-
-      vpd execute samples.jsonl --questions gqa.jsonl --out exec.jsonl --backend hf
-        --tool-opt device=cuda --tool-opt vqa=Qwen/Qwen2-VL-7B-Instruct
+    vpd execute samples.jsonl --questions gqa.jsonl --out exec.jsonl --backend hf
+      --tool-opt device=cuda --tool-opt vqa=Qwen/Qwen2-VL-7B-Instruct
     """
 
 
@@ -255,19 +208,13 @@ def execute(options: dict[str, Any]) -> None:
 
 @stage_command(app, "eval", EvalConfig, run_eval, eval_line, args=("model",))
 def eval_(options: dict[str, Any]) -> None:
-    """Evaluate a VLM's direct answers (greedy, VPD answer prompt) on a question set.
+    """Example:
 
-    Writes one prediction per question (prediction, score, qtype) and OUT.report.json
-    (accuracy overall and per question type, examples/s, majority baseline). Re-running
-    the same command resumes.
+    vpd eval runs/demo/model/final --questions data/synth/test.jsonl --out preds.jsonl
+      --train-questions data/synth/train.jsonl
 
-    Example:
-
-      vpd eval runs/demo/model/final --questions data/synth/test.jsonl --out preds.jsonl
-        --train-questions data/synth/train.jsonl
-
-      vpd eval llava-1.5-7b-hf/ --questions vqa_val.jsonl --out p.0.jsonl --shard 0/8
-        --device cuda --batch-size 32 --rationale
+    vpd eval llava-1.5-7b-hf/ --questions vqa_val.jsonl --out p.0.jsonl --shard 0/8
+      --device cuda --batch-size 32 --rationale
     """
 
 
@@ -291,20 +238,15 @@ def eval_(options: dict[str, Any]) -> None:
     ),
 )
 def tune(options: dict[str, Any], recipe: Path | None, set_: list[str] | None) -> None:
-    """Fine-tune a VLM on SFT records (HF Trainer, optional DeepSpeed ZeRO, LoRA or full).
+    """Example:
 
-    Re-running the same command resumes from the last checkpoint, or does nothing when the
-    run is finished. Flags override --recipe values (and --set key=value).
+    vpd tune runs/demo/sft.jsonl --out runs/demo/model --recipe recipes/tune-cpu.yaml
 
-    Example:
+    vpd tune sft.jsonl --out model --init llava-1.5-7b-hf/ --recipe recipes/tune-gpu.yaml
+      --deepspeed zero2 --set lr=2e-4
 
-      vpd tune runs/demo/sft.jsonl --out runs/demo/model --recipe recipes/tune-cpu.yaml
-
-      vpd tune sft.jsonl --out model --init llava-1.5-7b-hf/ --recipe recipes/tune-gpu.yaml
-        --deepspeed zero2 --set lr=2e-4
-
-      torchrun --nproc_per_node 8 -m vpd.cli tune sft.jsonl --out model --init MODEL
-        --recipe recipes/tune-gpu.yaml --deepspeed zero3
+    torchrun --nproc_per_node 8 -m vpd.cli tune sft.jsonl --out model --init MODEL
+      --recipe recipes/tune-gpu.yaml --deepspeed zero3
     """
     import json
 
@@ -321,31 +263,18 @@ def tune(options: dict[str, Any], recipe: Path | None, set_: list[str] | None) -
 
 @stage_command(app, "sdvp", SdvpConfig, run_sdvp, sdvp_line, args=("executions",))
 def sdvp(options: dict[str, Any]) -> None:
-    """Stepwise distillation (SDVP): distil a teacher into the tools' own VLM.
+    """Example:
 
-    A teacher answers every VLM step (simple_query, verify_property,
-    best_text_match) of executed programs; the tools' VLM is tuned on those
-    answers, so the same programs answer better.
+    vpd sdvp runs/demo/executions.jsonl --questions runs/demo/data/train.jsonl
+      --teacher runs/demo/model/final --out runs/demo/sdvp
+      --eval-samples test-samples.jsonl
+      --eval-questions runs/demo/data/test.jsonl
+      --tune-recipe recipes/tune-cpu.yaml --holdout-types yesno --ablation
 
-    Steps: collect the sub-tasks from the traces; the teacher answers them
-    (Teacher Input Adapter: the region drawn as a box on the image, the
-    question naming the object); sft records for the student; vpd tune; the
-    held-out programs run and are verified with the tools' VLM before, after,
-    and with the teacher as the tool (report: OUT/sdvp.json). Re-running the
-    same command resumes every step.
+    vpd sdvp exec.jsonl --questions q.jsonl --teacher /models/teacher --out sdvp
+      --until teacher --batch-size 32 --device cuda --shard 0/4
 
-    Example:
-
-      vpd sdvp runs/demo/executions.jsonl --questions runs/demo/data/train.jsonl
-        --teacher runs/demo/model/final --out runs/demo/sdvp
-        --eval-samples test-samples.jsonl
-        --eval-questions runs/demo/data/test.jsonl
-        --tune-recipe recipes/tune-cpu.yaml --holdout-types yesno --ablation
-
-      vpd sdvp exec.jsonl --questions q.jsonl --teacher /models/teacher --out sdvp
-        --until teacher --batch-size 32 --device cuda --shard 0/4
-
-      vpd merge --out sdvp/pointer/teacher.jsonl sdvp/pointer/teacher.shard-*.jsonl
+    vpd merge --out sdvp/pointer/teacher.jsonl sdvp/pointer/teacher.shard-*.jsonl
     """
 
 
@@ -362,16 +291,14 @@ def sdvp(options: dict[str, Any]) -> None:
     group=Group(LLMConfig, "llm"),
 )
 def sample(options: dict[str, Any]) -> None:
-    """Ask an LLM for K candidate programs per question (resumable: re-run to continue).
+    """Example:
 
-    Example:
+    vpd sample data/synth/train.jsonl --out samples.jsonl --k 5 --temperature 0.5
 
-      vpd sample data/synth/train.jsonl --out samples.jsonl --k 5 --temperature 0.5
+    vpd sample q.jsonl --out s.jsonl --concurrency 64
+      --base-url http://gpu1:8000/v1 --base-url http://gpu2:8000/v1   (openai backend)
 
-      vpd sample q.jsonl --out s.jsonl --concurrency 64
-        --base-url http://gpu1:8000/v1 --base-url http://gpu2:8000/v1   (openai backend)
-
-      vpd sample q.jsonl --out s.jsonl --prompt visprog/v1 --shard 0/4
+    vpd sample q.jsonl --out s.jsonl --prompt visprog/v1 --shard 0/4
     """
 
 
@@ -433,19 +360,7 @@ def merge(
     from vpd.store import merge as do_merge
 
     s = do_merge(out, inputs, force=force, allow_empty=allow_empty)
-    msg = (
-        f"merged {len(s.inputs)} files into {out}: {s.written} new records, "
-        f"{s.duplicates} duplicates skipped, {s.rejected} rejected"
-    )
-    if s.rejects is not None:
-        msg += f" (reasons in {s.rejects})"
-    if s.unfinished:
-        msg += f", {s.unfinished} unfinished last lines left for the next merge"
-    if s.skipped:
-        names = ", ".join(p.name for p in s.skipped[:3]) + (", ..." if len(s.skipped) > 3 else "")
-        msg += f"; {len(s.skipped)} side files skipped ({names})"
-    msg += f"; checked as {s.record} records ({s.source})"
-    console().print(msg, markup=False, highlight=False, soft_wrap=True)
+    console().print(s.line(out), markup=False, highlight=False)
 
 
 # ----------------------------------------------------------------------------- export
@@ -453,23 +368,14 @@ def merge(
 
 @stage_command(app, "export", ExportConfig, run_export, export_line, args=("sft",))
 def export(options: dict[str, Any]) -> None:
-    """Write SFT records in the layout another trainer loads without edits.
+    """Example:
 
-    llamafactory: OUT/NAME.json (sharegpt messages with <image> tokens, image paths
-    relative to OUT) and the NAME entry of OUT/dataset_info.json. trl: a dataset with
-    TRL's `messages` + `images` columns. hf: every field (id, task, messages, images,
-    meta). trl and hf write OUT/dataset/ (load_from_disk) and OUT/data/*.parquet
-    (load_dataset(OUT)) with the images embedded. Re-running does nothing unless the SFT
-    file changed.
+    vpd export runs/demo/sft.jsonl --format llamafactory --out LLaMA-Factory/data
+      --name vpd_gqa
 
-    Example:
+    vpd export runs/demo/sft.jsonl --format trl --out exports/trl
 
-      vpd export runs/demo/sft.jsonl --format llamafactory --out LLaMA-Factory/data
-        --name vpd_gqa
-
-      vpd export runs/demo/sft.jsonl --format trl --out exports/trl
-
-      vpd export runs/demo/sft.jsonl --format hf --out exports/hf --task rationale
+    vpd export runs/demo/sft.jsonl --format hf --out exports/hf --task rationale
     """
 
 
@@ -478,22 +384,14 @@ def export(options: dict[str, Any]) -> None:
 
 @stage_command(app, "view", ViewConfig, run_view, view_line, args=("run_dir",))
 def view(options: dict[str, Any]) -> None:
-    """Write a static site to browse a run: every question, its programs and their steps
-    drawn on the image, the verdicts, the rationales and each arm's answer.
+    """Example:
 
-    The site opens from disk (SITE/index.html; no server, no internet). Without RUN_DIR,
-    name the stage files. With --rate, each rationale gets the VPD paper's human-evaluation
-    questions (answer right? factual? consistent?); ratings stay in the browser (export
-    button) or, with --serve, go to the ratings file; `vpd report --ratings` makes the table.
+    vpd view runs/demo-cpu          # writes runs/demo-cpu/view/index.html
 
-    Example:
+    vpd view --questions data/test.jsonl --verified verified.jsonl --sft sft.jsonl
+      --preds eval/vpd.jsonl --preds labels=eval/labels.jsonl --out site
 
-      vpd view runs/demo-cpu          # writes runs/demo-cpu/view/index.html
-
-      vpd view --questions data/test.jsonl --verified verified.jsonl --sft sft.jsonl
-        --preds eval/vpd.jsonl --preds labels=eval/labels.jsonl --out site
-
-      vpd view runs/demo-cpu --rate --serve 8000
+    vpd view runs/demo-cpu --rate --serve 8000
     """
 
 

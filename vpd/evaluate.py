@@ -66,7 +66,14 @@ ALL_TYPES = "all"  # the type of questions whose meta names none
 
 
 class EvalConfig(BaseModel):
-    """Every option of `vpd eval` (also the `eval:` section of a recipe)."""
+    """Evaluate a VLM's direct answers (greedy, VPD answer prompt) on a question set.
+
+    Writes one prediction per question (prediction, score, qtype) and OUT.report.json
+    (accuracy overall and per question type, examples/s, majority baseline). Re-running
+    the same command resumes.
+
+    Every option of `vpd eval` (also the `eval:` section of a recipe).
+    """
 
     model_config = ConfigDict(extra="forbid")
 

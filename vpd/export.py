@@ -80,7 +80,17 @@ LLAMAFACTORY_ENTRY = {
 
 
 class ExportConfig(BaseModel):
-    """Options of `vpd export`."""
+    """Write SFT records in the layout another trainer loads without edits.
+
+    llamafactory: OUT/NAME.json (sharegpt messages with <image> tokens, image paths
+    relative to OUT) and the NAME entry of OUT/dataset_info.json. trl: a dataset with
+    TRL's `messages` + `images` columns. hf: every field (id, task, messages, images,
+    meta). trl and hf write OUT/dataset/ (load_from_disk) and OUT/data/*.parquet
+    (load_dataset(OUT)) with the images embedded. Re-running does nothing unless the SFT
+    file changed.
+
+    Options of `vpd export`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 

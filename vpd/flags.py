@@ -157,7 +157,8 @@ def config_command(
     ``cls``'s fields (positional ``args`` first, in that order; ``skip``: set by the
     command itself), plus ``group``'s and the hand-written ``extra`` parameters. ``fn``
     gets the given flags as config values (``group``'s as one dict under ``group.into``)
-    and builds the config; the docstring of ``fn`` (with its examples) is the help."""
+    and builds the config. The help is ``cls``'s docstring (what the stage does) followed
+    by ``fn``'s (its examples)."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         own = _parameters(cls, args, skip)
@@ -186,6 +187,9 @@ def config_command(
 
         params = [p for _, p, _ in ordered] + [p for _, p, _ in nested] + list(extra)
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        # The help: what the stage does (its config's docstring), then the examples (``fn``'s).
+        parts = (inspect.cleandoc(cls.__doc__ or ""), inspect.cleandoc(fn.__doc__ or ""))
+        command.__doc__ = "\n\n".join(p for p in parts if p)
         app.command(name)(command)
         return command
 

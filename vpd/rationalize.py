@@ -348,7 +348,14 @@ def labelled_answer(question: Question) -> str | None:
 
 
 class RationalizeConfig(BaseModel):
-    """Every option of `vpd rationalize` (also the `rationalize:` section of a recipe)."""
+    """Turn kept programs and their traces into answer + rationale training records.
+
+    Per kept question: QID/answer (short answer) and QID/rationale (steps grounded in
+    the tool results, ending "So the answer is X."). Image paths are written relative
+    to the folder of --out.
+
+    Every option of `vpd rationalize` (also the `rationalize:` section of a recipe).
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -123,6 +123,31 @@ def progress_counts(p: RunPaths) -> dict[str, str]:
     return {name: stage.progress(files) for name, stage in STAGES.items()}
 
 
+def status_table(run_dir: Path) -> Any:
+    """The table `vpd status` prints: each stage's state, progress and wall time."""
+    from rich.table import Table
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise VpdError(f"run directory not found: {run_dir}")
+    if not (run_dir / "recipe.yaml").exists():
+        raise VpdError(
+            f"{run_dir} is not a vpd run directory (no recipe.yaml); start one with `vpd run`"
+        )
+    p = RunPaths(run_dir)
+    counts = progress_counts(p)
+    table = Table(title=f"vpd run: {run_dir}")
+    for col in ("stage", "state", "progress", "wall (s)"):
+        table.add_column(col)
+    colors = {"done": "green", "partial": "yellow", "not started": "dim"}
+    for row in stage_table(p):
+        st = row["state"]
+        table.add_row(
+            row["stage"], f"[{colors[st]}]{st}[/]", counts[row["stage"]], str(row.get("wall_s", ""))
+        )
+    return table
+
+
 def _arm(rep: dict[str, Any]) -> dict[str, Any]:
     """The fields every arm reports (see the module docstring)."""
     out = {

@@ -738,6 +738,22 @@ class MergeSummary:
     unfinished: int = 0  # inputs whose last line is still being written: the next merge takes it
     rejects: Path | None = None
 
+    def line(self, out: Path) -> str:
+        """What `vpd merge` prints when it is done."""
+        msg = (
+            f"merged {len(self.inputs)} files into {out}: {self.written} new records, "
+            f"{self.duplicates} duplicates skipped, {self.rejected} rejected"
+        )
+        if self.rejects is not None:
+            msg += f" (reasons in {self.rejects})"
+        if self.unfinished:
+            msg += f", {self.unfinished} unfinished last lines left for the next merge"
+        if self.skipped:
+            names = ", ".join(p.name for p in self.skipped[:3])
+            msg += f"; {len(self.skipped)} side files skipped ({names}"
+            msg += ", ...)" if len(self.skipped) > 3 else ")"
+        return msg + f"; checked as {self.record} records ({self.source})"
+
 
 def _first_object(path: Path, limit: int = 1000) -> dict[str, Any] | None:
     """The first line of ``path`` whose fields name a record type (None: none in ``limit``)."""

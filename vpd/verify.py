@@ -168,7 +168,12 @@ def to_verified(c: Candidate) -> Verified:
 
 
 class VerifyConfig(BaseModel):
-    """Every option of `vpd verify` (also the `verify:` section of a recipe)."""
+    """Score every executed program against the gold answers and keep the correct ones.
+
+    Writes one record per sample (kept or not, with the reason) and OUT.funnel.json.
+
+    Every option of `vpd verify` (also the `verify:` section of a recipe).
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -65,7 +65,15 @@ _HF_FILE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 
 
 class ImportConfig(BaseModel):
-    """Options of `vpd data import` (also the ``data:`` section with ``source: import``)."""
+    """Import questions: official benchmark files as released, or JSONL/CSV/HF datasets.
+
+    Official formats keep the benchmark's question ids, all human answers in order, and
+    what you may slice by in meta; test files without answers import with empty answers.
+    Bad rows (missing field or image, duplicate id...) go to OUT.rejects.jsonl with the
+    reason; the run goes on. Re-running resumes (only missing ids are written).
+
+    Options of `vpd data import` (also the ``data:`` section with ``source: import``).
+    """
 
     input: Path = Field(
         description="Official benchmark file, or JSONL/JSON/CSV/TSV/HF dataset folder."

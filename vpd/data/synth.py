@@ -642,7 +642,14 @@ def questions_for_scene(
 
 
 class SynthConfig(BaseModel):
-    """Options of `vpd data synth` (also the ``data:`` section of a recipe)."""
+    """Draw synthetic shape scenes with ground-truth scene graphs and templated questions.
+
+    --n counts questions; ceil(n / questions-per-scene) images are drawn. Question types
+    (count, exists, attribute, relation, compare, multihop, yesno) are balanced. Re-running
+    with the same options does nothing.
+
+    Options of `vpd data synth` (also the ``data:`` section of a recipe).
+    """
 
     out: Path = Field(description="Output folder: images/, train/test.jsonl.")
     n: int = Field(200, ge=1, description="Number of QUESTIONS (train + test).")

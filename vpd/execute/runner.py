@@ -30,7 +30,14 @@ from vpd.vlm import model_digest, resolve_model_dir
 
 
 class ExecuteConfig(BaseModel):
-    """Every option of the execute stage (the CLI and recipes build this)."""
+    """Run every sampled program in the sandbox against the vision tools.
+
+    Each program runs in its own locked-down process (no files, no network, memory/CPU
+    limits, a wall-clock timeout); statuses: ok, error, timeout, oom, violation, crash.
+    Re-running the same command resumes.
+
+    Every option of the execute stage (the CLI and recipes build this).
+    """
 
     model_config = ConfigDict(extra="forbid")
 

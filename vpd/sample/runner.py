@@ -31,7 +31,10 @@ RAW_KEEP = 4000  # characters of the raw completion kept on invalid / repaired s
 
 
 class SampleConfig(BaseModel):
-    """Every option of ``vpd sample`` (CLI flags and the recipe's ``sample:`` section)."""
+    """Ask an LLM for K candidate programs per question (resumable: re-run to continue).
+
+    Every option of ``vpd sample`` (CLI flags and the recipe's ``sample:`` section).
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -20,7 +20,21 @@ STEP_NAMES: tuple[str, ...] = get_args(Until)
 
 
 class SdvpConfig(BaseModel):
-    """Every option of `vpd sdvp` (also the `sdvp:` section of a recipe)."""
+    """Stepwise distillation (SDVP): distil a teacher into the tools' own VLM.
+
+    A teacher answers every VLM step (simple_query, verify_property,
+    best_text_match) of executed programs; the tools' VLM is tuned on those
+    answers, so the same programs answer better.
+
+    Steps: collect the sub-tasks from the traces; the teacher answers them
+    (Teacher Input Adapter: the region drawn as a box on the image, the
+    question naming the object); sft records for the student; vpd tune; the
+    held-out programs run and are verified with the tools' VLM before, after,
+    and with the teacher as the tool (report: OUT/sdvp.json). Re-running the
+    same command resumes every step.
+
+    Every option of `vpd sdvp` (also the `sdvp:` section of a recipe).
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -26,7 +26,13 @@ RECIPES_DIR = recipes_dir()  # the DeepSpeed presets ship with the package
 
 
 class TuneConfig(BaseModel):
-    """Options of one fine-tuning run (paths, data, optimisation, LoRA, DeepSpeed, I/O)."""
+    """Fine-tune a VLM on SFT records (HF Trainer, optional DeepSpeed ZeRO, LoRA or full).
+
+    Re-running the same command resumes from the last checkpoint, or does nothing when the
+    run is finished. Flags override --recipe values (and --set key=value).
+
+    Options of one fine-tuning run (paths, data, optimisation, LoRA, DeepSpeed, I/O).
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -21,7 +21,16 @@ def _arm_file(spec: str) -> tuple[str, Path]:
 
 
 class ViewConfig(BaseModel):
-    """Every option of `vpd view`."""
+    """Write a static site to browse a run: every question, its programs and their steps
+    drawn on the image, the verdicts, the rationales and each arm's answer.
+
+    The site opens from disk (SITE/index.html; no server, no internet). Without RUN_DIR,
+    name the stage files. With --rate, each rationale gets the VPD paper's human-evaluation
+    questions (answer right? factual? consistent?); ratings stay in the browser (export
+    button) or, with --serve, go to the ratings file; `vpd report --ratings` makes the table.
+
+    Every option of `vpd view`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
