@@ -6,7 +6,6 @@ errors (``VpdError``) print as one line and exit with code 2, never a traceback.
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,29 @@ from vpd.execute.runner import ExecuteConfig, run_execute
 from vpd.execute.runner import summary_line as execute_line
 from vpd.export import ExportConfig, run_export
 from vpd.export import summary_line as export_line
-from vpd.flags import Group, config_command, option, stage_command, validation_line
+from vpd.flags import (
+    Group,
+    config_command,
+    option,
+    os_error_line,
+    stage_command,
+    validation_line,
+)
 from vpd.llm.config import LLMConfig
+from vpd.llm.serve import ServeConfig, run_serve, serve_line
+from vpd.pipeline import RunConfig, run_command
 from vpd.rationalize import RationalizeConfig, run_rationalize
 from vpd.rationalize import summary_line as rationalize_line
+from vpd.report import ReportConfig, StatusConfig, report_line, run_report, run_status, status_line
 from vpd.sample.runner import SampleConfig, run_sample
 from vpd.sample.runner import summary_line as sample_line
 from vpd.sdvp import SdvpConfig, run_sdvp
 from vpd.sdvp.report import summary_line as sdvp_line
+from vpd.store import MergeConfig, merge_line, run_merge
 from vpd.tune.config import TuneConfig
 from vpd.verify import VerifyConfig, run_verify
 from vpd.verify import summary_line as verify_line
-from vpd.view.command import ViewConfig, ratings_report, run_view
+from vpd.view.command import ViewConfig, run_view
 from vpd.view.command import summary_line as view_line
 
 app = typer.Typer(
@@ -61,54 +71,24 @@ def _fail(msg: str) -> None:
 # ----------------------------------------------------------------------------- run / status
 
 
-@app.command()
-def run(
-    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
-    run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: recipe's)."),
-    set_: list[str] = typer.Option(
-        [], "--set", help="Override a recipe option: stage.key=value (repeatable)."
-    ),
-    only: list[str] = typer.Option([], "--only", help="Run only these stages (repeatable)."),
-    force: bool = typer.Option(
-        False, help="Re-run stages whose options changed, and the stages that read them."
-    ),
-) -> None:
-    """Run the whole pipeline from one recipe; re-run the same command to resume.
+@stage_command(app, "run", RunConfig, run_command, lambda cfg, markers: "", args=("recipe",))
+def run(options: dict[str, Any]) -> None:
+    """Example:
 
-    Example:
+    vpd run recipes/demo-cpu.yaml --run-dir runs/demo
 
-      vpd run recipes/demo-cpu.yaml --run-dir runs/demo
+    vpd run recipes/demo-cpu.yaml --set sample.k=3 --set tune.max_steps=50 --force
 
-      vpd run recipes/demo-cpu.yaml --set sample.k=3 --set tune.max_steps=50 --force
-
-      vpd run recipes/ablation-cpu.yaml --run-dir runs/ablation   # every arm of the ablation
+    vpd run recipes/ablation-cpu.yaml --run-dir runs/ablation   # every arm of the ablation
     """
-    from vpd.pipeline import STAGES, run_pipeline
-
-    bad = [s for s in only if s not in STAGES]
-    if bad:
-        _fail(f"--only: unknown stage(s) {bad}; stages are {list(STAGES)}")
-    run_pipeline(recipe, run_dir, overrides=set_, only=only or None, force=force)
 
 
-@app.command()
-def status(
-    run_dir: Path = typer.Argument(..., help="A run directory made by `vpd run`."),
-    report: bool = typer.Option(False, "--report", help="Also (re)write report.md/json."),
-) -> None:
-    """Show each stage's progress in a run directory.
+@stage_command(app, "status", StatusConfig, run_status, status_line, args=("run_dir",))
+def status(options: dict[str, Any]) -> None:
+    """Example:
 
-    Example:
-
-      vpd status runs/demo-cpu
+    vpd status runs/demo-cpu
     """
-    from vpd.progress import console
-    from vpd.report import status_table, write_report
-
-    console().print(status_table(run_dir))
-    if report:
-        out = write_report(run_dir)
-        console().print(f"report: {out['md']}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -302,65 +282,27 @@ def sample(options: dict[str, Any]) -> None:
     """
 
 
-@app.command()
-def serve(
-    model: str = typer.Option(None, help="Model to serve (vLLM: HF id/folder; llama.cpp: .gguf)."),
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
-    port: int = typer.Option(8000, help="Port."),
-    timeout: float = typer.Option(600.0, help="Seconds to wait for the server to be ready."),
-    extra: list[str] = typer.Option([], "--arg", help="Extra argument for the server (repeat)."),
-) -> None:
-    """Start an OpenAI-compatible LLM server (vLLM, else llama.cpp) and print its base URL.
+@stage_command(app, "serve", ServeConfig, run_serve, serve_line)
+def serve(options: dict[str, Any]) -> None:
+    """Example:
 
-    Example:
+    vpd serve --model Qwen/Qwen2.5-Coder-7B-Instruct --port 8000 --arg=--tensor-parallel-size=2
 
-      vpd serve --model Qwen/Qwen2.5-Coder-7B-Instruct --port 8000 --arg=--tensor-parallel-size=2
-
-      vpd serve   # llama.cpp + the embedded SmolLM2 GGUF, when llama-server is installed
+    vpd serve   # llama.cpp + the embedded SmolLM2 GGUF, when llama-server is installed
     """
-    from vpd.llm.serve import serve as run_server
-    from vpd.progress import console
-
-    def ready(url: str, cmd: object) -> None:
-        console().print(f"{getattr(cmd, 'kind', 'server')} is ready (Ctrl-C stops it)")
-        print(url, flush=True)  # stdout: the one thing scripts want
-
-    rc = run_server(model, host, port, timeout, extra, on_ready=ready)
-    if rc:
-        raise typer.Exit(rc)
 
 
 # ----------------------------------------------------------------------------- merge
 
 
-@app.command()
-def merge(
-    out: Path = typer.Option(..., "--out", help="Merged output JSONL."),
-    inputs: list[Path] = typer.Argument(
-        ..., help="Shard outputs to join (side files such as *.rejects.jsonl are skipped)."
-    ),
-    force: bool = typer.Option(False, help="Start --out over if it holds another config."),
-    allow_empty: bool = typer.Option(
-        False, "--allow-empty", help="Write an empty --out when the inputs hold no record."
-    ),
-) -> None:
-    """Join the outputs of `--shard i/n` runs into one file, without duplicates.
+@stage_command(app, "merge", MergeConfig, run_merge, merge_line, args=("inputs",))
+def merge(options: dict[str, Any]) -> None:
+    """Example:
 
-    Each line is checked against the record type of the stage that wrote the shards
-    (named in their .meta.json); bad lines go to OUT.rejects.jsonl with a reason.
-    Run it again after more shards finish: only new ids are appended.
+    vpd merge --out exec.jsonl exec.0.jsonl exec.1.jsonl exec.2.jsonl
 
-    Example:
-
-      vpd merge --out exec.jsonl exec.0.jsonl exec.1.jsonl exec.2.jsonl
-
-      vpd merge --out samples.jsonl shards/samples.*.jsonl
+    vpd merge --out samples.jsonl shards/samples.*.jsonl
     """
-    from vpd.progress import console
-    from vpd.store import merge as do_merge
-
-    s = do_merge(out, inputs, force=force, allow_empty=allow_empty)
-    console().print(s.line(out), markup=False, highlight=False)
 
 
 # ----------------------------------------------------------------------------- export
@@ -395,56 +337,17 @@ def view(options: dict[str, Any]) -> None:
     """
 
 
-@app.command()
-def report(
-    run_dir: Path = typer.Argument(None, help="A run directory: (re)write its report."),
-    ratings: list[Path] = typer.Option(
-        [], "--ratings", help="Ratings JSONL from `vpd view --rate` (repeatable)."
-    ),
-    out: Path = typer.Option(
-        None, "--out", help="With --ratings: also write the table to OUT (Markdown) and its JSON."
-    ),
-) -> None:
-    """Write a run's report, or turn human ratings into their table.
+@stage_command(app, "report", ReportConfig, run_report, report_line, args=("run_dir",))
+def report(options: dict[str, Any]) -> None:
+    """Example:
 
-    The ratings table: the share of rationales rated factual, consistent with the answer,
-    and with the answer right, overall and per question type, each with its bootstrap 95%
-    interval (as the VPD paper's human evaluation).
+    vpd report runs/demo-cpu
 
-    Example:
-
-      vpd report runs/demo-cpu
-
-      vpd report --ratings ratings.jsonl --out ratings-table.md
+    vpd report --ratings ratings.jsonl --out ratings-table.md
     """
-    from vpd.progress import console
-    from vpd.report import write_report
-
-    if run_dir is None and not ratings:
-        _fail("give a RUN_DIR or --ratings FILE (see `vpd report --help`)")
-    if run_dir is not None:
-        if not (run_dir / "recipe.yaml").exists():
-            _fail(f"{run_dir} is not a vpd run directory (no recipe.yaml)")
-        console().print(f"report: {write_report(run_dir)['md']}")
-    if ratings:
-        print(ratings_report(ratings, out)["markdown"], end="")
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
-def _os_line(e: OSError) -> str:
-    """An OSError as one line: what failed and on which path (no errno tuple)."""
-    what = e.strerror or type(e).__name__
-    paths = [str(x) for x in (e.filename, e.filename2) if x is not None]
-    if paths:
-        # mkdir under a file says "File exists" about the file: say which one is in the way.
-        blocker = next((a for a in Path(paths[0]).parents if a.is_file()), None)
-        if blocker is None and Path(paths[0]).is_file() and e.errno == errno.EEXIST:
-            blocker = Path(paths[0])
-        if blocker is not None:
-            return f"cannot write under {blocker}: it is a file, not a folder"
-    return f"{what}: {' -> '.join(paths)}" if paths else str(e)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -482,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         if isinstance(e, BrokenPipeError):
             sys.exit(0)
-        fail(_os_line(e))
+        fail(os_error_line(e))
     except KeyboardInterrupt:
         console().print("[yellow]interrupted[/yellow]: run the same command again to resume")
         sys.exit(130)

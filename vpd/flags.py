@@ -17,6 +17,7 @@ flags too and arrive as one dict.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import types
@@ -215,7 +216,9 @@ def stage_command(
 
             fn(options, **hand)
             cfg = cls(**options)
-            console().print(line(cfg, run(cfg)), highlight=False)
+            text = line(cfg, run(cfg))
+            if text:
+                console().print(text, markup=False, highlight=False)
 
         return config_command(app, name, cls, **how)(body)
 
@@ -241,3 +244,17 @@ def validation_line(e: ValidationError, fields: dict[str, FieldInfo] | None = No
 def option(name: str, typ: Any, info: Any) -> inspect.Parameter:
     """A hand-written parameter for :func:`config_command`'s ``extra`` (not a config field)."""
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=typ)
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: what failed and on which path (no errno tuple)."""
+    what = e.strerror or type(e).__name__
+    paths = [str(x) for x in (e.filename, e.filename2) if x is not None]
+    if paths:
+        # mkdir under a file says "File exists" about the file: say which one is in the way.
+        blocker = next((a for a in Path(paths[0]).parents if a.is_file()), None)
+        if blocker is None and Path(paths[0]).is_file() and e.errno == errno.EEXIST:
+            blocker = Path(paths[0])
+        if blocker is not None:
+            return f"cannot write under {blocker}: it is a file, not a folder"
+    return f"{what}: {' -> '.join(paths)}" if paths else str(e)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.options import split_option
@@ -231,3 +232,31 @@ def run_pipeline(
         site = write_run_site(root)
         con.print(f"view: {site.index} ({site.questions} questions; `vpd view --help`)")
     return markers
+
+
+class RunConfig(BaseModel):
+    """Run the whole pipeline from one recipe; re-run the same command to resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: Path = Field(description="YAML recipe (see recipes/), or a shipped recipe's name.")
+    run_dir: Path | None = Field(None, description="Run directory (default: the recipe's).")
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="Override a recipe option: stage.key=value (repeatable).",
+        json_schema_extra={"flag": "set"},
+    )
+    only: list[str] = Field(default_factory=list, description="Run only these stages (repeatable).")
+    force: bool = Field(
+        False, description="Re-run stages whose options changed, and the stages that read them."
+    )
+
+
+def run_command(cfg: RunConfig) -> dict[str, Any]:
+    """`vpd run`: :func:`run_pipeline` with the command's options."""
+    bad = [s for s in cfg.only if s not in STAGES]
+    if bad:
+        raise VpdError(f"--only: unknown stage(s) {bad}; stages are {list(STAGES)}")
+    return run_pipeline(
+        cfg.recipe, cfg.run_dir, overrides=cfg.overrides, only=cfg.only or None, force=cfg.force
+    )

@@ -22,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from vpd.errors import VpdError
 from vpd.evaluate import (
     ArmScores,
@@ -33,6 +35,7 @@ from vpd.evaluate import (
     pool_seeds,
     read_preds,
 )
+from vpd.progress import console
 from vpd.records import Question
 from vpd.runpaths import ARMS, VLM_ARMS, RunPaths, recipe_seeds, saved_recipe
 from vpd.sdvp.report import markdown_report as sdvp_markdown
@@ -642,3 +645,60 @@ def _throughput(stage: dict[str, Any]) -> str:
             unit = k.replace("_per_s", "").replace("per_s", "") or "items"
             return f"{v:.2f} {unit}/s" if isinstance(v, (int, float)) else str(v)
     return "-"
+
+
+class StatusConfig(BaseModel):
+    """Show each stage's progress in a run directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: Path = Field(description="A run directory made by `vpd run`.")
+    report: bool = Field(False, description="Also (re)write report.md/json.")
+
+
+def run_status(cfg: StatusConfig) -> dict[str, Any]:
+    """`vpd status`: the stage table, and the report rewritten when asked."""
+    console().print(status_table(cfg.run_dir))
+    return write_report(cfg.run_dir) if cfg.report else {}
+
+
+def status_line(cfg: StatusConfig, written: dict[str, Any]) -> str:
+    return f"report: {written['md']}" if written else ""
+
+
+class ReportConfig(BaseModel):
+    """Write a run's report, or turn human ratings into their table.
+
+    The ratings table: the share of rationales rated factual, consistent with the answer,
+    and with the answer right, overall and per question type, each with its bootstrap 95%
+    interval (as the VPD paper's human evaluation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: Path | None = Field(None, description="A run directory: (re)write its report.")
+    ratings: list[Path] = Field(
+        default_factory=list, description="Ratings JSONL from `vpd view --rate` (repeatable)."
+    )
+    out: Path | None = Field(
+        None, description="With --ratings: also write the table to OUT (Markdown) and its JSON."
+    )
+
+
+def run_report(cfg: ReportConfig) -> dict[str, Any]:
+    """`vpd report`: the run's report and/or the ratings table (printed to stdout)."""
+    from vpd.view.command import ratings_report
+
+    if cfg.run_dir is None and not cfg.ratings:
+        raise VpdError("give a RUN_DIR or --ratings FILE (see `vpd report --help`)")
+    done: dict[str, Any] = {}
+    if cfg.run_dir is not None:
+        if not (cfg.run_dir / "recipe.yaml").exists():
+            raise VpdError(f"{cfg.run_dir} is not a vpd run directory (no recipe.yaml)")
+        done["md"] = write_report(cfg.run_dir)["md"]
+    if cfg.ratings:
+        print(ratings_report(cfg.ratings, cfg.out)["markdown"], end="")
+    return done
+
+
+def report_line(cfg: ReportConfig, done: dict[str, Any]) -> str:
+    return f"report: {done['md']}" if done.get("md") else ""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.records import (
@@ -919,3 +919,31 @@ def merge(
             )
         out.touch()  # the next stage finds a file with no records, not a missing one
     return summary
+
+
+class MergeConfig(BaseModel):
+    """Join the outputs of `--shard i/n` runs into one file, without duplicates.
+
+    Each line is checked against the record type of the stage that wrote the shards
+    (named in their .meta.json); bad lines go to OUT.rejects.jsonl with a reason.
+    Run it again after more shards finish: only new ids are appended."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(description="Merged output JSONL.")
+    inputs: list[Path] = Field(
+        description="Shard outputs to join (side files such as *.rejects.jsonl are skipped)."
+    )
+    force: bool = Field(False, description="Start --out over if it holds another config.")
+    allow_empty: bool = Field(
+        False, description="Write an empty --out when the inputs hold no record."
+    )
+
+
+def run_merge(cfg: MergeConfig) -> MergeSummary:
+    """`vpd merge`: :func:`merge` with the command's options."""
+    return merge(cfg.out, cfg.inputs, force=cfg.force, allow_empty=cfg.allow_empty)
+
+
+def merge_line(cfg: MergeConfig, s: MergeSummary) -> str:
+    return s.line(cfg.out)

@@ -17,6 +17,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from vpd.errors import VpdError
 from vpd.llm.local import smollm2_gguf
 
@@ -106,3 +108,39 @@ def serve(
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+class ServeConfig(BaseModel):
+    """Start an OpenAI-compatible LLM server (vLLM, else llama.cpp) and print its base URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, description="Model to serve (vLLM: HF id/folder; llama.cpp: .gguf)."
+    )
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port.")
+    timeout: float = Field(600.0, gt=0, description="Seconds to wait for the server to be ready.")
+    args: list[str] = Field(
+        default_factory=list,
+        description="Extra argument for the server (repeat).",
+        json_schema_extra={"flag": "arg"},
+    )
+
+
+def run_serve(cfg: ServeConfig) -> int:
+    """`vpd serve`: the server in the foreground; its base URL on stdout once it answers."""
+    from vpd.progress import console
+
+    def ready(url: str, cmd: object) -> None:
+        console().print(f"{getattr(cmd, 'kind', 'server')} is ready (Ctrl-C stops it)")
+        print(url, flush=True)  # stdout: the one thing scripts want
+
+    rc = serve(cfg.model, cfg.host, cfg.port, cfg.timeout, cfg.args, on_ready=ready)
+    if rc:
+        raise VpdError(f"the server exited with code {rc}")
+    return rc
+
+
+def serve_line(cfg: ServeConfig, rc: int) -> str:
+    return ""
