@@ -34,7 +34,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vpd.errors import VpdError
-from vpd.metrics import METRICS, normalize_answer, paired_bootstrap, resolve_metric, score_answer
+from vpd.metrics import (
+    Metric,
+    normalize_answer,
+    paired_bootstrap,
+    resolve_metric,
+    score_answer,
+)
 from vpd.options import force_field, progress_field, shard_field
 from vpd.progress import console, progress_bar
 from vpd.records import Prediction, Question
@@ -91,7 +97,7 @@ class EvalConfig(BaseModel):
     train_questions: Path | None = Field(
         None, description="Train questions for the majority-answer baseline."
     )
-    metric: str = Field(
+    metric: Metric = Field(
         "auto", description="auto (each dataset's official metric) or a metric name, as vpd verify."
     )
     limit: int | None = Field(
@@ -115,13 +121,6 @@ class EvalConfig(BaseModel):
     @classmethod
     def _path_to_str(cls, v: Any) -> Any:
         return str(v) if isinstance(v, Path) else v
-
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, v: str) -> str:
-        if v != "auto" and v not in METRICS:
-            raise ValueError(f"metric must be auto or one of {', '.join(METRICS)}, got {v!r}")
-        return v
 
     def template_text(self) -> str | None:
         if self.chat_template is None:

@@ -18,12 +18,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from vpd.errors import VpdError
 from vpd.evaluate import build_report, has_gold, qtype_of
 from vpd.execute import ExecuteConfig, run_execute
-from vpd.metrics import METRICS, resolve_metric, score_answer
+from vpd.metrics import Metric, resolve_metric, score_answer
 from vpd.records import Execution, Prediction, Question
 from vpd.sample import SampleConfig, run_sample
 from vpd.store import atomic_write, atomic_write_json, read_json, read_records
@@ -42,16 +42,9 @@ class ProgramsConfig(BaseModel):
     sample: dict[str, Any] = Field(default_factory=dict)
     execute: dict[str, Any] = Field(default_factory=dict)
     limit: int | None = Field(default=None, ge=1)  # the first N questions (file order)
-    metric: str = "auto"
+    metric: Metric = "auto"
     force: bool = False
     progress: bool = True
-
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, v: str) -> str:
-        if v != "auto" and v not in METRICS:
-            raise ValueError(f"metric must be auto or one of {', '.join(METRICS)}, got {v!r}")
-        return v
 
 
 # One greedy program per question: what a user of the program pipeline would run.
