@@ -81,6 +81,41 @@ def write_png(path: Path, size: int = 8, color: tuple[int, int, int] = (200, 30,
     return path
 
 
+def check_summary(run: Any, summary: Any) -> None:
+    """``summary`` has only the keys, of the types, that the stage function ``run`` declares
+    as its return type (a TypedDict that forbids other keys): raises ValidationError if not."""
+    from typing import get_type_hints
+
+    from pydantic import TypeAdapter
+
+    TypeAdapter(get_type_hints(run)["return"]).validate_python(summary)
+
+
+def check_marker_summaries(run_dir: Path) -> list[str]:
+    """Every stage marker's summary checked against its stage's run functions' declared
+    summaries (a job's summary must fit one of them); returns the stages checked."""
+    from pydantic import ValidationError
+
+    from vpd.stages import STAGES
+
+    checked = []
+    for marker in sorted((Path(run_dir) / "stages").glob("*.json")):
+        stage = marker.stem
+        summary = json.loads(marker.read_text(encoding="utf-8"))["summary"]
+        for one in summary if isinstance(summary, list) else [summary]:
+            errors = []
+            for runner in STAGES[stage].runners:
+                try:
+                    check_summary(runner.run, one)
+                    break
+                except ValidationError as e:
+                    errors.append(str(e))
+            else:
+                raise AssertionError(f"{stage}: summary fits no declared type: {errors}")
+        checked.append(stage)
+    return checked
+
+
 def vpd_argv(*args: str) -> list[str]:
     """The argv that runs ``vpd ARGS...`` (for Popen, kill tests)."""
     return [*VPD, *args]

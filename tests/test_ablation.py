@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from tests.fake_openai_server import FakeOpenAIServer
+from tests.helpers import check_summary
 from vpd.evaluate import compare_arms, majority_predictions
 from vpd.metrics import paired_bootstrap
 from vpd.pipeline import load_recipe, run_pipeline
@@ -117,6 +118,7 @@ def test_each_arm_trains_on_its_own_data(synth_dir: Path, tmp_path: Path) -> Non
     )
     p.sft_labels.parent.mkdir(parents=True)
     s = run_labels(LabelsConfig(questions=p.train, out=p.sft_labels, progress=False))
+    check_summary(run_labels, s)
     assert s["answer_records"] == len(train)
 
     labels = _lines(p.sft_labels)
@@ -271,6 +273,7 @@ def test_programs_arm_scores_one_greedy_program_per_question(synth_dir: Path, tm
             progress=False,
         )
         rep = run_programs(cfg)
+        check_summary(run_programs, rep)
         calls = len(server.requests)
     first = test[:6]
     want = [1.0 if q.answers[0] == "yes" and "How many" not in q.question else 0.0 for q in first]

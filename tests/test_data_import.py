@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.helpers import read_jsonl, read_rejects
+from tests.helpers import check_summary, read_jsonl, read_rejects
 from vpd.cli import app
 from vpd.data.importer import ImportConfig, normalize_answers, run_import
 from vpd.errors import ConfigMismatch, VpdError
@@ -24,7 +24,9 @@ def _img(path: Path, color: tuple[int, int, int] = (255, 0, 0)) -> Path:
 
 
 def _run(src: Path, out: Path, **kw: object) -> dict:
-    return run_import(ImportConfig(input=src, out=out, progress=False, **kw))
+    s = run_import(ImportConfig(input=src, out=out, progress=False, **kw))
+    check_summary(run_import, s)
+    return s
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.helpers import read_rejects
+from tests.helpers import check_summary, read_rejects
 from vpd.cli import app
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.export import ExportConfig, run_export
@@ -51,7 +51,9 @@ def sft(tmp_path: Path) -> Path:
 
 
 def export(sft: Path, out: Path, fmt: str, **kw: object) -> dict:
-    return run_export(ExportConfig(sft=sft, out=out, fmt=fmt, progress=False, **kw))
+    s = run_export(ExportConfig(sft=sft, out=out, fmt=fmt, progress=False, **kw))
+    check_summary(run_export, s)
+    return s
 
 
 # ----------------------------------------------------------------------------- LLaMA-Factory

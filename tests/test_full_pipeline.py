@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import SMALL_TINY, read_jsonl, run_vpd, status_rows, vpd_argv
+from tests.helpers import (
+    SMALL_TINY,
+    check_marker_summaries,
+    read_jsonl,
+    run_vpd,
+    status_rows,
+    vpd_argv,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +89,10 @@ def test_recipe_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stderr[-4000:]
 
-    # Every stage finished, each unit of work exactly once.
+    # Every stage finished, each unit of work exactly once, its summary of the declared type.
     for stage in ("data", "sample", "execute", "verify", "rationalize", "tune", "eval"):
         assert (run / "stages" / f"{stage}.json").exists(), stage
+    assert len(check_marker_summaries(run)) == 7
     # Sampling resumed, not restarted: the killed run's samples stay first, byte for byte,
     # and the re-run wrote only the others.
     assert samples.read_bytes().startswith(kept)

@@ -21,7 +21,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, read_jsonl, vpd_argv, write_jsonl
+from tests.helpers import (
+    REPO,
+    check_marker_summaries,
+    check_summary,
+    read_jsonl,
+    vpd_argv,
+    write_jsonl,
+)
 from tests.template_programs import viper_program, visprog_program
 from tests.test_eval import build_tiny_llava
 from vpd.errors import VpdError
@@ -414,6 +421,7 @@ def test_a_small_run_distils_and_reports(
         progress=False,
     )
     rep = run_sdvp(cfg)
+    check_summary(run_sdvp, rep)  # the report has the keys its type declares
     v = rep["variants"]["pointer"]
     assert v["teacher"]["answered"] == rep["subtasks"]["distilled"] > 0
     assert rep["subtasks"]["held_out"] > 0
@@ -587,6 +595,7 @@ def test_sdvp_stage_in_a_recipe_and_the_run_report(
     write_jsonl(p.sdvp_samples, [s for s in _samples(test) if s["k"] == 0])
 
     markers = run_pipeline(r, run, only=["sdvp"])
+    assert check_marker_summaries(run) == ["data", "sdvp"]  # each of its declared type
     train_sampled, executed, test_sampled, sdvp_summary = markers["sdvp"]["summary"]
     assert train_sampled["written"] == test_sampled["written"] == 0  # all there already
     assert executed["written"] == 20 and not p.executions.exists()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from tests.helpers import check_summary
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.tune import load_tune_config, run_tune
 from vpd.tune.data import (
@@ -313,6 +314,7 @@ def test_cli_errors_are_one_line(args, needle, sft, tmp_path):
 def test_two_steps_then_generate(family, tiny_dir, sft, tmp_path):
     out = tmp_path / "out"
     s = run_tune(_cfg(sft, out, tiny_dir(family), lr=1e-3))
+    check_summary(run_tune, s)
     assert s["steps"] == 2 and s["method"] == "lora" and not s["skipped"]
     rows = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)

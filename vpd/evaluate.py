@@ -31,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
 from vpd.metrics import (
@@ -412,7 +413,43 @@ def _print_table(rep: dict[str, Any], title: str) -> None:
 # ----------------------------------------------------------------------------- stage
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class EvalSummary(TypedDict, total=False):
+    """What `vpd eval` returns (also OUT.report.json).
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    accuracy: float | None
+    n: int
+    correct: float
+    unscored: int
+    per_type: dict[str, Any]
+    majority_baseline: dict[str, Any] | None
+    model: str
+    questions_file: str
+    predictions_file: str
+    questions: int
+    predicted: int
+    missing: int
+    new: int
+    already_done: int
+    rejected: int
+    device: str
+    dtype: str
+    batch_size: int
+    shard: str | None
+    wall_s: float
+    generate_s: float
+    examples_per_s: float | None
+    s_per_question: float | None
+    prompt_format: str
+    oom_splits: int
+    rationale_accuracy: float | None
+    rationales: int
+
+
+def run_eval(cfg: EvalConfig) -> EvalSummary:
     """Predict, score and report (resumable); returns the report (also written as JSON)."""
     t0 = time.time()
     shard = parse_shard(cfg.shard)

@@ -42,7 +42,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.images import ImageChecks
@@ -457,7 +458,28 @@ def _export_into(cfg: ExportConfig, dest: Path) -> dict[str, Any]:
     }
 
 
-def run_export(cfg: ExportConfig) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class ExportSummary(TypedDict, total=False):
+    """What `vpd export` returns.
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    out: str
+    format: str
+    records: int
+    per_task: dict[str, int]
+    rejected: int
+    rejects_file: str | None
+    files: list[str]
+    images_copied: int
+    parquet_shards: int
+    load: str
+    skipped: bool
+    wall_s: float
+
+
+def run_export(cfg: ExportConfig) -> ExportSummary:
     """Export ``cfg.sft`` to ``cfg.out`` in ``cfg.fmt`` (see the module docstring)."""
     t0 = time.time()
     sft, out = Path(cfg.sft), Path(cfg.out)

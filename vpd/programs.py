@@ -18,7 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
 from vpd.evaluate import build_report, has_gold, qtype_of
@@ -65,7 +66,29 @@ def programs_paths(out: Path) -> dict[str, Path]:
     }
 
 
-def run_programs(cfg: ProgramsConfig) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class ProgramsSummary(TypedDict, total=False):
+    """What the programs arm returns (also its report.json).
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    accuracy: float | None
+    n: int
+    correct: float
+    unscored: int
+    per_type: dict[str, Any]
+    questions_file: str
+    questions: int
+    statuses: dict[str, int]
+    sample_s: float
+    execute_s: float
+    s_per_question: float | None
+    sample_summary: dict[str, Any]
+    execute_summary: dict[str, Any]
+
+
+def run_programs(cfg: ProgramsConfig) -> ProgramsSummary:
     """Sample, execute and score one greedy program per question (resumable: the sample and
     execute stages resume themselves); returns the report (also ``OUT/report.json``)."""
     if not cfg.questions.exists():

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
 from vpd.images import ImageChecks
@@ -460,7 +461,31 @@ class LLMRationalizer:
         return done
 
 
-def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class RationalizeSummary(TypedDict, total=False):
+    """What `vpd rationalize` returns.
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    out: str
+    questions: int
+    questions_with_kept: int
+    questions_done_before: int
+    questions_without_label: int
+    written: int
+    answer_records: int
+    rationale_records: int
+    labelled_answer_records: int
+    rejects: int
+    wall_s: float
+    records_per_s: float | None
+    llm_requests: int
+    llm_retries: int
+    llm_fallback_to_template: int
+
+
+def run_rationalize(cfg: RationalizeConfig, llm: Any = None) -> RationalizeSummary:
     """Write answer + rationale SFT records per kept question (resumable); returns a summary.
 
     ``llm`` (tests, or a caller holding one): an object implementing ``vpd.llm.base.LLM``

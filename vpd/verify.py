@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
 from vpd.judge import judge_fingerprint, make_judge
@@ -297,7 +298,25 @@ def _print_funnel(fun: dict[str, Any]) -> None:
     console().print(table)
 
 
-def run_verify(cfg: VerifyConfig, judge: Any = None) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class VerifySummary(TypedDict, total=False):
+    """What `vpd verify` returns.
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    out: str
+    written: int
+    questions_done_before: int
+    questions_pending: int
+    rejects: int
+    judge_calls: int
+    wall_s: float
+    samples_per_s: float | None
+    funnel: dict[str, Any]
+
+
+def run_verify(cfg: VerifyConfig, judge: Any = None) -> VerifySummary:
     """Verify every sample (resumable; the unit is a question); returns a summary.
 
     ``judge`` (tests, or callers holding an LLM already): an object with

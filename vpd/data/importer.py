@@ -43,7 +43,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.data.official import FORMATS as OFFICIAL_FORMATS
 from vpd.data.official import open_source
@@ -425,7 +426,26 @@ def _source(cfg: ImportConfig) -> Any:
     return _Importer(cfg)
 
 
-def run_import(cfg: ImportConfig) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class ImportSummary(TypedDict, total=False):
+    """What `vpd data import` returns.
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    out: str
+    format: str
+    read: int
+    written: int
+    already_done: int
+    rejected: int
+    images_saved: int
+    rejects: str | None
+    wall_s: float
+    rows_per_s: float
+
+
+def run_import(cfg: ImportConfig) -> ImportSummary:
     """Import ``cfg.input`` into ``cfg.out`` (question JSONL), resumably."""
     t0 = time.time()
     src = Path(cfg.input)

@@ -87,7 +87,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
 from vpd.options import force_field, progress_field
@@ -722,7 +723,26 @@ def _write_png(img: Image.Image, path: Path) -> None:
         img.save(tmp, format="PNG")
 
 
-def run_synth(cfg: SynthConfig) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class SynthSummary(TypedDict, total=False):
+    """What `vpd data synth` returns (and the data stage's marker holds).
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    out: str
+    questions: int
+    train: int
+    test: int
+    val: int
+    images: int
+    qtypes: dict[str, int]
+    questions_per_s: float
+    skipped: bool
+    wall_s: float
+
+
+def run_synth(cfg: SynthConfig) -> SynthSummary:
     """Generate (or, when already complete for the same config, keep) a synthetic set."""
     t0 = time.time()
     out = Path(cfg.out)

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
 from vpd.execute.pool import DEFAULT_NAMESPACE, Job, JobResult, Limits, SandboxPool, ToolHandler
@@ -175,7 +176,27 @@ def _cache_stats(tools: Any) -> dict[str, Any]:
     }
 
 
-def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class ExecuteSummary(TypedDict, total=False):
+    """What `vpd execute` returns.
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    written: int
+    already_done: int
+    rejected: int
+    statuses: dict[str, int]
+    programs_run: int
+    wall_s: float
+    programs_per_s: float
+    sandbox_layers: dict[str, Any]
+    cache_hits: int
+    cache_misses: int
+    cache_hit_rate: float
+
+
+def run_execute(cfg: ExecuteConfig, tools: ToolHandler | None = None) -> ExecuteSummary:
     """Run the stage; ``tools`` overrides the backend's tool server (embedding, tests)."""
     t0 = time.perf_counter()
     shard = parse_shard(cfg.shard)

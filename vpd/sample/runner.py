@@ -15,7 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.llm import make_llm
 from vpd.llm.base import LLM, Completion, GenParams, stream
@@ -134,7 +135,30 @@ def _chunk_size(cfg: SampleConfig, n: int) -> int:
     return max(1, 32 * cfg.llm.batch_size // max(1, n))
 
 
-def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class SampleSummary(TypedDict, total=False):
+    """What `vpd sample` returns (rates over the progress bar's life).
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    out: str
+    prompt_id: str
+    questions: int
+    written: int
+    valid: int
+    invalid: int
+    already_done: int
+    rejected: int
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    wall_s: float
+    samples_per_s: float | None
+    tokens_per_s: float | None
+
+
+def run_sample(cfg: SampleConfig, llm: LLM | None = None) -> SampleSummary:
     """Sample ``k`` programs per question into ``cfg.out``; returns a summary dict.
 
     ``llm``: an already-built LLM (tests, notebooks); by default one is built from

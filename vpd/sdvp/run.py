@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
+
 from vpd.errors import VpdError
 from vpd.sdvp.collect import collect_step
 from vpd.sdvp.config import STEP_NAMES, SdvpConfig, SdvpRun, variants
@@ -70,7 +73,32 @@ def new_report(cfg: SdvpConfig) -> dict[str, Any]:
     }
 
 
-def run_sdvp(cfg: SdvpConfig) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class SdvpReport(TypedDict, total=False):
+    """What `vpd sdvp` returns (also DIR/sdvp.json); which keys are there depends on
+    ``until``.
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    teacher_model: str
+    student_model: str
+    ops: list[str]
+    tool_view: str
+    holdout_types: list[str]
+    variants: dict[str, Any]
+    subtasks: dict[str, Any]
+    questions: int
+    before: dict[str, Any]
+    after: dict[str, Any]
+    teacher: dict[str, Any]
+    held_out: dict[str, Any]
+    distilled_types: dict[str, Any]
+    ablation: Any
+    wall_s: float
+
+
+def run_sdvp(cfg: SdvpConfig) -> SdvpReport:
     """Run (or resume) SDVP up to ``cfg.until``; returns (and writes) the report."""
     t0 = time.time()
     _check_inputs(cfg)

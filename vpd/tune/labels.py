@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
 from vpd.progress import progress_bar
@@ -33,7 +33,22 @@ class LabelsConfig(BaseModel):
     progress: bool = True
 
 
-def run_labels(cfg: LabelsConfig) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class LabelsSummary(TypedDict, total=False):
+    """What the labels arm's SFT builder returns.
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    out: str
+    questions: int
+    answer_records: int
+    without_label: int
+    rejects: int
+    wall_s: float
+
+
+def run_labels(cfg: LabelsConfig) -> LabelsSummary:
     """Write an ``answer`` record per labelled question; returns a summary."""
     t0 = time.time()
     if cfg.out.resolve() == cfg.questions.resolve():

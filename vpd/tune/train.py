@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, with_config
+from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
+
 from vpd.errors import ConfigMismatch, VpdError
 from vpd.net import free_port
 from vpd.progress import console, progress_bar, quiet_transformers
@@ -407,7 +410,42 @@ def _load_processor(path: str, cfg: TuneConfig) -> Any:
     return processor
 
 
-def run_tune(cfg: TuneConfig) -> dict[str, Any]:
+@with_config(ConfigDict(extra="forbid"))
+class TuneSummary(TypedDict, total=False):
+    """What `vpd tune` returns (rank 0; also OUT/summary.json, less its config).
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    out: str
+    final: str
+    init: str
+    method: str
+    trained_parts: list[str]
+    trainable_params: int
+    total_params: int
+    deepspeed: str
+    world_size: int
+    records: int
+    rejected: int
+    dropped_too_long: int
+    truncated: int
+    examples: int
+    per_task: dict[str, int]
+    mean_tokens: float
+    max_tokens: int
+    steps: int
+    resumed_from_step: int
+    train_loss: float | None
+    final_loss: float | None
+    val_loss: list[Any]
+    train_s: float
+    wall_s: float
+    examples_per_s: float | None
+    skipped: bool
+
+
+def run_tune(cfg: TuneConfig) -> TuneSummary:
     """Fine-tune ``cfg.init`` on ``cfg.sft`` into ``cfg.out`` (resumable); return a summary."""
     t0 = time.time()
     if not Path(cfg.sft).is_file():
