@@ -350,6 +350,18 @@ def report_path(out: Path) -> Path:
     return Path(str(out) + ".report.json")
 
 
+@with_config(ConfigDict(extra="forbid"))
+class AccuracyReport(TypedDict, total=False):
+    """What :func:`build_report` computes from predictions (eval and the programs arm)."""
+
+    accuracy: float | None
+    n: int
+    correct: float
+    unscored: int
+    per_type: dict[str, Any]
+    rationale_accuracy: float | None
+
+
 def build_report(
     preds: list[dict[str, Any]], baseline: dict[str, Any] | None, extra: dict[str, Any]
 ) -> dict[str, Any]:
@@ -414,17 +426,12 @@ def _print_table(rep: dict[str, Any], title: str) -> None:
 
 
 @with_config(ConfigDict(extra="forbid"))
-class EvalSummary(TypedDict, total=False):
+class EvalSummary(AccuracyReport, total=False):
     """What `vpd eval` returns (also OUT.report.json).
 
     Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
     is an error where it is checked (the tests validate summaries against this)."""
 
-    accuracy: float | None
-    n: int
-    correct: float
-    unscored: int
-    per_type: dict[str, Any]
     majority_baseline: dict[str, Any] | None
     model: str
     questions_file: str
@@ -445,7 +452,6 @@ class EvalSummary(TypedDict, total=False):
     s_per_question: float | None
     prompt_format: str
     oom_splits: int
-    rationale_accuracy: float | None
     rationales: int
 
 

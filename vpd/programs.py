@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, with_config
-from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
-from vpd.evaluate import build_report, has_gold, qtype_of
+from vpd.evaluate import AccuracyReport, build_report, has_gold, qtype_of
 from vpd.execute import ExecuteConfig, run_execute
 from vpd.metrics import Metric, resolve_metric, score_answer
 from vpd.records import Execution, Prediction, Question
@@ -67,17 +66,12 @@ def programs_paths(out: Path) -> dict[str, Path]:
 
 
 @with_config(ConfigDict(extra="forbid"))
-class ProgramsSummary(TypedDict, total=False):
+class ProgramsSummary(AccuracyReport, total=False):
     """What the programs arm returns (also its report.json).
 
     Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
     is an error where it is checked (the tests validate summaries against this)."""
 
-    accuracy: float | None
-    n: int
-    correct: float
-    unscored: int
-    per_type: dict[str, Any]
     questions_file: str
     questions: int
     statuses: dict[str, int]
