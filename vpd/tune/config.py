@@ -25,7 +25,82 @@ PARTS = ("vision", "projector", "lm")
 RECIPES_DIR = recipes_dir()  # the DeepSpeed presets ship with the package
 
 
-class TuneConfig(BaseModel):
+class TrainOptions(BaseModel):
+    """The options of one fine-tuning run that are not about its data or model: the
+    optimisation, what trains (LoRA or full), DeepSpeed, checkpoints. `vpd tune` (the VLM)
+    and `vpd tune-writer` (the program writer) both take them, through one trainer setup
+    (:func:`vpd.tune.train.training_arguments`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # optimisation
+    epochs: float = Field(1.0, gt=0, description="Training epochs.")
+    max_steps: int = Field(-1, description="Stop after N optimizer steps (> 0 overrides --epochs).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="Share of the steps spent warming up the learning rate."
+    )
+    scheduler: str = Field(
+        "cosine",
+        description=("Learning-rate schedule (transformers' names: cosine, linear, constant...)."),
+    )
+    max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seed (data order, LoRA init, tiny model).")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "auto", description="Training dtype (auto: bf16 on GPU)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory)."
+    )
+    # Vocabulary logits only where a label is (same loss, less compute); off: the model's own
+    sparse_logits: bool = Field(
+        True, description="Vocabulary logits only where a label is (same loss, less compute)."
+    )
+    # what trains
+    lora: bool = Field(
+        True,
+        description="LoRA adapters on the LM, or full fine-tuning.",
+        json_schema_extra={"flag": "lora/--full"},
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        description="Module names LoRA adapts (repeatable).",
+    )
+    # scale-out
+    deepspeed: str = Field("none", description="none|zero2|zero3|zero3_offload|PATH.json.")
+    # checkpoints / outputs
+    save_steps: int = Field(200, ge=1, description="Checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
+    merge: bool = Field(True, description="Merge LoRA into OUT/final.")
+    resume: bool = Field(True, description="Continue OUT's checkpoint.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    force: bool = Field(False, description="Start over if OUT holds a run with other options.")
+    progress: bool = progress_field()
+
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _csv_targets(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+
+class TuneConfig(TrainOptions):
     """Fine-tune a VLM on SFT records (HF Trainer, optional DeepSpeed ZeRO, LoRA or full).
 
     Re-running the same command resumes from the last checkpoint, or does nothing when the
@@ -99,70 +174,12 @@ class TuneConfig(BaseModel):
         ge=1,
         description=("Join up to N answer examples of one image into one multi-turn conversation."),
     )
-    # optimisation
-    epochs: float = Field(1.0, gt=0, description="Training epochs.")
-    max_steps: int = Field(-1, description="Stop after N optimizer steps (> 0 overrides --epochs).")
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(8, ge=1, description="Examples per device per step.")
-    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(
-        0.03, ge=0, lt=1, description="Share of the steps spent warming up the learning rate."
-    )
-    scheduler: str = Field(
-        "cosine",
-        description=("Learning-rate schedule (transformers' names: cosine, linear, constant...)."),
-    )
-    max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
-    seed: int = Field(0, description="Seed (data order, LoRA init, tiny model).")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "auto", description="Training dtype (auto: bf16 on GPU)."
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass (less memory)."
-    )
-    # Vocabulary logits only where a label is (same loss, less compute); off: the model's own
-    sparse_logits: bool = Field(
-        True, description="Vocabulary logits only where a label is (same loss, less compute)."
-    )
-    # what trains
-    lora: bool = Field(
-        True,
-        description="LoRA adapters on the LM, or full fine-tuning.",
-        json_schema_extra={"flag": "lora/--full"},
-    )
-    lora_r: int = Field(8, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    lora_targets: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-        description="Module names LoRA adapts (repeatable).",
-    )
     # None: auto = the vision tower (pretrained, as in LLaVA's stage 2; the tiny VLM's too)
     freeze: list[str] | None = Field(
         None,
         description="Comma list of vision,projector,lm to keep frozen.",
         json_schema_extra={"cli": "text"},
     )
-    # scale-out
-    deepspeed: str = Field("none", description="none|zero2|zero3|zero3_offload|PATH.json.")
-    # checkpoints / outputs
-    save_steps: int = Field(200, ge=1, description="Checkpoint every N steps.")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
-    logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
-    merge: bool = Field(True, description="Merge LoRA into OUT/final.")
-    resume: bool = Field(True, description="Continue OUT's checkpoint.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    force: bool = Field(False, description="Start over if OUT holds a run with other options.")
-    progress: bool = progress_field()
 
     @field_validator("freeze")
     @classmethod
@@ -179,7 +196,7 @@ class TuneConfig(BaseModel):
     def _weights(cls, v: Any) -> Any:
         return parse_task_weights(v)
 
-    @field_validator("freeze", "lora_targets", mode="before")
+    @field_validator("freeze", mode="before")
     @classmethod
     def _csv(cls, v: Any) -> Any:
         if isinstance(v, str):

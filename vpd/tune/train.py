@@ -42,7 +42,7 @@ from vpd.store import (
     set_aside,
 )
 from vpd.tune import data as tdata
-from vpd.tune.config import TuneConfig, deepspeed_config_path, dump_json
+from vpd.tune.config import TrainOptions, TuneConfig, deepspeed_config_path, dump_json
 from vpd.tune.loss import (
     IGNORE_INDEX,
     accepts_logits_to_keep,
@@ -70,11 +70,12 @@ def ensure_dist_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's rank (0 without a launcher)."""
     return int(os.environ.get("RANK", "0"))
 
 
-def _cuda() -> bool:
+def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
@@ -94,7 +95,7 @@ def resolve_deepspeed(spec: str, out: Path) -> str | None:
         conf.pop("optimizer")
         conf["zero_force_ds_cpu_optimizer"] = False
         fallback = out / "ds_config.fallback.json"
-        if _rank() == 0:
+        if rank() == 0:
             # Atomic: the other ranks read it as soon as it exists.
             atomic_write_json(fallback, conf, indent=2)
 
@@ -122,8 +123,66 @@ def _wait_for(path: Path, timeout: float = 600.0) -> None:
     t0 = time.time()
     while not path.exists():
         if time.time() - t0 > timeout:
-            raise VpdError(f"rank {_rank()}: timed out waiting for {path} from rank 0")
+            raise VpdError(f"rank {rank()}: timed out waiting for {path} from rank 0")
         time.sleep(0.2)
+
+
+def train_dtype(dtype: str) -> str:
+    """``auto``: bfloat16 on a GPU that has it, else float32 (a recipe asks for bf16 autocast
+    on CPUs that multiply it natively)."""
+    import torch
+
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if cuda_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def join_cpu_deepspeed(ds_path: str | None) -> None:
+    """After ``TrainingArguments``: on CPU, accelerate sets up plain gloo DDP and never tells
+    DeepSpeed's comm layer, which then believes world_size == 1; hand it the process group."""
+    if ds_path and not cuda_available():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+def training_arguments(
+    opts: TrainOptions, out: Path, dtype: str, ds_path: str | None, has_val: bool
+) -> Any:
+    """HF ``TrainingArguments`` from the shared training options (one place for both
+    trainers). Built before the model: under ZeRO-3 it arms zero.Init."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        learning_rate=opts.lr,
+        num_train_epochs=opts.epochs,
+        max_steps=opts.max_steps if opts.max_steps > 0 else -1,
+        lr_scheduler_type=opts.scheduler,
+        warmup_steps=opts.warmup_ratio,  # < 1: a fraction of the total steps
+        weight_decay=opts.weight_decay,
+        max_grad_norm=opts.max_grad_norm,
+        logging_steps=opts.logging_steps,
+        save_strategy="steps",
+        save_steps=opts.save_steps,
+        save_total_limit=opts.save_total_limit,
+        seed=opts.seed,
+        data_seed=opts.seed,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        deepspeed=ds_path,
+        report_to="none",
+        remove_unused_columns=False,
+        eval_strategy="epoch" if has_val else "no",
+        per_device_eval_batch_size=opts.batch_size,
+        dataloader_num_workers=opts.num_workers,
+        disable_tqdm=True,
+        use_cpu=not cuda_available(),
+        activation_checkpointing=opts.gradient_checkpointing,
+        ddp_find_unused_parameters=False,
+    )
 
 
 # ----------------------------------------------------------------------------- run state
@@ -142,44 +201,47 @@ def last_checkpoint(out: Path) -> Path | None:
     return best[1] if best else None
 
 
-def _prepare_out(cfg: TuneConfig, fp: dict[str, Any]) -> dict[str, Any] | None:
-    """Apply the resume contract; return the finished run's summary if there is nothing to do."""
-    out = cfg.out
+def prepare_out(
+    out: Path, fp: dict[str, Any], opts: TrainOptions, meta_name: str = "vpd_tune.json"
+) -> dict[str, Any] | None:
+    """Apply the resume contract to a training folder (``fp``: the options that change the
+    weights, kept in ``meta_name``); return the finished run's summary if there is nothing
+    to do."""
     if out.exists() and not out.is_dir():
         raise VpdError(f"--out must be a folder, got a file: {out}")
-    meta_file = out / "vpd_tune.json"
+    meta_file = out / meta_name
     old = read_json(meta_file)
     has_state = last_checkpoint(out) is not None or (out / "final").exists()
     if old is not None and old.get("config") != fp and has_state:
-        if not cfg.force:
+        if not opts.force:
             diff = config_diff(old.get("config") or {}, fp)
             raise ConfigMismatch(
                 f"{out} holds a run with other options ({diff}); "
                 "rerun with the same options to resume, use another --out, or --force to "
                 "start over (the old folder is kept as .bak)"
             )
-        if _rank() == 0:
+        if rank() == 0:
             set_aside(out)
         old = None
     summary = read_json(out / "summary.json")
     if summary is not None and summary.get("config") == fp and (out / "final").exists():
         return summary
-    if not cfg.resume and has_state and old is not None:
-        if not cfg.force:
+    if not opts.resume and has_state and old is not None:
+        if not opts.force:
             raise VpdError(
                 f"{out} already holds checkpoints; drop --no-resume to continue them, "
                 "or add --force to start over"
             )
-        if _rank() == 0:
+        if rank() == 0:
             set_aside(out)
-    if _rank() == 0:
+    if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(meta_file, dump_json({"config": fp}))
     else:
         t0 = time.time()
         while (read_json(meta_file) or {}).get("config") != fp:
             if time.time() - t0 > 120:
-                raise VpdError(f"rank {_rank()}: rank 0 did not prepare {out}")
+                raise VpdError(f"rank {rank()}: rank 0 did not prepare {out}")
             time.sleep(0.2)
     return None
 
@@ -273,10 +335,12 @@ def setup_trainable(model: Any, cfg: TuneConfig) -> tuple[Any, dict[str, Any]]:
 # ----------------------------------------------------------------------------- callbacks
 
 
-def _callbacks(cfg: TuneConfig, resume_step: int) -> list[Any]:
+def train_callbacks(out: Path, progress: bool, resume_step: int, label: str = "tune") -> list[Any]:
+    """Trainer callbacks: the loss log (``out/loss.jsonl``, cut back to the checkpoint on
+    resume) and vpd's progress bar (labelled ``label``) on rank 0."""
     from transformers import TrainerCallback
 
-    loss_file = cfg.out / "loss.jsonl"
+    loss_file = out / "loss.jsonl"
 
     class LossLog(TrainerCallback):
         """Appends every logged loss to loss.jsonl; on resume, cuts steps past the checkpoint
@@ -317,10 +381,10 @@ def _callbacks(cfg: TuneConfig, resume_step: int) -> list[Any]:
             self._bar = None
 
         def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
-            if not (state.is_world_process_zero and cfg.progress):
+            if not (state.is_world_process_zero and progress):
                 return
 
-            self._ctx = progress_bar("tune", state.max_steps, "step", True)
+            self._ctx = progress_bar(label, state.max_steps, "step", True)
             self._bar = self._ctx.__enter__()
             if state.global_step:
                 self._bar.advance(state.global_step)
@@ -331,7 +395,7 @@ def _callbacks(cfg: TuneConfig, resume_step: int) -> list[Any]:
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             if self._bar is not None and logs and "loss" in logs:
-                self._bar.describe(f"tune loss {logs['loss']:.4f}", announce=False)
+                self._bar.describe(f"{label} loss {logs['loss']:.4f}", announce=False)
 
         def on_train_end(self, args, state, control, **kw):  # noqa: ANN001
             if self._ctx is not None:
@@ -454,64 +518,28 @@ def run_tune(cfg: TuneConfig) -> TuneSummary:
         deepspeed_config_path(cfg.deepspeed)  # fail fast on a bad name/path
         ensure_dist_env()
     fp = cfg.fingerprint_fields()
-    done = _prepare_out(cfg, fp)
+    done = prepare_out(cfg.out, fp, cfg)
     if done is not None:
         return {**{k: v for k, v in done.items() if k != "config"}, "skipped": True}
 
     import torch
 
     out = cfg.out
-    cuda = _cuda()
+    cuda = cuda_available()
     if not cuda:
         # DeepSpeed, imported by transformers, warns on stderr when it has to guess the CPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments, set_seed
+    from transformers import AutoModelForImageTextToText, Trainer, set_seed
 
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    dtype = train_dtype(cfg.dtype)
     ds_path = resolve_deepspeed(cfg.deepspeed, out)
     init_path = _init_path(cfg)
     processor = _load_processor(init_path, cfg)
 
     # TrainingArguments before the model: under ZeRO-3 it arms zero.Init so from_pretrained
     # loads weights already partitioned across ranks.
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-        lr_scheduler_type=cfg.scheduler,
-        warmup_steps=cfg.warmup_ratio,  # < 1: a fraction of the total steps
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
-        deepspeed=ds_path,
-        report_to="none",
-        remove_unused_columns=False,
-        eval_strategy="epoch" if cfg.val is not None else "no",
-        per_device_eval_batch_size=cfg.batch_size,
-        dataloader_num_workers=cfg.num_workers,
-        disable_tqdm=True,
-        use_cpu=not cuda,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        ddp_find_unused_parameters=False,
-    )
-    if ds_path and not cuda:
-        # On CPU, accelerate sets up plain gloo DDP and never tells DeepSpeed's comm layer,
-        # which then believes world_size == 1; hand it the process group explicitly.
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+    args = training_arguments(cfg, out, dtype, ds_path, cfg.val is not None)
+    join_cpu_deepspeed(ds_path)
     prep = {
         "processor": processor,
         "max_length": cfg.max_length,
@@ -520,23 +548,23 @@ def run_tune(cfg: TuneConfig) -> TuneSummary:
         "turns_per_image": cfg.turns_per_image,
         "model_type": _model_type(init_path),
         "layout": cfg.layout,
-        "progress": cfg.progress and _rank() == 0,
+        "progress": cfg.progress and rank() == 0,
     }
-    with RejectWriter(out / "sft.rejects.jsonl") if _rank() == 0 else _Null() as rejects:
+    with RejectWriter(out / "sft.rejects.jsonl") if rank() == 0 else _Null() as rejects:
         dataset, stats = tdata.prepare(
             Path(cfg.sft),
             task_weights=cfg.task_weights,
-            rejects=rejects if _rank() == 0 else None,
+            rejects=rejects if rank() == 0 else None,
             **prep,
         )
     val_set = None
     if cfg.val is not None:
         # The answer task alone: the one both arms share, and the one evaluated.
-        with RejectWriter(out / "val.rejects.jsonl") if _rank() == 0 else _Null() as rejects:
+        with RejectWriter(out / "val.rejects.jsonl") if rank() == 0 else _Null() as rejects:
             val_set, _ = tdata.prepare(
                 Path(cfg.val),
                 task_weights={"rationale": 0.0} if cfg.layout == "question" else {"answer": 1.0},
-                rejects=rejects if _rank() == 0 else None,
+                rejects=rejects if rank() == 0 else None,
                 **{**prep, "turns_per_image": 1},
             )
     # Seed before the model exists: LoRA's A matrices (and any new heads) are drawn at wrap
@@ -566,9 +594,9 @@ def run_tune(cfg: TuneConfig) -> TuneSummary:
         train_dataset=dataset,
         eval_dataset=val_set,
         data_collator=collator,
-        callbacks=_callbacks(cfg, resume_step),
+        callbacks=train_callbacks(cfg.out, cfg.progress, resume_step),
     )
-    _drop_tqdm_printer(trainer)
+    drop_tqdm_printer(trainer)
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_s = time.time() - t_train
@@ -771,7 +799,7 @@ def _last_loss(loss_file: Path) -> float | None:
     return round(float(train[-1]["loss"]), 4) if train else None
 
 
-def _drop_tqdm_printer(trainer: Any) -> None:
+def drop_tqdm_printer(trainer: Any) -> None:
     # With tqdm disabled Trainer prints each log dict to stdout; our bar and loss.jsonl
     # carry the same numbers, and stdout stays clean for the JSON summary.
     from transformers.trainer_callback import PrinterCallback
