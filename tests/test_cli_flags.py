@@ -47,6 +47,7 @@ CONFIGS = {
     "rationalize": "vpd.rationalize:RationalizeConfig",
     "eval": "vpd.evaluate:EvalConfig",
     "tune": "vpd.tune.config:TuneConfig",
+    "tune-writer": "vpd.writer.train:WriterConfig",
     "export": "vpd.export:ExportConfig",
     "view": "vpd.view.command:ViewConfig",
     "sdvp": "vpd.sdvp.config:SdvpConfig",

@@ -47,12 +47,15 @@ from vpd.verify import VerifyConfig, run_verify
 from vpd.verify import summary_line as verify_line
 from vpd.view.command import ViewConfig, run_view
 from vpd.view.command import summary_line as view_line
+from vpd.writer import WriterConfig, run_writer
+from vpd.writer import summary_line as writer_line
 
 app = typer.Typer(
     help=(
         "Visual Program Distillation: LLM-written programs over vision tools, "
         "distilled into a VLM.\n\n"
-        "Pipeline: data -> sample -> execute -> verify -> rationalize -> tune -> eval "
+        "Pipeline: data -> sample -> execute -> verify (-> tune-writer: the writer learns "
+        "from its kept programs, and round again) -> rationalize -> tune -> eval "
         "(-> sdvp: distil a teacher into the tools). "
         "Every stage reads and writes JSONL, and resumes where it stopped when run again."
     ),
@@ -236,6 +239,24 @@ def tune(options: dict[str, Any], recipe: Path | None, set_: list[str] | None) -
     summary = run_tune(cfg)
     if summary:  # only rank 0 returns one
         print(json.dumps(summary, indent=2))
+
+
+# ----------------------------------------------------------------------------- tune-writer
+
+
+@stage_command(app, "tune-writer", WriterConfig, run_writer, writer_line, args=("verified",))
+def tune_writer(options: dict[str, Any]) -> None:
+    """Example:
+
+    vpd tune-writer runs/demo/verified.jsonl --questions runs/demo/data/train.jsonl
+      --exclude runs/demo/data/test.jsonl --out runs/demo/writer1
+
+    vpd sample runs/demo/data/train.jsonl --out samples-r1.jsonl
+      --model runs/demo/writer1/final --prompt viper/writer --shots 0
+
+    torchrun --nproc_per_node 8 -m vpd.cli tune-writer verified.jsonl --questions train.jsonl
+      --out writer --init Qwen2.5-Coder-7B-Instruct/ --deepspeed zero3 --batch-size 4
+    """
 
 
 # ----------------------------------------------------------------------------- sdvp

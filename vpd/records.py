@@ -100,6 +100,16 @@ class Sft(Record):
     messages: list[dict[str, Any]] = Field(min_length=2)
 
 
+class WriterExample(Record):
+    """One training example of the program writer (`vpd tune-writer`): the sampler's prompt
+    for a training question and one program of it that the verifier kept (``id`` = the
+    verified record's id, ``source`` = its file)."""
+
+    qid: str
+    source: str
+    messages: list[dict[str, Any]] = Field(min_length=2)
+
+
 class Prediction(Record):
     """One answer of a VLM from `vpd eval` (``id`` = question id).
 
@@ -175,6 +185,7 @@ _SIGNATURES: tuple[tuple[frozenset[str], type[Record]], ...] = (
     (frozenset({"teacher_question", "view"}), TeacherAnswer),
     (frozenset({"region", "op"}), SubTask),
     (frozenset({"messages", "task"}), Sft),
+    (frozenset({"messages", "source", "qid"}), WriterExample),
     (frozenset({"prediction", "qid"}), Prediction),
     (frozenset({"kept", "qid"}), Verified),
     (frozenset({"status", "qid"}), Execution),
@@ -220,6 +231,7 @@ _KIND_NAMES: dict[type[Record], str] = {
     Prediction: "predictions (vpd eval)",
     SubTask: "SDVP sub-tasks",
     TeacherAnswer: "SDVP teacher answers",
+    WriterExample: "program-writer examples (vpd tune-writer)",
 }
 
 
