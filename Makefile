@@ -9,8 +9,10 @@ SDVP_RECIPE ?= recipes/sdvp-cpu.yaml
 
 ABLATION_RECIPE ?= recipes/ablation-cpu.yaml
 ABLATION_DIR ?= runs/ablation-cpu
+WRITER_RECIPE ?= recipes/writer-cpu.yaml
+WRITER_DIR ?= runs/writer-cpu
 
-.PHONY: setup test test-fast lint full-pipeline ablation sdvp bench clean
+.PHONY: setup test test-fast lint full-pipeline ablation writer sdvp bench clean
 
 # Idempotent: re-installs only when pyproject.toml changed since the last setup.
 # torch is pinned here (the package only says torch>=2.5) and installed first, so pip never
@@ -43,6 +45,10 @@ full-pipeline: $(STAMP)
 # Every arm of the VPD ablation (untuned, labels, vpd, programs, majority) on one test split.
 ablation: $(STAMP)
 	$(BIN)/vpd run $(ABLATION_RECIPE) --run-dir $(ABLATION_DIR)
+
+# The ablation with two rounds of expert iteration for the program writer (one seed).
+writer: $(STAMP)
+	$(BIN)/vpd run $(WRITER_RECIPE) --run-dir $(WRITER_DIR)
 
 # SDVP on top of the demo: distils the tools' VLM from the demo's tuned VLM (run it after
 # full-pipeline; the demo's finished stages are reused).

@@ -114,6 +114,7 @@ def test_registry_is_in_run_order() -> None:
         "sample",
         "execute",
         "verify",
+        "writer",
         "rationalize",
         "tune",
         "labels",
@@ -125,7 +126,9 @@ def test_registry_is_in_run_order() -> None:
         assert stage.name == name
         assert set(stage.depends) <= set(names[:i]), name
         assert {j.runner for j in stage.jobs({}, RunPaths(Path("/r")))} <= set(stage.runners)
-    assert upstream("sdvp") == {"data", "sample", "execute", "rationalize", "verify", "tune"}
+    assert upstream("sdvp") == {
+        "data", "sample", "execute", "rationalize", "verify", "writer", "tune"
+    }  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -151,6 +154,7 @@ PINNED = {
     "sample": "28d97721262d1ed7",
     "execute": "b3c66d4f5b4bc528",
     "verify": "3e013ee8bb1fb802",
+    "writer": "4f53cda18c2baa0c",  # no writer section: no rounds
     "rationalize": "270d0d8600b90cc4",
     "tune": "251ff8787ad64a1e",
     "labels": "0acd54015fb6e87e",

@@ -143,13 +143,19 @@ def _archive(stage: str, p: RunPaths, stamp: str) -> None:
         for f in out.parent.iterdir():
             # Side files (name.*) and the other seeds' folders (name-seedN) go too.
             if f == out or f.name.startswith((out.name + ".", out.name + "-seed")):
-                dest.mkdir(parents=True, exist_ok=True)
-                f.rename(dest / f.name)
+                # Under its path in the run (writer/round1/programs apart from programs).
+                target = dest / f.relative_to(p.root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                f.rename(target)
     p.marker(stage).unlink(missing_ok=True)
 
 
-def _run_jobs(stage: str, jobs: list[Job]) -> list[Any]:
-    return [job.run(stage) for job in jobs]
+def _skipped(summary: Any) -> bool:
+    return isinstance(summary, dict) and summary.get("skipped") is True
+
+
+def _run_jobs(stage: str, jobs: list[Job], force: bool | None = None) -> list[Any]:
+    return [job.run(stage, force) for job in jobs]
 
 
 def run_pipeline(
@@ -184,19 +190,22 @@ def run_pipeline(
         marker = paths.marker(stage)
         # A stage whose input was just (re)made describes an older input: it runs again.
         stale = bool(upstream(stage) & ran)
+        # An incremental stage (the writer's rounds) keeps what its changed options leave
+        # valid: its jobs hold their own fingerprints and run again only where they differ.
+        incremental = STAGES[stage].incremental and not stale
         if marker.exists():
             old = json.loads(marker.read_text(encoding="utf-8"))
             if old.get("fingerprint") == cfg_fp and not stale:
                 con.print(f"[green]✓[/green] {stage}: done (skipped)")
                 markers[stage] = old
                 continue
-            if not force and not stale:
+            if not force and not stale and not incremental:
                 raise VpdError(
                     f"stage {stage} in {root} was run with other options; restore the "
                     "recipe, use another --run-dir, or --force to re-run it and what follows "
                     "(old outputs are kept under archive/)"
                 )
-        if stale or marker.exists():
+        if stale or (marker.exists() and not incremental):
             _archive(stage, paths, stamp)
         con.rule(f"[bold]{stage}")
         t0 = time.time()
@@ -204,9 +213,9 @@ def run_pipeline(
         if prepare is not None:
             prepare(recipe, paths)
         try:
-            summaries = _run_jobs(stage, jobs)
+            summaries = _run_jobs(stage, jobs, force if incremental else None)
         except ConfigMismatch:
-            if not force:
+            if not force or incremental:
                 raise
             # A half-done stage under old options: set it aside and start it over.
             _archive(stage, paths, stamp)
@@ -223,8 +232,10 @@ def run_pipeline(
         markers[stage] = rec
         # This stage's output may be new, so the markers of the stages that read it (even
         # ones whose options match) describe an older input: they run again, e.g. after a
-        # --force of this stage was killed half-way and then resumed without --force.
-        ran.add(stage)
+        # --force of this stage was killed half-way and then resumed without --force. An
+        # incremental stage whose every job found its output done changed nothing.
+        if not (incremental and all(_skipped(s) for s in summaries)):
+            ran.add(stage)
         con.print(f"[green]✓[/green] {stage}: finished in {wall:.1f}s")
     if report:
         out = write_report(root)

@@ -37,7 +37,7 @@ from vpd.evaluate import (
 )
 from vpd.progress import console
 from vpd.records import Question
-from vpd.runpaths import ARMS, VLM_ARMS, RunPaths, recipe_seeds, saved_recipe
+from vpd.runpaths import ARMS, VLM_ARMS, RunPaths, recipe_seeds, saved_recipe, writer_rounds
 from vpd.sdvp.report import markdown_report as sdvp_markdown
 from vpd.sdvp.report import report_path as sdvp_report_path
 from vpd.stages import STAGES, RunFiles
@@ -99,6 +99,58 @@ def funnel(p: RunPaths) -> dict[str, Any]:
         # The verifier's own counts use its threshold and metric: they are authoritative.
         out["verify"] = verify_funnel
     return out
+
+
+def writer_table(p: RunPaths) -> list[dict[str, Any]] | None:
+    """One row per writer round (0: the untuned writer): the training questions sampled and
+    those with a kept program, the writer's training examples, the sampler's programs/s
+    and prompt tokens per request, and the programs arm of that round's writer on the test
+    split (where `programs.rounds` scored it). None without writer rounds."""
+    try:
+        rounds = writer_rounds(saved_recipe(p))
+    except VpdError:
+        return None
+    if not rounds:
+        return None
+    rows = []
+    first: ArmScores = {}
+    for r in range(rounds + 1):
+        if r == 0:
+            vf = read_json(Path(str(p.verified) + ".funnel.json")) or {}
+            ss = ((read_json(p.marker("sample")) or {}).get("summary")) or {}
+            asked = int(vf.get("questions_verified") or 0)
+            kept = int(vf.get("questions_with_kept") or 0)
+            row: dict[str, Any] = {
+                "round": 0,
+                "questions": asked,
+                "questions_with_kept": kept,
+                "kept_rate": round(kept / asked, 4) if asked else None,
+                "writer_examples": None,
+                "programs_per_s": ss.get("samples_per_s") if isinstance(ss, dict) else None,
+                "prompt_tokens_per_request": _prompt_tokens(p.samples),
+            }
+        else:
+            marker = read_json(p.writer_round(r) / "round.json") or {}
+            row = {"round": r, **(marker.get("summary") or {})}
+            row.pop("skipped", None)
+        prog = read_json(p.round_programs(r, rounds) / "report.json")
+        if prog is not None:
+            row["programs"] = _arm(prog)
+        scores = arm_scores(read_preds(p.round_programs(r, rounds) / "preds.jsonl"))
+        if r and first and scores:
+            # This round's writer against the untuned one, on the same test questions.
+            row["programs_vs_round0"] = compare_arms(scores, first, **BOOTSTRAP)["all"]
+        if r == 0:
+            first = scores
+        rows.append(row)
+    return rows
+
+
+def _prompt_tokens(samples: Path) -> float | None:
+    per_q: dict[str, int] = {}
+    for s in _jsonl(samples):
+        per_q.setdefault(str(s.get("qid")), int((s.get("usage") or {}).get("prompt_tokens", 0)))
+    return round(sum(per_q.values()) / len(per_q), 1) if per_q else None
 
 
 def stage_table(p: RunPaths) -> list[dict[str, Any]]:
@@ -479,6 +531,9 @@ def write_report(root: Path) -> dict[str, Path]:
     sdvp = read_json(sdvp_report_path(p.sdvp))
     if sdvp is not None:
         report["sdvp"] = sdvp
+    writer = writer_table(p)
+    if writer is not None:
+        report["writer"] = writer
     atomic_write_json(p.root / "report.json", report, indent=2, default=str)
     md = p.root / "report.md"
     atomic_write(md, render_markdown(report))
@@ -495,6 +550,13 @@ def _fmt_acc(rep: dict[str, Any] | None) -> str:
 
 def _pts(x: Any) -> str:
     return "-" if x is None else f"{100 * float(x):+.1f}"
+
+
+def _interval(c: dict[str, Any] | None) -> str:
+    """A difference and its interval in points, e.g. ``+22.0 [+18.0, +26.0]``."""
+    if not c or c.get("diff") is None:
+        return "-"
+    return f"{_pts(c['diff'])} [{_pts(c['lo'])}, {_pts(c['hi'])}]"
 
 
 _ARM_TEXT = {
@@ -585,6 +647,39 @@ def accuracy_markdown(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def writer_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-round table of the program writer's expert iteration."""
+    types = sorted({t for row in rows for t in ((row.get("programs") or {}).get("per_type") or {})})
+    lines = [
+        "## The program writer, round by round",
+        "",
+        "Round 0 is the untuned writer; round r is tuned on the kept programs of rounds "
+        "< r. Kept: sampled training questions with a kept program. Programs: that round's "
+        "writer, one greedy program per test question.",
+        "",
+        "| round | kept | writer examples | programs/s | prompt tokens | programs | "
+        "vs round 0 (95% CI) | " + " | ".join(types) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(types),
+    ]
+    for row in rows:
+        prog = row.get("programs") or {}
+        per = prog.get("per_type") or {}
+        kept = f"{row.get('questions_with_kept', '-')}/{row.get('questions', '-')}"
+        rate = row.get("programs_per_s")
+        cells = [
+            str(row["round"]),
+            f"{kept} ({_pct(row.get('kept_rate'))})",
+            str(row.get("writer_examples") or "-"),
+            "-" if rate is None else f"{float(rate):.2f}",
+            str(row.get("prompt_tokens_per_request") or "-"),
+            _fmt_acc(prog) if prog else "-",
+            _interval(row.get("programs_vs_round0")),
+            *[_pct((per.get(t) or {}).get("accuracy")) for t in types],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     f = r["funnel"]
     lines = [f"# VPD run report: `{r['run_dir']}`", "", "## Funnel", ""]
@@ -621,6 +716,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             + ".",
             "",
         ]
+    if r.get("writer"):
+        lines += writer_markdown(r["writer"])
     if r.get("sdvp"):
         lines += ["", "## SDVP: stepwise distillation into the tools", ""]
         lines += sdvp_markdown(r["sdvp"])

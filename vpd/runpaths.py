@@ -28,6 +28,20 @@ def recipe_seeds(recipe: dict[str, Any]) -> list[int]:
     return list(raw)
 
 
+def writer_rounds(recipe: dict[str, Any]) -> int:
+    """How many rounds of writer tuning a recipe asks for (``writer.rounds``; 0: no
+    ``writer:`` section)."""
+    section = recipe.get("writer")
+    if section is None:
+        return 0
+    if not isinstance(section, dict):
+        raise VpdError("recipe section 'writer' must be a mapping")
+    rounds = section.get("rounds", 1)
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise VpdError(f"writer.rounds must be an integer >= 1, got {rounds!r}")
+    return rounds
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Every file of a run, derived from its directory."""
@@ -108,6 +122,24 @@ class RunPaths:
         if arm == "vpd" and not self.preds("vpd").exists() and self.preds("tuned").exists():
             return self.preds("tuned")
         return self.preds(arm)
+
+    def writer_round(self, r: int) -> Path:
+        """Round ``r`` of writer tuning (`vpd.writer.rounds`); round 0 is the run's own
+        sample/execute/verify, made by the untuned writer."""
+        return self.root / "writer" / f"round{r}"
+
+    def final_programs(self, rounds: int) -> tuple[Path, Path, Path]:
+        """(samples, executions, verified) of the run's final writer: the last round's, or
+        the run's own without writer rounds."""
+        if rounds <= 0:
+            return self.samples, self.executions, self.verified
+        d = self.writer_round(rounds)
+        return d / "samples.jsonl", d / "executions.jsonl", d / "verified.jsonl"
+
+    def round_programs(self, r: int, rounds: int) -> Path:
+        """The programs arm's folder for the writer of round ``r``: the final writer's is the
+        run's ``programs`` arm, the others' lie in their round's folder."""
+        return self.programs if r == rounds else self.writer_round(r) / "programs"
 
     @property
     def sdvp(self) -> Path:

@@ -27,7 +27,7 @@ from vpd.evaluate import EvalConfig, run_eval
 from vpd.execute import ExecuteConfig, run_execute
 from vpd.programs import ProgramsConfig, run_programs
 from vpd.rationalize import RationalizeConfig, run_rationalize
-from vpd.runpaths import VLM_ARMS, RunPaths, recipe_seeds
+from vpd.runpaths import VLM_ARMS, RunPaths, recipe_seeds, writer_rounds
 from vpd.sample import SampleConfig, run_sample
 from vpd.sdvp import SdvpConfig, run_sdvp
 from vpd.sdvp.collect import subtasks_path
@@ -37,6 +37,8 @@ from vpd.tune import TuneConfig, run_tune
 from vpd.tune.labels import LabelsConfig, run_labels
 from vpd.tune.model import TINY, TINY_OPTIONS, resolve_vlm
 from vpd.verify import VerifyConfig, run_verify
+from vpd.writer import WriterConfig
+from vpd.writer.rounds import ROUND_OPTIONS, RoundConfig, run_round
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -83,17 +85,19 @@ class Job:
         """What the stage marker's fingerprint is computed over."""
         return (*self.runner.key(), self.fields)
 
-    def config(self, stage: str) -> BaseModel:
+    def config(self, stage: str, force: bool | None = None) -> BaseModel:
         """The job's config; unknown or invalid options are a one-line error naming the
-        recipe section (``stage``)."""
+        recipe section (``stage``). ``force``: set on the config (not a fingerprinted field;
+        for the jobs of an incremental stage)."""
         cls = self.runner.config
         # Typos must not pass silently, whether or not the stage's model forbids extras.
         unknown = sorted(set(self.fields) - set(cls.model_fields))
         if unknown:
             known = ", ".join(k for k in cls.model_fields if k not in DERIVED)
             raise VpdError(f"recipe section {stage!r}: unknown option(s) {unknown}; known: {known}")
+        extra = {} if force is None else {"force": force}
         try:
-            return cls(**self.fields)
+            return cls(**self.fields, **extra)
         except ValidationError as e:
             msgs = "; ".join(
                 f"{'.'.join(str(x) for x in (stage, *err['loc']))}: "
@@ -102,8 +106,8 @@ class Job:
             )
             raise VpdError(f"recipe option {msgs}") from None
 
-    def run(self, stage: str) -> Any:
-        return self.runner.run(self.config(stage))
+    def run(self, stage: str, force: bool | None = None) -> Any:
+        return self.runner.run(self.config(stage, force))
 
 
 @dataclass
@@ -141,6 +145,10 @@ class Stage:
     """Its `done/expected` line for `vpd status` (cheap: ids only)."""
     prepare: Callable[[Recipe, RunPaths], None] | None = None
     """Work it needs before its jobs that is not an option (not fingerprinted)."""
+    incremental: bool = False
+    """Its jobs keep their own fingerprints (the writer's rounds): when its options change,
+    the pipeline runs its jobs again with ``force`` instead of archiving the stage, and each
+    job skips when its own options are unchanged."""
 
     def jobs(self, recipe: Recipe, paths: RunPaths) -> list[Job]:
         jobs = self.build(recipe, paths)
@@ -169,6 +177,7 @@ EVAL = Runner(EvalConfig, run_eval, "vpd.evaluate")
 # In vpd.programs since; the markers of runs made before name vpd.evaluate.
 PROGRAMS = Runner(ProgramsConfig, run_programs, "vpd.evaluate")
 SDVP = Runner(SdvpConfig, run_sdvp, "vpd.sdvp")
+ROUND = Runner(RoundConfig, run_round, "vpd.writer.rounds")
 
 # ----------------------------------------------------------------------------- builders
 
@@ -220,9 +229,67 @@ def _verify(recipe: Recipe, p: RunPaths) -> list[Job]:
     return [Job(VERIFY, fields)]
 
 
+def _writer(recipe: Recipe, p: RunPaths) -> list[Job]:
+    """Expert iteration: ``writer.rounds`` rounds, each tuning the writer on the kept
+    programs of the rounds before it (round 0: the run's own), then sampling the training
+    questions with it (the sample section's options; ``writer.limit``, ``k`` and
+    ``temperature`` override them), executing and verifying (those sections' options).
+    The test and validation questions are excluded from its data (an error if present)."""
+    rounds = writer_rounds(recipe)
+    o = _opts(recipe, "writer")
+    sample = _opts(recipe, "sample")
+    for key in ROUND_OPTIONS:
+        if key in o and key != "rounds":
+            sample[key] = o[key]
+    writer = {k: v for k, v in o.items() if k not in ROUND_OPTIONS}
+    exclude = [p.test, *([p.val] if _has_val(recipe) else [])]
+    execute = _tiny_tools(recipe, _opts(recipe, "execute"))
+    verify = _opts(recipe, "verify")
+    jobs, verified = [], [p.verified]
+    for r in range(1, rounds + 1):
+        fields = {
+            "round": r,
+            "out": p.writer_round(r),
+            "verified": list(verified),
+            "questions": p.train,
+            "exclude": exclude,
+            "previous": p.writer_round(r - 1) if r > 1 else None,
+            "writer": writer,
+            "sample": sample,
+            "execute": execute,
+            "verify": verify,
+        }
+        jobs.append(Job(ROUND, fields))
+        verified.append(p.writer_round(r) / "verified.jsonl")
+    return jobs
+
+
+def final_writer(recipe: Recipe, p: RunPaths, sample: dict[str, Any]) -> dict[str, Any]:
+    """Sample options for the run's final program writer: ``sample`` as it is without writer
+    rounds, else the last round's tuned model with the writer's prompt and shots."""
+    return writer_sample(recipe, p, sample, writer_rounds(recipe))
+
+
+def writer_sample(recipe: Recipe, p: RunPaths, sample: dict[str, Any], r: int) -> dict[str, Any]:
+    """Sample options for the writer of round ``r`` (0: the untuned one, ``sample``)."""
+    if r <= 0:
+        return sample
+    o = _opts(recipe, "writer")
+    fields = WriterConfig.model_fields
+    llm = {**(sample.get("llm") or {}), "model": str(p.writer_round(r) / "model" / "final")}
+    return {
+        **sample,
+        "prompt": o.get("prompt", fields["prompt"].default),
+        "shots": o.get("shots", fields["shots"].default),
+        "llm": llm,
+    }
+
+
 def _rationalize(recipe: Recipe, p: RunPaths) -> list[Job]:
+    """The rationales of the final writer's kept programs (the last writer round's)."""
     o = _opts(recipe, "rationalize")
-    return [Job(RATIONALIZE, {"verified": p.verified, "questions": p.train, "out": p.sft, **o})]
+    _, _, verified = p.final_programs(writer_rounds(recipe))
+    return [Job(RATIONALIZE, {"verified": verified, "questions": p.train, "out": p.sft, **o})]
 
 
 def _has_val(recipe: Recipe) -> bool:
@@ -306,13 +373,30 @@ def _eval(recipe: Recipe, p: RunPaths) -> list[Job]:
 
 
 def _programs(recipe: Recipe, p: RunPaths) -> list[Job]:
-    """The programs arm: the sample stage's LLM and the execute stage's tools, one greedy
-    program per test question (``programs.sample`` / ``programs.execute`` override them)."""
+    """The programs arm: the run's final program writer (the last writer round's, else the
+    sample stage's LLM) and the execute stage's tools, one greedy program per test question
+    (``programs.sample`` / ``programs.execute`` override them). With writer rounds and
+    ``programs.rounds: true``, the writer of every earlier round (round 0: untuned) is
+    scored the same way into its round's folder, for the report's per-round table."""
     o = _opts(recipe, "programs")
+    per_round = bool(o.pop("rounds", False))
     sample = {**_opts(recipe, "sample"), **(o.pop("sample", None) or {})}
     execute = _tiny_tools(recipe, {**_opts(recipe, "execute"), **(o.pop("execute", None) or {})})
-    fields = {"questions": p.test, "out": p.programs, "sample": sample, "execute": execute, **o}
-    return [Job(PROGRAMS, fields)]
+    rounds = writer_rounds(recipe)
+    first = 0 if per_round and rounds else rounds
+    return [
+        Job(
+            PROGRAMS,
+            {
+                "questions": p.test,
+                "out": p.round_programs(r, rounds),
+                "sample": writer_sample(recipe, p, sample, r),
+                "execute": execute,
+                **o,
+            },
+        )
+        for r in range(first, rounds + 1)
+    ]
 
 
 def _untuned_model(recipe: Recipe) -> str:
@@ -351,15 +435,15 @@ def _sdvp(recipe: Recipe, p: RunPaths) -> list[Job]:
     default) and the tools' VLM as the student (``student``, default: the VLM the run tuned
     from), trained with the run's tune options (``sdvp.tune`` overrides them).
 
-    Its programs are written by the recipe's program writer (``sdvp.sample`` overrides the
-    sample options): for the first ``eval_limit`` test questions (the held-out programs),
-    and, with ``train_limit``, for that many train questions, executed with the recipe's
-    tools, as the programs whose sub-tasks are distilled (without it: the run's own
-    executions)."""
+    Its programs are written by the run's final program writer (the last writer round's,
+    else the recipe's sample LLM; ``sdvp.sample`` overrides the sample options): for the
+    first ``eval_limit`` test questions (the held-out programs), and, with ``train_limit``,
+    for that many train questions, executed with the recipe's tools, as the programs whose
+    sub-tasks are distilled (without it: the final writer's executions)."""
     o = _opts(recipe, "sdvp")
     tune = dict(recipe.get("tune") or {})
     init = tune.pop("init", "tiny")
-    sample = {**_opts(recipe, "sample"), **(o.pop("sample", None) or {})}
+    sample = final_writer(recipe, p, {**_opts(recipe, "sample"), **(o.pop("sample", None) or {})})
     sample.pop("limit", None)
     eval_limit, train_limit = o.pop("eval_limit", None), o.pop("train_limit", None)
     execute = _opts(recipe, "execute")
@@ -369,7 +453,7 @@ def _sdvp(recipe: Recipe, p: RunPaths) -> list[Job]:
         if k not in ("vqa", "vqa_ops", "vqa_view")  # the VLM mode is what sdvp sets
     }
     jobs: list[Job] = []
-    executions = p.executions
+    _, executions, _ = p.final_programs(writer_rounds(recipe))
     if train_limit is not None:
         executions = p.sdvp / "train-executions.jsonl"
         train_samples = p.sdvp / "train-samples.jsonl"
@@ -442,6 +526,16 @@ def _eval_progress(r: RunFiles) -> str:
     return ", ".join(done) or "no predictions yet"
 
 
+def _writer_progress(r: RunFiles) -> str:
+    rounds = writer_rounds(r.recipe)
+    done = [
+        n
+        for n in range(1, rounds + 1)
+        if (read_json(r.paths.writer_round(n) / "round.json") or {}).get("done")
+    ]
+    return f"{len(done)}/{rounds} rounds done"
+
+
 def _sdvp_progress(r: RunFiles) -> str:
     out = r.paths.sdvp
     subs = r.count(subtasks_path(out))
@@ -492,12 +586,22 @@ STAGES: dict[str, Stage] = _registry(
         depends=("execute",),
         progress=lambda r: f"{r.count(r.paths.verified)}/{r.count(r.paths.samples)} samples",
     ),
+    # Expert iteration (optional): the writer tuned on its kept programs, round by round.
+    Stage(
+        "writer",
+        (ROUND,),
+        _writer,
+        outputs=lambda p: [p.root / "writer"],
+        depends=("verify",),
+        progress=_writer_progress,
+        incremental=True,
+    ),
     Stage(
         "rationalize",
         (RATIONALIZE,),
         _rationalize,
         outputs=lambda p: [p.sft],
-        depends=("verify",),
+        depends=("verify", "writer"),
         progress=lambda r: f"{r.count(r.paths.sft)} sft records",
     ),
     Stage(
@@ -531,8 +635,9 @@ STAGES: dict[str, Stage] = _registry(
         "programs",
         (PROGRAMS,),
         _programs,
-        outputs=lambda p: [p.programs],
-        depends=("data",),
+        # (with programs.rounds, each earlier writer's arm lies in its round's folder)
+        outputs=lambda p: [p.programs, *sorted(p.root.glob("writer/round*/programs"))],
+        depends=("data", "writer"),
         progress=lambda r: f"{r.count(r.paths.programs / 'preds.jsonl')} scored test questions",
     ),
     # SDVP distils the tuned VLM (its teacher) on the run's executed programs.
@@ -541,7 +646,7 @@ STAGES: dict[str, Stage] = _registry(
         (SAMPLE, EXECUTE, SDVP),
         _sdvp,
         outputs=lambda p: [p.sdvp],
-        depends=("data", "execute", "tune"),
+        depends=("data", "execute", "writer", "tune"),
         progress=_sdvp_progress,
     ),
 )

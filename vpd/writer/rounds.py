@@ -1,0 +1,220 @@
+"""The rounds of expert iteration in `vpd run` (a recipe's ``writer:`` section).
+
+Round ``r`` (1..N) tunes a writer on the kept programs of every earlier round (round 0 is
+the run's own sample/execute/verify with the untuned writer), then samples the training
+questions with it, executes and verifies them: its kept programs feed round ``r + 1``, and
+the last round's writer is the run's program writer (the ``programs`` arm and SDVP use it,
+and rationalize reads its verified programs).
+
+Each round is a folder (``<run>/writer/round<r>/``: ``model/``, ``samples.jsonl``,
+``executions.jsonl``, ``verified.jsonl``, ``round.json``) with its own fingerprint: its
+options and the fingerprint of the round before it. A finished round with the same
+fingerprint is skipped, an unfinished one resumes (each step keeps its own resume
+contract), and one made under other options is an error unless ``force``, which moves that
+round aside (``round<r>.<stamp>.bak``) and runs it again; the rounds after it then see a
+new fingerprint before them and run again too. So raising ``rounds`` from 1 to 2 runs round
+2 alone, and changing round 2's options leaves round 1 as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator, with_config
+from typing_extensions import TypedDict
+
+from vpd.errors import ConfigMismatch
+from vpd.execute import ExecuteConfig, run_execute
+from vpd.records import Sample
+from vpd.sample import SampleConfig, run_sample
+from vpd.store import atomic_write_json, iter_ids, read_json, read_records, set_aside
+from vpd.verify import VerifyConfig, run_verify
+from vpd.writer.train import WriterConfig, run_writer
+
+# The per-round options a recipe's ``writer:`` section may hold besides WriterConfig's.
+ROUND_OPTIONS = ("rounds", "limit", "k", "temperature")
+
+
+def round_files(out: Path) -> dict[str, Path]:
+    """The files of one round's folder."""
+    out = Path(out)
+    return {
+        "model": out / "model",
+        "final": out / "model" / "final",
+        "samples": out / "samples.jsonl",
+        "executions": out / "executions.jsonl",
+        "verified": out / "verified.jsonl",
+        "marker": out / "round.json",
+    }
+
+
+class RoundConfig(BaseModel):
+    """One round of expert iteration: tune the writer on the kept programs so far, then
+    sample, execute and verify the training questions with it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round: int = Field(ge=1, description="The round's number (round 0: the untuned writer).")
+    out: Path = Field(description="The round's folder.")
+    verified: list[Path] = Field(description="Verified JSONL of the rounds before it.")
+    questions: Path = Field(description="The training questions.")
+    exclude: list[Path] = Field(
+        default_factory=list, description="Question files that must never reach the writer."
+    )
+    previous: Path | None = Field(None, description="The round before's folder (None: round 1).")
+    writer: dict[str, Any] = Field(default_factory=dict, description="WriterConfig options.")
+    sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig options.")
+    execute: dict[str, Any] = Field(default_factory=dict, description="ExecuteConfig options.")
+    verify: dict[str, Any] = Field(default_factory=dict, description="VerifyConfig options.")
+    force: bool = Field(False, description="Run again a round made under other options.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+    @model_validator(mode="after")
+    def _options(self) -> RoundConfig:
+        # The recipe's writer/sample options are checked when the recipe is read, not
+        # after the stages before this one have run.
+        try:
+            self.sample_config(self.writer_config())
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise ValueError(f"{where}: {err['msg']}") from None
+        return self
+
+    def writer_config(self) -> WriterConfig:
+        """The round's writer tuning: the recipe's writer options, the run's files."""
+        f = round_files(self.out)
+        return WriterConfig(
+            **{
+                **self.writer,
+                "verified": self.verified,
+                "questions": self.questions,
+                "exclude": self.exclude,
+                "out": f["model"],
+                "progress": self.progress,
+                "force": self.force,
+            }
+        )
+
+    def sample_config(self, wcfg: WriterConfig) -> SampleConfig:
+        """The round's sampling: the sample options with the tuned writer, its prompt and
+        its shots (the ones it was tuned with)."""
+        f = round_files(self.out)
+        llm = {**(self.sample.get("llm") or {}), "model": str(f["final"])}
+        fields = {
+            **self.sample,
+            "questions": self.questions,
+            "out": f["samples"],
+            "prompt": wcfg.prompt,
+            "shots": wcfg.shots,
+            "llm": llm,
+            "progress": self.progress,
+        }
+        return SampleConfig(**fields)
+
+    def fingerprint(self) -> str:
+        """The round's options as its steps resolve them (an option written out at its
+        default is the same round) and the fingerprint of the round before it. Its files are
+        left out: they follow from the run directory and the round's number, so a copied or
+        moved run keeps its rounds."""
+        wcfg = self.writer_config()
+        writer = wcfg.model_dump(mode="json", exclude=_NOT_OPTIONS | _FILES)
+        sample = self.sample_config(wcfg).model_dump(mode="json", exclude=_NOT_OPTIONS | _FILES)
+        sample["llm"].pop("model")  # this round's writer
+        mine = {
+            "round": self.round,
+            "rounds_before": len(self.verified),
+            "writer": writer,
+            "sample": sample,
+            "execute": self.execute,
+            "verify": self.verify,
+        }
+        before = (read_json(round_files(self.previous)["marker"]) or {}) if self.previous else {}
+        text = json.dumps([mine, before.get("fingerprint")], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# What a step's config holds that does not change its output, and the files of the round.
+_NOT_OPTIONS = {"progress", "force", "resume", "num_workers", "save_total_limit", "shard"}
+_FILES = {"verified", "questions", "exclude", "out"}
+
+
+@with_config(ConfigDict(extra="forbid"))
+class RoundSummary(TypedDict, total=False):
+    """What a round returns (also its ``round.json``'s ``summary``)."""
+
+    round: int
+    writer_examples: int
+    writer_questions: int
+    writer_steps: int
+    writer_train_s: float
+    questions: int
+    questions_with_kept: int
+    kept_rate: float
+    samples: int
+    programs_per_s: float | None
+    prompt_tokens_per_request: float | None
+    sample_s: float
+    wall_s: float
+    skipped: bool
+
+
+def _prompt_tokens(samples: Path) -> float | None:
+    """Mean prompt tokens per request (each question's prompt once, not once per sample)."""
+    per_q: dict[str, int] = {}
+    for s in read_records(samples, Sample, allow_empty=True):
+        per_q.setdefault(s.qid, s.usage.prompt_tokens)
+    return round(sum(per_q.values()) / len(per_q), 1) if per_q else None
+
+
+def run_round(cfg: RoundConfig) -> RoundSummary:
+    """Run (or resume, or skip) one round; returns its summary."""
+    t0 = time.time()
+    f = round_files(cfg.out)
+    fp = cfg.fingerprint()
+    old = read_json(f["marker"])
+    if old is not None and old.get("fingerprint") == fp and old.get("done"):
+        return {**old["summary"], "skipped": True}
+    if old is not None and old.get("fingerprint") != fp:
+        if not cfg.force:
+            raise ConfigMismatch(
+                f"writer round {cfg.round} in {cfg.out} was made with other options (or after "
+                "another round before it); --force runs it again (the old one is kept as .bak)"
+            )
+        set_aside(cfg.out)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(f["marker"], {"fingerprint": fp, "done": False})
+
+    wcfg = cfg.writer_config()
+    wsum = run_writer(wcfg)
+    scfg = cfg.sample_config(wcfg)
+    ssum = run_sample(scfg)
+    common = {"samples": f["samples"], "questions": cfg.questions, "progress": cfg.progress}
+    run_execute(ExecuteConfig(**{**cfg.execute, **common, "out": f["executions"]}))
+    verify = {**cfg.verify, **common, "executions": f["executions"], "out": f["verified"]}
+    vsum = run_verify(VerifyConfig(**verify))
+    funnel = vsum.get("funnel") or {}
+    asked = int(funnel.get("questions_verified") or 0)
+    with_kept = int(funnel.get("questions_with_kept") or 0)
+    summary: RoundSummary = {
+        "round": cfg.round,
+        "writer_examples": int(wsum.get("examples") or 0),
+        "writer_questions": int(wsum.get("questions") or 0),
+        "writer_steps": int(wsum.get("steps") or 0),
+        "writer_train_s": float(wsum.get("train_s") or 0.0),
+        "questions": asked,
+        "questions_with_kept": with_kept,
+        "kept_rate": round(with_kept / asked, 4) if asked else 0.0,
+        "samples": sum(1 for _ in iter_ids(f["samples"])),
+        "programs_per_s": ssum.get("samples_per_s"),
+        "prompt_tokens_per_request": _prompt_tokens(f["samples"]),
+        "sample_s": float(ssum.get("wall_s") or 0.0),
+        "wall_s": round(time.time() - t0, 1),
+        "skipped": False,
+    }
+    atomic_write_json(f["marker"], {"fingerprint": fp, "done": True, "summary": summary}, indent=2)
+    return summary
