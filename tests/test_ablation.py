@@ -241,7 +241,11 @@ def test_pooled_seeds_average_each_questions_score_then_resample_questions() -> 
 
 
 def test_arms_rerun_only_after_what_they_read() -> None:
-    assert upstream("programs") == {"data"}  # re-tuning never re-runs the teacher
+    chain = {"data", "sample", "execute", "verify", "rationalize", "tune", "labels", "eval"}
+    # Re-tuning (or re-sampling) never re-runs the teacher, unless it is the tuned writer.
+    assert upstream("programs", chain | {"programs"}) == {"data"}
+    with_writer = upstream("programs", chain | {"programs", "writer"})
+    assert with_writer == {"data", "writer", "verify", "execute", "sample"}
     assert {"tune", "rationalize", "sample", "data"} <= upstream("labels")
     assert {"labels", "tune", "data"} <= upstream("eval")
 

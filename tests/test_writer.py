@@ -201,6 +201,32 @@ def test_the_tuned_writer_learns_its_programs_and_runs_on_the_engine(
     assert together == alone
 
 
+@pytest.mark.slow
+def test_two_process_zero2_tunes_the_writer(split, tiny_writer: Path, free_port: int) -> None:
+    """The writer trains through vpd tune's DeepSpeed path: 2 CPU processes, ZeRO-2."""
+    import sys
+
+    from vpd.llm.config import LLMConfig
+    from vpd.llm.local import LocalLLM
+
+    verified = write_jsonl(split["root"] / "v.jsonl", [_v("t0", 0, COUNT.format("circle"))])
+    out = split["root"] / "zero2"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port), "-m", "vpd.cli", "tune-writer", str(verified),
+        "--questions", str(split["train"]), "--out", str(out), "--init", str(tiny_writer),
+        "--deepspeed", "zero2", "--max-steps", "2", "--batch-size", "1", "--dtype", "float32",
+        "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["world_size"], summary["deepspeed"], summary["steps"]) == (2, "zero2", 2)
+    llm = LocalLLM(LLMConfig(model=str(out / "final"), dtype="float32", batch_size=2))
+    assert llm.engine is not None
+
+
 # ----------------------------------------------------------------------------- vpd run
 
 

@@ -189,7 +189,7 @@ def run_pipeline(
         cfg_fp = stage_fingerprint(jobs, root)
         marker = paths.marker(stage)
         # A stage whose input was just (re)made describes an older input: it runs again.
-        stale = bool(upstream(stage) & ran)
+        stale = bool(upstream(stage, set(recipe)) & ran)
         # An incremental stage (the writer's rounds) keeps what its changed options leave
         # valid: its jobs hold their own fingerprints and run again only where they differ.
         incremental = STAGES[stage].incremental and not stale

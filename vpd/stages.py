@@ -140,7 +140,8 @@ class Stage:
     outputs: Callable[[RunPaths], list[Path]]
     """The files/folders it writes (its side files share the name as a prefix)."""
     depends: tuple[str, ...]
-    """The stages it reads from: when one of them (or what they read) runs again, so must it."""
+    """The stages whose outputs it reads (all of them: the data files too): when one of them
+    (or what they read, through the recipe's stages) runs again, so must it."""
     progress: Callable[[RunFiles], str]
     """Its `done/expected` line for `vpd status` (cheap: ids only)."""
     prepare: Callable[[Recipe, RunPaths], None] | None = None
@@ -575,7 +576,7 @@ STAGES: dict[str, Stage] = _registry(
         (EXECUTE,),
         _execute,
         outputs=lambda p: [p.executions],
-        depends=("sample",),
+        depends=("data", "sample"),
         progress=lambda r: f"{r.count(r.paths.executions)}/{r.count(r.paths.samples)} programs",
     ),
     Stage(
@@ -583,7 +584,7 @@ STAGES: dict[str, Stage] = _registry(
         (VERIFY,),
         _verify,
         outputs=lambda p: [p.verified],
-        depends=("execute",),
+        depends=("data", "execute"),
         progress=lambda r: f"{r.count(r.paths.verified)}/{r.count(r.paths.samples)} samples",
     ),
     # Expert iteration (optional): the writer tuned on its kept programs, round by round.
@@ -592,7 +593,7 @@ STAGES: dict[str, Stage] = _registry(
         (ROUND,),
         _writer,
         outputs=lambda p: [p.root / "writer"],
-        depends=("verify",),
+        depends=("data", "verify"),
         progress=_writer_progress,
         incremental=True,
     ),
@@ -601,7 +602,7 @@ STAGES: dict[str, Stage] = _registry(
         (RATIONALIZE,),
         _rationalize,
         outputs=lambda p: [p.sft],
-        depends=("verify", "writer"),
+        depends=("data", "verify", "writer"),
         progress=lambda r: f"{r.count(r.paths.sft)} sft records",
     ),
     Stage(
@@ -609,7 +610,7 @@ STAGES: dict[str, Stage] = _registry(
         (LABELS, TUNE),
         _tune,
         outputs=lambda p: [p.model, p.sft_val],
-        depends=("rationalize",),
+        depends=("data", "rationalize"),
         progress=lambda r: _tune_progress(r.paths.model),
     ),
     # The ablation arms hang off the chain: `labels` needs the data (and, for its step
@@ -627,7 +628,7 @@ STAGES: dict[str, Stage] = _registry(
         (EVAL,),
         _eval,
         outputs=lambda p: [p.root / "eval"],
-        depends=("tune", "labels"),
+        depends=("data", "tune", "labels"),
         progress=_eval_progress,
         prepare=_build_untuned,
     ),
@@ -652,13 +653,16 @@ STAGES: dict[str, Stage] = _registry(
 )
 
 
-def upstream(stage: str) -> set[str]:
-    """Every stage ``stage`` reads from, directly or not."""
+def upstream(stage: str, present: set[str] | None = None) -> set[str]:
+    """Every stage ``stage`` reads from, directly or not; with ``present`` (a recipe's
+    stages), only through those: a stage a recipe leaves out makes no output, so what it
+    would read is no input (without writer rounds, the programs arm does not read the
+    sampled programs, only the sample options)."""
     seen: set[str] = set()
     todo = list(STAGES[stage].depends)
     while todo:
         s = todo.pop()
-        if s not in seen:
+        if s not in seen and (present is None or s in present):
             seen.add(s)
             todo.extend(STAGES[s].depends)
     return seen

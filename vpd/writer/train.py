@@ -113,6 +113,8 @@ class WriterSummary(TypedDict, total=False):
     init: str
     method: str
     trainable_params: int
+    deepspeed: str
+    world_size: int
     verified: int
     kept: int
     duplicates: int
@@ -291,6 +293,8 @@ def run_writer(cfg: WriterConfig) -> WriterSummary:
             "init": cfg.init or "SmolLM2-135M-Instruct",
             "method": "lora" if cfg.lora else "full",
             "trainable_params": n_train,
+            "deepspeed": cfg.deepspeed,
+            "world_size": args.world_size,
             "verified": data.verified,
             "kept": data.kept,
             "duplicates": data.duplicates,
