@@ -385,7 +385,7 @@ def test_the_final_writer_feeds_rationalize_the_programs_arm_and_sdvp(tmp_path: 
     assert r2.exclude == [p.test, p.val] and r2.questions == p.train
     wcfg = r2.writer_config()
     assert wcfg.epochs == 3 and wcfg.out == p.writer_round(2) / "model"
-    scfg = r2.sample_config(wcfg)
+    scfg = r2.sample_config()
     assert (scfg.limit, scfg.k, scfg.shots, scfg.prompt) == (20, 3, 0, "viper/writer")
     assert scfg.llm.model == str(p.writer_round(2) / "model" / "final")
     assert scfg.llm.batch_size == 16

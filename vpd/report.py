@@ -42,6 +42,7 @@ from vpd.sdvp.report import markdown_report as sdvp_markdown
 from vpd.sdvp.report import report_path as sdvp_report_path
 from vpd.stages import STAGES, RunFiles
 from vpd.store import atomic_write, atomic_write_json, iter_ids, read_json, read_records
+from vpd.writer.rounds import prompt_tokens_per_request
 
 # The comparisons the report makes when both arms are there: VPD against its ablations,
 # and the usual instruction tuning against the trivial baseline.
@@ -127,7 +128,7 @@ def writer_table(p: RunPaths) -> list[dict[str, Any]] | None:
                 "kept_rate": round(kept / asked, 4) if asked else None,
                 "writer_examples": None,
                 "programs_per_s": ss.get("samples_per_s") if isinstance(ss, dict) else None,
-                "prompt_tokens_per_request": _prompt_tokens(p.samples),
+                "prompt_tokens_per_request": prompt_tokens_per_request(p.samples),
             }
         else:
             marker = read_json(p.writer_round(r) / "round.json") or {}
@@ -144,13 +145,6 @@ def writer_table(p: RunPaths) -> list[dict[str, Any]] | None:
             first = scores
         rows.append(row)
     return rows
-
-
-def _prompt_tokens(samples: Path) -> float | None:
-    per_q: dict[str, int] = {}
-    for s in _jsonl(samples):
-        per_q.setdefault(str(s.get("qid")), int((s.get("usage") or {}).get("prompt_tokens", 0)))
-    return round(sum(per_q.values()) / len(per_q), 1) if per_q else None
 
 
 def stage_table(p: RunPaths) -> list[dict[str, Any]]:

@@ -28,6 +28,19 @@ def recipe_seeds(recipe: dict[str, Any]) -> list[int]:
     return list(raw)
 
 
+def round_files(out: Path) -> dict[str, Path]:
+    """The files of one writer round's folder (`vpd.writer.rounds`)."""
+    out = Path(out)
+    return {
+        "model": out / "model",
+        "final": out / "model" / "final",
+        "samples": out / "samples.jsonl",
+        "executions": out / "executions.jsonl",
+        "verified": out / "verified.jsonl",
+        "marker": out / "round.json",
+    }
+
+
 def writer_rounds(recipe: dict[str, Any]) -> int:
     """How many rounds of writer tuning a recipe asks for (``writer.rounds``; 0: no
     ``writer:`` section)."""
@@ -133,8 +146,8 @@ class RunPaths:
         the run's own without writer rounds."""
         if rounds <= 0:
             return self.samples, self.executions, self.verified
-        d = self.writer_round(rounds)
-        return d / "samples.jsonl", d / "executions.jsonl", d / "verified.jsonl"
+        f = round_files(self.writer_round(rounds))
+        return f["samples"], f["executions"], f["verified"]
 
     def round_programs(self, r: int, rounds: int) -> Path:
         """The programs arm's folder for the writer of round ``r``: the final writer's is the

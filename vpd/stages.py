@@ -37,8 +37,7 @@ from vpd.tune import TuneConfig, run_tune
 from vpd.tune.labels import LabelsConfig, run_labels
 from vpd.tune.model import TINY, TINY_OPTIONS, resolve_vlm
 from vpd.verify import VerifyConfig, run_verify
-from vpd.writer import WriterConfig
-from vpd.writer.rounds import ROUND_OPTIONS, RoundConfig, run_round
+from vpd.writer.rounds import ROUND_OPTIONS, RoundConfig, run_round, writer_sample_options
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -265,25 +264,11 @@ def _writer(recipe: Recipe, p: RunPaths) -> list[Job]:
     return jobs
 
 
-def final_writer(recipe: Recipe, p: RunPaths, sample: dict[str, Any]) -> dict[str, Any]:
-    """Sample options for the run's final program writer: ``sample`` as it is without writer
-    rounds, else the last round's tuned model with the writer's prompt and shots."""
-    return writer_sample(recipe, p, sample, writer_rounds(recipe))
-
-
 def writer_sample(recipe: Recipe, p: RunPaths, sample: dict[str, Any], r: int) -> dict[str, Any]:
     """Sample options for the writer of round ``r`` (0: the untuned one, ``sample``)."""
     if r <= 0:
         return sample
-    o = _opts(recipe, "writer")
-    fields = WriterConfig.model_fields
-    llm = {**(sample.get("llm") or {}), "model": str(p.writer_round(r) / "model" / "final")}
-    return {
-        **sample,
-        "prompt": o.get("prompt", fields["prompt"].default),
-        "shots": o.get("shots", fields["shots"].default),
-        "llm": llm,
-    }
+    return writer_sample_options(sample, _opts(recipe, "writer"), p.writer_round(r))
 
 
 def _rationalize(recipe: Recipe, p: RunPaths) -> list[Job]:
@@ -444,7 +429,8 @@ def _sdvp(recipe: Recipe, p: RunPaths) -> list[Job]:
     o = _opts(recipe, "sdvp")
     tune = dict(recipe.get("tune") or {})
     init = tune.pop("init", "tiny")
-    sample = final_writer(recipe, p, {**_opts(recipe, "sample"), **(o.pop("sample", None) or {})})
+    sample = {**_opts(recipe, "sample"), **(o.pop("sample", None) or {})}
+    sample = writer_sample(recipe, p, sample, writer_rounds(recipe))  # the final writer's
     sample.pop("limit", None)
     eval_limit, train_limit = o.pop("eval_limit", None), o.pop("train_limit", None)
     execute = _opts(recipe, "execute")

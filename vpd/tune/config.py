@@ -92,6 +92,17 @@ class TrainOptions(BaseModel):
     force: bool = Field(False, description="Start over if OUT holds a run with other options.")
     progress: bool = progress_field()
 
+    def weight_options(self, *skip: str) -> dict[str, Any]:
+        """The options that change the trained weights, for a run's fingerprint: not its
+        output folder, progress, resume or checkpoint switches, nor ``skip`` (the fields a
+        caller fingerprints by content instead); DeepSpeed only as on or off (its ZeRO stage
+        does not change the maths, so a run may resume under another)."""
+        drop = {"out", "resume", "force", "progress", "num_workers", "save_total_limit"}
+        drop |= {"sparse_logits", *skip}  # the same loss, computed cheaper
+        d = {k: v for k, v in self.model_dump(mode="json").items() if k not in drop}
+        d["deepspeed"] = "none" if self.deepspeed == "none" else "deepspeed"
+        return d
+
     @field_validator("lora_targets", mode="before")
     @classmethod
     def _csv_targets(cls, v: Any) -> Any:
@@ -210,20 +221,9 @@ class TuneConfig(TrainOptions):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """Options that change the trained weights (not I/O, progress or resume switches)."""
-        skip = {
-            "out",
-            "resume",
-            "force",
-            "progress",
-            "num_workers",
-            "save_total_limit",
-            "sparse_logits",  # the same loss, computed cheaper
-        }
-        d = self.model_dump(mode="json")
-        d = {k: v for k, v in d.items() if k not in skip}
+        d = self.weight_options()
         d["freeze"] = self.frozen_parts()
         d["sft"] = _file_identity(self.sft)
-        d["deepspeed"] = _deepspeed_identity(self.deepspeed)
         if self.chat_template is not None:
             d["chat_template"] = _file_identity(self.chat_template)
         if self.val is not None:
@@ -244,12 +244,6 @@ def _file_identity(path: Path) -> dict[str, Any]:
             f.seek(max(size - (1 << 20), 1 << 20))
             h.update(f.read())
     return {"name": p.name, "size": size, "sha256": h.hexdigest()[:16]}
-
-
-def _deepspeed_identity(spec: str) -> str:
-    # The ZeRO stage does not change the maths (modulo reduction order), so only say
-    # whether DeepSpeed is on: a run may resume under another launcher/stage.
-    return "none" if spec == "none" else "deepspeed"
 
 
 def deepspeed_config_path(spec: str) -> Path | None:

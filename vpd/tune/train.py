@@ -611,7 +611,10 @@ def run_tune(cfg: TuneConfig) -> TuneSummary:
     if trainer.is_world_process_zero():
         if trainable["method"] == "lora":
             if cfg.merge:
-                _merge_lora(init_path, out / "adapter", final, cfg)
+                merge_lora(
+                    AutoModelForImageTextToText, init_path, out / "adapter", final,
+                    cfg.trust_remote_code,
+                )  # fmt: skip
             else:
                 shutil.copytree(out / "adapter", final, dirs_exist_ok=True)
         with quiet_transformers():
@@ -639,7 +642,7 @@ def run_tune(cfg: TuneConfig) -> TuneSummary:
             "steps": steps,
             "resumed_from_step": resume_step,
             "train_loss": round(float(result.training_loss), 4),
-            "final_loss": _last_loss(out / "loss.jsonl"),
+            "final_loss": last_loss(out / "loss.jsonl"),
             "val_loss": val_losses(out / "loss.jsonl"),
             "train_s": round(train_s, 1),  # the optimisation loop alone
             "wall_s": round(run_s, 1),  # + data screening, loading, saving, merging
@@ -794,7 +797,8 @@ def val_losses(loss_file: Path) -> list[dict[str, float]]:
     ]
 
 
-def _last_loss(loss_file: Path) -> float | None:
+def last_loss(loss_file: Path) -> float | None:
+    """The last training loss logged (None: none yet)."""
     train = [r for r in read_loss_log(loss_file) if "loss" in r]
     return round(float(train[-1]["loss"]), 4) if train else None
 
@@ -807,19 +811,21 @@ def drop_tqdm_printer(trainer: Any) -> None:
     trainer.remove_callback(PrinterCallback)
 
 
-def _merge_lora(init_path: str, adapter: Path, final: Path, cfg: TuneConfig) -> None:
-    """Reload the base in fp32, apply the saved adapter, merge, save a standalone model."""
+def merge_lora(
+    auto_cls: Any, init_path: str, adapter: Path, final: Path, trust_remote_code: bool = False
+) -> None:
+    """Reload the base (``auto_cls``: the transformers Auto class it loads with) in fp32,
+    apply the saved adapter, merge, and save a standalone model any loader reads."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     # Training is over: on rank 0 alone the base must load whole, not through ZeRO-3's
     # partitioned init (whose collectives would wait forever for the other ranks).
     unset_hf_deepspeed_config()
     with quiet_transformers():
-        base = AutoModelForImageTextToText.from_pretrained(
-            init_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        base = auto_cls.from_pretrained(
+            init_path, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
         merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
         merged.config.use_cache = True

@@ -30,6 +30,7 @@ from typing_extensions import TypedDict
 from vpd.errors import ConfigMismatch
 from vpd.execute import ExecuteConfig, run_execute
 from vpd.records import Sample
+from vpd.runpaths import round_files
 from vpd.sample import SampleConfig, run_sample
 from vpd.store import atomic_write_json, iter_ids, read_json, read_records, set_aside
 from vpd.verify import VerifyConfig, run_verify
@@ -39,17 +40,29 @@ from vpd.writer.train import WriterConfig, run_writer
 ROUND_OPTIONS = ("rounds", "limit", "k", "temperature")
 
 
-def round_files(out: Path) -> dict[str, Path]:
-    """The files of one round's folder."""
-    out = Path(out)
+def writer_sample_options(
+    sample: dict[str, Any], writer: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """Sample options for the writer tuned in the round folder ``out``: ``sample`` with that
+    writer's model, and the prompt and shots it was tuned with (``writer``'s, else
+    WriterConfig's defaults)."""
+    fields = WriterConfig.model_fields
     return {
-        "model": out / "model",
-        "final": out / "model" / "final",
-        "samples": out / "samples.jsonl",
-        "executions": out / "executions.jsonl",
-        "verified": out / "verified.jsonl",
-        "marker": out / "round.json",
+        **sample,
+        "prompt": writer.get("prompt", fields["prompt"].default),
+        "shots": writer.get("shots", fields["shots"].default),
+        "llm": {**(sample.get("llm") or {}), "model": str(round_files(out)["final"])},
     }
+
+
+def prompt_tokens_per_request(samples: Path) -> float | None:
+    """Mean prompt tokens per request of a samples file (each question's prompt once, not
+    once per sample; None: no samples)."""
+    per_q: dict[str, int] = {}
+    if Path(samples).exists():
+        for s in read_records(samples, Sample, allow_empty=True):
+            per_q.setdefault(s.qid, s.usage.prompt_tokens)
+    return round(sum(per_q.values()) / len(per_q), 1) if per_q else None
 
 
 class RoundConfig(BaseModel):
@@ -78,7 +91,8 @@ class RoundConfig(BaseModel):
         # The recipe's writer/sample options are checked when the recipe is read, not
         # after the stages before this one have run.
         try:
-            self.sample_config(self.writer_config())
+            self.writer_config()
+            self.sample_config()
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(x) for x in err["loc"])
@@ -100,18 +114,12 @@ class RoundConfig(BaseModel):
             }
         )
 
-    def sample_config(self, wcfg: WriterConfig) -> SampleConfig:
-        """The round's sampling: the sample options with the tuned writer, its prompt and
-        its shots (the ones it was tuned with)."""
-        f = round_files(self.out)
-        llm = {**(self.sample.get("llm") or {}), "model": str(f["final"])}
+    def sample_config(self) -> SampleConfig:
+        """The round's sampling: the sample options with the tuned writer."""
         fields = {
-            **self.sample,
+            **writer_sample_options(self.sample, self.writer, self.out),
             "questions": self.questions,
-            "out": f["samples"],
-            "prompt": wcfg.prompt,
-            "shots": wcfg.shots,
-            "llm": llm,
+            "out": round_files(self.out)["samples"],
             "progress": self.progress,
         }
         return SampleConfig(**fields)
@@ -121,9 +129,8 @@ class RoundConfig(BaseModel):
         default is the same round) and the fingerprint of the round before it. Its files are
         left out: they follow from the run directory and the round's number, so a copied or
         moved run keeps its rounds."""
-        wcfg = self.writer_config()
-        writer = wcfg.model_dump(mode="json", exclude=_NOT_OPTIONS | _FILES)
-        sample = self.sample_config(wcfg).model_dump(mode="json", exclude=_NOT_OPTIONS | _FILES)
+        writer = self.writer_config().model_dump(mode="json", exclude=_NOT_OPTIONS | _FILES)
+        sample = self.sample_config().model_dump(mode="json", exclude=_NOT_OPTIONS | _FILES)
         sample["llm"].pop("model")  # this round's writer
         mine = {
             "round": self.round,
@@ -163,14 +170,6 @@ class RoundSummary(TypedDict, total=False):
     skipped: bool
 
 
-def _prompt_tokens(samples: Path) -> float | None:
-    """Mean prompt tokens per request (each question's prompt once, not once per sample)."""
-    per_q: dict[str, int] = {}
-    for s in read_records(samples, Sample, allow_empty=True):
-        per_q.setdefault(s.qid, s.usage.prompt_tokens)
-    return round(sum(per_q.values()) / len(per_q), 1) if per_q else None
-
-
 def run_round(cfg: RoundConfig) -> RoundSummary:
     """Run (or resume, or skip) one round; returns its summary."""
     t0 = time.time()
@@ -189,10 +188,8 @@ def run_round(cfg: RoundConfig) -> RoundSummary:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_write_json(f["marker"], {"fingerprint": fp, "done": False})
 
-    wcfg = cfg.writer_config()
-    wsum = run_writer(wcfg)
-    scfg = cfg.sample_config(wcfg)
-    ssum = run_sample(scfg)
+    wsum = run_writer(cfg.writer_config())
+    ssum = run_sample(cfg.sample_config())
     common = {"samples": f["samples"], "questions": cfg.questions, "progress": cfg.progress}
     run_execute(ExecuteConfig(**{**cfg.execute, **common, "out": f["executions"]}))
     verify = {**cfg.verify, **common, "executions": f["executions"], "out": f["verified"]}
@@ -211,7 +208,7 @@ def run_round(cfg: RoundConfig) -> RoundSummary:
         "kept_rate": round(with_kept / asked, 4) if asked else 0.0,
         "samples": sum(1 for _ in iter_ids(f["samples"])),
         "programs_per_s": ssum.get("samples_per_s"),
-        "prompt_tokens_per_request": _prompt_tokens(f["samples"]),
+        "prompt_tokens_per_request": prompt_tokens_per_request(f["samples"]),
         "sample_s": float(ssum.get("wall_s") or 0.0),
         "wall_s": round(time.time() - t0, 1),
         "skipped": False,

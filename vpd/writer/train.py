@@ -30,7 +30,7 @@ from typing_extensions import TypedDict
 from vpd.errors import VpdError
 from vpd.llm.local import flat_content, smollm2_dir
 from vpd.progress import quiet_transformers
-from vpd.store import atomic_write, read_json
+from vpd.store import atomic_write
 from vpd.tune.config import TrainOptions, deepspeed_config_path, dump_json
 from vpd.tune.loss import IGNORE_INDEX
 from vpd.tune.train import (
@@ -38,11 +38,12 @@ from vpd.tune.train import (
     ensure_dist_env,
     join_cpu_deepspeed,
     last_checkpoint,
+    last_loss,
     length_grouped_trainer,
+    merge_lora,
     plot_loss,
     prepare_out,
     rank,
-    read_loss_log,
     resolve_deepspeed,
     sparse_logits_trainer,
     train_callbacks,
@@ -95,13 +96,9 @@ class WriterConfig(TrainOptions):
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps.")
 
     def fingerprint_fields(self, data_sha: str) -> dict[str, Any]:
-        """What changes the tuned weights: the options and the examples' content."""
-        skip = {"out", "resume", "force", "progress", "num_workers", "save_total_limit"}
-        skip |= {"sparse_logits", "verified", "questions", "exclude"}  # the data says it
-        d = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
-        d["data"] = data_sha
-        d["deepspeed"] = "none" if self.deepspeed == "none" else "deepspeed"
-        return d
+        """What changes the tuned weights: the options and the examples' content (which the
+        input files are left out for)."""
+        return {**self.weight_options("verified", "questions", "exclude"), "data": data_sha}
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -277,7 +274,7 @@ def run_writer(cfg: WriterConfig) -> WriterSummary:
     summary: dict[str, Any] = {}
     if trainer.is_world_process_zero():
         if cfg.lora and cfg.merge:
-            _merge(init_path, out / "adapter", final)
+            merge_lora(AutoModelForCausalLM, init_path, out / "adapter", final)
         elif cfg.lora:
             shutil.copytree(out / "adapter", final, dirs_exist_ok=True)
         tok.padding_side = "left"  # as the sampler batches
@@ -286,7 +283,6 @@ def run_writer(cfg: WriterConfig) -> WriterSummary:
             plot_loss(out / "loss.jsonl", out / "loss.png")
         steps = trainer.state.global_step
         seen = (steps - resume_step) * cfg.batch_size * cfg.grad_accum * args.world_size
-        train_rows = [r for r in read_loss_log(out / "loss.jsonl") if "loss" in r]
         summary = {
             "out": str(out),
             "final": str(final),
@@ -307,7 +303,7 @@ def run_writer(cfg: WriterConfig) -> WriterSummary:
             "steps": steps,
             "resumed_from_step": resume_step,
             "train_loss": round(float(result.training_loss), 4),
-            "final_loss": round(float(train_rows[-1]["loss"]), 4) if train_rows else None,
+            "final_loss": last_loss(out / "loss.jsonl"),
             "train_s": round(train_s, 1),
             "wall_s": round(time.time() - t0, 1),
             "examples_per_s": round(seen / max(train_s, 1e-9), 2),
@@ -316,21 +312,6 @@ def run_writer(cfg: WriterConfig) -> WriterSummary:
         atomic_write(out / "summary.json", dump_json({**summary, "config": fp}))
     trainer.accelerator.wait_for_everyone()
     return summary  # type: ignore[return-value]
-
-
-def _merge(init_path: str, adapter: Path, final: Path) -> None:
-    """The base in fp32 with the adapter merged in: a plain model for any loader."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()  # rank 0 alone: no ZeRO-3 partitioned init
-    with quiet_transformers():
-        base = AutoModelForCausalLM.from_pretrained(init_path, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-        merged.config.use_cache = True
-        merged.save_pretrained(str(final))
 
 
 def summary_line(cfg: WriterConfig, s: WriterSummary) -> str:
@@ -342,11 +323,6 @@ def summary_line(cfg: WriterConfig, s: WriterSummary) -> str:
         f"{s.get('steps')} steps, loss {s.get('final_loss')}, {s.get('train_s')}s -> "
         f"{s.get('final')}"
     )
-
-
-def read_summary(out: Path) -> dict[str, Any] | None:
-    """A finished tuning's summary (None: not finished)."""
-    return read_json(Path(out) / "summary.json")
 
 
 __all__ = ["WriterConfig", "WriterSummary", "run_writer", "summary_line"]
