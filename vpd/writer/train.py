@@ -32,8 +32,10 @@ from vpd.llm.local import flat_content, smollm2_dir
 from vpd.progress import quiet_transformers
 from vpd.store import atomic_write
 from vpd.tune.config import TrainOptions, deepspeed_config_path, dump_json
+from vpd.tune.data import Collator
 from vpd.tune.loss import IGNORE_INDEX
 from vpd.tune.train import (
+    cuda_available,
     drop_tqdm_printer,
     ensure_dist_env,
     join_cpu_deepspeed,
@@ -201,11 +203,10 @@ def run_writer(cfg: WriterConfig) -> WriterSummary:
 
     import torch
 
-    if not torch.cuda.is_available():
+    if not cuda_available():
+        # DeepSpeed, imported by transformers, warns on stderr when it has to guess the CPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
-
-    from vpd.tune.data import Collator
 
     dtype = train_dtype(cfg.dtype)
     ds_path = resolve_deepspeed(cfg.deepspeed, out)
