@@ -475,38 +475,45 @@ def _load_processor(path: str, cfg: TuneConfig) -> Any:
 
 
 @with_config(ConfigDict(extra="forbid"))
-class TuneSummary(TypedDict, total=False):
-    """What `vpd tune` returns (rank 0; also OUT/summary.json, less its config).
-
-    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
-    is an error where it is checked (the tests validate summaries against this)."""
+class TrainingReport(TypedDict, total=False):
+    """What every fine-tuning run reports (`vpd tune`, `vpd tune-writer`): where its model
+    is, what trained, its data's size and the optimisation's course and speed."""
 
     out: str
     final: str
     init: str
     method: str
-    trained_parts: list[str]
     trainable_params: int
-    total_params: int
     deepspeed: str
     world_size: int
-    records: int
-    rejected: int
     dropped_too_long: int
-    truncated: int
     examples: int
-    per_task: dict[str, int]
     mean_tokens: float
     max_tokens: int
     steps: int
     resumed_from_step: int
     train_loss: float | None
     final_loss: float | None
-    val_loss: list[Any]
     train_s: float
     wall_s: float
     examples_per_s: float | None
     skipped: bool
+
+
+@with_config(ConfigDict(extra="forbid"))
+class TuneSummary(TrainingReport, total=False):
+    """What `vpd tune` returns (rank 0; also OUT/summary.json, less its config).
+
+    Keys absent on some paths (a skipped run, nothing to do) are missing; an unknown key
+    is an error where it is checked (the tests validate summaries against this)."""
+
+    trained_parts: list[str]
+    total_params: int
+    records: int
+    rejected: int
+    truncated: int
+    per_task: dict[str, int]
+    val_loss: list[Any]
 
 
 def run_tune(cfg: TuneConfig) -> TuneSummary:

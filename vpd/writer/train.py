@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ConfigDict, Field, with_config
-from typing_extensions import TypedDict
 
 from vpd.errors import VpdError
 from vpd.llm.local import flat_content, smollm2_dir
@@ -35,6 +34,7 @@ from vpd.tune.config import TrainOptions, deepspeed_config_path, dump_json
 from vpd.tune.data import Collator
 from vpd.tune.loss import IGNORE_INDEX
 from vpd.tune.train import (
+    TrainingReport,
     cuda_available,
     drop_tqdm_printer,
     ensure_dist_env,
@@ -104,33 +104,15 @@ class WriterConfig(TrainOptions):
 
 
 @with_config(ConfigDict(extra="forbid"))
-class WriterSummary(TypedDict, total=False):
-    """What `vpd tune-writer` returns (rank 0; also OUT/summary.json, less its config)."""
+class WriterSummary(TrainingReport, total=False):
+    """What `vpd tune-writer` returns (rank 0; also OUT/summary.json, less its config): the
+    training report and how the examples were drawn from the verified records."""
 
-    out: str
-    final: str
-    init: str
-    method: str
-    trainable_params: int
-    deepspeed: str
-    world_size: int
     verified: int
     kept: int
     duplicates: int
     over_cap: int
     questions: int
-    examples: int
-    dropped_too_long: int
-    mean_tokens: float
-    max_tokens: int
-    steps: int
-    resumed_from_step: int
-    train_loss: float | None
-    final_loss: float | None
-    train_s: float
-    wall_s: float
-    examples_per_s: float | None
-    skipped: bool
 
 
 class WriterDataset:
