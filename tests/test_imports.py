@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     "pipeline": 1,
     "report": 1,
     "stages": 1,
-    **dict.fromkeys(sorted(_stage_modules() | {"judge", "export", "view"}), 2),
+    **dict.fromkeys(sorted(_stage_modules() | {"judge", "transfer", "export", "view"}), 2),
     "tools": 3,
     "llm": 3,
     "vlm": 3,

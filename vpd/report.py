@@ -74,11 +74,12 @@ def funnel(p: RunPaths) -> dict[str, Any]:
         samples += 1
         valid += bool(s.get("valid", True))
     status: Counter[str] = Counter(e.get("status", "?") for e in _jsonl(p.executions))
-    correct = kept = 0
+    correct = kept = wrong_elsewhere = 0
     kept_q: set[str] = set()
     for v in _jsonl(p.verified):
         # The verifier marks `correct` with its own metric and threshold.
         correct += bool(v.get("correct"))
+        wrong_elsewhere += (v.get("transfer") or {}).get("passed") is False
         if v.get("kept"):
             kept += 1
             kept_q.add(v.get("qid"))
@@ -92,6 +93,7 @@ def funnel(p: RunPaths) -> dict[str, Any]:
         "executions": dict(sorted(status.items())),
         "ran_ok": status.get("ok", 0),
         "correct": correct,
+        "wrong_on_other_questions": wrong_elsewhere,
         "kept": kept,
         "questions_with_kept_program": len(kept_q),
         "sft_records": dict(sorted(sft.items())),
@@ -684,6 +686,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"| valid programs | {f['valid_programs']} |",
         f"| executed ok | {f['ran_ok']} |",
         f"| correct | {f['correct']} |",
+        *(
+            [
+                f"| correct, but wrong on other questions of their template | "
+                f"{f['wrong_on_other_questions']} |"
+            ]
+            if f.get("wrong_on_other_questions")
+            else []
+        ),
         f"| kept | {f['kept']} |",
         f"| questions with a kept program | {f['questions_with_kept_program']} |",
     ]

@@ -217,8 +217,18 @@ def _execute(recipe: Recipe, p: RunPaths) -> list[Job]:
     return [Job(EXECUTE, {"samples": p.samples, "questions": p.train, "out": p.executions, **o})]
 
 
-def _verify(recipe: Recipe, p: RunPaths) -> list[Job]:
+def _verify_opts(recipe: Recipe) -> dict[str, Any]:
+    """The verify section; with ``transfer`` its partner programs run under the execute
+    section's options (the tools the run's programs ran with) unless ``verify.execute``
+    names its own."""
     o = _opts(recipe, "verify")
+    if o.get("transfer") and "execute" not in o:
+        o["execute"] = _tiny_tools(recipe, _opts(recipe, "execute"))
+    return o
+
+
+def _verify(recipe: Recipe, p: RunPaths) -> list[Job]:
+    o = _verify_opts(recipe)
     fields = {
         "executions": p.executions,
         "samples": p.samples,
@@ -244,7 +254,7 @@ def _writer(recipe: Recipe, p: RunPaths) -> list[Job]:
     writer = {k: v for k, v in o.items() if k not in ROUND_OPTIONS}
     exclude = [p.test, *([p.val] if _has_val(recipe) else [])]
     execute = _tiny_tools(recipe, _opts(recipe, "execute"))
-    verify = _opts(recipe, "verify")
+    verify = _verify_opts(recipe)
     jobs, verified = [], [p.verified]
     for r in range(1, rounds + 1):
         fields = {

@@ -2,8 +2,9 @@
 
 The selection stage (``VerifyConfig`` / ``run_verify``): join executions with their
 samples (program) and questions (gold answers), score every sample with the metrics of
-``vpd.metrics``, apply a per-question selection policy, and write one ``Verified`` record
-for EVERY sample (kept or not, with a reason), plus a funnel summary.
+``vpd.metrics``, optionally run each correct program on other questions of its template
+(``transfer``, ``vpd.transfer``), apply a per-question selection policy, and write one
+``Verified`` record for EVERY sample (kept or not, with a reason), plus a funnel summary.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from vpd.store import (
     read_records,
     scan_jsonl,
 )
+from vpd.transfer import TransferCheck, Verdict
 
 Policy = Literal["first", "shortest", "all", "majority"]
 
@@ -60,7 +62,13 @@ class Candidate:
     judged: bool = False
     reason: str = ""
     kept: bool = False
+    transfer: Verdict | None = None  # None: not checked on other questions
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eligible(self) -> bool:
+        """Correct, and not wrong on the other questions of its template."""
+        return self.correct and (self.transfer is None or self.transfer.passed)
 
     @property
     def answer(self) -> str | None:
@@ -118,7 +126,7 @@ def apply_policy(cands: list[Candidate], policy: str) -> None:
     majority: the most common answer among all programs that ran ok (normalized; ties
     count every tied answer) is the consensus; correct programs agreeing with it are kept.
     """
-    correct = sorted((c for c in cands if c.correct), key=lambda c: c.sample.k)
+    correct = sorted((c for c in cands if c.eligible), key=lambda c: c.sample.k)
     if policy == "all":
         keep = correct
     elif policy == "first":
@@ -139,6 +147,8 @@ def apply_policy(cands: list[Candidate], policy: str) -> None:
         if id(c) in kept_ids:
             c.kept = True
             c.reason = "kept"
+        elif c.correct and c.transfer is not None and not c.transfer.passed:
+            c.reason = c.transfer.failure
         elif c.correct:
             c.reason = f"dropped by policy {policy}"
             if policy == "majority":
@@ -162,6 +172,7 @@ def to_verified(c: Candidate) -> Verified:
         metric=c.metric,
         correct=c.correct,
         judged=c.judged,
+        **({"transfer": c.transfer.record()} if c.transfer is not None else {}),
     )
 
 
@@ -209,6 +220,27 @@ class VerifyConfig(BaseModel):
         json_schema_extra={"cli": False},
     )
     batch_size: int = Field(default=64, ge=1, description="Judge requests per batch.")
+    transfer: int = Field(
+        0,
+        ge=0,
+        description="Run each correct program on up to N other questions of its template "
+        "(other images, the question's differing words replaced in its strings) and keep it "
+        "only if it answers them right too: drops programs right for the wrong reason. "
+        "0: off.",
+    )
+    transfer_min: float = Field(
+        1.0, gt=0.0, le=1.0, description="The fraction of those it must answer right."
+    )
+    transfer_keys: list[str] = Field(
+        default_factory=lambda: ["template", "phrasing"],
+        description="The question meta keys that name a template (questions without them: "
+        "only the same question text is a partner).",
+    )
+    execute: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Execute options for the transfer runs (e.g. backend=hf).",
+        json_schema_extra={"cli": "key=value"},
+    )
     shard: str | None = shard_field()
     force: bool = force_field()
     progress: bool = progress_field()
@@ -225,7 +257,21 @@ class VerifyConfig(BaseModel):
         }
         if self.judge:
             fp["judge_config"] = judge_fingerprint(self.llm)
+        if self.transfer:  # only when on: outputs written before the option still resume
+            fp["transfer"] = {
+                "partners": self.transfer,
+                "min": self.transfer_min,
+                "keys": self.transfer_keys,
+                "execute": {
+                    k: v for k, v in self.execute.items() if k not in ("workers", "progress")
+                },
+            }
         return fp
+
+
+def transfer_dir(out: Path) -> Path:
+    """The transfer check's samples and executions beside a verified output."""
+    return Path(str(out) + ".transfer")
 
 
 def funnel_path(out: Path) -> Path:
@@ -234,7 +280,7 @@ def funnel_path(out: Path) -> Path:
 
 def compute_funnel(out: Path, questions: int | None = None) -> dict[str, Any]:
     """Funnel counts over everything in the verified output (all runs, not only this one)."""
-    samples = valid = ran_ok = correct = kept = judged = 0
+    samples = valid = ran_ok = correct = kept = judged = checked = failed = 0
     qids: set[str] = set()
     kept_q: set[str] = set()
     status: Counter[str] = Counter()
@@ -258,6 +304,9 @@ def compute_funnel(out: Path, questions: int | None = None) -> dict[str, Any]:
                 correct += bool(r.get("correct"))
                 judged += bool(r.get("judged"))
                 metrics[r.get("metric") or "?"] += 1
+                tr = r.get("transfer") or {}
+                checked += bool(tr.get("checked"))
+                failed += tr.get("passed") is False
                 if r.get("kept"):
                     kept += 1
                     kept_q.add(r.get("qid"))
@@ -271,6 +320,8 @@ def compute_funnel(out: Path, questions: int | None = None) -> dict[str, Any]:
         "kept": kept,
         "questions_with_kept": len(kept_q),
         "judged_correct": judged,
+        "transfer_checked": checked,
+        "transfer_failed": failed,
         "status": dict(sorted(status.items())),
         "metric": dict(sorted(metrics.items())),
     }
@@ -290,6 +341,14 @@ def _print_funnel(fun: dict[str, Any]) -> None:
         ("valid programs", "valid_programs"),
         ("ran ok", "ran_ok"),
         ("correct", "correct"),
+        *(
+            [
+                ("checked on other questions", "transfer_checked"),
+                ("wrong on other questions", "transfer_failed"),
+            ]
+            if fun.get("transfer_checked")
+            else []
+        ),
         ("kept", "kept"),
         ("questions with >= 1 kept", "questions_with_kept"),
     ):
@@ -331,9 +390,12 @@ def run_verify(cfg: VerifyConfig, judge: Any = None) -> VerifySummary:
     with StageOutput(cfg.out, cfg.fingerprint(), shard=shard, force=cfg.force) as so:
         # Index inputs: questions in memory (small); samples/executions by byte offset.
         questions: dict[str, Question] = {}
+        pool: list[Question] = []  # the transfer check's partners come from every shard
         for q in read_records(cfg.questions, Question, LabelledRejects(so.rejects, "questions")):
             if so.owns(q.id):
                 questions[q.id] = q
+            if cfg.transfer:
+                pool.append(q)
         by_q: dict[str, list[tuple[int, str, int]]] = {}
         for s, off, line in scan_jsonl(cfg.samples, Sample, so.rejects, "samples"):
             if not so.owns(s.qid):
@@ -357,14 +419,31 @@ def run_verify(cfg: VerifyConfig, judge: Any = None) -> VerifySummary:
         if cfg.judge and judge is None and todo:
             judge = owned_judge = make_judge(cfg.llm, Path(str(cfg.out) + ".judge.jsonl"))
         judge_calls = 0
+        checker = None
+        if cfg.transfer and todo:
+            work = transfer_dir(cfg.out)
+            checker = TransferCheck(
+                pool,
+                partners=cfg.transfer,
+                min_right=cfg.transfer_min,
+                keys=cfg.transfer_keys,
+                metric=cfg.metric,
+                threshold=cfg.threshold,
+                execute=cfg.execute,
+                questions=cfg.questions,
+                work=work,
+                force=cfg.force,
+            )
+        # The transfer check runs the sandbox once per chunk, so its chunks are larger.
+        chunk = max(cfg.batch_size, 1024) if checker is not None else cfg.batch_size
         with (
             open(cfg.samples, "rb") as fs,
             open(cfg.executions, "rb") as fe,
             progress_bar("verify", len(todo), unit="q", enabled=cfg.progress) as bar,
         ):
-            for start in range(0, len(todo), cfg.batch_size):
+            for start in range(0, len(todo), chunk):
                 batch: list[tuple[Question, list[Candidate]]] = []
-                for qid in todo[start : start + cfg.batch_size]:
+                for qid in todo[start : start + chunk]:
                     q = questions[qid]
                     metric = resolve_metric(q, cfg.metric)
                     cands = []
@@ -381,12 +460,18 @@ def run_verify(cfg: VerifyConfig, judge: Any = None) -> VerifySummary:
                     batch.append((q, cands))
                 if judge is not None:
                     asks = [(q, c) for q, cands in batch for c in cands if c.judgeable]
-                    if asks:
-                        verdicts = judge.judge([(q.question, q.answers, c.answer) for q, c in asks])
-                        judge_calls += len(asks)
-                        for (_, c), ok in zip(asks, verdicts, strict=True):
+                    for at in range(0, len(asks), cfg.batch_size):
+                        part = asks[at : at + cfg.batch_size]
+                        verdicts = judge.judge([(q.question, q.answers, c.answer) for q, c in part])
+                        judge_calls += len(part)
+                        for (_, c), ok in zip(part, verdicts, strict=True):
                             if ok:
                                 c.score, c.correct, c.judged, c.reason = 1.0, True, True, ""
+                if checker is not None:
+                    right = [(q, c) for q, cands in batch for c in cands if c.correct]
+                    found = checker.check([(q, c.sample) for q, c in right])
+                    for (_, c), verdict in zip(right, found, strict=True):
+                        c.transfer = verdict
                 for _, cands in batch:
                     apply_policy(cands, cfg.policy)
                     for c in cands:
@@ -427,5 +512,11 @@ def summary_line(cfg: VerifyConfig, s: dict[str, Any]) -> str:
     return (
         f"verify -> {cfg.out}: {s['written']} written; kept {f['kept']}/{f['samples']} "
         f"programs, {f['questions_with_kept']}/{f['questions']} questions with a kept program"
+        + (
+            f"; {f['transfer_failed']} of {f['transfer_checked']} correct programs checked on "
+            "other questions of their template were wrong there"
+            if f.get("transfer_checked")
+            else ""
+        )
         + (f"; {s['rejects']} rejected input lines" if s["rejects"] else "")
     )

@@ -1,0 +1,324 @@
+"""verify's transfer check: a kept program must also answer other questions of its template.
+
+An answer-only verifier keeps programs that are right for the wrong reason. Asked "What
+color is the object right of the orange square?", a writer that asks the orange square
+itself is right whenever the two share the colour; expert iteration then trains on such
+programs and they crowd out the ones that compare positions. The transfer check runs each
+correct program on up to N other questions of its template (the same ``meta`` keys, e.g.
+the synthetic set's ``template`` and ``phrasing``; without them, the same question text)
+on other images, with the words in which the two questions differ replaced inside its
+strings ("orange square" -> "blue circle"), and keeps it only if it answers those right
+too. Their gold answers are training labels, so nothing outside the training split is used.
+
+The partner programs are ordinary samples, run by the execute stage into
+``<verified>.transfer/`` (its resume contract holds: a killed verify re-runs none of them).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import math
+import re
+import tokenize
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vpd.execute import ExecuteConfig, run_execute
+from vpd.metrics import resolve_metric, score_answer, threshold_for
+from vpd.records import Execution, Question, Sample, sample_id
+from vpd.store import read_records, repair_torn_tail
+
+_WORD = re.compile(r"[a-z0-9]+")
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
+def question_words(text: str) -> list[str]:
+    """The lower-cased words of a question, punctuation dropped."""
+    return _WORD.findall(text.lower())
+
+
+def word_map(src: str, dst: str) -> dict[str, str] | None:
+    """The replacements that turn question ``src`` into ``dst``: the runs of words in which
+    they differ, aligned around the words they share ("the small purple object" -> "the red
+    object": "small purple" -> "red"). A word added or dropped takes the word after it along
+    ("red object" -> "large red object": "red" -> "large red"). None when they are not a
+    plain substitution: nothing shared, a run mapped two ways, or a replaced run that also
+    stands unchanged elsewhere in ``src`` (replacing it would change that too). Plurals
+    bring their singular ("circles" -> "stars" also maps "circle" -> "star"), as programs
+    name objects in the singular."""
+    a, b = question_words(src), question_words(dst)
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    if not any(op == "equal" for op, *_ in ops):
+        return None
+    pairs: list[tuple[list[str], list[str]]] = []
+    for op, i1, i2, j1, j2 in ops:
+        if op == "equal":
+            continue
+        if i1 == i2 or j1 == j2:  # an insertion or deletion: take the next word along
+            if i2 < len(a) and j2 < len(b):
+                i2, j2 = i2 + 1, j2 + 1
+            elif i1 > 0 and j1 > 0:
+                i1, j1 = i1 - 1, j1 - 1
+            else:
+                return None
+        pairs.append((a[i1:i2], b[j1:j2]))
+    # Equal-length runs map word by word ("large orange circles" -> "small red stars":
+    # programs split them, find('orange circle') and a size check), unless a word of the run
+    # also stands elsewhere in ``src``: then the run maps as one phrase.
+    replaced = Counter(w for x, _ in pairs for w in x)
+    everywhere = Counter(a)
+    units: list[tuple[str, str]] = []
+    for x, y in pairs:
+        if len(x) == len(y) and all(everywhere[w] == replaced[w] for w in x):
+            units += [(w, v) for w, v in zip(x, y, strict=True) if w != v]
+        else:
+            units.append((" ".join(x), " ".join(y)))
+    mapping: dict[str, str] = {}
+    for key, val in units:
+        if mapping.get(key, val) != val:
+            return None
+        mapping[key] = val
+    text = " " + " ".join(a) + " "
+    uses = Counter(key for key, _ in units)
+    for key in list(mapping):
+        # A run that also stands elsewhere unchanged would be replaced there too.
+        if text.count(f" {key} ") > uses[key]:
+            return None
+    for key, val in list(mapping.items()):
+        if len(key) > 3 and len(val) > 3 and key.endswith("s") and val.endswith("s"):
+            mapping.setdefault(key[:-1], val[:-1])
+    return mapping
+
+
+def _string_spans(program: str, syntax: str) -> list[tuple[int, int]]:
+    """Character spans of the program's string literals (Python tokens for viper programs,
+    quoted runs for VisProg lines)."""
+    if syntax != "viper":
+        return [m.span() for m in _QUOTED.finditer(program)]
+    starts = [0]
+    for line in program.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    spans = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(program).readline):
+            if tok.type == tokenize.STRING:
+                (r0, c0), (r1, c1) = tok.start, tok.end
+                spans.append((starts[r0 - 1] + c0, starts[r1 - 1] + c1))
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        return [m.span() for m in _QUOTED.finditer(program)]
+    return spans
+
+
+def rewrite_program(program: str, mapping: dict[str, str], syntax: str = "viper") -> str:
+    """``program`` with every whole word of ``mapping`` replaced inside its string literals
+    (all at once, so swaps work; a capitalised word stays capitalised). Code is untouched:
+    ``.left`` stays ``.left`` when the question's "left" becomes "right"."""
+    if not mapping:
+        return program
+    runs = sorted(mapping, key=len, reverse=True)  # the longest run first
+    alternatives = (r"\s+".join(re.escape(w) for w in run.split()) for run in runs)
+    pattern = re.compile(r"\b(" + "|".join(alternatives) + r")\b", re.IGNORECASE)
+
+    def swap(m: re.Match[str]) -> str:
+        new = mapping[" ".join(m.group(0).lower().split())]
+        return new[:1].upper() + new[1:] if m.group(0)[:1].isupper() else new
+
+    out, last = [], 0
+    for s, e in _string_spans(program, syntax):
+        out += [program[last:s], pattern.sub(swap, program[s:e])]
+        last = e
+    out.append(program[last:])
+    return "".join(out)
+
+
+def template_key(q: Question, keys: Sequence[str]) -> tuple[Any, ...]:
+    """A question's template: its ``meta`` values under ``keys`` when it has them all,
+    else its question text (only exact repeats are partners then)."""
+    if keys and all(k in q.meta for k in keys):
+        return ("meta", *(str(q.meta[k]) for k in keys))
+    return ("text", " ".join(question_words(q.question)))
+
+
+@dataclass
+class Partner:
+    """One other question a program is tried on, and the program rewritten for it."""
+
+    question: Question
+    program: str
+    sample_id: str = ""
+
+
+@dataclass
+class Verdict:
+    """What the check found for one program (``checked == 0``: no partner was found)."""
+
+    checked: int = 0
+    right: int = 0
+    passed: bool = True
+    failure: str = ""
+    partners: list[Partner] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """The ``transfer`` field of the program's Verified record (``on``: the partner
+        questions' ids)."""
+        return {
+            "checked": self.checked,
+            "right": self.right,
+            "passed": self.passed,
+            "on": [p.question.id for p in self.partners],
+        }
+
+
+class TransferCheck:
+    """Runs correct programs on other questions of their template.
+
+    ``pool``: every question partners may come from (the training questions, all shards);
+    ``partners``: how many per program; ``min_right``: the fraction of them it must get
+    right; ``execute``: the execute stage's options for the partner runs; ``work``: the
+    folder of their samples and executions; ``force``: run them again under other execute
+    options."""
+
+    def __init__(
+        self,
+        pool: Iterable[Question],
+        *,
+        partners: int,
+        min_right: float,
+        keys: Sequence[str],
+        metric: str,
+        threshold: float | None,
+        execute: dict[str, Any],
+        questions: Path,
+        work: Path,
+        force: bool = False,
+    ) -> None:
+        self.partners, self.min_right, self.keys = partners, min_right, list(keys)
+        self.metric, self.threshold = metric, threshold
+        self.execute, self.questions, self.work = dict(execute), Path(questions), Path(work)
+        self.force = force
+        self.groups: dict[tuple[Any, ...], list[Question]] = {}
+        for q in pool:
+            self.groups.setdefault(template_key(q, self.keys), []).append(q)
+        self.samples = self.work / "samples.jsonl"
+        self.executions = self.work / "executions.jsonl"
+        # (partner qid, program) -> sample id: a program rewritten the same way for the
+        # same partner runs once, across questions, chunks and resumed runs.
+        self.ids: dict[tuple[str, str], str] = {}
+        self.next_k: dict[str, int] = {}
+        if self.samples.exists():
+            repair_torn_tail(self.samples)  # a kill -9 mid-append
+            for s in read_records(self.samples, Sample, allow_empty=True):
+                self.ids[(s.qid, s.program)] = s.id
+                self.next_k[s.qid] = max(self.next_k.get(s.qid, 0), s.k + 1)
+
+    def partners_of(self, q: Question, sample: Sample) -> list[Partner]:
+        """Up to ``partners`` other questions of ``q``'s template on other images, in an
+        order fixed by the program's sample id (so a re-run picks the same ones)."""
+        group = self.groups.get(template_key(q, self.keys), [])
+
+        def order(p: Question) -> str:
+            return hashlib.sha1(f"{sample.id}|{p.id}".encode()).hexdigest()
+
+        # Partners whose words map one for one come first: a phrase replaced by one of
+        # another length ("red object large" -> "square small") misses a program that
+        # names its parts apart (find('red object'), then a size check).
+        found: list[tuple[bool, str, Question, dict[str, str]]] = []
+        for p in group:
+            if p.id == q.id or p.image == q.image:
+                continue
+            mapping = word_map(q.question, p.question)
+            if mapping is not None:
+                phrases = any(" " in k or " " in v for k, v in mapping.items())
+                found.append((phrases, order(p), p, mapping))
+        found.sort(key=lambda f: f[:2])
+        return [
+            Partner(p, rewrite_program(sample.program, mapping, sample.syntax))
+            for _, _, p, mapping in found[: self.partners]
+        ]
+
+    def check(self, items: Sequence[tuple[Question, Sample]]) -> list[Verdict]:
+        """One verdict per (question, program), running the partner programs not run yet."""
+        verdicts = [Verdict(partners=self.partners_of(q, s)) for q, s in items]
+        new: list[Sample] = []
+        for (_, s), v in zip(items, verdicts, strict=True):
+            for p in v.partners:
+                key = (p.question.id, p.program)
+                if key not in self.ids:
+                    k = self.next_k.get(p.question.id, 0)
+                    self.next_k[p.question.id] = k + 1
+                    self.ids[key] = sample_id(p.question.id, k)
+                    new.append(
+                        Sample(
+                            id=self.ids[key],
+                            qid=p.question.id,
+                            k=k,
+                            program=p.program,
+                            syntax=s.syntax,
+                            model=s.model,
+                            prompt_id="transfer",
+                            source=s.id,
+                        )
+                    )
+                p.sample_id = self.ids[key]
+        if new:
+            self.work.mkdir(parents=True, exist_ok=True)
+            with open(self.samples, "a", encoding="utf-8") as f:
+                for s in new:
+                    f.write(s.model_dump_json() + "\n")
+        if not any(v.partners for v in verdicts):
+            return verdicts
+        run_execute(
+            ExecuteConfig(
+                **{
+                    **self.execute,
+                    "samples": self.samples,
+                    "questions": self.questions,
+                    "out": self.executions,
+                    "force": self.force,
+                    # verify's own bar counts the questions (rich shows one live bar).
+                    "progress": False,
+                }
+            )
+        )
+        wanted = {p.sample_id for v in verdicts for p in v.partners}
+        runs = {
+            e.id: e
+            for e in read_records(self.executions, Execution, allow_empty=True)
+            if e.id in wanted
+        }
+        for v in verdicts:
+            self._judge(v, runs)
+        return verdicts
+
+    def _judge(self, v: Verdict, runs: dict[str, Execution]) -> None:
+        wrong: list[str] = []
+        for p in v.partners:
+            e = runs.get(p.sample_id)
+            q = p.question
+            metric = resolve_metric(q, self.metric)
+            ok = (
+                e is not None
+                and e.status == "ok"
+                and score_answer(e.answer, q, metric) >= threshold_for(metric, self.threshold)
+            )
+            v.checked += 1
+            v.right += ok
+            if not ok:
+                got = (
+                    f"answered {e.answer!r}"
+                    if e is not None and e.status == "ok"
+                    else (f"{e.status}" if e is not None else "not run")
+                )
+                gold = q.answers[0] if q.answers else ""
+                wrong.append(f"{q.id}: {got}, expected {gold!r}")
+        v.passed = v.checked == 0 or v.right >= math.ceil(self.min_right * v.checked - 1e-9)
+        if not v.passed:
+            v.failure = (
+                f"right here, wrong on {v.checked - v.right} of {v.checked} other questions "
+                f"of its template ({wrong[0]})"
+            )
