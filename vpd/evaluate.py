@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, with_config
 from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
+from vpd.images import resolve_image
 from vpd.metrics import (
     Metric,
     normalize_answer,
@@ -312,8 +313,7 @@ def arm_scores(preds: list[dict[str, Any]]) -> ArmScores:
 
 
 def _image_path(q: Question, questions_file: Path) -> Path:
-    img = Path(q.image)
-    return img if img.is_absolute() else Path(questions_file).parent / img
+    return resolve_image(q.image, Path(questions_file).parent)
 
 
 def _open_image(path: Path) -> Any:

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, with_config
 from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import ConfigMismatch, VpdError
-from vpd.images import ImageChecks
+from vpd.images import ImageChecks, resolve_image
 from vpd.options import progress_field
 from vpd.progress import progress_bar
 from vpd.records import Sft
@@ -180,8 +180,7 @@ def prepare_item(rec: Sft, base: Path, checks: ImageChecks | None = None) -> Ite
     names = extra.get("images") if isinstance(extra.get("images"), list) else [rec.image]
     images = []
     for name in names:
-        p = Path(str(name))
-        p = p if p.is_absolute() else base / p
+        p = resolve_image(str(name), base)
         if not p.is_file():
             raise ValueError(f"image not found: {name}")
         why = checks.problem(p)

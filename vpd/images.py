@@ -10,6 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def resolve_image(name: str | Path, base: str | Path) -> Path:
+    """An image named in a record: relative names are relative to ``base``, the folder of
+    the file that names them (the record schema's rule); absolute ones stay."""
+    p = Path(name)
+    return p if p.is_absolute() else Path(base) / p
+
+
 def image_problem(path: str | Path) -> str | None:
     """Why ``path`` is not a readable image (``None`` when it is).
 

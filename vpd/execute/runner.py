@@ -13,7 +13,7 @@ from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.
 
 from vpd.errors import VpdError
 from vpd.execute.pool import DEFAULT_NAMESPACE, Job, JobResult, Limits, SandboxPool, ToolHandler
-from vpd.images import ImageChecks
+from vpd.images import ImageChecks, resolve_image
 from vpd.options import force_field, progress_field, shard_field
 from vpd.progress import progress_bar
 from vpd.records import Execution, Question, Sample
@@ -112,8 +112,7 @@ def _question_images(path: Path, rejects: Any) -> dict[str, list[str]]:
     base = Path(path).resolve().parent
     out = {}
     for q in read_records(path, Question, rejects=LabelledRejects(rejects, "questions")):
-        paths = [Path(x) for x in question_images(q)]
-        out[q.id] = [str(p if p.is_absolute() else (base / p).resolve()) for p in paths]
+        out[q.id] = [str(resolve_image(x, base).resolve()) for x in question_images(q)]
     if not out:
         raise VpdError(f"no valid questions in {path}")
     return out

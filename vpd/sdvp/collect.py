@@ -19,6 +19,7 @@ from typing import Any
 
 from vpd.errors import VpdError
 from vpd.evaluate import qtype_of
+from vpd.images import resolve_image
 from vpd.progress import console
 from vpd.records import Execution, Question, SubTask, ToolCall
 from vpd.sdvp.config import SdvpRun
@@ -122,7 +123,7 @@ def collect_subtasks(
             if rejects is not None:
                 rejects.write(0, f"question {ex.qid!r} not found in {questions}", ex.id, ex.id)
             continue
-        image = Path(q.image) if Path(q.image).is_absolute() else base / q.image
+        image = resolve_image(q.image, base)
         qtype = qtype_of(q)
         for op, args, region, name in trace_subtasks(ex.trace, ops):
             try:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from vpd.errors import VpdError
+from vpd.images import resolve_image
 from vpd.progress import progress_bar
 from vpd.records import Sft
 from vpd.store import RejectWriter, read_records
@@ -184,8 +185,7 @@ def read_sft(path: Path, rejects: RejectWriter | None = None) -> list[Example]:
     base = path.parent
 
     def image_path(rec: Sft) -> Path:
-        p = Path(rec.image)
-        return p if p.is_absolute() else base / p
+        return resolve_image(rec.image, base)
 
     def check(rec: Sft) -> str | None:
         why = _check_messages(rec)

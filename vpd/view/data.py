@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 from vpd.errors import VpdError
 from vpd.evaluate import qtype_of
+from vpd.images import resolve_image
 from vpd.records import (
     STATUSES,
     Execution,
@@ -173,7 +174,7 @@ def _question_images(q: Question, base: Path) -> list[Path]:
     """The question's image(s): NLVR2-style questions keep both in ``meta.images``."""
     raw = q.meta.get("images")
     names = [str(x) for x in raw] if isinstance(raw, list) and raw else [q.image]
-    return [Path(n) if Path(n).is_absolute() else base / n for n in names]
+    return [resolve_image(n, base) for n in names]
 
 
 def _rationale_text(rec: Sft) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpd.errors import VpdError
+from vpd.images import resolve_image
 from vpd.records import Question, Verified, WriterExample
 from vpd.sample.prompt import PromptTemplate
 from vpd.store import read_records
@@ -40,8 +41,7 @@ class WriterData:
 
 def _image_key(questions_file: Path, image: str) -> str:
     """An image as a path that two question files naming it differently agree on."""
-    p = Path(image)
-    return str((p if p.is_absolute() else Path(questions_file).parent / p).resolve())
+    return str(resolve_image(image, Path(questions_file).parent).resolve())
 
 
 def _program_key(program: str) -> str:
