@@ -81,6 +81,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def set_deepspeed_accelerator() -> None:
+    """Without CUDA, tell DeepSpeed (which transformers imports) that it runs on the CPU: it
+    warns on stderr when it has to guess. Call before importing transformers' Trainer."""
+    if not cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def resolve_deepspeed(spec: str, out: Path) -> str | None:
     """Path of the DeepSpeed JSON to use; on CPU an offload optimizer falls back to torch AdamW
     when DeepSpeed's CPU Adam op cannot be built (no compiler), written beside the run."""
@@ -532,10 +539,7 @@ def run_tune(cfg: TuneConfig) -> TuneSummary:
     import torch
 
     out = cfg.out
-    cuda = cuda_available()
-    if not cuda:
-        # DeepSpeed, imported by transformers, warns on stderr when it has to guess the CPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    set_deepspeed_accelerator()
     from transformers import AutoModelForImageTextToText, Trainer, set_seed
 
     dtype = train_dtype(cfg.dtype)

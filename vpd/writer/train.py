@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +34,6 @@ from vpd.tune.data import Collator
 from vpd.tune.loss import IGNORE_INDEX
 from vpd.tune.train import (
     TrainingReport,
-    cuda_available,
     drop_tqdm_printer,
     ensure_dist_env,
     join_cpu_deepspeed,
@@ -47,6 +45,7 @@ from vpd.tune.train import (
     prepare_out,
     rank,
     resolve_deepspeed,
+    set_deepspeed_accelerator,
     sparse_logits_trainer,
     train_callbacks,
     train_dtype,
@@ -185,9 +184,7 @@ def run_writer(cfg: WriterConfig) -> WriterSummary:
 
     import torch
 
-    if not cuda_available():
-        # DeepSpeed, imported by transformers, warns on stderr when it has to guess the CPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    set_deepspeed_accelerator()
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
     dtype = train_dtype(cfg.dtype)
