@@ -147,6 +147,9 @@ def verify(options: dict[str, Any]) -> None:
     vpd verify exec.jsonl --samples s.jsonl --questions q.jsonl --out v.jsonl
       --metric vqa --threshold 0.6 --policy majority --judge --backend openai
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
+
+    vpd verify exec.jsonl --samples s.jsonl --questions train.jsonl --out v.jsonl
+      --transfer 3   # each correct program must also answer 3 questions of its template
     """
 
 
