@@ -216,34 +216,46 @@ class TransferCheck:
                 self.ids[(s.qid, s.program)] = s.id
                 self.next_k[s.qid] = max(self.next_k.get(s.qid, 0), s.k + 1)
 
-    def partners_of(self, q: Question, sample: Sample) -> list[Partner]:
-        """Up to ``partners`` other questions of ``q``'s template on other images, in an
-        order fixed by the program's sample id (so a re-run picks the same ones)."""
-        group = self.groups.get(template_key(q, self.keys), [])
-
-        def order(p: Question) -> str:
-            return hashlib.sha1(f"{sample.id}|{p.id}".encode()).hexdigest()
-
-        # Partners whose words map one for one come first: a phrase replaced by one of
-        # another length ("red object large" -> "square small") misses a program that
-        # names its parts apart (find('red object'), then a size check).
-        found: list[tuple[bool, str, Question, dict[str, str]]] = []
-        for p in group:
+    def candidates(self, q: Question) -> list[tuple[bool, Question, dict[str, str]]]:
+        """The questions of ``q``'s template on other images whose words map onto ``q``'s:
+        (maps a phrase, the question, the map). The same for every program of ``q``."""
+        found = []
+        for p in self.groups.get(template_key(q, self.keys), []):
             if p.id == q.id or p.image == q.image:
                 continue
             mapping = word_map(q.question, p.question)
             if mapping is not None:
-                phrases = any(" " in k or " " in v for k, v in mapping.items())
-                found.append((phrases, order(p), p, mapping))
-        found.sort(key=lambda f: f[:2])
+                found.append((any(" " in k or " " in v for k, v in mapping.items()), p, mapping))
+        return found
+
+    def partners_of(
+        self,
+        sample: Sample,
+        candidates: list[tuple[bool, Question, dict[str, str]]],
+    ) -> list[Partner]:
+        """Up to ``partners`` of its question's ``candidates``, in an order fixed by the
+        program's sample id (so a re-run picks the same ones). Partners whose words map one
+        for one come first: a phrase replaced by one of another length ("red object large"
+        -> "square small") misses a program that names its parts apart (find('red object'),
+        then a size check)."""
+
+        def order(c: tuple[bool, Question, dict[str, str]]) -> tuple[bool, str]:
+            return c[0], hashlib.sha1(f"{sample.id}|{c[1].id}".encode()).hexdigest()
+
         return [
             Partner(p, rewrite_program(sample.program, mapping, sample.syntax))
-            for _, _, p, mapping in found[: self.partners]
+            for _, p, mapping in sorted(candidates, key=order)[: self.partners]
         ]
 
     def check(self, items: Sequence[tuple[Question, Sample]]) -> list[Verdict]:
         """One verdict per (question, program), running the partner programs not run yet."""
-        verdicts = [Verdict(partners=self.partners_of(q, s)) for q, s in items]
+        # A question's programs share its candidates (word maps): aligned once per question.
+        per_question: dict[str, list[tuple[bool, Question, dict[str, str]]]] = {}
+        verdicts = []
+        for q, s in items:
+            if q.id not in per_question:
+                per_question[q.id] = self.candidates(q)
+            verdicts.append(Verdict(partners=self.partners_of(s, per_question[q.id])))
         new: list[Sample] = []
         for (_, s), v in zip(items, verdicts, strict=True):
             for p in v.partners:
@@ -309,11 +321,12 @@ class TransferCheck:
             v.checked += 1
             v.right += ok
             if not ok:
-                got = (
-                    f"answered {e.answer!r}"
-                    if e is not None and e.status == "ok"
-                    else (f"{e.status}" if e is not None else "not run")
-                )
+                if e is None:
+                    got = "not run"
+                elif e.status != "ok":
+                    got = e.status
+                else:
+                    got = f"answered {e.answer!r}"
                 gold = q.answers[0] if q.answers else ""
                 wrong.append(f"{q.id}: {got}, expected {gold!r}")
         v.passed = v.checked == 0 or v.right >= math.ceil(self.min_right * v.checked - 1e-9)
