@@ -278,6 +278,12 @@ def test_cli_transfer_flags(synth: tuple[Path, list[Question]], tmp_path: Path) 
     assert meta["transfer"] == {"partners": 2, "min": 0.5, "keys": KEYS,
                                 "execute": {"timeout": 5}}  # fmt: skip
     assert all(r["transfer"]["checked"] == 2 for r in read_jsonl(out) if r["correct"])
+    # A bad option for the partner runs is an error before anything is written.
+    typo = tmp_path / "typo.jsonl"
+    bad = run_vpd(*args[:7], str(typo), "--transfer", "2", "--execute", "timout=5")
+    assert bad.returncode == 2
+    assert "--execute: execute option timout: Extra inputs are not permitted" in bad.stderr
+    assert not list(tmp_path.glob("typo.jsonl*"))
     bad = run_vpd(*args[:-2], "--transfer", "-1")
     assert bad.returncode == 2 and "--transfer" in bad.stderr
 

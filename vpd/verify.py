@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, with_config
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, with_config
 from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
+from vpd.execute import ExecuteConfig
 from vpd.judge import judge_fingerprint, make_judge
 from vpd.metrics import (
     METRICS,
@@ -245,6 +246,18 @@ class VerifyConfig(BaseModel):
     force: bool = force_field()
     progress: bool = progress_field()
 
+    @field_validator("execute")
+    @classmethod
+    def _execute_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # A bad option for the partner runs fails here, not after the scoring has begun.
+        try:
+            ExecuteConfig(**{**v, "samples": Path(), "questions": Path(), "out": Path()})
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise ValueError(f"execute option {where}: {err['msg']}") from None
+        return v
+
     def fingerprint(self) -> dict[str, Any]:
         """The options that change results (what ``<out>.meta.json`` records)."""
         fp: dict[str, Any] = {
@@ -421,7 +434,6 @@ def run_verify(cfg: VerifyConfig, judge: Any = None) -> VerifySummary:
         judge_calls = 0
         checker = None
         if cfg.transfer and todo:
-            work = transfer_dir(cfg.out)
             checker = TransferCheck(
                 pool,
                 partners=cfg.transfer,
@@ -431,7 +443,7 @@ def run_verify(cfg: VerifyConfig, judge: Any = None) -> VerifySummary:
                 threshold=cfg.threshold,
                 execute=cfg.execute,
                 questions=cfg.questions,
-                work=work,
+                work=transfer_dir(cfg.out),
                 force=cfg.force,
             )
         # The transfer check runs the sandbox once per chunk, so its chunks are larger.
