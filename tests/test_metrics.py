@@ -23,6 +23,7 @@ from vpd.metrics import (
     nlvr2_match,
     normalize_answer,
     resolve_metric,
+    right_answer,
     score_answer,
     short_answer,
     to_number,
@@ -275,3 +276,23 @@ def test_strict_variants_are_declared_once() -> None:
         resolve_metric(_q(), "pope_strict")
     unbalanced = _q(dataset="gqa", meta={"isBalanced": False})
     assert not in_official_accuracy(unbalanced, "gqa_strict")
+
+
+def test_right_answer_is_the_verifiers_rule() -> None:
+    """Blank answers are never right; the threshold is the metric's unless given."""
+    vqa = Question(id="v", image="x", question="?", answers=["red"] * 3 + ["blue"] * 7)
+    count = Question(id="c", image="x", question="?", answers=["2"], meta={"qtype": "count"})
+    assert right_answer("red", vqa, "vqa") == (score_answer("red", vqa, "vqa"), True)
+    assert right_answer("green", vqa, "vqa") == (0.0, False)
+    one = Question(id="o", image="x", question="?", answers=["red"] + ["blue"] * 9)
+    score, ok = right_answer("red", one, "vqa")
+    assert 0 < score < 1
+    assert ok is (score >= DEFAULT_THRESHOLDS["vqa"])
+    assert right_answer("red", one, "vqa", threshold=score) == (score, True)
+    assert right_answer("red", one, "vqa", threshold=1.0) == (score, False)
+    for blank in (None, "", "  \n"):
+        assert right_answer(blank, count, "count") == (0.0, False)
+    # Raw text counts as an answer even where normalization empties it (an article).
+    article = Question(id="a", image="x", question="?", answers=["the"], meta={"qtype": "x"})
+    assert right_answer("the", article, "exact")[1] is (score_answer("the", article, "exact") >= 1)
+    assert right_answer(2, count, "count") == (1.0, True)

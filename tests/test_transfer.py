@@ -19,13 +19,13 @@ from tests.helpers import read_jsonl, run_vpd, write_jsonl, write_png
 from tests.template_programs import viper_program
 from vpd.data.synth import generate
 from vpd.execute import ExecuteConfig, run_execute
-from vpd.records import Question
+from vpd.records import Question, Sample
 from vpd.runpaths import RunPaths
 from vpd.stages import STAGES
 from vpd.tools.backends import get_backend
 from vpd.tools.namespace import run_inprocess
 from vpd.tools.server import ToolServer
-from vpd.transfer import rewrite_program, template_key, word_map
+from vpd.transfer import TransferCheck, rewrite_program, template_key, word_map
 from vpd.verify import VerifyConfig, run_verify, transfer_dir
 
 KEYS = ["template", "phrasing"]
@@ -173,6 +173,52 @@ def _relation_inputs(root: Path, qs: list[Question], n: int) -> tuple[list[Quest
     return chosen, write_jsonl(root / "samples.jsonl", rows)
 
 
+def test_partners_spread_over_the_answers(tmp_path: Path) -> None:
+    """A contrast set: partners with another answer first, then one with the question's
+    own, in turn; one-for-one word maps before phrase maps; the same choice on a re-run."""
+    colours = ["red", "blue", "green", "purple", "orange", "yellow"]
+
+    def q(i: int, text: str, answer: str) -> Question:
+        return Question(id=f"q{i}", image=f"i{i}.png", question=text, answers=[answer],
+                        meta={"template": "exists_color", "phrasing": 0})  # fmt: skip
+
+    pool = [q(0, "Is there a red square?", "no")]
+    pool += [q(i, f"Is there a {colours[i % 5 + 1]} square?", "yes" if i % 3 else "no")
+             for i in range(1, 13)]  # fmt: skip
+    pool += [q(20 + i, f"Is there a large {c} square?", "no") for i, c in enumerate(colours)]
+    check = TransferCheck(pool, partners=3, min_right=1.0, keys=KEYS, metric="auto",
+                          threshold=None, execute={}, questions=tmp_path / "q.jsonl",
+                          work=tmp_path / "w")  # fmt: skip
+    options = check.candidates(pool[0])
+    assert len(options) == 18 and sum(o.phrase for o in options) == 6
+    by_id = {p.id: p for p in pool}
+    program = "def execute_command(image):\n    return bool_to_yesno(find('square'))\n"
+    for k in range(20):
+        sample = Sample(id=f"q0#{k}", qid="q0", k=k, program=program)
+        got = check.partners_of(sample, options)
+        assert [by_id[p.question.id].answers[0] for p in got] == ["yes", "no", "yes"]
+        assert all(" " not in p.program.split("'")[1] for p in got)  # one-for-one maps
+        assert [p.question.id for p in check.partners_of(sample, options)] == [
+            p.question.id for p in got
+        ]
+    # the order within an answer is the sample's own: other programs meet other partners
+    firsts = {check.partners_of(Sample(id=f"q0#{k}", qid="q0", k=k, program=program),
+                                options)[0].question.id for k in range(20)}  # fmt: skip
+    assert len(firsts) > 1
+    # more answers than partners: each partner brings another one
+    many = [q(40 + i, f"What color is the {s}?", c)
+            for i, (s, c) in enumerate([("square", "red"), ("circle", "red"),
+                                        ("star", "blue"), ("triangle", "green")])]  # fmt: skip
+    many = [m.model_copy(update={"meta": {"template": "color", "phrasing": 0}}) for m in many]
+    check = TransferCheck(many, partners=3, min_right=1.0, keys=KEYS, metric="auto",
+                          threshold=None, execute={}, questions=tmp_path / "q.jsonl",
+                          work=tmp_path / "w")  # fmt: skip
+    got = check.partners_of(Sample(id="q40#0", qid="q40", k=0, program=program),
+                            check.candidates(many[0]))  # fmt: skip
+    answers = [p.question.answers[0] for p in got]
+    assert sorted(answers[:2]) == ["blue", "green"] and answers[2] == "red"
+
+
 def test_verify_drops_programs_right_for_the_wrong_reason(
     synth: tuple[Path, list[Question]], tmp_path: Path
 ) -> None:
@@ -275,7 +321,7 @@ def test_cli_transfer_flags(synth: tuple[Path, list[Question]], tmp_path: Path) 
     assert "correct programs checked on other questions of their template" in res.stderr
     assert "wrong on other questions" in res.stderr  # the funnel table
     meta = json.loads(Path(str(out) + ".meta.json").read_text())["config"]
-    assert meta["transfer"] == {"partners": 2, "min": 0.5, "keys": KEYS,
+    assert meta["transfer"] == {"order": "contrast", "partners": 2, "min": 0.5, "keys": KEYS,
                                 "execute": {"timeout": 5}}  # fmt: skip
     assert all(r["transfer"]["checked"] == 2 for r in read_jsonl(out) if r["correct"])
     # A bad option for the partner runs is an error before anything is written.

@@ -537,6 +537,21 @@ def threshold_for(metric: str, threshold: float | None) -> float:
     return DEFAULT_THRESHOLDS[metric] if threshold is None else threshold
 
 
+def right_answer(
+    pred: Any, question: Question, metric: str, threshold: float | None = None
+) -> tuple[float, bool]:
+    """The verifier's rule for a program's answer: its score, and whether it is right.
+
+    ``metric`` is a resolved metric (``resolve_metric``). Right means a non-blank answer
+    (raw text: "A" or "the" count) scoring at least ``threshold_for(metric, threshold)``.
+    The verify stage and its transfer check both judge answers with this one rule.
+    """
+    if pred is None or not str(pred).strip():
+        return 0.0, False
+    score = score_answer(pred, question, metric)
+    return score, score >= threshold_for(metric, threshold)
+
+
 # ----------------------------------------------------------------------------- aggregates
 
 

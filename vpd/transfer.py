@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vpd.execute import ExecuteConfig, run_execute
-from vpd.metrics import resolve_metric, score_answer, threshold_for
+from vpd.metrics import normalize_answer, resolve_metric, right_answer
 from vpd.records import Execution, Question, Sample, sample_id
 from vpd.store import read_records, repair_torn_tail
 
@@ -153,6 +153,26 @@ class Partner:
     sample_id: str = ""
 
 
+@dataclass(frozen=True)
+class PartnerOption:
+    """A question a program could be checked on, and what ranks it.
+
+    ``phrase``: its words map onto the program's question only as phrases of other lengths
+    ("red object large" -> "square small"), which a program naming its parts apart
+    (find('red object'), then a size check) misses: such partners come last.
+    ``answer``: its gold answer (the first, normalized), and ``same_answer``: whether the
+    program's question has it too. Partners are spread over the answers (a contrast set):
+    a program that says "yes" whenever the reference object exists passes three "yes"
+    partners, and one that finds only 'square' for "a small square" passes three whose
+    answer is "yes"; each fails a partner with the other answer."""
+
+    phrase: bool
+    answer: str
+    same_answer: bool
+    question: Question
+    mapping: dict[str, str]
+
+
 @dataclass
 class Verdict:
     """What the check found for one program (``checked == 0``: no partner was found)."""
@@ -216,41 +236,45 @@ class TransferCheck:
                 self.ids[(s.qid, s.program)] = s.id
                 self.next_k[s.qid] = max(self.next_k.get(s.qid, 0), s.k + 1)
 
-    def candidates(self, q: Question) -> list[tuple[bool, Question, dict[str, str]]]:
-        """The questions of ``q``'s template on other images whose words map onto ``q``'s:
-        (maps a phrase, the question, the map). The same for every program of ``q``."""
+    def candidates(self, q: Question) -> list[PartnerOption]:
+        """The questions of ``q``'s template on other images whose words map onto ``q``'s,
+        with what ranks them (see ``PartnerOption``). The same for every program of ``q``."""
+        gold = {normalize_answer(a) for a in q.answers}
         found = []
         for p in self.groups.get(template_key(q, self.keys), []):
             if p.id == q.id or p.image == q.image:
                 continue
             mapping = word_map(q.question, p.question)
             if mapping is not None:
-                found.append((any(" " in k or " " in v for k, v in mapping.items()), p, mapping))
+                phrase = any(" " in k or " " in v for k, v in mapping.items())
+                answer = normalize_answer(p.answers[0]) if p.answers else ""
+                found.append(PartnerOption(phrase, answer, answer in gold, p, mapping))
         return found
 
-    def partners_of(
-        self,
-        sample: Sample,
-        candidates: list[tuple[bool, Question, dict[str, str]]],
-    ) -> list[Partner]:
-        """Up to ``partners`` of its question's ``candidates``, in an order fixed by the
-        program's sample id (so a re-run picks the same ones). Partners whose words map one
-        for one come first: a phrase replaced by one of another length ("red object large"
-        -> "square small") misses a program that names its parts apart (find('red object'),
-        then a size check)."""
+    def partners_of(self, sample: Sample, candidates: list[PartnerOption]) -> list[Partner]:
+        """Up to ``partners`` of its question's ``candidates``: one-for-one word maps
+        first; among those, one partner per answer in turn (answers other than the
+        question's first), each answer's partners in an order fixed by the program's
+        sample id (so a re-run picks the same ones)."""
 
-        def order(c: tuple[bool, Question, dict[str, str]]) -> tuple[bool, str]:
-            return c[0], hashlib.sha1(f"{sample.id}|{c[1].id}".encode()).hexdigest()
+        def digest(c: PartnerOption) -> str:
+            return hashlib.sha1(f"{sample.id}|{c.question.id}".encode()).hexdigest()
 
+        turn: dict[tuple[bool, str], int] = {}
+        ranked = []
+        for c in sorted(candidates, key=lambda c: (c.phrase, digest(c))):
+            n = turn[c.phrase, c.answer] = turn.get((c.phrase, c.answer), -1) + 1
+            ranked.append(((c.phrase, n, c.same_answer, digest(c)), c))
+        ranked.sort(key=lambda r: r[0])
         return [
-            Partner(p, rewrite_program(sample.program, mapping, sample.syntax))
-            for _, p, mapping in sorted(candidates, key=order)[: self.partners]
+            Partner(c.question, rewrite_program(sample.program, c.mapping, sample.syntax))
+            for _, c in ranked[: self.partners]
         ]
 
     def check(self, items: Sequence[tuple[Question, Sample]]) -> list[Verdict]:
         """One verdict per (question, program), running the partner programs not run yet."""
         # A question's programs share its candidates (word maps): aligned once per question.
-        per_question: dict[str, list[tuple[bool, Question, dict[str, str]]]] = {}
+        per_question: dict[str, list[PartnerOption]] = {}
         verdicts = []
         for q, s in items:
             if q.id not in per_question:
@@ -313,11 +337,8 @@ class TransferCheck:
             e = runs.get(p.sample_id)
             q = p.question
             metric = resolve_metric(q, self.metric)
-            ok = (
-                e is not None
-                and e.status == "ok"
-                and score_answer(e.answer, q, metric) >= threshold_for(metric, self.threshold)
-            )
+            ok = e is not None and e.status == "ok"
+            ok = ok and right_answer(e.answer, q, metric, self.threshold)[1]
             v.checked += 1
             v.right += ok
             if not ok:

@@ -27,7 +27,7 @@ from vpd.metrics import (
     Metric,
     normalize_answer,
     resolve_metric,
-    score_answer,
+    right_answer,
     threshold_for,
 )
 from vpd.options import force_field, progress_field, shard_field
@@ -108,11 +108,9 @@ def score_candidates(question: Question, cands: list[Candidate]) -> None:
             why = _first_line(c.execution.error) or "no error message"
             c.reason = f"execution {c.execution.status}: {why}"
         elif not (c.answer or "").strip():
-            # Raw text, not normalized: "A" (an option letter) or "the" are answers too.
             c.reason = "no answer returned"
         else:
-            c.score = score_answer(c.answer, question, c.metric)
-            c.correct = c.score >= c.threshold
+            c.score, c.correct = right_answer(c.answer, question, c.metric, c.threshold)
             c.reason = "" if c.correct else f"wrong answer: {c.answer!r} (score {c.score:.2f})"
 
 
@@ -272,6 +270,8 @@ class VerifyConfig(BaseModel):
             fp["judge_config"] = judge_fingerprint(self.llm)
         if self.transfer:  # only when on: outputs written before the option still resume
             fp["transfer"] = {
+                # partners with another answer first (transfer.PartnerOption)
+                "order": "contrast",
                 "partners": self.transfer,
                 "min": self.transfer_min,
                 "keys": self.transfer_keys,
