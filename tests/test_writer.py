@@ -32,6 +32,7 @@ from tests.helpers import (
 from vpd.errors import VpdError
 from vpd.records import WriterExample
 from vpd.sample.prompt import PromptTemplate
+from vpd.view.data import run_inputs
 from vpd.writer import WriterConfig, run_writer
 from vpd.writer.data import build_examples
 from vpd.writer.rounds import run_round
@@ -316,6 +317,9 @@ def test_writer_rounds_resume_skip_and_rerun_only_what_changed(
     marker = json.loads((run / "writer" / "round2" / "round.json").read_text())
     check_summary(run_round, marker["summary"])
     assert marker["summary"]["questions"] == 6
+    # `vpd view` shows the programs rationalize distils: the last round's.
+    shown = run_inputs(run)
+    assert shown.verified == run / "writer" / "round2" / "verified.jsonl"
 
     # The same rounds written another way (an option spelled out at its default): the
     # rounds are skipped, and a stage that reads them does not run again.

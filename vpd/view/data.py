@@ -39,7 +39,7 @@ from vpd.records import (
     Verified,
     split_sample_id,
 )
-from vpd.runpaths import ARMS, RunPaths
+from vpd.runpaths import ARMS, RunPaths, saved_recipe, writer_rounds
 from vpd.store import read_records
 
 QUESTIONS_PER_SHARD = 100  # a question page loads ~100 questions' data: small, few files
@@ -102,13 +102,15 @@ def run_inputs(run_dir: Path) -> ViewInputs:
     if (p.programs / "preds.jsonl").exists():
         preds["programs"] = p.programs / "preds.jsonl"
     report = p.root / "report.md"
+    # With writer rounds, the programs rationalize distilled are the last round's.
+    _, executions, verified = p.final_programs(writer_rounds(saved_recipe(p)))
     return ViewInputs(
         questions=questions,
-        verified=p.verified if p.verified.exists() else None,
+        verified=verified if verified.exists() else None,
         executions={
             src: f
             for src, f in (
-                ("execute", None if p.verified.exists() else p.executions),
+                ("execute", None if verified.exists() else executions),
                 ("programs", p.programs / "executions.jsonl"),
             )
             if f is not None and f.exists()
