@@ -223,9 +223,9 @@ class VerifyConfig(BaseModel):
         0,
         ge=0,
         description="Run each correct program on up to N other questions of its template "
-        "(other images, the question's differing words replaced in its strings) and keep it "
-        "only if it answers them right too: drops programs right for the wrong reason. "
-        "0: off.",
+        "(other images, the question's differing words replaced in its strings; one per "
+        "answer in turn, other answers first) and keep it only if it answers them right "
+        "too: drops programs right for the wrong reason. 0: off.",
     )
     transfer_min: float = Field(
         1.0, gt=0.0, le=1.0, description="The fraction of those it must answer right."
