@@ -105,6 +105,78 @@ def test_a_stage_runs_only_the_runners_it_declares(
         sneaky.jobs({"toy": {}}, RunPaths(tmp_path))
 
 
+class LateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path
+    tag: int = 0
+
+
+LATE_RUNS: list[str] = []
+
+
+def run_late(cfg: LateConfig) -> dict[str, Any]:
+    if cfg.out.exists():  # resumable, as every stage's jobs are: a finished output is kept
+        return {"skipped": True}
+    LATE_RUNS.append(cfg.out.name)
+    cfg.out.write_text(json.dumps({"id": cfg.out.stem, "tag": cfg.tag}) + "\n")
+    return {"written": 1}
+
+
+LATE = Runner(LateConfig, run_late, "tests.test_stages")
+
+
+def test_outputs_a_stage_keeps_when_only_its_inputs_ran_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A stage made stale by an upstream stage archives its outputs, except those its
+    ``keeps`` names for that upstream (the programs arm's untuned writer, when only the
+    writer's rounds ran); when its own options change too, everything goes."""
+    late = Stage(
+        "late",
+        (LATE,),
+        lambda r, p: [
+            Job(LATE, {"out": p.root / f"late-{x}.jsonl", **(r.get("late") or {})}) for x in "ab"
+        ],
+        outputs=lambda p: [p.root / "late-a.jsonl", p.root / "late-b.jsonl"],
+        depends=("toy",),
+        progress=lambda r: "",
+        keeps=lambda p, why: [p.root / "late-b.jsonl"] if why == {"toy"} else [],
+    )
+    monkeypatch.setitem(STAGES, "toy", TOY_STAGE)
+    monkeypatch.setitem(STAGES, "late", late)
+    LATE_RUNS.clear()
+    recipe = tmp_path / "r.yaml"
+    run = tmp_path / "run"
+    recipe.write_text(yaml.safe_dump({"toy": {"n": 3}, "late": {}}))
+    run_pipeline(recipe, run, report=False)
+    assert LATE_RUNS == ["late-a.jsonl", "late-b.jsonl"]
+
+    recipe.write_text(yaml.safe_dump({"toy": {"n": 4}, "late": {}}))
+    run_pipeline(recipe, run, report=False, force=True)
+    assert LATE_RUNS[2:] == ["late-a.jsonl"]  # b was kept, and its job found it done
+    assert [f.name for f in (run / "archive").glob("*/late-*")] == ["late-a.jsonl"]
+    assert (run / "late-b.jsonl").exists()
+
+    recipe.write_text(yaml.safe_dump({"toy": {"n": 5}, "late": {"tag": 1}}))
+    run_pipeline(recipe, run, report=False, force=True)
+    assert LATE_RUNS[3:] == ["late-a.jsonl", "late-b.jsonl"]
+    assert json.loads((run / "late-b.jsonl").read_text())["tag"] == 1
+
+
+def test_new_writer_rounds_keep_the_untuned_writers_programs_arm(tmp_path: Path) -> None:
+    """The writer stage's outputs are its rounds (round 0 holds only the programs arm of the
+    untuned writer), and the programs stage keeps that arm unless the data changed."""
+    p = RunPaths(tmp_path)
+    for r in (0, 1, 2):
+        (p.writer_round(r) / "programs").mkdir(parents=True)
+    assert STAGES["writer"].outputs(p) == [p.writer_round(1), p.writer_round(2)]
+    keeps = STAGES["programs"].keeps
+    assert keeps is not None
+    assert keeps(p, {"writer", "verify"}) == [p.writer_round(0) / "programs"]
+    assert keeps(p, {"data", "writer"}) == []
+
+
 def test_registry_is_in_run_order() -> None:
     """A stage reads only stages before it: `vpd run` walks the registry in order, and a
     stage that ran makes the ones after it that read it run again."""

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +135,13 @@ def check_recipe(recipe: dict[str, Any], paths: RunPaths, stages: list[str]) -> 
 # ----------------------------------------------------------------------------- running
 
 
-def _archive(stage: str, p: RunPaths, stamp: str) -> None:
-    """Move a stage's outputs aside (never delete): ``<run>/archive/<stamp>/``."""
+def _archive(stage: str, p: RunPaths, stamp: str, keep: Iterable[Path] = ()) -> None:
+    """Move a stage's outputs aside (never delete): ``<run>/archive/<stamp>/``; those in
+    ``keep`` stay."""
     dest = p.root / "archive" / stamp
+    kept = set(keep)
     for out in STAGES[stage].outputs(p):
-        if not out.parent.exists():
+        if out in kept or not out.parent.exists():
             continue
         for f in out.parent.iterdir():
             # Side files (name.*) and the other seeds' folders (name-seedN) go too.
@@ -189,13 +192,16 @@ def run_pipeline(
         cfg_fp = stage_fingerprint(jobs, root)
         marker = paths.marker(stage)
         # A stage whose input was just (re)made describes an older input: it runs again.
-        stale = bool(upstream(stage, set(recipe)) & ran)
+        why = upstream(stage, set(recipe)) & ran
+        stale = bool(why)
         # An incremental stage (the writer's rounds) keeps what its changed options leave
         # valid: its jobs hold their own fingerprints and run again only where they differ.
         incremental = STAGES[stage].incremental and not stale
+        same_options = True
         if marker.exists():
             old = json.loads(marker.read_text(encoding="utf-8"))
-            if old.get("fingerprint") == cfg_fp and not stale:
+            same_options = old.get("fingerprint") == cfg_fp
+            if same_options and not stale:
                 con.print(f"[green]✓[/green] {stage}: done (skipped)")
                 markers[stage] = old
                 continue
@@ -206,7 +212,9 @@ def run_pipeline(
                     "(old outputs are kept under archive/)"
                 )
         if stale or (marker.exists() and not incremental):
-            _archive(stage, paths, stamp)
+            keeps = STAGES[stage].keeps
+            keep = keeps(paths, why) if stale and same_options and keeps else []
+            _archive(stage, paths, stamp, keep)
         con.rule(f"[bold]{stage}")
         t0 = time.time()
         prepare = STAGES[stage].prepare

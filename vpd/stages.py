@@ -149,6 +149,10 @@ class Stage:
     """Its jobs keep their own fingerprints (the writer's rounds): when its options change,
     the pipeline runs its jobs again with ``force`` instead of archiving the stage, and each
     job skips when its own options are unchanged."""
+    keeps: Callable[[RunPaths, set[str]], list[Path]] | None = None
+    """Of its outputs, those still valid when it runs again only because these upstream
+    stages ran (its options unchanged): left in place, not archived, so their jobs find
+    them done (each still checks its own fingerprint)."""
 
     def jobs(self, recipe: Recipe, paths: RunPaths) -> list[Job]:
         jobs = self.build(recipe, paths)
@@ -588,7 +592,9 @@ STAGES: dict[str, Stage] = _registry(
         "writer",
         (ROUND,),
         _writer,
-        outputs=lambda p: [p.root / "writer"],
+        # Round 0 has no writer of its own: its folder holds only the programs arm's
+        # untuned-writer scores (the programs stage's output).
+        outputs=lambda p: [r for r in sorted(p.root.glob("writer/round*")) if r.name != "round0"],
         depends=("data", "verify"),
         progress=_writer_progress,
         incremental=True,
@@ -635,6 +641,9 @@ STAGES: dict[str, Stage] = _registry(
         # (with programs.rounds, each earlier writer's arm lies in its round's folder)
         outputs=lambda p: [p.programs, *sorted(p.root.glob("writer/round*/programs"))],
         depends=("data", "writer"),
+        # The untuned writer's arm reads the test questions, not the writer's rounds: new
+        # rounds leave it valid (15 minutes of sampling on 2 cores).
+        keeps=lambda p, why: [] if "data" in why else [p.writer_round(0) / "programs"],
         progress=lambda r: f"{r.count(r.paths.programs / 'preds.jsonl')} scored test questions",
     ),
     # SDVP distils the tuned VLM (its teacher) on the run's executed programs.
