@@ -174,6 +174,7 @@ def test_new_writer_rounds_keep_the_untuned_writers_programs_arm(tmp_path: Path)
     keeps = STAGES["programs"].keeps
     assert keeps is not None
     assert keeps(p, {"writer", "verify"}) == [p.writer_round(0) / "programs"]
+    assert keeps(p, {"writer"})[0] in STAGES["programs"].outputs(p)  # the path _archive sees
     assert keeps(p, {"data", "writer"}) == []
 
 
