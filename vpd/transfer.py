@@ -257,14 +257,15 @@ class TransferCheck:
         question's first), each answer's partners in an order fixed by the program's
         sample id (so a re-run picks the same ones)."""
 
-        def digest(c: PartnerOption) -> str:
-            return hashlib.sha1(f"{sample.id}|{c.question.id}".encode()).hexdigest()
-
+        digest = {
+            c.question.id: hashlib.sha1(f"{sample.id}|{c.question.id}".encode()).hexdigest()
+            for c in candidates
+        }
         turn: dict[tuple[bool, str], int] = {}
         ranked = []
-        for c in sorted(candidates, key=lambda c: (c.phrase, digest(c))):
+        for c in sorted(candidates, key=lambda c: (c.phrase, digest[c.question.id])):
             n = turn[c.phrase, c.answer] = turn.get((c.phrase, c.answer), -1) + 1
-            ranked.append(((c.phrase, n, c.same_answer, digest(c)), c))
+            ranked.append(((c.phrase, n, c.same_answer, digest[c.question.id]), c))
         ranked.sort(key=lambda r: r[0])
         return [
             Partner(c.question, rewrite_program(sample.program, c.mapping, sample.syntax))
