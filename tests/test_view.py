@@ -583,3 +583,26 @@ def test_served_page_posts_ratings_and_loads_the_servers(
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_page_shows_the_images_the_program_ran_on(tmp_path: Path) -> None:
+    """One `meta.images` entry (or an empty name) is no two-image question: execute runs the
+    program on `image`, and the page shows that image, not the stray list."""
+    write_png(tmp_path / "main.png", 32)
+    write_png(tmp_path / "stray.png", 32, (20, 20, 200))
+    base = {"question": "Is there a square?", "answers": ["yes"], "image": "main.png"}
+    qs = [
+        {**base, "id": "one", "meta": {"images": ["stray.png"]}},
+        {**base, "id": "blank", "meta": {"images": ["stray.png", ""]}},
+        {**base, "id": "two", "meta": {"images": ["stray.png", "main.png"]}},
+    ]
+    invoke_vpd("view", "--questions", str(write_jsonl(tmp_path / "q.jsonl", qs)),
+               "--out", str(tmp_path / "site"))  # fmt: skip
+    shown = {
+        qid: [
+            (tmp_path / "site" / u).resolve().name
+            for u in _question(tmp_path / "site", qid)["images"]
+        ]
+        for qid in ("one", "blank", "two")
+    }
+    assert shown == {"one": ["main.png"], "blank": ["main.png"], "two": ["stray.png", "main.png"]}

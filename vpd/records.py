@@ -34,6 +34,14 @@ class Question(Record):
     split: str = ""
     meta: dict[str, Any] = Field(default_factory=dict)
 
+    def all_images(self) -> list[str]:
+        """The question's images in order: ``meta.images`` for a two-image question (NLVR2:
+        left, right), else ``[image]``. The programs see these, and `vpd view` shows them."""
+        more = self.meta.get("images")
+        if isinstance(more, list) and len(more) > 1 and all(isinstance(x, str) and x for x in more):
+            return list(more)
+        return [self.image]
+
 
 class Usage(BaseModel):
     model_config = ConfigDict(extra="allow")

@@ -97,22 +97,13 @@ class ExecuteConfig(BaseModel):
         return fp
 
 
-def question_images(q: Question) -> list[str]:
-    """A question's images in order: ``meta.images`` for a two-image question (NLVR2: left,
-    right), else ``[image]``."""
-    more = q.meta.get("images")
-    if isinstance(more, list) and len(more) > 1 and all(isinstance(x, str) and x for x in more):
-        return list(more)
-    return [q.image]
-
-
 def _question_images(path: Path, rejects: Any) -> dict[str, list[str]]:
     """qid -> absolute image paths (relative paths resolve against the questions' folder);
     bad question lines go to ``rejects``."""
     base = Path(path).resolve().parent
     out = {}
     for q in read_records(path, Question, rejects=LabelledRejects(rejects, "questions")):
-        out[q.id] = [str(resolve_image(x, base).resolve()) for x in question_images(q)]
+        out[q.id] = [str(resolve_image(x, base).resolve()) for x in q.all_images()]
     if not out:
         raise VpdError(f"no valid questions in {path}")
     return out

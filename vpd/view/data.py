@@ -172,13 +172,6 @@ def _image_url(path: Path, site: Path, copy: bool) -> str:
             return path.as_uri()
 
 
-def _question_images(q: Question, base: Path) -> list[Path]:
-    """The question's image(s): NLVR2-style questions keep both in ``meta.images``."""
-    raw = q.meta.get("images")
-    names = [str(x) for x in raw] if isinstance(raw, list) and raw else [q.image]
-    return [resolve_image(n, base) for n in names]
-
-
 def _rationale_text(rec: Sft) -> str:
     """The assistant's last turn, text parts joined."""
     for msg in reversed(rec.messages):
@@ -270,7 +263,7 @@ def build_site_data(inputs: ViewInputs, site: Path, *, copy_images: bool = False
                 "type": qtype_of(q),
                 "dataset": q.dataset,
                 "split": q.split or qfile.stem,
-                "images": [image_url(p) for p in _question_images(q, qfile.parent)],
+                "images": [image_url(resolve_image(n, qfile.parent)) for n in q.all_images()],
                 "programs": [],
                 "rationales": [],
                 "arms": {},
