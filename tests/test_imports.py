@@ -43,7 +43,7 @@ LAYERS: dict[str, int] = {
     "vlm": 3,
     **dict.fromkeys(
         ["store", "records", "errors", "progress", "options", "metrics", "runpaths", "cache"]
-        + ["net", "images", "resources"],
+        + ["net", "images", "resources", "hardware"],
         4,
     ),
 }

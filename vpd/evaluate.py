@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, with_config
 from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import VpdError
+from vpd.hardware import resolve_dtype
 from vpd.images import resolve_image
 from vpd.metrics import (
     Metric,
@@ -59,7 +60,6 @@ from vpd.vlm import (
     EDGE_PUNCT,
     RATIONALE_SUFFIX,
     Generator,
-    auto_dtype,
     clean_answer,
     first_line,
     load_model,
@@ -467,7 +467,7 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
     if not cfg.questions.exists():
         raise VpdError(f"--questions file not found: {cfg.questions}")
     device = resolve_device(cfg.device)
-    dtype = auto_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device)
     src = resolve_model(cfg.model)  # fails before anything is written beside --out
     digest = model_digest(src)
 

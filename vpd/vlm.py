@@ -207,16 +207,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def auto_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    if device == "cuda":
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"  # CPU half precision is slow and less accurate
-
-
 def is_hub_id(model: str) -> bool:
     """``org/name`` that is not a local path: "runs/modle" (a typo, with runs/ present) is
     reported as not found at once instead of after the hub client's retries."""

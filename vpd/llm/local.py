@@ -26,6 +26,7 @@ from typing import Any
 
 from vpd.cache import atomic_fill, cache_root, is_complete
 from vpd.errors import VpdError
+from vpd.hardware import resolve_dtype
 from vpd.llm.base import Completion, GenParams, Messages
 from vpd.llm.config import LLMConfig
 from vpd.llm.engine import Engine, row_seed, unsupported
@@ -93,15 +94,6 @@ def smollm2_dir() -> Path:
     return out
 
 
-def cpu_has_bf16() -> bool:
-    """True when this CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
 def flat_content(messages: Messages) -> Messages:
     """Chat templates of small LMs expect string content: join text parts."""
     out = []
@@ -152,13 +144,9 @@ class LocalLLM:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
             self.device = cfg.device
-        if cfg.dtype == "auto":
-            bf16 = self.device.startswith("cuda") or cpu_has_bf16()
-            dtype = torch.bfloat16 if bf16 else torch.float32
-        else:
-            dtype = getattr(torch, cfg.dtype, None)
-            if not isinstance(dtype, torch.dtype):
-                raise VpdError(f"unknown dtype {cfg.dtype!r}; use float32, bfloat16 or float16")
+        dtype = getattr(torch, resolve_dtype(cfg.dtype, self.device), None)
+        if not isinstance(dtype, torch.dtype):
+            raise VpdError(f"unknown dtype {cfg.dtype!r}; use auto, float32, bfloat16 or float16")
         self.dtype = str(dtype).removeprefix("torch.")
         if cfg.model is None:
             src, kw = str(smollm2_dir()), {}

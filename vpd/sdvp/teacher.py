@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from vpd.hardware import resolve_dtype
 from vpd.progress import progress_bar
 from vpd.records import SubTask, TeacherAnswer
 from vpd.sdvp.config import SdvpConfig, SdvpRun, Variant, variants
@@ -28,7 +29,6 @@ from vpd.tune.model import TINY
 from vpd.vlm import (
     ANSWER_SUFFIX,
     Generator,
-    auto_dtype,
     clean_answer,
     load_model,
     model_digest,
@@ -116,7 +116,7 @@ def run_teacher(
     shard = parse_shard(cfg.shard)
     out = teacher_path(cfg.out, variant.name, shard)
     device = resolve_device(cfg.device)
-    dtype = auto_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device)
     fp = {
         "stage": "sdvp-teacher",
         "version": TEACHER_VERSION,

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from vpd.data.synth import COLORS, SHAPES, SIZES
-from vpd.llm.local import cpu_has_bf16
+from vpd.hardware import cpu_has_bf16
 from vpd.progress import progress_bar
 from vpd.tune.vision import VisionRecipe, draw_scenes, image_xy, warmup_cosine
 

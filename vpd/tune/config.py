@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vpd.errors import VpdError
+from vpd.hardware import train_dtype
 from vpd.options import progress_field, split_option
 from vpd.resources import find_recipe, recipes_dir
 from vpd.tune.data import parse_task_weights
@@ -50,7 +51,7 @@ class TrainOptions(BaseModel):
     max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
     seed: int = Field(0, description="Seed (data order, LoRA init, tiny model).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "auto", description="Training dtype (auto: bf16 on GPU)."
+        "auto", description="Training dtype (auto: bf16 where native: GPU, AMX or AVX512-BF16 CPU)."
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory)."
@@ -101,6 +102,9 @@ class TrainOptions(BaseModel):
         drop |= {"sparse_logits", *skip}  # the same loss, computed cheaper
         d = {k: v for k, v in self.model_dump(mode="json").items() if k not in drop}
         d["deepspeed"] = "none" if self.deepspeed == "none" else "deepspeed"
+        # What the weights are trained in: ``auto`` differs by machine, and an old run's
+        # explicit bfloat16 equals ``auto`` where bf16 is native.
+        d["dtype"] = train_dtype(self.dtype, quiet=True)
         return d
 
     @field_validator("lora_targets", mode="before")

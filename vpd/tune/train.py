@@ -31,6 +31,7 @@ from pydantic import ConfigDict, with_config
 from typing_extensions import TypedDict  # pydantic validates it (typing's on 3.12+)
 
 from vpd.errors import ConfigMismatch, VpdError
+from vpd.hardware import train_dtype
 from vpd.net import free_port
 from vpd.progress import console, progress_bar, quiet_transformers
 from vpd.store import (
@@ -132,16 +133,6 @@ def _wait_for(path: Path, timeout: float = 600.0) -> None:
         if time.time() - t0 > timeout:
             raise VpdError(f"rank {rank()}: timed out waiting for {path} from rank 0")
         time.sleep(0.2)
-
-
-def train_dtype(dtype: str) -> str:
-    """``auto``: bfloat16 on a GPU that has it, else float32 (a recipe asks for bf16 autocast
-    on CPUs that multiply it natively)."""
-    import torch
-
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if cuda_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 def join_cpu_deepspeed(ds_path: str | None) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, with_config
 
 from vpd.errors import VpdError
+from vpd.hardware import train_dtype
 from vpd.llm.local import flat_content, smollm2_dir
 from vpd.progress import quiet_transformers
 from vpd.store import atomic_write
@@ -48,7 +49,6 @@ from vpd.tune.train import (
     set_deepspeed_accelerator,
     sparse_logits_trainer,
     train_callbacks,
-    train_dtype,
     training_arguments,
 )
 from vpd.writer.data import WriterData, build_examples

@@ -34,13 +34,13 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from vpd.errors import ToolsUnavailable, VpdError
+from vpd.hardware import resolve_dtype
 from vpd.metrics import normalize_answer, to_yesno
 from vpd.tools.backends.base import ImageData, ToolError
 from vpd.tools.protocol import Box
 from vpd.vlm import (
     ANSWER_SUFFIX,
     Generator,
-    auto_dtype,
     clean_answer,
     load_model,
     resolve_device,
@@ -228,7 +228,7 @@ class VlmTools:
                 src = resolve_model(self.model)
                 device = resolve_device(self.device)
                 model, processor = load_model(
-                    src, auto_dtype(self.dtype, device), device, self.trust_remote_code
+                    src, resolve_dtype(self.dtype, device), device, self.trust_remote_code
                 )
                 self._gen = Generator(model, processor)
             except VpdError as e:
