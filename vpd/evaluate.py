@@ -113,7 +113,7 @@ class EvalConfig(BaseModel):
         None, description="Jinja chat template for processors that ship none."
     )  # Jinja file for processors that ship none
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights' dtype (auto: bf16 on GPU)."
+        "auto", description="Weights' dtype (auto: bf16 where native: GPU, AMX or AVX512-BF16 CPU)."
     )
     shard: str | None = shard_field()
     force: bool = force_field()

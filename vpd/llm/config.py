@@ -69,9 +69,10 @@ class LLMConfig(BaseModel):
     dtype: str = Field(
         "auto",
         description=(
-            "local backend: auto|float32|bfloat16|float16 (auto: bf16 on GPUs and AMX CPUs)."
+            "local backend: auto|float32|bfloat16|float16 "
+            "(auto: bf16 on GPUs and AMX / AVX512-BF16 CPUs)."
         ),
-    )  # auto|float32|bfloat16|float16 (auto: bf16 on GPUs and AMX/BF16 CPUs)
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs per model.")
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="vllm backend: share of GPU memory it may take."

@@ -70,7 +70,7 @@ class SdvpConfig(BaseModel):
         "auto", description="Where the teacher and the tools' VLM run."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="The VLMs' dtype."
+        "auto", description="The VLMs' dtype (auto: bf16 where native, else float32)."
     )
     tune_recipe: Path | None = Field(None, description="vpd tune options YAML.")
     tune: dict[str, Any] = Field(
