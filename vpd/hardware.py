@@ -13,8 +13,6 @@ from pathlib import Path
 
 from vpd.progress import console
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
 
 def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True when this CPU multiplies bfloat16 natively (AMX or AVX512-BF16). Off Linux
