@@ -25,7 +25,13 @@ from vpd.stages import STAGES
 from vpd.tools.backends import get_backend
 from vpd.tools.namespace import run_inprocess
 from vpd.tools.server import ToolServer
-from vpd.transfer import TransferCheck, rewrite_program, template_key, word_map
+from vpd.transfer import (
+    TransferCheck,
+    rewrite_program,
+    spread_programs,
+    template_key,
+    word_map,
+)
 from vpd.verify import VerifyConfig, run_verify, transfer_dir
 
 KEYS = ["template", "phrasing"]
@@ -355,3 +361,72 @@ def test_recipes_run_the_partners_with_the_run_tools(tmp_path: Path) -> None:
     assert STAGES["verify"].jobs(own, p)[0].fields["execute"] == {"timeout": 1}
     (plain,) = STAGES["verify"].jobs({**recipe, "verify": {"policy": "all"}}, p)
     assert "execute" not in plain.fields
+
+
+# ----------------------------------------------------------------------------- spreading
+
+
+def test_spread_fills_each_template_with_programs_right_on_their_questions(
+    tmp_path: Path,
+) -> None:
+    """spread_programs: kept programs of a template with fewer than ``target`` solved
+    questions teach other questions of it, each verified on the real tools against that
+    question's own label; never a solved question, another template or a question outside
+    the pool; templates already at ``target`` get nothing; a shortcut that fails its tries
+    spreads nowhere; a second call runs nothing again."""
+    root = tmp_path / "synth"
+    generate(root, n=1500, seed=7, test_frac=0.0)  # enough questions per template
+    qs = [Question(**json.loads(line)) for line in (root / "train.jsonl").read_text().splitlines()]
+    groups: dict[tuple, list[Question]] = defaultdict(list)
+    for q in qs:
+        groups[template_key(q, KEYS)].append(q)
+
+    def exact(q: Question, g: list[Question]) -> int:  # one-for-one partners on other images
+        maps = [word_map(q.question, p.question) for p in g if p.image != q.image]
+        return sum(m is not None and not any(" " in k + v for k, v in m.items()) for m in maps)
+
+    big = [g for g in groups.values() if exact(g[0], g) >= 6]
+    assert len(big) >= 6
+    kept: list[tuple[Question, Sample]] = []
+    # three templates with one solved question (its right program), one with four, one
+    # with a constant that is right on its own question only by its label
+    for g in big[:3]:
+        kept.append((g[0], Sample(id=f"{g[0].id}#0", qid=g[0].id, k=0,
+                                  program=viper_program(g[0].model_dump()))))  # fmt: skip
+    full = big[3]
+    kept += [(q, Sample(id=f"{q.id}#0", qid=q.id, k=0, program=viper_program(q.model_dump())))
+             for q in full[:4]]  # fmt: skip
+    shortcut = next(g for g in big[4:] if len({p.answers[0] for p in g}) > 1)
+    constant = f"def execute_command(image):\n    return {shortcut[0].answers[0]!r}\n"
+    kept.append((shortcut[0], Sample(id=f"{shortcut[0].id}#0", qid=shortcut[0].id, k=0,
+                                     program=constant)))  # fmt: skip
+    pool = [q for q in qs if q.id != big[0][-1].id]  # one question of a template is not offered
+    questions = root / "train.jsonl"
+
+    def check() -> TransferCheck:
+        return TransferCheck(pool, partners=4, min_right=1.0, keys=KEYS, metric="auto",
+                             threshold=None, execute={}, questions=questions,
+                             work=tmp_path / "spread")  # fmt: skip
+
+    got = spread_programs(kept, check(), target=4)
+    solved = {q.id for q, _ in kept}
+    server = ToolServer(get_backend("synthetic"))
+    per_template: dict[tuple, int] = defaultdict(int)
+    sources = {s.id: q for q, s in kept}
+    for sp in got:
+        src = sources[sp.source]
+        assert template_key(sp.question, KEYS) == template_key(src, KEYS)
+        assert sp.question.id not in solved and sp.question.id != big[0][-1].id
+        assert sp.question.image != src.image
+        # verified on the question's own image and label, not copied from the source
+        answer, _ = run_inprocess(sp.program, root / sp.question.image, server)
+        assert answer == sp.answer == sp.question.answers[0]
+        per_template[template_key(src, KEYS)] += 1
+    # each of the three one-question templates filled to 4; the full one and the shortcut
+    # (wrong on another answer of its template) spread nothing
+    assert {template_key(g[0], KEYS): 3 for g in big[:3]} == dict(per_template)
+    assert len({sp.question.id for sp in got}) == len(got) == 9
+    runs = (tmp_path / "spread" / "executions.jsonl").read_text()
+    again = spread_programs(kept, check(), target=4)
+    assert [(s.question.id, s.program) for s in again] == [(s.question.id, s.program) for s in got]
+    assert (tmp_path / "spread" / "executions.jsonl").read_text() == runs

@@ -29,13 +29,20 @@ from tests.helpers import (
     write_jsonl,
     write_png,
 )
+from tests.template_programs import viper_program
+from vpd.data.synth import generate
 from vpd.errors import VpdError
-from vpd.records import WriterExample
+from vpd.records import Question, Verified, WriterExample
+from vpd.runpaths import RunPaths
 from vpd.sample.prompt import PromptTemplate
+from vpd.stages import STAGES
+from vpd.tools.backends import get_backend
+from vpd.tools.namespace import run_inprocess
+from vpd.tools.server import ToolServer
 from vpd.view.data import run_inputs
 from vpd.writer import WriterConfig, run_writer
 from vpd.writer.data import build_examples
-from vpd.writer.rounds import run_round
+from vpd.writer.rounds import RoundConfig, run_round, run_spread
 from vpd.writer.train import encode_example
 
 COUNT = "def execute_command(image):\n    image_patch = ImagePatch(image)\n    return str(len(image_patch.find('{}')))\n"  # noqa: E501
@@ -410,3 +417,58 @@ def test_the_final_writer_feeds_rationalize_the_programs_arm_and_sdvp(tmp_path: 
     assert STAGES["writer"].jobs(plain, p) == []
     assert [j.fields["out"] for j in STAGES["programs"].jobs(plain, p)] == [p.programs]
     assert STAGES["rationalize"].jobs(plain, p)[0].fields["verified"] == p.verified
+
+
+def test_spread_programs_join_the_writer_data_of_their_round(tmp_path: Path) -> None:
+    """``writer.spread``: before a round tunes, kept programs of templates with few solved
+    questions are run on other training questions of the template (the real sandbox and
+    tools), and those answered right join the writer's data as programs of those
+    questions; the round's fingerprint holds the option only when it is on."""
+    data = tmp_path / "data"
+    generate(data, n=1200, seed=3, test_frac=0.2)
+    train = [Question(**q) for q in read_jsonl(data / "train.jsonl")]
+    counts = [q for q in train if q.meta["qtype"] == "count"][:3]
+    verified = write_jsonl(
+        tmp_path / "verified.jsonl",
+        [_v(q.id, 0, viper_program(q.model_dump())) for q in counts]
+        + [_v(train[0].id, 1, "def execute_command(image):\n    return 'no'\n", kept=False)],
+    )
+    base = {
+        "round": 1, "out": tmp_path / "round1", "verified": [verified],
+        "questions": data / "train.jsonl", "exclude": [data / "test.jsonl"],
+        "writer": {"prompt": "viper/writer"}, "execute": {"backend": "synthetic"},
+        "verify": {"transfer": 3}, "progress": False,
+    }  # fmt: skip
+    plain, spread = RoundConfig(**base), RoundConfig(**base, spread=4)
+    assert plain.writer_config().verified == [verified]
+    assert spread.writer_config().verified == [verified, tmp_path / "round1" / "spread.jsonl"]
+    assert plain.fingerprint() != spread.fingerprint()
+
+    (tmp_path / "round1").mkdir()
+    n = run_spread(spread)
+    got = [Verified(**r) for r in read_jsonl(tmp_path / "round1" / "spread.jsonl")]
+    assert len(got) == n >= 6
+    by_id = {q.id: q for q in train}
+    sources = {f"{q.id}#0": q for q in counts}
+    server = ToolServer(get_backend("synthetic"))
+    for rec in got:
+        q, src = by_id[rec.qid], sources[rec.source]
+        assert rec.kept and q.meta["template"] == src.meta["template"] and q.id not in sources
+        answer, _ = run_inprocess(rec.program, data / q.image, server)
+        assert answer == rec.answer == q.answers[0]
+    examples = build_examples(
+        spread.writer_config().verified, data / "train.jsonl", [data / "test.jsonl"],
+        "viper/writer", 0, 4,
+    ).examples  # fmt: skip
+    assert {e.qid for e in examples} == {q.id for q in counts} | {r.qid for r in got}
+
+
+def test_the_recipe_spread_option_is_the_rounds_not_the_tunings(tmp_path: Path) -> None:
+    p = RunPaths(tmp_path / "run")
+    recipe = {"sample": {}, "execute": {}, "verify": {}, "writer": {"rounds": 2, "epochs": 3}}
+    jobs = STAGES["writer"].jobs(recipe, p)
+    assert all("spread" not in j.fields for j in jobs)
+    recipe["writer"]["spread"] = 8
+    jobs = STAGES["writer"].jobs(recipe, p)
+    assert [j.fields["spread"] for j in jobs] == [8, 8]
+    assert all(j.fields["writer"] == {"epochs": 3} for j in jobs)

@@ -650,8 +650,9 @@ def writer_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "## The program writer, round by round",
         "",
         "Round 0 is the untuned writer; round r is tuned on the kept programs of rounds "
-        "< r. Kept: sampled training questions with a kept program. Programs: that round's "
-        "writer, one greedy program per test question.",
+        "< r (and, with writer.spread, their rewrites that answer other training questions "
+        "of a template right). Kept: sampled training questions with a kept program. "
+        "Programs: that round's writer, one greedy program per test question.",
         "",
         "| round | kept | writer examples | programs/s | prompt tokens | programs | "
         "vs round 0 (95% CI) | " + " | ".join(types) + " |",
@@ -662,10 +663,13 @@ def writer_markdown(rows: list[dict[str, Any]]) -> list[str]:
         per = prog.get("per_type") or {}
         kept = f"{row.get('questions_with_kept', '-')}/{row.get('questions', '-')}"
         rate = row.get("programs_per_s")
+        examples = str(row.get("writer_examples") or "-")
+        if row.get("spread_questions") is not None:  # writer.spread: of them, spread ones
+            examples += f" ({row['spread_questions']} spread)"
         cells = [
             str(row["round"]),
             f"{kept} ({_pct(row.get('kept_rate'))})",
-            str(row.get("writer_examples") or "-"),
+            examples,
             "-" if rate is None else f"{float(rate):.2f}",
             str(row.get("prompt_tokens_per_request") or "-"),
             _fmt_acc(prog) if prog else "-",

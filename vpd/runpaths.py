@@ -37,6 +37,8 @@ def round_files(out: Path) -> dict[str, Path]:
         "samples": out / "samples.jsonl",
         "executions": out / "executions.jsonl",
         "verified": out / "verified.jsonl",
+        "spread": out / "spread.jsonl",
+        "spread_runs": out / "spread",
         "marker": out / "round.json",
     }
 

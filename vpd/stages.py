@@ -255,6 +255,7 @@ def _writer(recipe: Recipe, p: RunPaths) -> list[Job]:
     for key in ROUND_OPTIONS:
         if key in o and key != "rounds":
             sample[key] = o[key]
+    spread = o.pop("spread", 0)  # a round's option, not the tuning's
     writer = {k: v for k, v in o.items() if k not in ROUND_OPTIONS}
     exclude = [p.test, *([p.val] if _has_val(recipe) else [])]
     execute = _tiny_tools(recipe, _opts(recipe, "execute"))
@@ -272,6 +273,7 @@ def _writer(recipe: Recipe, p: RunPaths) -> list[Job]:
             "sample": sample,
             "execute": execute,
             "verify": verify,
+            **({"spread": spread} if spread else {}),
         }
         jobs.append(Job(ROUND, fields))
         verified.append(p.writer_round(r) / "verified.jsonl")

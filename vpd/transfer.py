@@ -23,7 +23,7 @@ import math
 import re
 import tokenize
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,8 @@ class Partner:
     question: Question
     program: str
     sample_id: str = ""
+    right: bool = False  # it answered the partner question right (set by the check)
+    answer: str | None = None  # what it answered there
 
 
 @dataclass(frozen=True)
@@ -272,14 +274,25 @@ class TransferCheck:
             for _, c in ranked[: self.partners]
         ]
 
-    def check(self, items: Sequence[tuple[Question, Sample]]) -> list[Verdict]:
-        """One verdict per (question, program), running the partner programs not run yet."""
+    def check(
+        self,
+        items: Sequence[tuple[Question, Sample]],
+        skip: Collection[str] = (),
+        phrases: bool = True,
+    ) -> list[Verdict]:
+        """One verdict per (question, program), running the partner programs not run yet;
+        questions whose id is in ``skip`` are never partners, nor, without ``phrases``,
+        those whose words map only as phrases of other lengths."""
         # A question's programs share its candidates (word maps): aligned once per question.
         per_question: dict[str, list[PartnerOption]] = {}
         verdicts = []
         for q, s in items:
             if q.id not in per_question:
-                per_question[q.id] = self.candidates(q)
+                per_question[q.id] = [
+                    c
+                    for c in self.candidates(q)
+                    if c.question.id not in skip and (phrases or not c.phrase)
+                ]
             verdicts.append(Verdict(partners=self.partners_of(s, per_question[q.id])))
         new: list[Sample] = []
         for (_, s), v in zip(items, verdicts, strict=True):
@@ -340,6 +353,7 @@ class TransferCheck:
             metric = resolve_metric(q, self.metric)
             ok = e is not None and e.status == "ok"
             ok = ok and right_answer(e.answer, q, metric, self.threshold)[1]
+            p.right, p.answer = ok, e.answer if e is not None else None
             v.checked += 1
             v.right += ok
             if not ok:
@@ -357,3 +371,52 @@ class TransferCheck:
                 f"right here, wrong on {v.checked - v.right} of {v.checked} other questions "
                 f"of its template ({wrong[0]})"
             )
+
+
+@dataclass
+class Spread:
+    """A kept program rewritten for another question of its template that it answered
+    right there: a verified program of that question."""
+
+    question: Question
+    program: str
+    sample_id: str  # the run's id in the check's samples/executions files
+    answer: str | None
+    source: str  # the kept program's sample id
+
+
+def spread_programs(
+    kept: Sequence[tuple[Question, Sample]], check: TransferCheck, target: int
+) -> list[Spread]:
+    """Fill each template up to ``target`` questions that have a verified program.
+
+    Expert iteration learns a template in proportion to the sampled questions the writer
+    happened to solve: a hard template with one solved question of twenty is nearly absent
+    from its data. Here each kept program of a template with fewer than ``target`` solved
+    questions is rewritten for its other questions (as the transfer check does: the words
+    in which the questions differ replaced in its strings), run, and every question it
+    answers right (against its own label) gets that program, until the template has
+    ``target``. Only questions whose words map one for one are tried (a phrase map can
+    garble a right program's strings), and a program spreads only if it passes the check
+    on its tries (``min_right`` of them right): a shortcut that survived the verifier's few
+    partners is not copied over the template. Only questions of ``check``'s pool are used
+    (the training split), and none already solved (``kept``'s). ``check.partners`` bounds
+    the tries per program."""
+    keys = check.keys
+    covered: dict[tuple[Any, ...], set[str]] = {}
+    for q, _ in kept:
+        covered.setdefault(template_key(q, keys), set()).add(q.id)
+    todo = [(q, s) for q, s in kept if len(covered[template_key(q, keys)]) < target]
+    solved = {qid for ids in covered.values() for qid in ids}
+    out: list[Spread] = []
+    for (q, s), v in zip(todo, check.check(todo, skip=solved, phrases=False), strict=True):
+        have = covered[template_key(q, keys)]
+        if not v.passed:
+            continue
+        for p in v.partners:
+            if len(have) >= target:
+                break
+            if p.right and p.question.id not in have:
+                have.add(p.question.id)
+                out.append(Spread(p.question, p.program, p.sample_id, p.answer, s.id))
+    return out

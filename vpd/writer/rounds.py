@@ -29,10 +29,12 @@ from typing_extensions import TypedDict
 
 from vpd.errors import ConfigMismatch
 from vpd.execute import ExecuteConfig, run_execute
-from vpd.records import Sample
+from vpd.records import Question, Sample, Verified
 from vpd.runpaths import round_files
 from vpd.sample import SampleConfig, run_sample
-from vpd.store import atomic_write_json, iter_ids, read_json, read_records, set_aside
+from vpd.sample.prompt import PromptTemplate
+from vpd.store import atomic_write, atomic_write_json, iter_ids, read_json, read_records, set_aside
+from vpd.transfer import TransferCheck, spread_programs
 from vpd.verify import VerifyConfig, run_verify
 from vpd.writer.train import WriterConfig, run_writer
 
@@ -83,6 +85,14 @@ class RoundConfig(BaseModel):
     sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig options.")
     execute: dict[str, Any] = Field(default_factory=dict, description="ExecuteConfig options.")
     verify: dict[str, Any] = Field(default_factory=dict, description="VerifyConfig options.")
+    spread: int = Field(
+        0,
+        ge=0,
+        description="Fill each template up to N training questions with a verified program "
+        "before tuning: kept programs of a template with fewer, rewritten for its other "
+        "training questions (vpd.transfer.spread_programs), teach each one they answer "
+        "right. 0: off.",
+    )
     force: bool = Field(False, description="Run again a round made under other options.")
     progress: bool = Field(True, description="Show progress bars.")
 
@@ -105,7 +115,7 @@ class RoundConfig(BaseModel):
         return WriterConfig(
             **{
                 **self.writer,
-                "verified": self.verified,
+                "verified": [*self.verified, *([f["spread"]] if self.spread else [])],
                 "questions": self.questions,
                 "exclude": self.exclude,
                 "out": f["model"],
@@ -139,6 +149,8 @@ class RoundConfig(BaseModel):
             "sample": sample,
             "execute": self.execute,
             "verify": self.verify,
+            # only when on: rounds made before the option keep their fingerprint
+            **({"spread": self.spread} if self.spread else {}),
         }
         before = (read_json(round_files(self.previous)["marker"]) or {}) if self.previous else {}
         text = json.dumps([mine, before.get("fingerprint")], sort_keys=True, default=str)
@@ -156,6 +168,7 @@ class RoundSummary(TypedDict, total=False):
 
     round: int
     writer_examples: int
+    spread_questions: int
     writer_questions: int
     writer_steps: int
     writer_train_s: float
@@ -188,6 +201,7 @@ def run_round(cfg: RoundConfig) -> RoundSummary:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_write_json(f["marker"], {"fingerprint": fp, "done": False})
 
+    spread = run_spread(cfg) if cfg.spread else None
     wsum = run_writer(cfg.writer_config())
     ssum = run_sample(cfg.sample_config())
     common = {"samples": f["samples"], "questions": cfg.questions, "progress": cfg.progress}
@@ -200,6 +214,7 @@ def run_round(cfg: RoundConfig) -> RoundSummary:
     summary: RoundSummary = {
         "round": cfg.round,
         "writer_examples": int(wsum.get("examples") or 0),
+        **({"spread_questions": spread} if spread is not None else {}),
         "writer_questions": int(wsum.get("questions") or 0),
         "writer_steps": int(wsum.get("steps") or 0),
         "writer_train_s": float(wsum.get("train_s") or 0.0),
@@ -215,3 +230,60 @@ def run_round(cfg: RoundConfig) -> RoundSummary:
     }
     atomic_write_json(f["marker"], {"fingerprint": fp, "done": True, "summary": summary}, indent=2)
     return summary
+
+
+def run_spread(cfg: RoundConfig) -> int:
+    """Write the round's spread programs (``spread.jsonl``, Verified records the writer
+    tunes on beside the kept ones; ``spread/``: their runs, which resume) and return how
+    many there are. The kept programs are the distinct ones the writer would use
+    (``per_question`` per question) of the rounds before; their rewrites run under the
+    transfer check's execute options."""
+    f = round_files(cfg.out)
+    writer = cfg.writer_config()
+    sample = cfg.sample_config()
+    syntax = sample.resolved_syntax(PromptTemplate(sample.prompt))
+    questions = {q.id: q for q in read_records(cfg.questions, Question)}
+    kept: list[tuple[Question, Sample]] = []
+    seen: dict[str, set[str]] = {}
+    for path in cfg.verified:
+        for rec in read_records(Path(path), Verified):
+            q = questions.get(rec.qid)
+            mine = seen.setdefault(rec.qid, set())
+            key = " ".join(rec.program.split())
+            if not rec.kept or q is None or key in mine or len(mine) >= writer.per_question:
+                continue
+            mine.add(key)
+            kept.append((q, Sample(id=rec.id, qid=q.id, k=0, program=rec.program, syntax=syntax)))
+    fields = VerifyConfig.model_fields
+    check = TransferCheck(
+        questions.values(),
+        partners=cfg.spread,
+        min_right=cfg.verify.get("transfer_min", fields["transfer_min"].default),
+        keys=cfg.verify.get("transfer_keys")
+        or fields["transfer_keys"].get_default(call_default_factory=True),
+        metric=cfg.verify.get("metric", fields["metric"].default),
+        threshold=cfg.verify.get("threshold", fields["threshold"].default),
+        execute=cfg.verify.get("execute") or cfg.execute,
+        questions=cfg.questions,
+        work=f["spread_runs"],
+        force=cfg.force,
+    )
+    spread = spread_programs(kept, check, cfg.spread)
+    atomic_write(
+        f["spread"],
+        "".join(
+            Verified(
+                id=sp.sample_id,
+                qid=sp.question.id,
+                answer=sp.answer,
+                score=1.0,
+                kept=True,
+                reason=f"spread: the program of {sp.source}, rewritten for this question",
+                program=sp.program,
+                source=sp.source,
+            ).model_dump_json()
+            + "\n"
+            for sp in spread
+        ),
+    )
+    return len(spread)
