@@ -151,6 +151,7 @@ class Partner:
     question: Question
     program: str
     sample_id: str = ""
+    phrase: bool = False  # its words map onto the program's question only as phrases
     right: bool = False  # it answered the partner question right (set by the check)
     answer: str | None = None  # what it answered there
 
@@ -270,29 +271,25 @@ class TransferCheck:
             ranked.append(((c.phrase, n, c.same_answer, digest[c.question.id]), c))
         ranked.sort(key=lambda r: r[0])
         return [
-            Partner(c.question, rewrite_program(sample.program, c.mapping, sample.syntax))
+            Partner(
+                c.question,
+                rewrite_program(sample.program, c.mapping, sample.syntax),
+                phrase=c.phrase,
+            )
             for _, c in ranked[: self.partners]
         ]
 
     def check(
-        self,
-        items: Sequence[tuple[Question, Sample]],
-        skip: Collection[str] = (),
-        phrases: bool = True,
+        self, items: Sequence[tuple[Question, Sample]], skip: Collection[str] = ()
     ) -> list[Verdict]:
         """One verdict per (question, program), running the partner programs not run yet;
-        questions whose id is in ``skip`` are never partners, nor, without ``phrases``,
-        those whose words map only as phrases of other lengths."""
+        questions whose id is in ``skip`` are never partners."""
         # A question's programs share its candidates (word maps): aligned once per question.
         per_question: dict[str, list[PartnerOption]] = {}
         verdicts = []
         for q, s in items:
             if q.id not in per_question:
-                per_question[q.id] = [
-                    c
-                    for c in self.candidates(q)
-                    if c.question.id not in skip and (phrases or not c.phrase)
-                ]
+                per_question[q.id] = [c for c in self.candidates(q) if c.question.id not in skip]
             verdicts.append(Verdict(partners=self.partners_of(s, per_question[q.id])))
         new: list[Sample] = []
         for (_, s), v in zip(items, verdicts, strict=True):
@@ -396,10 +393,12 @@ def spread_programs(
     questions is rewritten for its other questions (as the transfer check does: the words
     in which the questions differ replaced in its strings), run, and every question it
     answers right (against its own label) gets that program, until the template has
-    ``target``. Only questions whose words map one for one are tried (a phrase map can
-    garble a right program's strings), and a program spreads only if it passes the check
-    on its tries (``min_right`` of them right): a shortcut that survived the verifier's few
-    partners is not copied over the template. Only questions of ``check``'s pool are used
+    ``target``. A program spreads only if it answers every question it was tried on whose
+    words map one for one right (partners with other answers first): a shortcut that
+    survived the verifier's few partners is not copied over the template. A question whose
+    words map only as phrases ("red circle" -> "large green star") is taught where the
+    rewrite answers it right, but its failure does not stop the program (a phrase map can
+    split a right program's strings wrongly). Only questions of ``check``'s pool are used
     (the training split), and none already solved (``kept``'s). ``check.partners`` bounds
     the tries per program."""
     keys = check.keys
@@ -409,9 +408,9 @@ def spread_programs(
     todo = [(q, s) for q, s in kept if len(covered[template_key(q, keys)]) < target]
     solved = {qid for ids in covered.values() for qid in ids}
     out: list[Spread] = []
-    for (q, s), v in zip(todo, check.check(todo, skip=solved, phrases=False), strict=True):
+    for (q, s), v in zip(todo, check.check(todo, skip=solved), strict=True):
         have = covered[template_key(q, keys)]
-        if not v.passed:
+        if not all(p.right for p in v.partners if not p.phrase):
             continue
         for p in v.partners:
             if len(have) >= target:

@@ -258,7 +258,7 @@ def run_spread(cfg: RoundConfig) -> int:
     check = TransferCheck(
         questions.values(),
         partners=cfg.spread,
-        min_right=cfg.verify.get("transfer_min", fields["transfer_min"].default),
+        min_right=1.0,  # unused: spread_programs asks every one-for-one try right
         keys=cfg.verify.get("transfer_keys")
         or fields["transfer_keys"].get_default(call_default_factory=True),
         metric=cfg.verify.get("metric", fields["metric"].default),
