@@ -44,7 +44,8 @@ def _image_key(questions_file: Path, image: str) -> str:
     return str(resolve_image(image, Path(questions_file).parent).resolve())
 
 
-def _program_key(program: str) -> str:
+def program_key(program: str) -> str:
+    """A program as its distinct-program checks compare it (whitespace runs as one space)."""
     return _SPACE.sub(" ", program.strip())
 
 
@@ -100,7 +101,7 @@ def build_examples(
                     f"{questions} (the writer trains on the training split's programs only)"
                 )
             seen = used.setdefault(rec.qid, set())
-            key = _program_key(rec.program)
+            key = program_key(rec.program)
             if key in seen:
                 data.duplicates += 1
                 continue

@@ -36,6 +36,7 @@ from vpd.sample.prompt import PromptTemplate
 from vpd.store import atomic_write, atomic_write_json, iter_ids, read_json, read_records, set_aside
 from vpd.transfer import TransferCheck, spread_programs
 from vpd.verify import VerifyConfig, run_verify
+from vpd.writer.data import program_key
 from vpd.writer.train import WriterConfig, run_writer
 
 # The per-round options a recipe's ``writer:`` section may hold besides WriterConfig's.
@@ -249,7 +250,7 @@ def run_spread(cfg: RoundConfig) -> int:
         for rec in read_records(Path(path), Verified):
             q = questions.get(rec.qid)
             mine = seen.setdefault(rec.qid, set())
-            key = " ".join(rec.program.split())
+            key = program_key(rec.program)
             if not rec.kept or q is None or key in mine or len(mine) >= writer.per_question:
                 continue
             mine.add(key)
