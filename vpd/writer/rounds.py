@@ -135,6 +135,34 @@ class RoundConfig(BaseModel):
         }
         return SampleConfig(**fields)
 
+    def execute_config(self) -> ExecuteConfig:
+        """The round's execution of its samples."""
+        f = round_files(self.out)
+        return ExecuteConfig(
+            **{
+                **self.execute,
+                "samples": f["samples"],
+                "questions": self.questions,
+                "out": f["executions"],
+                "progress": self.progress,
+            }
+        )
+
+    def verify_config(self) -> VerifyConfig:
+        """The round's verification of its executions (also the transfer options spread
+        runs under)."""
+        f = round_files(self.out)
+        return VerifyConfig(
+            **{
+                **self.verify,
+                "samples": f["samples"],
+                "questions": self.questions,
+                "executions": f["executions"],
+                "out": f["verified"],
+                "progress": self.progress,
+            }
+        )
+
     def fingerprint(self) -> str:
         """The round's options as its steps resolve them (an option written out at its
         default is the same round) and the fingerprint of the round before it. Its files are
@@ -205,10 +233,8 @@ def run_round(cfg: RoundConfig) -> RoundSummary:
     spread = run_spread(cfg) if cfg.spread else None
     wsum = run_writer(cfg.writer_config())
     ssum = run_sample(cfg.sample_config())
-    common = {"samples": f["samples"], "questions": cfg.questions, "progress": cfg.progress}
-    run_execute(ExecuteConfig(**{**cfg.execute, **common, "out": f["executions"]}))
-    verify = {**cfg.verify, **common, "executions": f["executions"], "out": f["verified"]}
-    vsum = run_verify(VerifyConfig(**verify))
+    run_execute(cfg.execute_config())
+    vsum = run_verify(cfg.verify_config())
     funnel = vsum.get("funnel") or {}
     asked = int(funnel.get("questions_verified") or 0)
     with_kept = int(funnel.get("questions_with_kept") or 0)
@@ -255,16 +281,15 @@ def run_spread(cfg: RoundConfig) -> int:
                 continue
             mine.add(key)
             kept.append((q, Sample(id=rec.id, qid=q.id, k=0, program=rec.program, syntax=syntax)))
-    fields = VerifyConfig.model_fields
+    verify = cfg.verify_config()
     check = TransferCheck(
         questions.values(),
         partners=cfg.spread,
         min_right=1.0,  # unused: spread_programs asks every one-for-one try right
-        keys=cfg.verify.get("transfer_keys")
-        or fields["transfer_keys"].get_default(call_default_factory=True),
-        metric=cfg.verify.get("metric", fields["metric"].default),
-        threshold=cfg.verify.get("threshold", fields["threshold"].default),
-        execute=cfg.verify.get("execute") or cfg.execute,
+        keys=verify.transfer_keys,
+        metric=verify.metric,
+        threshold=verify.threshold,
+        execute=verify.execute or cfg.execute,
         questions=cfg.questions,
         work=f["spread_runs"],
         force=cfg.force,
