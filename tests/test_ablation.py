@@ -13,10 +13,10 @@ from tests.helpers import check_summary
 from vpd.evaluate import compare_arms, majority_predictions
 from vpd.metrics import paired_bootstrap
 from vpd.pipeline import load_recipe, run_pipeline
-from vpd.programs import ProgramsConfig, run_programs
+from vpd.programs import ProgramsConfig, delegated, run_programs
 from vpd.rationalize import ANSWER_SUFFIX, RationalizeConfig, run_rationalize
-from vpd.records import Question
-from vpd.report import write_report
+from vpd.records import Execution, Question, ToolCall
+from vpd.report import write_report, writer_markdown
 from vpd.runpaths import RunPaths
 from vpd.stages import STAGES, upstream
 from vpd.store import read_records
@@ -294,6 +294,78 @@ def test_programs_arm_scores_one_greedy_program_per_question(synth_dir: Path, tm
         again = run_programs(cfg)
         assert not server.requests
     assert calls > 0 and again["s_per_question"] == rep["s_per_question"]
+
+
+def test_programs_arm_counts_the_answers_it_delegated_to_simple_query(
+    synth_dir: Path, tmp_path: Path
+) -> None:
+    """Even questions get ``simple_query(<the question>)``, odd ones a program that asks
+    the tool something else and composes: only the first are counted as delegated, right
+    or wrong as their scores say."""
+    first = list(read_records(synth_dir / "test.jsonl", Question))[:6]
+
+    def reply(messages, seed, i) -> str:  # noqa: ANN001
+        text = str(messages[-1]["content"])
+        n, q = next((n, q) for n, q in enumerate(first) if q.question in text)
+        body = (
+            f"return ImagePatch(image).simple_query({q.question!r})"
+            if n % 2 == 0
+            else "return ImagePatch(image).find('shape')[0].simple_query('What color is this?')"
+        )
+        return f"```python\ndef execute_command(image):\n    {body}\n```"
+
+    with FakeOpenAIServer(reply=reply) as server:
+        rep = run_programs(
+            ProgramsConfig(
+                questions=synth_dir / "test.jsonl",
+                out=tmp_path / "programs",
+                sample={"shots": 0, "llm": {"backend": "openai", "base_urls": [server.base_url]}},
+                execute={"backend": "synthetic", "workers": 1},
+                limit=6,
+                progress=False,
+            )
+        )
+    check_summary(run_programs, rep)
+    preds = _lines(tmp_path / "programs" / "preds.jsonl")
+    assert rep["statuses"] == {"ok": 6}
+    handed = [p for n, p in enumerate(preds) if n % 2 == 0]
+    assert rep["delegated"]["n"] == 3
+    assert rep["delegated"]["right"] == sum(p["score"] for p in handed)
+    per: dict[str, dict[str, float]] = {}
+    for p in handed:
+        row = per.setdefault(p["qtype"], {"n": 0, "right": 0.0})
+        row["n"] += 1
+        row["right"] += p["score"]
+    assert rep["delegated"]["per_type"] == per
+
+
+def test_delegated_is_the_tools_reply_to_the_whole_question_returned_as_it_is() -> None:
+    q = "What color is the circle left of the red square?"
+    call = ToolCall(name="simple_query", args={"question": q.upper() + " "}, result='"blue"')
+    other = ToolCall(name="simple_query", args={"question": "What color?"}, result='"blue"')
+
+    def run(*trace: ToolCall, answer: str | None = "Blue.", status: str = "ok") -> Execution:
+        return Execution(id="x", qid="q", status=status, answer=answer, trace=list(trace))
+
+    assert delegated(q, run(call))  # case, spacing and a final period do not matter
+    assert not delegated(q, run(other))  # a question of its own: the program composed
+    assert not delegated(q, run(call, answer="red"))  # it asked, then answered otherwise
+    assert not delegated(q, run(call, answer=None, status="error"))
+    assert not delegated(q, run())
+
+
+def test_the_writer_table_shows_each_rounds_delegated_answers() -> None:
+    def row(r: int, **prog: object) -> dict:
+        arm = {"accuracy": 0.5, "n": 4, "per_type": {"count": {"accuracy": 0.5, "n": 4}}}
+        return {"round": r, "questions": 4, "questions_with_kept": 2, "kept_rate": 0.5,
+                "programs": {**arm, **prog}}  # fmt: skip
+
+    md = writer_markdown([row(0), row(1, delegated={"n": 3, "right": 2.0, "per_type": {}})])
+    header = next(x for x in md if x.startswith("| round"))
+    cells = {x.split(" | ")[0]: x.strip("| ").split(" | ") for x in md if x[:4] in ("| 0 ", "| 1 ")}
+    at = header.strip("| ").split(" | ").index("delegated")
+    assert cells["| 0"][at] == "-"  # scored before the count existed
+    assert cells["| 1"][at] == "3 (2 right)"
 
 
 # ----------------------------------------------------------------------------- report

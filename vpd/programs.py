@@ -9,10 +9,16 @@ Outputs in ``--out`` (a folder): ``samples.jsonl`` and ``executions.jsonl`` (the
 execute stages' own files, resumed by them), ``preds.jsonl`` (one scored prediction per
 question), ``report.json`` and ``timing.json`` (seconds and items of each invocation that did
 work, added up over resumes).
+
+``report.json`` also counts the *delegated* answers: those that are ``simple_query``'s reply
+to the whole question, i.e. programs that composed nothing and handed the question to the
+VQA tool (ViperGPT's fallback). A tuned writer can learn this route wherever the tool
+answers whole questions; the count says how much of an arm's accuracy is the tool's.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -54,6 +60,26 @@ _GREEDY = {"k": 1, "temperature": 0.0}
 _ARM_OWNS = {"questions", "out", "k", "temperature", "limit", "shard", "force", "progress"}
 
 
+def _plain(text: object) -> str:
+    return " ".join(str(text).lower().replace("?", " ").split()).strip(" .")
+
+
+def delegated(question: str, e: Execution) -> bool:
+    """Whether the program's answer is ``simple_query``'s reply to ``question`` itself: it
+    asked the VQA tool the whole question and composed nothing."""
+    if e.status != "ok" or e.answer is None:
+        return False
+    asked = _plain(question)
+    for call in reversed(e.trace):
+        if call.name == "simple_query" and _plain(call.args.get("question", "")) == asked:
+            try:
+                reply = json.loads(call.result)
+            except ValueError:
+                reply = call.result
+            return _plain(reply) == _plain(e.answer)
+    return False
+
+
 def programs_paths(out: Path) -> dict[str, Path]:
     out = Path(out)
     return {
@@ -78,6 +104,8 @@ class ProgramsSummary(AccuracyReport, total=False):
     sample_s: float
     execute_s: float
     s_per_question: float | None
+    # answers that are simple_query's reply to the whole question: n, right, per_type
+    delegated: dict[str, Any]
     sample_summary: dict[str, Any]
     execute_summary: dict[str, Any]
 
@@ -130,6 +158,7 @@ def run_programs(cfg: ProgramsConfig) -> ProgramsSummary:
         answers[e.qid] = e
     preds: list[Prediction] = []
     statuses: Counter[str] = Counter()
+    handed: dict[str, dict[str, float]] = {}  # per type: delegated answers, right ones
     for q in questions:
         if not has_gold(q):
             continue
@@ -137,18 +166,21 @@ def run_programs(cfg: ProgramsConfig) -> ProgramsSummary:
         status = e.status if e is not None else "missing"
         statuses[status] += 1
         answer = e.answer if e is not None and e.status == "ok" else None
-        preds.append(
-            Prediction(
-                id=q.id,
-                qid=q.id,
-                prediction="" if answer is None else str(answer),
-                # A program that failed answers nothing: wrong, as for a VLM that says nothing.
-                score=score_answer(answer, q, cfg.metric) if answer is not None else 0.0,
-                qtype=qtype_of(q),
-                metric=resolve_metric(q, cfg.metric),
-                raw=status if e is None or e.status != "ok" else "",
-            )
+        pred = Prediction(
+            id=q.id,
+            qid=q.id,
+            prediction="" if answer is None else str(answer),
+            # A program that failed answers nothing: wrong, as for a VLM that says nothing.
+            score=score_answer(answer, q, cfg.metric) if answer is not None else 0.0,
+            qtype=qtype_of(q),
+            metric=resolve_metric(q, cfg.metric),
+            raw=status if e is None or e.status != "ok" else "",
         )
+        preds.append(pred)
+        if e is not None and delegated(q.question, e):
+            row = handed.setdefault(pred.qtype, {"n": 0, "right": 0.0})
+            row["n"] += 1
+            row["right"] += pred.score
     atomic_write(paths["preds"], "".join(p.model_dump_json() + "\n" for p in preds))
     per_item = [timing[f"{st}_s"] / timing[st] for st in ("sample", "execute") if timing.get(st)]
     rep = build_report(
@@ -162,6 +194,11 @@ def run_programs(cfg: ProgramsConfig) -> ProgramsSummary:
             "execute_s": round(timing.get("execute_s", 0.0), 3),
             # k=1: a sample and an execution per question; LLM and sandbox start-up included.
             "s_per_question": round(sum(per_item), 4) if per_item else None,
+            "delegated": {
+                "n": sum(int(v["n"]) for v in handed.values()),
+                "right": sum(v["right"] for v in handed.values()),
+                "per_type": dict(sorted(handed.items())),
+            },
             "sample_summary": sampled,
             "execute_summary": {k: v for k, v in executed.items() if k != "sandbox_layers"},
         },

@@ -210,7 +210,8 @@ def _arm(rep: dict[str, Any]) -> dict[str, Any]:
         },
         "s_per_question": rep.get("s_per_question"),
     }
-    for k in ("model", "statuses", "sample_s", "execute_s", "wall_s", "train_questions"):
+    keys = ("model", "statuses", "sample_s", "execute_s", "wall_s", "train_questions", "delegated")
+    for k in keys:
         if k in rep:
             out[k] = rep[k]
     return out
@@ -643,6 +644,12 @@ def accuracy_markdown(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _delegated(d: dict[str, Any] | None) -> str:
+    if not d:  # an arm scored before the count existed
+        return "-"
+    return f"{int(d['n'])} ({float(d['right']):g} right)"
+
+
 def writer_markdown(rows: list[dict[str, Any]]) -> list[str]:
     """The per-round table of the program writer's expert iteration."""
     types = sorted({t for row in rows for t in ((row.get("programs") or {}).get("per_type") or {})})
@@ -652,11 +659,13 @@ def writer_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "Round 0 is the untuned writer; round r is tuned on the kept programs of rounds "
         "< r (and, with writer.spread, their rewrites that answer other training questions "
         "of a template right). Kept: sampled training questions with a kept program. "
-        "Programs: that round's writer, one greedy program per test question.",
+        "Programs: that round's writer, one greedy program per test question. Delegated: "
+        "of its answers, those that are simple_query's reply to the whole question (the "
+        "program composed nothing), and how many of them are right.",
         "",
         "| round | kept | writer examples | programs/s | prompt tokens | programs | "
-        "vs round 0 (95% CI) | " + " | ".join(types) + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(types),
+        "vs round 0 (95% CI) | delegated | " + " | ".join(types) + " |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(types),
     ]
     for row in rows:
         prog = row.get("programs") or {}
@@ -674,6 +683,7 @@ def writer_markdown(rows: list[dict[str, Any]]) -> list[str]:
             str(row.get("prompt_tokens_per_request") or "-"),
             _fmt_acc(prog) if prog else "-",
             _interval(row.get("programs_vs_round0")),
+            _delegated(prog.get("delegated")),
             *[_pct((per.get(t) or {}).get("accuracy")) for t in types],
         ]
         lines.append("| " + " | ".join(cells) + " |")
