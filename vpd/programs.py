@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, with_config
 from vpd.errors import VpdError
 from vpd.evaluate import AccuracyReport, build_report, has_gold, qtype_of
 from vpd.execute import ExecuteConfig, run_execute
-from vpd.metrics import Metric, resolve_metric, score_answer
+from vpd.metrics import Metric, normalize_answer, resolve_metric, score_answer
 from vpd.records import Execution, Prediction, Question
 from vpd.sample import SampleConfig, run_sample
 from vpd.store import atomic_write, atomic_write_json, read_json, read_records
@@ -60,23 +60,20 @@ _GREEDY = {"k": 1, "temperature": 0.0}
 _ARM_OWNS = {"questions", "out", "k", "temperature", "limit", "shard", "force", "progress"}
 
 
-def _plain(text: object) -> str:
-    return " ".join(str(text).lower().replace("?", " ").split()).strip(" .")
-
-
 def delegated(question: str, e: Execution) -> bool:
     """Whether the program's answer is ``simple_query``'s reply to ``question`` itself: it
     asked the VQA tool the whole question and composed nothing."""
     if e.status != "ok" or e.answer is None:
         return False
-    asked = _plain(question)
+    # The VQA normalisation (case, punctuation, articles) on both sides.
+    asked = normalize_answer(question)
     for call in reversed(e.trace):
-        if call.name == "simple_query" and _plain(call.args.get("question", "")) == asked:
+        if call.name == "simple_query" and normalize_answer(call.args.get("question", "")) == asked:
             try:
                 reply = json.loads(call.result)
             except ValueError:
                 reply = call.result
-            return _plain(reply) == _plain(e.answer)
+            return normalize_answer(reply) == normalize_answer(e.answer)
     return False
 
 
