@@ -18,7 +18,6 @@ answers whole questions; the count says how much of an arm's accuracy is the too
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -69,11 +68,7 @@ def delegated(question: str, e: Execution) -> bool:
     asked = normalize_answer(question)
     for call in reversed(e.trace):
         if call.name == "simple_query" and normalize_answer(call.args.get("question", "")) == asked:
-            try:
-                reply = json.loads(call.result)
-            except ValueError:
-                reply = call.result
-            return normalize_answer(reply) == normalize_answer(e.answer)
+            return normalize_answer(call.value()) == normalize_answer(e.answer)
     return False
 
 

@@ -109,13 +109,6 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _parse_result(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return text
-
-
 def _arg(args: dict[str, Any], *names: str) -> Any:
     for n in names:
         if n in args and args[n] is not None:
@@ -145,7 +138,7 @@ def _region(args: dict[str, Any]) -> str:
 def describe_call(call: ToolCall) -> str:
     """One sentence for one traced tool call, grounded in its result."""
     a = call.args
-    res = _parse_result(call.result)
+    res = call.value()
     where = _region(a)
     name = _arg(a, "name", "object_name", "object", "obj")
     if name is None:  # an arg name we do not know: the first text argument is the object

@@ -7,6 +7,7 @@ stage never drops what an earlier stage or a user added.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
@@ -78,6 +79,14 @@ class ToolCall(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
     result: str = ""
     ms: float = 0.0
+
+    def value(self) -> Any:
+        """What the tool returned: ``result`` holds it as JSON (text that is not JSON, such
+        as a truncated list, as it is)."""
+        try:
+            return json.loads(self.result)
+        except (json.JSONDecodeError, TypeError):
+            return self.result
 
 
 class Execution(Record):
